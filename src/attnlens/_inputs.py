@@ -1,0 +1,148 @@
+"""Validation of one `attention()` call into a frozen `AttnInputs` (rank-4 torch views)."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .lens import Lens
+from .masks import Window, normalize_window
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NP_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_DIM_NAMES = {2: "(N, D)", 3: "(H, N, D)", 4: "(B, H, N, D)"}
+
+
+@dataclass(frozen=True)
+class AttnInputs:
+    """A checked attention call. ``q, k, v`` are rank-4 torch views ``(B, H, N, D)`` of the caller's
+    arrays (zero-copy for NumPy); ``mask`` is rank 4, broadcastable to ``(B, Hq, Nq, Nk)``."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor]
+    causal: bool
+    window: Window
+    scale: float
+    dropout_p: float
+    lens: Optional[Lens]
+    rows: Optional[tuple]
+    rank: int
+    numpy_io: bool
+
+    @property
+    def shape(self):
+        """(B, Hq, Hkv, Nq, Nk, D, Dv)"""
+        B, Hq, Nq, D = self.q.shape
+        return B, Hq, self.k.shape[1], Nq, self.k.shape[2], D, self.v.shape[3]
+
+    @property
+    def requires_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+def _kind(x, name: str) -> str:
+    if isinstance(x, torch.Tensor):
+        return "torch"
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _as_torch(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype.type not in NP_FLOAT_DTYPES:
+            raise TypeError(f"{name} must have a floating dtype (float16/32/64), got numpy {x.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    return x
+
+
+def _to4(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+
+
+def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None) -> AttnInputs:
+    kinds = {name: _kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(kinds.values())) != 1:
+        raise TypeError(f"q, k, v must all be torch tensors or all NumPy arrays, got {kinds}")
+    numpy_io = kinds["q"] == "numpy"
+    q, k, v = _as_torch(q, "q"), _as_torch(k, "k"), _as_torch(v, "v")
+
+    ranks = (q.ndim, k.ndim, v.ndim)
+    if not all(2 <= r <= 4 for r in ranks):
+        raise ValueError(f"q, k, v must have rank 2 (N, D), 3 (H, N, D) or 4 (B, H, N, D); got shapes "
+                         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
+    if len(set(ranks)) != 1:
+        raise ValueError(f"q, k, v must have the same rank, got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    rank = q.ndim
+    q4, k4, v4 = _to4(q), _to4(k), _to4(v)
+    B, Hq, Nq, D = q4.shape
+    Bk, Hkv, Nk, Dk = k4.shape
+    Bv, Hv, Nv, Dv = v4.shape
+    layout = _DIM_NAMES[rank]
+    if Dk != D:
+        raise ValueError(f"head dims disagree: q{tuple(q.shape)} has D={D} but k{tuple(k.shape)} has D={Dk} (layout {layout})")
+    if (Bk, Hkv, Nk) != (Bv, Hv, Nv):
+        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree on all but the last dim (layout {layout})")
+    if Bk != B:
+        raise ValueError(f"batch sizes disagree: q{tuple(q.shape)} has B={B}, k{tuple(k.shape)} has B={Bk}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of key/value heads (grouped-query attention): "
+                         f"q{tuple(q.shape)} has Hq={Hq}, k{tuple(k.shape)} has Hkv={Hkv}")
+    if Nq == 0 or Nk == 0 or D == 0:
+        raise ValueError(f"q, k, v must be non-empty, got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
+
+    m4 = None
+    if mask is not None:
+        mkind = _kind(mask, "mask")
+        if (mkind == "numpy") != numpy_io:
+            raise TypeError(f"mask must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), got {type(mask).__name__}")
+        mt = torch.from_numpy(np.ascontiguousarray(mask)) if mkind == "numpy" else mask
+        if mt.dtype != torch.bool and mt.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), got {mt.dtype}")
+        if mt.device != q.device:
+            raise ValueError(f"mask must be on q's device {q.device}, got {mt.device}")
+        target = (B, Hq, Nq, Nk)[4 - rank:]
+        if mt.ndim > rank or any(m not in (1, t) for m, t in zip(tuple(mt.shape)[::-1], target[::-1])):
+            raise ValueError(f"mask of shape {tuple(mt.shape)} does not broadcast to the scores' shape {target} "
+                             f"(each dim must be 1 or equal, at most {rank} dims)")
+        m4 = mt.reshape((1,) * (4 - mt.ndim) + tuple(mt.shape))
+
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    win = normalize_window(window)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None (= 1/sqrt(D)), got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+    if lens is True:
+        lens = Lens()
+    elif lens is None or lens is False:
+        lens = None
+    elif not isinstance(lens, Lens):
+        raise TypeError(f"lens must be None, True, or an attnlens.Lens, got {type(lens).__name__}")
+    rows = None
+    if lens is not None:
+        if lens.topk > Nk:
+            raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys Nk={Nk}")
+        rows = lens.resolve_rows(Nq)
+
+    return AttnInputs(q=q4, k=k4, v=v4, mask=m4, causal=bool(causal), window=win, scale=float(scale),
+                      dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io)

@@ -1,0 +1,110 @@
+"""Causal, sliding-window and padding masks, and how they combine.
+
+Positions (bottom-right alignment, as decoding with a KV cache needs): query ``i`` of ``Nq``
+sits at key position ``p = i + (Nk - Nq)``. It may see key ``j`` iff
+
+    causal:            j <= p
+    window (L, R):     p - L <= j <= p + R      (None on a side = unbounded)
+
+and a user mask allows it (bool: True = may attend; float: added to the scores, ``-inf`` =
+may not attend). The functions here work on NumPy arrays and torch tensors alike.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+Window = Optional[Tuple[Optional[int], Optional[int]]]
+
+
+def normalize_window(window) -> Window:
+    """``None`` | int w | (left, right) → ``None`` or ``(left|None, right|None)``; checks signs."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise TypeError(f"window must be None, an int >= 0, or a (left, right) pair; got the bool {window!r}")
+    if isinstance(window, numbers.Integral):
+        window = (int(window), int(window))
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None, an int >= 0, or a (left, right) pair; got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            out.append(None)
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window {side} must be an int >= 0 or None; got {type(w).__name__} {w!r}")
+        if w < 0:
+            raise ValueError(f"window {side} must be >= 0 (a number of positions), got {w}")
+        out.append(int(w))
+    return tuple(out)
+
+
+def band(nq: int, nk: int, causal: bool, window: Window) -> tuple[Optional[int], Optional[int]]:
+    """The (left, right) reach of every query around its position, causal folded in."""
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def key_range(i0: int, i1: int, nq: int, nk: int, causal: bool, window: Window) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` that at least one query in rows ``[i0, i1)`` may see (by causal/window)."""
+    left, right = band(nq, nk, causal, window)
+    off = nk - nq
+    lo = 0 if left is None else max(0, i0 + off - left)
+    hi = nk if right is None else min(nk, i1 - 1 + off + right + 1)
+    return lo, max(lo, hi)
+
+
+def band_keep(qi, kj, nq: int, nk: int, causal: bool, window: Window):
+    """Bool array ``keep[a, b]`` for query indices ``qi`` (column) and key indices ``kj`` (row).
+
+    ``qi`` and ``kj`` are 1-D integer arrays (NumPy or torch); returns ``None`` when there is
+    no causal/window restriction at all.
+    """
+    left, right = band(nq, nk, causal, window)
+    if left is None and right is None:
+        return None
+    pos = qi[:, None] + (nk - nq)
+    kk = kj[None, :]
+    keep = None
+    if right is not None:
+        keep = kk <= pos + right
+    if left is not None:
+        lk = kk >= pos - left
+        keep = lk if keep is None else (keep & lk)
+    return keep
+
+
+def causal_mask(nq: int, nk: int | None = None, *, device=None):
+    """Bool ``(Nq, Nk)`` torch mask, True where bottom-right causal attention may attend."""
+    import torch
+
+    nk = nq if nk is None else nk
+    return band_keep(torch.arange(nq, device=device), torch.arange(nk, device=device), nq, nk, True, None)
+
+
+def window_mask(nq: int, nk: int | None = None, window=0, *, causal: bool = False, device=None):
+    """Bool ``(Nq, Nk)`` torch mask for a sliding window ``(left, right)`` (int w = (w, w))."""
+    import torch
+
+    nk = nq if nk is None else nk
+    keep = band_keep(torch.arange(nq, device=device), torch.arange(nk, device=device), nq, nk, causal,
+                     normalize_window(window))
+    return torch.ones(nq, nk, dtype=torch.bool, device=device) if keep is None else keep
+
+
+def padding_mask(lengths, n: int, *, device=None):
+    """Bool key-padding mask ``(B, 1, 1, n)`` from per-sequence lengths: True for real tokens.
+
+    Broadcasts against ``(B, H, Nq, Nk)`` scores, so it can be passed as ``mask=`` directly.
+    """
+    import torch
+
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}")
+    if bool((lengths < 0).any()) or bool((lengths > n).any()):
+        raise ValueError(f"lengths must lie in [0, {n}], got {lengths.tolist()}")
+    return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]

@@ -1,0 +1,70 @@
+"""NumPy float64 attention: the oracle every test compares against. Short, dense, never optimised.
+
+It holds the full ``(B, Hq, Nq, Nk)`` weight matrix, so use it at small sizes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .masks import band_keep
+
+__all__ = ["reference_attention", "reference_lens"]
+
+
+def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=None):
+    """softmax(q kᵀ · scale + mask) v in float64, with the weights and log-sum-exp.
+
+    Args: rank-4 arrays ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``;
+        ``mask`` bool or float broadcastable to ``(B, Hq, Nq, Nk)``; ``window`` as
+        ``masks.normalize_window`` returns it.
+    Returns: ``out (B, Hq, Nq, Dv)``, ``weights (B, Hq, Nq, Nk)``, ``lse (B, Hq, Nq)`` (float64).
+        Rows that see no key: out 0, weights 0, lse -inf.
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    B, Hq, Nq, D = q.shape
+    Nk = k.shape[2]
+    group = Hq // k.shape[1]
+    k = np.repeat(k, group, axis=1)  # (B, Hq, Nk, D): query head h uses kv head h // group
+    v = np.repeat(v, group, axis=1)
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+
+    s = (q @ np.swapaxes(k, -1, -2)) * scale  # (B, Hq, Nq, Nk)
+    keep = np.ones(s.shape, dtype=bool)
+    band = band_keep(np.arange(Nq), np.arange(Nk), Nq, Nk, causal, window)
+    if band is not None:
+        keep &= band
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype == bool:
+            keep &= mask
+        else:
+            s = s + mask.astype(np.float64)
+            keep &= s > -np.inf
+    s = np.where(keep, s, -np.inf)
+
+    live = keep.any(axis=-1, keepdims=True)
+    m = np.where(live, s.max(axis=-1, keepdims=True), 0.0)
+    e = np.where(keep, np.exp(s - m), 0.0)
+    total = e.sum(axis=-1, keepdims=True)
+    w = e / np.where(live, total, 1.0)  # rows sum to 1 (0 for dead rows)
+    lse = np.where(live, m + np.log(np.where(live, total, 1.0)), -np.inf)[..., 0]
+    return w @ v, w, lse
+
+
+def reference_lens(weights, lse, topk=0, rows=None):
+    """Every lens statistic from the dense float64 weights (see `attnlens.LensResult`)."""
+    from .lens import LensResult
+
+    w = weights
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(w > 0, w * np.log(w), 0.0)
+    res = LensResult(lse=lse, max_weight=w.max(axis=-1), entropy=-plogp.sum(axis=-1), received=w.sum(axis=-2))
+    if topk:
+        idx = np.argsort(-w, axis=-1, kind="stable")[..., :topk]
+        tw = np.take_along_axis(w, idx, axis=-1)
+        res.topk_indices = np.where(tw > 0, idx, -1).astype(np.int64)
+        res.topk_weights = tw
+    if rows is not None:
+        res.rows = tuple(rows)
+        res.weights = w[..., list(rows), :]
+    return res

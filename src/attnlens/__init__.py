@@ -3,13 +3,13 @@
 >>> import attnlens as al
 >>> out, res = al.attention(q, k, v, causal=True, lens=al.Lens(entropy=True, received=True, topk=8))
 """
-from . import masks
+from . import masks, nn
 from .api import attention
 from .dispatch import use_backend
 from .lens import Lens, LensResult
 
 __version__ = "0.1.0"
-__all__ = ["attention", "Lens", "LensResult", "backends", "info", "use_backend", "masks", "__version__"]
+__all__ = ["attention", "Lens", "LensResult", "backends", "info", "use_backend", "masks", "nn", "__version__"]
 
 
 def backends() -> list[dict]:

@@ -43,7 +43,14 @@ class AttnInputs:
 
     @property
     def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        """Some input (q, k, v, or a float mask) needs a gradient."""
+        ts = (self.q, self.k, self.v) if self.mask is None else (self.q, self.k, self.v, self.mask)
+        return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+    @property
+    def all_finite(self) -> bool:
+        """No NaN/inf in q, k or v (one pass over each; O(N·D))."""
+        return all(bool(torch.isfinite(t).all()) for t in (self.q, self.k, self.v))
 
 
 def _kind(x, name: str) -> str:

@@ -48,7 +48,11 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
     total = e.sum(axis=-1, keepdims=True)
     w = e / np.where(live, total, 1.0)  # rows sum to 1 (0 for dead rows)
     lse = np.where(live, m + np.log(np.where(live, total, 1.0)), -np.inf)[..., 0]
-    return w @ v, w, lse
+    fin = np.isfinite(v)
+    out = w @ np.where(fin, v, 0.0)  # a key of weight 0 contributes 0, even if its value is NaN/inf
+    for b, h, j, d in zip(*np.nonzero(~fin)):
+        out[b, h, :, d] += np.where(w[b, h, :, j] > 0, w[b, h, :, j] * v[b, h, j, d], 0.0)
+    return out, w, lse
 
 
 def reference_lens(weights, lse, topk=0, rows=None):

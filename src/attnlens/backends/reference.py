@@ -36,8 +36,11 @@ class ReferenceBackend(Backend):
             return out_t, None
         res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows)
         sd = stat_dtype(dt)
-        return out_t, _select(inp.lens, res).map_arrays(
+        res = _select(inp.lens, res).map_arrays(
             lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=torch.int64 if a.dtype == np.int64 else sd))
+        if res.topk_indices is not None:  # a weight that underflows to 0 in the output precision has no key
+            res.topk_indices = res.topk_indices.masked_fill(res.topk_weights == 0, -1)
+        return out_t, res
 
 
 def _select(lens, res):

@@ -38,27 +38,24 @@ def chunk_rows(inp: AttnInputs, elem_bytes: int) -> int:
 
 
 class _Chunk:
-    """Scores of query rows [i0, i1) against keys [lo, hi), masked, in (B, Hkv, G·c, nk) layout."""
+    """Scores of query rows [i0, i1) against keys [lo, hi), masked, in (B, Hkv, G·c, nk) layout.
 
-    def __init__(self, inp: AttnInputs, qs, kc, i0: int, i1: int):
+    ``buf`` (optional) is a flat workspace reused across chunks for the score buffer.
+    """
+
+    def __init__(self, inp: AttnInputs, qs, kc, i0: int, i1: int, buf=None):
         B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
         G = Hq // Hkv
         self.i0, self.i1, self.c = i0, i1, i1 - i0
         self.lo, self.hi = key_range(i0, i1, Nq, Nk, inp.causal, inp.window)
-        self.nk = self.hi - self.lo
-        if self.nk == 0:
+        self.nk = nk = self.hi - self.lo
+        if nk == 0:
             return
         self.qc = qs[:, :, :, i0:i1].reshape(B, Hkv, G * self.c, D)  # (B, Hkv, G·c, D), scale folded in
-        s = torch.matmul(self.qc, kc[:, :, self.lo:self.hi].transpose(-1, -2))  # (B, Hkv, G·c, nk)
-        s5 = s.view(B, Hkv, G, self.c, self.nk)
-        # causal / window: mask only when some row of the chunk does not see all of [lo, hi)
-        first = key_range(i0, i0 + 1, Nq, Nk, inp.causal, inp.window)
-        last = key_range(i1 - 1, i1, Nq, Nk, inp.causal, inp.window)
-        if first[1] < self.hi or last[0] > self.lo:
-            dev = s.device
-            keep = band_keep(torch.arange(i0, i1, device=dev), torch.arange(self.lo, self.hi, device=dev),
-                             Nq, Nk, inp.causal, inp.window)
-            s5.masked_fill_(~keep, NEG)
+        shape = (B, Hkv, G * self.c, nk)
+        s = None if buf is None else buf[: B * Hkv * G * self.c * nk].view(shape)
+        s = torch.matmul(self.qc, kc[:, :, self.lo:self.hi].transpose(-1, -2), out=s)  # (B, Hkv, G·c, nk)
+        s5 = s.view(B, Hkv, G, self.c, nk)
         if inp.mask is not None:
             m = inp.mask
             m = m[:, :, i0:i1] if m.shape[2] == Nq else m
@@ -67,8 +64,81 @@ class _Chunk:
             if m5.dtype == torch.bool:
                 s5.masked_fill_(~m5, NEG)
             else:
-                s5.add_(m5.to(s.dtype)).clamp_(min=NEG)  # -inf → NEG
+                # finite entries are scores (HF's finfo.min included: kept above the dead-row line
+                # so an all-finfo.min row averages, as in PyTorch); -inf entries mask the key
+                mf = m5.to(s.dtype)
+                s5.add_(mf).clamp_(min=NEG / 4).masked_fill_(torch.isneginf(mf), NEG)
+        # causal / window (after the user mask, whose clamp must not lift NEG): keys [lo_last, hi_first) are seen by every row of the chunk; mask only the
+        # columns outside it (for causal, just the diagonal block)
+        lo_last = key_range(i1 - 1, i1, Nq, Nk, inp.causal, inp.window)[0]
+        hi_first = key_range(i0, i0 + 1, Nq, Nk, inp.causal, inp.window)[1]
+        a, b = min(max(lo_last, self.lo), self.hi), max(min(hi_first, self.hi), self.lo)
+        if a >= b:
+            a = b = self.lo  # no column is seen by every row: mask the whole chunk
+        dev = s.device
+        rows = torch.arange(i0, i1, device=dev)
+        for c0, c1 in ((self.lo, a), (b, self.hi)):
+            if c1 > c0:
+                keep = band_keep(rows, torch.arange(c0, c1, device=dev), Nq, Nk, inp.causal, inp.window)
+                s5[..., c0 - self.lo:c1 - self.lo].masked_fill_(~keep, NEG)
         self.s = s
+
+
+#: top-k looks for its keys among the k blocks of this many keys with the largest block maxima
+#: (a key in the top k lies in such a block), instead of sorting whole rows.
+TOPK_BLOCK = 32
+
+
+def _rowmax_and_topk(s, topk: int):
+    """Row max of the scores ``s (..., nk)`` and, if ``topk``, the top-k ``(scores, key indices)``.
+
+    Runs before anything modifies ``s`` in place. The block maxima that pick the candidate
+    blocks also give the row max, so top-k costs one small sort per row instead of a full one.
+    """
+    nk = s.shape[-1]
+    nb = nk // TOPK_BLOCK
+    if not topk:
+        return s.amax(dim=-1, keepdim=True), None
+    if nb <= topk:
+        vals, idx = torch.topk(s, topk, dim=-1, sorted=True)
+        return vals[..., :1], (vals, idx)
+    main = s[..., : nb * TOPK_BLOCK].unflatten(-1, (nb, TOPK_BLOCK))
+    bmax = main.amax(dim=-1)  # (..., nb)
+    if nk > nb * TOPK_BLOCK:
+        bmax = torch.cat([bmax, s[..., nb * TOPK_BLOCK:].amax(dim=-1, keepdim=True)], dim=-1)
+    m = bmax.amax(dim=-1, keepdim=True)
+    blocks = torch.topk(bmax, topk, dim=-1, sorted=False).indices  # (..., k)
+    idx = (blocks.unsqueeze(-1) * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=s.device)).flatten(-2)
+    vals = torch.gather(s, -1, idx.clamp(max=nk - 1)).masked_fill_(idx >= nk, float("-inf"))  # short tail block
+    vals, pos = torch.topk(vals, topk, dim=-1, sorted=True)
+    return m, (vals, torch.gather(idx, -1, pos))
+
+
+def _nonfinite_keys(vc):
+    """Key indices whose value row holds NaN/inf (any batch or head), or None: the common case."""
+    bad = ~torch.isfinite(vc).all(dim=-1).flatten(0, 1).all(dim=0)  # (Nk,)
+    return torch.nonzero(bad).flatten() if bool(bad.any()) else None
+
+
+def _weighted_values(p, vc, vbad, lo: int, hi: int):
+    """``p @ v[lo:hi]`` where a key of weight 0 contributes exactly 0, even if its value is NaN/inf.
+
+    A plain matmul would spread 0 · NaN = NaN to every row of the chunk; the few keys with
+    non-finite values are added separately, only where their weight is positive.
+    """
+    v = vc[:, :, lo:hi]
+    if vbad is None:
+        return torch.matmul(p, v)
+    bad = vbad[(vbad >= lo) & (vbad < hi)] - lo
+    if bad.numel() == 0:
+        return torch.matmul(p, v)
+    v = v.clone()
+    vb = v[:, :, bad]  # (B, Hkv, nbad, Dv)
+    v[:, :, bad] = 0
+    out = torch.matmul(p, v)
+    pb = p[..., bad]  # (B, Hkv, G·c, nbad)
+    contrib = torch.where((pb > 0).unsqueeze(-1), pb.unsqueeze(-1) * vb.unsqueeze(-3), 0.0)
+    return out + contrib.sum(dim=-2)
 
 
 def _dropout_keep(seed: int, chunk_index: int, shape, inp: AttnInputs, dtype):
@@ -109,36 +179,41 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
     if rows is not None:
         wrows = torch.zeros(B, Hkv, G, len(rows), Nk, dtype=cdt, device=dev)
 
+    vbad = _nonfinite_keys(vc)
+    n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
+    sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # workspaces reused by every chunk
+    ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_h else None
+    zero = torch.zeros((), dtype=cdt, device=dev)
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
         i1 = min(Nq, i0 + rows_per_chunk)
-        ch = _Chunk(inp, qs, kc, i0, i1)
+        ch = _Chunk(inp, qs, kc, i0, i1, sbuf)
         if ch.nk == 0:
             continue  # no query in this chunk sees a key: zeros, lse -inf
         c, nk, s = ch.c, ch.nk, ch.s
-        m = s.amax(dim=-1, keepdim=True)  # (B, Hkv, G·c, 1)
+        m, top = _rowmax_and_topk(s, min(topk, nk))  # m: (B, Hkv, G·c, 1)
         m.masked_fill_(m <= NEG / 2, 0.0)  # rows that see no key: e becomes exactly 0
         s.sub_(m)
-        e = torch.exp(s) if want_h else s.exp_()
+        e = torch.exp(s, out=ebuf[: s.numel()].view(s.shape)) if want_h else s.exp_()
         l = e.sum(dim=-1, keepdim=True)
-        rl = torch.where(l > 0, 1.0 / l, torch.zeros((), dtype=cdt, device=dev))  # 0 for dead rows
+        rl = torch.where(l > 0, 1.0 / l, zero)  # 1/l, 0 for dead rows
         pv = e * _dropout_keep(seed, ci, e.shape, inp, cdt) if inp.dropout_p > 0 else e
-        o = torch.matmul(pv, vc[:, :, ch.lo:ch.hi]).mul_(rl)  # (B, Hkv, G·c, Dv)
+        o = _weighted_values(pv, vc, vbad, ch.lo, ch.hi).mul_(rl)  # (B, Hkv, G·c, Dv): out_i = Σ_j p_ij v_j
         out[:, :, :, i0:i1] = o.view(B, Hkv, G, c, Dv)
         lse[:, :, :, i0:i1] = (m + torch.log(l)).view(B, Hkv, G, c)
         if maxw is not None:
-            maxw[:, :, :, i0:i1] = rl.view(B, Hkv, G, c)
+            maxw[:, :, :, i0:i1] = rl.view(B, Hkv, G, c)  # max_j e_ij = exp(0) = 1
         if want_h:
             # -Σ p log p = log l - Σ e·(s - m) / l ; s holds s - m (NEG - m on masked keys, where e = 0)
-            t = s.mul_(e).sum(dim=-1, keepdim=True)
-            h = torch.where(l > 0, torch.log(l) - t * rl, torch.zeros((), dtype=cdt, device=dev))
+            t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1)
+            h = torch.where(l > 0, torch.log(l) - t * rl, zero)
             ent[:, :, :, i0:i1] = h.clamp_(min=0).view(B, Hkv, G, c)
         if want_rec:
             e5 = e.view(B, Hkv, G, c, nk)
             rec[..., ch.lo:ch.hi] += torch.matmul(rl.view(B, Hkv, G, 1, c), e5).view(B, Hkv, G, nk)
         if topk:
             kk = min(topk, nk)
-            vals, idx = torch.topk(e, kk, dim=-1, sorted=True)
-            w = vals.mul_(rl)
+            vals, idx = top  # largest raw scores of each row
+            w = torch.exp(vals - m).mul_(rl)
             idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=dev))
             tk_w[:, :, :, i0:i1, :kk] = w.view(B, Hkv, G, c, kk)
             tk_i[:, :, :, i0:i1, :kk] = idx.view(B, Hkv, G, c, kk)

@@ -24,6 +24,9 @@ class SdpaBackend(Backend):
         B, Hq, Hkv, *_ = inp.shape
         if Hq != Hkv and not _HAS_GQA:
             reasons.append("grouped-query attention needs torch >= 2.5 (enable_gqa)")
+        if not reasons and not inp.all_finite:
+            reasons.append("q, k or v holds NaN/inf: the fused kernel may zero such rows or spread them to rows "
+                           "that give them weight 0")
         return reasons
 
     def run(self, inp: AttnInputs):

@@ -1,0 +1,229 @@
+"""The command line: `attnlens walkthrough` prints attnlens's own numbers, step by step; `attnlens info`.
+
+The printed tables are parsed back and compared with `attnlens.attention` on the same inputs,
+rebuilt with `cli.build_example`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import attnlens as al
+from attnlens import cli
+
+STEPS = ["Step 1 · Embeddings", "Step 2 · Dot products", "Step 3 · Softmax", "Step 4 · Row view",
+         "Step 5 · Column view", "Cross-checks"]
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def table(text: str, title: str, ncols: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """Parse the plain-text table whose title starts with ``title``: (column headers, row labels, numbers).
+
+    Layout (rich, box SIMPLE_HEAD, no edge): title line, header line, a line of ─, then rows until a
+    line that is not a row. Labels hold no spaces (tokens are split on whitespace). ``ncols``: read
+    only that many numbers after the label.
+    """
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    rule = lines[start + 2]
+    width = len(rule) - len(rule.lstrip("─").lstrip())  # tables side by side: keep the first one
+    width = len(rule) if width == 0 else len(rule.split()[0])
+    assert set(rule[:width]) == {"─"}, rule
+    header = lines[start + 1][:width].split()
+    labels, rows = [], []
+    for line in lines[start + 3:]:
+        parts = line[:width].split()
+        if not parts or parts[0] in ("✓", "✗"):
+            break
+        try:
+            vals = [float(x.replace("−∞", "-inf")) for x in parts[1:][:ncols]]
+        except ValueError:
+            break
+        labels.append(parts[0])
+        rows.append(vals)
+    return header, labels, np.array(rows)
+
+
+def attnlens_result(tokens=cli.DEFAULT_TOKENS, seed=cli.DEFAULT_SEED, dim=2, causal=False):
+    ex = cli.build_example(tokens, seed=seed, dim=dim)
+    out, res = al.attention(ex.Q, ex.K, ex.V, causal=causal, lens=al.Lens(rows="all", topk=3), backend="reference")
+    return ex, out, res
+
+
+def test_walkthrough_prints_every_step_and_passes_its_checks(capsys):
+    code, out, err = run(capsys, "walkthrough")
+    assert code == 0 and err == ""
+    pos = [out.index(s) for s in STEPS]
+    assert pos == sorted(pos), "steps out of order"
+    assert "✗" not in out and out.count("✓") == 5
+    # the seeds' ideas are spelled out
+    for phrase in ["dot product of query i with key j", "convex combination", "sum to 1",
+                   "copy of its own V row", "received", "entropy", "1/√d"]:
+        assert phrase in out, phrase
+    assert "Traceback" not in out
+
+
+def test_printed_numbers_are_attnlens_numbers(capsys):
+    code, out, _ = run(capsys, "walkthrough")
+    assert code == 0
+    ex, ref_out, res = attnlens_result()
+    n, d = ex.X.shape
+
+    for title, M in [("X ", ex.X), ("Q = X W_q", ex.Q), ("S = Q Kᵀ", ex.Q @ ex.K.T),
+                     ("S / √2", ex.Q @ ex.K.T / np.sqrt(2))]:
+        _, labels, got = table(out, title)
+        assert labels == list(ex.labels), title
+        np.testing.assert_allclose(got, M, atol=5e-4 + 1e-12, err_msg=title)
+
+    header, labels, P = table(out, "P = softmax")
+    assert header[-2:] == ["row", "sum"] and labels == list(ex.labels)
+    np.testing.assert_allclose(P[:, :n], res.weights, atol=5e-4 + 1e-12)
+    assert all(f"{s:.3f}" == "1.000" for s in P[:, n]), "printed row sums"
+    check = next(line for line in out.splitlines() if "row sums:" in line)
+    assert check.startswith("✓") and check.split("row sums:")[1].split() == ["1.000"] * n
+
+    header, labels, printed_out = table(out, "out = P V")
+    assert header == ["token"] + [f"out{c}" for c in range(d)] and labels == list(ex.labels)
+    np.testing.assert_allclose(printed_out, ref_out, atol=5e-4 + 1e-12)
+
+    # the row view: one formula per query, ending in that query's output row
+    for i, lab in enumerate(ex.labels):
+        line = next(line for line in out.splitlines() if line.startswith(f"out[{lab}] = "))
+        assert "·v[" in line
+        vec = [float(x) for x in line.rsplit("= [", 1)[1].rstrip("]").split(",")]
+        np.testing.assert_allclose(vec, ref_out[i], atol=5e-4 + 1e-12)
+
+    # the column view
+    _, labels, rec = table(out, "received = column sums", ncols=1)
+    assert labels == list(ex.labels)
+    np.testing.assert_allclose(rec[:, 0], res.received, atol=5e-4 + 1e-12)
+    np.testing.assert_allclose(rec[:, 0].sum(), n, atol=5e-3)
+
+
+def test_same_seed_reproduces_and_other_seed_changes_numbers(capsys):
+    _, a, _ = run(capsys, "walkthrough", "--seed", "3")
+    _, b, _ = run(capsys, "walkthrough", "--seed", "3")
+    _, c, _ = run(capsys, "walkthrough", "--seed", "4")
+    assert a == b
+    assert not np.allclose(table(a, "out = P V")[2], table(c, "out = P V")[2])
+    np.testing.assert_allclose(table(c, "out = P V")[2], attnlens_result(seed=4)[1], atol=5e-4 + 1e-12)
+
+
+def test_causal_zeros_the_upper_triangle_and_explains_the_mask(capsys):
+    tokens = "the cat sat on the mat"
+    code, out, _ = run(capsys, "walkthrough", "--causal", "--tokens", tokens, "--seed", "1")
+    assert code == 0 and "✗" not in out
+    assert "future keys get weight exactly 0" in out
+    ex, ref_out, res = attnlens_result(tokens, seed=1, causal=True)
+    n = len(ex.tokens)
+    upper = np.triu(np.ones((n, n), dtype=bool), k=1)
+
+    _, _, P = table(out, "P = softmax")
+    assert (P[:, :n][upper] == 0).all() and (P[:, :n][~upper] >= 0).all()
+    assert P[0, 0] == 1.0  # the first token can only attend to itself
+    _, _, Ss = table(out, "S / √2")
+    assert np.isneginf(Ss[upper]).all() and np.isfinite(Ss[~upper]).all()
+    _, labels, printed_out = table(out, "out = P V")
+    assert labels == ["the", "cat", "sat", "on", "the(2)", "mat"]
+    np.testing.assert_allclose(printed_out, ref_out, atol=5e-4 + 1e-12)
+    assert "out[the] = 1.000·v[the] = " in out  # 100% on itself: a copy of its V row
+    np.testing.assert_allclose(ref_out[0], ex.V[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [1, 4])
+def test_other_sizes_and_backends(capsys, dim):
+    tokens = "a b c d e f g h i j k"  # 11 tokens: row-view formulas are shortened
+    code, out, _ = run(capsys, "walkthrough", "--dim", str(dim), "--tokens", tokens, "--backend", "reference")
+    assert code == 0 and "✗" not in out and "smaller terms" in out
+    _, _, printed_out = table(out, "out = P V")
+    np.testing.assert_allclose(printed_out, attnlens_result(tokens, dim=dim)[1], atol=5e-4 + 1e-12)
+
+
+def test_markup_like_tokens_print_literally(capsys):
+    code, out, _ = run(capsys, "walkthrough", "--tokens", "[bold]x a[0] [/] b", "--dim", "1")
+    assert code == 0
+    assert table(out, "out = P V")[1] == ["[bold]x", "a[0]", "[/]", "b"]
+    assert "out[a[0]] = " in out
+
+
+def test_build_example():
+    ex = cli.build_example("the cat the", seed=5, dim=3)
+    assert ex.X.shape == (3, 3) and ex.Q.shape == ex.K.shape == ex.V.shape == (3, 3)
+    assert ex.labels == ("the", "cat", "the(2)")
+    np.testing.assert_array_equal(ex.X[0], ex.X[2])  # same word, same embedding
+    np.testing.assert_allclose(ex.V, ex.X @ ex.W_v)
+    again = cli.build_example(["the", "cat", "the"], seed=5, dim=3)
+    np.testing.assert_array_equal(ex.Q, again.Q)
+    assert not np.allclose(cli.build_example("the cat the", seed=6, dim=3).X, ex.X)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", ""], "--tokens"),
+    (["--tokens", "   "], "--tokens"),
+    (["--tokens", " ".join(f"w{i}" for i in range(cli.MAX_TOKENS + 1))], "too many"),
+    (["--dim", "0"], "--dim"),
+    (["--dim", "-2"], "--dim"),
+    (["--dim", str(cli.MAX_DIM + 1)], "--dim"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "x"], "--seed"),
+    (["--backend", "sdpa"], "--backend"),
+])
+def test_bad_options_one_line_error(capsys, argv, message):
+    code = cli.main(["walkthrough", *argv])
+    cap = capsys.readouterr()
+    assert code != 0
+    assert cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and message in lines[0], cap.err
+    assert "Traceback" not in cap.err
+
+
+def test_max_tokens_is_accepted(capsys):
+    code, out, _ = run(capsys, "walkthrough", "--tokens", " ".join(f"w{i}" for i in range(cli.MAX_TOKENS)))
+    assert code == 0 and "…" not in out  # wide tables are printed whole, never squeezed to "0.…"
+    assert table(out, "out = P V")[2].shape == (cli.MAX_TOKENS, 2)
+
+
+def test_info_lists_backends(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f"attnlens {al.__version__}" in out
+    for b in al.backends():
+        assert any(line.startswith(b["name"] + " ") for line in out.splitlines()), b["name"]
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2 and "walkthrough" in out and "info" in out
+    code, out, _ = run(capsys, "walkthrough", "--help")
+    assert code == 0 and "--causal" in out and "--tokens" in out
+
+
+def _python_m(*argv):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "80"}
+    return subprocess.run([sys.executable, "-m", "attnlens", *argv], capture_output=True, text=True,
+                          encoding="utf-8", env=env, timeout=120)
+
+
+def test_python_m_entry_point():
+    p = _python_m("walkthrough", "--seed", "2", "--causal")
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+    for s in STEPS:
+        assert s in p.stdout
+    assert "\x1b[" not in p.stdout  # not a terminal: plain text
+    _, _, printed_out = table(p.stdout, "out = P V")
+    np.testing.assert_allclose(printed_out, attnlens_result(seed=2, causal=True)[1], atol=5e-4 + 1e-12)
+
+    bad = _python_m("walkthrough", "--dim", "0")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

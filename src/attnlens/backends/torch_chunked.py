@@ -21,14 +21,14 @@ import torch
 from .._inputs import AttnInputs
 from ..lens import LensResult
 from ..masks import band_keep, key_range
-from . import Backend, stat_dtype
+from . import Backend, _native, stat_dtype
 
 #: masked scores are set to this finite value: exp(NEG - m) underflows to exactly 0, and unlike
 #: -inf, 0 · NEG = 0 keeps the entropy reduction finite.
 NEG = -1e30
 #: bytes of one chunk's score buffer (B·Hq·rows·Nk elements). Chosen with benchmarks/cpu.py
 #: (``--chunk-bytes``): small enough to stay in cache on CPU, large enough to amortise op overhead.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 16 << 20
 
 
 def chunk_rows(inp: AttnInputs, elem_bytes: int) -> int:
@@ -116,6 +116,8 @@ def _rowmax_and_topk(s, topk: int):
 
 def _nonfinite_keys(vc):
     """Key indices whose value row holds NaN/inf (any batch or head), or None: the common case."""
+    if bool(torch.isfinite(vc.sum())):  # NaN/inf propagate through a sum (overflow: harmless slow path)
+        return None
     bad = ~torch.isfinite(vc).all(dim=-1).flatten(0, 1).all(dim=0)  # (Nk,)
     return torch.nonzero(bad).flatten() if bool(bad.any()) else None
 
@@ -182,7 +184,8 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
     vbad = _nonfinite_keys(vc)
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # workspaces reused by every chunk
-    ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_h else None
+    native = dev.type == "cpu" and cdt == torch.float32 and topk <= _native.MAX_TOPK and _native.load() is not None
+    ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_h and not native else None
     zero = torch.zeros((), dtype=cdt, device=dev)
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
         i1 = min(Nq, i0 + rows_per_chunk)
@@ -190,11 +193,19 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
         if ch.nk == 0:
             continue  # no query in this chunk sees a key: zeros, lse -inf
         c, nk, s = ch.c, ch.nk, ch.s
-        m, top = _rowmax_and_topk(s, min(topk, nk))  # m: (B, Hkv, G·c, 1)
-        m.masked_fill_(m <= NEG / 2, 0.0)  # rows that see no key: e becomes exactly 0
-        s.sub_(m)
-        e = torch.exp(s, out=ebuf[: s.numel()].view(s.shape)) if want_h else s.exp_()
-        l = e.sum(dim=-1, keepdim=True)
+        kk = min(topk, nk)
+        t = None
+        if native:  # one fused pass per row (rowsoftmax.c): s becomes e in place
+            m, l, t, top = _native.rowsoftmax(s, kk, NEG / 2)
+            e = s
+        else:
+            m, top = _rowmax_and_topk(s, kk)  # m: (B, Hkv, G·c, 1)
+            m.masked_fill_(m <= NEG / 2, 0.0)  # rows that see no key: e becomes exactly 0
+            s.sub_(m)
+            e = torch.exp(s, out=ebuf[: s.numel()].view(s.shape)) if want_h else s.exp_()
+            l = e.sum(dim=-1, keepdim=True)
+            if want_h:  # Σ_j e·(s - m); s holds s - m (NEG - m on masked keys, where e = 0)
+                t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1)
         rl = torch.where(l > 0, 1.0 / l, zero)  # 1/l, 0 for dead rows
         pv = e * _dropout_keep(seed, ci, e.shape, inp, cdt) if inp.dropout_p > 0 else e
         o = _weighted_values(pv, vc, vbad, ch.lo, ch.hi).mul_(rl)  # (B, Hkv, G·c, Dv): out_i = Σ_j p_ij v_j
@@ -202,16 +213,13 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
         lse[:, :, :, i0:i1] = (m + torch.log(l)).view(B, Hkv, G, c)
         if maxw is not None:
             maxw[:, :, :, i0:i1] = rl.view(B, Hkv, G, c)  # max_j e_ij = exp(0) = 1
-        if want_h:
-            # -Σ p log p = log l - Σ e·(s - m) / l ; s holds s - m (NEG - m on masked keys, where e = 0)
-            t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1)
+        if want_h:  # -Σ p log p = log l - Σ e·(s - m) / l
             h = torch.where(l > 0, torch.log(l) - t * rl, zero)
             ent[:, :, :, i0:i1] = h.clamp_(min=0).view(B, Hkv, G, c)
         if want_rec:
             e5 = e.view(B, Hkv, G, c, nk)
             rec[..., ch.lo:ch.hi] += torch.matmul(rl.view(B, Hkv, G, 1, c), e5).view(B, Hkv, G, nk)
         if topk:
-            kk = min(topk, nk)
             vals, idx = top  # largest raw scores of each row
             w = torch.exp(vals - m).mul_(rl)
             idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=dev))

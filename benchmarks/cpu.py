@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -72,7 +71,7 @@ def time_table(sizes, heads, dim, repeat):
 
 
 _MEM_CHILD = r"""
-import resource, sys, torch, torch.nn.functional as F, attnlens as al
+import sys, torch, torch.nn.functional as F, attnlens as al
 kind, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 1, n, d, generator=g) for _ in range(3))
@@ -83,23 +82,25 @@ if grad:
 # warm up the code paths on a small problem so one-time allocations are not counted
 s = 256
 al.attention(q[..., :s, :].detach(), k[..., :s, :].detach(), v[..., :s, :].detach(), causal=True, lens=al.Lens(topk=8))
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-before = rss()
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current resident size
+    f.write("5")
+before = status_kib("VmRSS")
 if kind == "lens":
     out, res = al.attention(q, k, v, causal=True, lens=al.Lens(entropy=True, received=True, topk=8))
 elif kind == "torch-forward-backward":
     al.attention(q, k, v, causal=True, backend="torch").backward(do)
 elif kind == "sdpa-forward-backward":
     F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(max(0, peak - before))
+print(max(0, status_kib("VmHWM") - before) * 1024)
 """
 
 
 def extra_peak_bytes(kind: str, n: int, d: int) -> int:
-    """Peak resident memory above what the process held just before the call (fresh process)."""
+    """Peak resident memory above what the process held just before the call: a fresh process whose
+    high-water mark is reset (Linux ``/proc/self/clear_refs``) right before the call."""
     out = subprocess.run([sys.executable, "-c", _MEM_CHILD, kind, str(n), str(d)], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.strip().splitlines()[-1])

@@ -17,7 +17,6 @@ fi
 echo "setting up .venv (first run only: ~1 minute)" >&2
 python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-python -c "import torch" || { echo "torch==2.13.0 failed to install" >&2; exit 1; }
 python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-python -c "import attnlens" || { echo "attnlens failed to install" >&2; exit 1; }
+python -c "import torch, attnlens" || { echo "torch==2.13.0 or attnlens failed to install" >&2; exit 1; }
 echo "$want" > "$stamp"

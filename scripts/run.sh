@@ -3,6 +3,6 @@
 #   bash scripts/run.sh walkthrough
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh
 . .venv/bin/activate
 exec attnlens "$@"

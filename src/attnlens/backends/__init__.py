@@ -22,7 +22,13 @@ class Backend:
     capabilities: dict = {}
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
+        """Why this backend cannot serve the call (empty: it can)."""
         raise NotImplementedError
+
+    def auto_reasons(self, inp: AttnInputs) -> list[str]:
+        """Why ``backend="auto"`` should pass over this backend although it could serve the call when
+        named (e.g. a slow test mode). Empty by default."""
+        return []
 
     def run(self, inp: AttnInputs):
         raise NotImplementedError

@@ -143,6 +143,18 @@ def _weighted_values(p, vc, vbad, lo: int, hi: int):
     return out + contrib.sum(dim=-2)
 
 
+def _row_runs(rows) -> list[tuple[int, int, int]]:
+    """Requested rows as maximal runs ``(first query, first place in weights, length)`` of consecutive
+    queries at consecutive places: one run for ``"all"`` or a slice, so each chunk writes with one op."""
+    runs: list[list[int]] = []
+    for pos, r in enumerate(rows):
+        if runs and r == runs[-1][0] + runs[-1][2] and pos == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([r, pos, 1])
+    return [tuple(x) for x in runs]
+
+
 def _dropout_keep(seed: int, chunk_index: int, shape, inp: AttnInputs, dtype):
     """The dropout mask of one chunk, scaled by 1/(1-p); regenerated identically in backward."""
     g = torch.Generator(device=inp.q.device)
@@ -180,8 +192,7 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
         tk_i = torch.full((B, Hkv, G, Nq, topk), -1, dtype=torch.int64, device=dev)
     if rows is not None:
         wrows = torch.zeros(B, Hkv, G, len(rows), Nk, dtype=cdt, device=dev)
-        rows_t = torch.tensor(rows, dtype=torch.int64, device=dev)  # query index of each requested row
-        rows_pos = torch.arange(len(rows), device=dev)  # its place in `weights`
+        runs = _row_runs(rows)
 
     vbad = _nonfinite_keys(vc)
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
@@ -227,12 +238,13 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
             idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=dev))
             tk_w[:, :, :, i0:i1, :kk] = w.view(B, Hkv, G, c, kk)
             tk_i[:, :, :, i0:i1, :kk] = idx.view(B, Hkv, G, c, kk)
-        if rows is not None:  # requested rows in this chunk: one gather, one scatter
-            sel = (rows_t >= i0) & (rows_t < i1)
-            if bool(sel.any()):
-                at, src = rows_pos[sel], rows_t[sel] - i0
-                p_sel = e.view(B, Hkv, G, c, nk)[:, :, :, src] * rl.view(B, Hkv, G, c, 1)[:, :, :, src]
-                wrows[:, :, :, at, ch.lo:ch.hi] = p_sel
+        if rows is not None:  # requested rows in this chunk: p = e / l written straight into `weights`
+            e5, rl5 = e.view(B, Hkv, G, c, nk), rl.view(B, Hkv, G, c, 1)
+            for r0, pos0, n in runs:
+                a, b = max(r0, i0), min(r0 + n, i1)
+                if a < b:
+                    dst = wrows[:, :, :, pos0 + a - r0:pos0 + b - r0, ch.lo:ch.hi]
+                    torch.mul(e5[:, :, :, a - i0:b - i0], rl5[:, :, :, a - i0:b - i0], out=dst)
 
     def flat(t):  # (B, Hkv, G, ...) -> (B, Hq, ...)
         return t.reshape(B, Hq, *t.shape[3:])

@@ -293,6 +293,27 @@ def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk
     return dq.reshape(B, Hq, Nq, D), dk, dv
 
 
+def column_sums(inp: AttnInputs, lse):
+    """``received`` given each query's ``lse`` ``(B, Hq, Nq)``: ``Σ_i exp(s_ij - lse_i)`` for each key j,
+    per query head ``(B, Hq, Nk)``, chunked like the backward. With the call's own lse these are its
+    column sums; ring attention passes the global lse of queries that saw other keys too."""
+    B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
+    G = Hq // Hkv
+    cdt, qs, kc, _ = _prepare(inp, inp.q, inp.k, inp.v)
+    rows = chunk_rows(inp, torch.finfo(cdt).bits // 8)
+    lse5 = lse.to(cdt).reshape(B, Hkv, G, Nq)
+    lse5 = torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
+    rec = torch.zeros(B, Hkv, G, Nk, dtype=cdt, device=inp.q.device)
+    for i0 in range(0, Nq, rows):
+        i1 = min(Nq, i0 + rows)
+        ch = _Chunk(inp, qs, kc, i0, i1)
+        if ch.nk == 0:
+            continue
+        p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * ch.c, 1)).exp_()  # (B, Hkv, G·c, nk)
+        rec[..., ch.lo:ch.hi] += p.view(B, Hkv, G, ch.c, ch.nk).sum(-2)
+    return rec.reshape(B, Hq, Nk)
+
+
 class _Attention(torch.autograd.Function):
     """Autograd wrapper: forward saves q, k, v, out and lse; backward recomputes per chunk."""
 

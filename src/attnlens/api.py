@@ -43,9 +43,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
         dropout_p: probability of dropping a weight (kept weights scaled by ``1/(1-p)``), in
             ``[0, 1)``. Applied whenever ``dropout_p > 0``, as in PyTorch's functional form
             (pass 0.0 at evaluation). The lens describes the weights before dropout.
-        backend: ``"auto"`` (first that can serve, see ``attnlens.backends()``), ``"sdpa"``
-            (PyTorch's fused kernel, no lens), ``"torch"`` (chunked, lens, autograd) or
-            ``"reference"`` (NumPy float64, dense). A named backend that cannot serve the
+        backend: ``"auto"`` (first that can serve, see ``attnlens.backends()``), ``"triton"``
+            (fused GPU kernels with the lens; CUDA), ``"sdpa"`` (PyTorch's fused kernel, no lens),
+            ``"torch"`` (chunked, lens, autograd, any device) or ``"reference"`` (NumPy float64,
+            dense). A named backend that cannot serve the
             call raises ``ValueError`` with its reasons. ``attnlens.use_backend`` sets it for a block.
         lens: ``None`` → return the output only. ``True`` → ``Lens()`` (the defaults); an
             ``attnlens.Lens`` → return ``(out, LensResult)``.

@@ -552,9 +552,19 @@ def _cmd_walkthrough(args, console) -> int:
 
 
 def _cmd_info(args, console) -> int:
+    """Versions, then the backends in ``auto`` order as a table that wraps to the terminal."""
     import attnlens as al
+    from rich.table import Table
 
-    console.print(al.info(), markup=False, highlight=False, soft_wrap=True)
+    console.print(al.info().split("\n", 1)[0], markup=False, highlight=False)
+    table = Table(title="backends, in backend='auto' order (the first that can serve a call takes it)",
+                  title_justify="left")
+    cols = ["name", "lens", "grad", "dropout", "dtypes", "devices", "memory"]
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for row in al.backends():
+        table.add_row(*(str(row.get(c, "")) for c in cols))
+    console.print(table)
     return 0
 
 

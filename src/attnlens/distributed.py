@@ -21,8 +21,14 @@ accumulator, and every rank adds the contribution of its queries, recomputing th
 from the saved global ``lse`` (``dS = P ∘ (dP - D_i)``, ``D_i = rowsum(dO ∘ O)`` with the final
 ``O``); after a full turn each accumulator arrives back at the rank that owns the block.
 
-Memory per rank is O(N_local): the shards, two blocks in flight, and the block compute's own
-bounded workspace — never an N × N or N_local × N_local matrix.
+Memory per rank is O(N_local): the shards, the K/V block in use and the one in flight, in the
+backward three dK/dV accumulators (the one being computed, the one being sent, the one being
+received — what lets the gradient transfer hide behind the compute) and dQ, which the block compute
+adds into in place; plus the block compute's own bounded workspace (two ``CHUNK_BYTES`` buffers),
+which does not shrink with the world size — never an N × N or N_local × N_local matrix. Because of
+the buffers in flight a rank holds about twice as many N_local-sized tensors as one process does at
+the same length, so the N-dependent part of the peak halves from world 2 to 4 but not from 1 to 2
+(benchmarks/results/distributed-2026-11-22.md).
 
 Positions are global. Causal attention and windows compare the global position of a query
 with that of a key, whatever rank holds them: bottom-right alignment over the *whole*
@@ -523,13 +529,12 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout):
             inp = validate(q[:, :, p.i0:p.i1], kb[:, :, p.j0:p.j1], vb[:, :, p.j0:p.j1], mask=p.mask,
                            causal=p.causal, window=p.window, scale=plan.scale)
             rows = torch_chunked.chunk_rows(inp, torch.finfo(cdt).bits // 8)
-            # the global lse gives the true weights p_ij; the final out gives D_i = rowsum(dO ∘ O)
-            dqp, dkp, dvp = torch_chunked.backward(inp, inp.q, inp.k, inp.v, out[:, :, p.i0:p.i1],
-                                                   lse[:, :, p.i0:p.i1], dout[:, :, p.i0:p.i1], 0, rows)
-            dq[:, :, p.i0:p.i1] += dqp
-            dk[:, :, p.j0:p.j1] += dkp
-            dv[:, :, p.j0:p.j1] += dvp
-            del dqp, dkp, dvp, inp
+            # the global lse gives the true weights p_ij; the final out gives D_i = rowsum(dO ∘ O); the
+            # gradients are added straight into the rank's dQ and block src's dK/dV (no per-block copies)
+            torch_chunked.backward(inp, inp.q, inp.k, inp.v, out[:, :, p.i0:p.i1], lse[:, :, p.i0:p.i1],
+                                   dout[:, :, p.i0:p.i1], 0, rows,
+                                   acc=(dq[:, :, p.i0:p.i1], dk[:, :, p.j0:p.j1], dv[:, :, p.j0:p.j1]))
+            del inp
         if W > 1:
             if step > 0:  # what the ranks before us added to block src
                 ring.wait(acc_works, f"pass dK/dV accumulators at ring step {step - 1}")

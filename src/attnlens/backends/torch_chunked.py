@@ -260,22 +260,32 @@ def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
     return flat(out), flat(lse), res
 
 
-def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk: int):
-    """Gradients (dq, dk, dv), recomputing each chunk's weights from ``lse``; O(chunk · Nk) memory."""
+def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk: int, acc=None):
+    """Gradients (dq, dk, dv), recomputing each chunk's weights from ``lse``; O(chunk · Nk) memory.
+
+    ``acc`` (optional): tensors ``(dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv))`` in the
+    compute dtype, possibly strided views into larger buffers; the gradients are *added* into them (no
+    gradient-sized temporaries) and they are returned. Ring attention accumulates its blocks this way.
+    """
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     G = Hq // Hkv
     cdt, qs, kc, vc = _prepare(inp, q, k, v)
     dev = q.device
     do = dout.to(cdt).reshape(B, Hkv, G, Nq, Dv)
-    di = (do * out.to(cdt).reshape(B, Hkv, G, Nq, Dv)).sum(-1)  # (B, Hkv, G, Nq): Σ_j p_ij dp_ij
+    # Σ_j p_ij dp_ij = rowsum(dO ∘ O), (B, Hkv, G, Nq), as a batched dot product (no (Nq, Dv) temporary)
+    di = torch.einsum("...d,...d->...", do, out.to(cdt).reshape(B, Hkv, G, Nq, Dv))
     lse5 = lse.reshape(B, Hkv, G, Nq)
     lse5 = torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=dev), lse5)
-    dq = torch.zeros(B, Hkv, G, Nq, D, dtype=cdt, device=dev)
-    dk = torch.zeros_like(kc)
-    dv = torch.zeros_like(vc)
+    if acc is None:
+        acc = (torch.zeros(B, Hq, Nq, D, dtype=cdt, device=dev), torch.zeros_like(kc), torch.zeros_like(vc))
+    dq, dk, dv = acc
+    dq5 = dq.unflatten(1, (Hkv, G))  # (B, Hkv, G, Nq, D), a view
+    n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
+    sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # score / weight workspace reused by every chunk
+    dpbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # dP workspace
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
         i1 = min(Nq, i0 + rows_per_chunk)
-        ch = _Chunk(inp, qs, kc, i0, i1)
+        ch = _Chunk(inp, qs, kc, i0, i1, sbuf)
         if ch.nk == 0:
             continue
         c, lo, hi = ch.c, ch.lo, ch.hi
@@ -284,13 +294,14 @@ def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk
         keep = _dropout_keep(seed, ci, p.shape, inp, cdt) if inp.dropout_p > 0 else None
         pd = p * keep if keep is not None else p
         dv[:, :, lo:hi] += torch.matmul(pd.transpose(-1, -2), do_c)
-        dp = torch.matmul(do_c, vc[:, :, lo:hi].transpose(-1, -2))
+        del pd
+        dp = torch.matmul(do_c, vc[:, :, lo:hi].transpose(-1, -2), out=dpbuf[: p.numel()].view(p.shape))
         if keep is not None:
             dp.mul_(keep)
         ds = dp.sub_(di[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).mul_(p)  # p ∘ (dp - di)
-        dq[:, :, :, i0:i1] = torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale).view(B, Hkv, G, c, D)
+        dq5[:, :, :, i0:i1] += torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale).view(B, Hkv, G, c, D)
         dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc)
-    return dq.reshape(B, Hq, Nq, D), dk, dv
+    return dq, dk, dv
 
 
 def column_sums(inp: AttnInputs, lse):

@@ -80,6 +80,15 @@ def _to4(t: torch.Tensor) -> torch.Tensor:
     return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))
 
 
+def check_dropout(p, name: str = "dropout_p") -> float:
+    """A dropout probability in [0, 1), or a TypeError/ValueError naming ``name``."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
 def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None) -> AttnInputs:
     kinds = {name: _kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) != 1:
@@ -139,17 +148,9 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None (= 1/sqrt(D)), got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_p = check_dropout(dropout_p)
 
-    if lens is True:
-        lens = Lens()
-    elif lens is None or lens is False:
-        lens = None
-    elif not isinstance(lens, Lens):
-        raise TypeError(f"lens must be None, True, or an attnlens.Lens, got {type(lens).__name__}")
+    lens = Lens.coerce(lens)
     rows = None
     if lens is not None:
         if lens.topk > Nk:

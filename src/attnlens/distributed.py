@@ -256,12 +256,7 @@ def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
                 raise TypeError(f"ring_attention: {name} must be a torch.Tensor (NumPy arrays cannot travel the "
                                 f"ring), got {type(t).__name__}")
         _check_layout(layout)
-        if lens is True:
-            lens = Lens()
-        elif lens is False:
-            lens = None
-        elif lens is not None and not isinstance(lens, Lens):
-            raise TypeError(f"lens must be None, True, or an attnlens.Lens, got {type(lens).__name__}")
+        lens = Lens.coerce(lens)
         if lens is not None and lens.rows is not None:
             raise ValueError(f"ring_attention: Lens.rows={lens.rows!r} is not supported across ranks (full weight "
                              f"rows would span every rank's keys); use attnlens.attention on gathered tensors")

@@ -320,10 +320,9 @@ def capture(model, *, lens=None, values: bool = True, on_record=None):
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    if lens is None or lens is True:
-        lens = Lens()
-    if not isinstance(lens, Lens):
-        raise TypeError(f"lens must be None, True, or an attnlens.Lens, got {type(lens).__name__}")
+    lens = Lens.coerce(True if lens is None else lens)
+    if lens is None:
+        raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
     cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record)
     cap._names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
     previous = _impl_of(model)

@@ -67,6 +67,18 @@ class Lens:
                 raise TypeError(f"Lens.rows must hold ints, got {type(r).__name__} {r!r}")
         object.__setattr__(self, "rows", tuple(int(r) for r in items))
 
+    @classmethod
+    def coerce(cls, lens) -> "Lens | None":
+        """The ``lens=`` argument as a `Lens` or ``None``: ``None``/``False`` → ``None``, ``True`` → ``Lens()``
+        (the defaults), a `Lens` → itself; anything else is a ``TypeError``."""
+        if lens is None or lens is False:
+            return None
+        if lens is True:
+            return cls()
+        if not isinstance(lens, cls):
+            raise TypeError(f"lens must be None, True, or an attnlens.Lens, got {type(lens).__name__}")
+        return lens
+
     def resolve_rows(self, nq: int) -> tuple[int, ...] | None:
         """The requested rows as non-negative query indices, checked against ``nq``."""
         rows = self.rows

@@ -16,12 +16,12 @@ import contextlib
 import contextvars
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._inputs import check_dropout
 from .api import attention
 from .lens import Lens, LensResult
 from .masks import normalize_window
@@ -35,24 +35,6 @@ def _check_int(name: str, val, lo: int = 1) -> int:
     if val < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {val}")
     return int(val)
-
-
-def _check_dropout(name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__} {p!r}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-    return float(p)
-
-
-def _as_lens(lens) -> Optional[Lens]:
-    if lens is None or lens is False:
-        return None
-    if lens is True:
-        return Lens()
-    if not isinstance(lens, Lens):
-        raise TypeError(f"lens must be None, True, or an attnlens.Lens, got {type(lens).__name__}")
-    return lens
 
 
 class MultiHeadAttention(nn.Module):
@@ -110,7 +92,7 @@ class MultiHeadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim, vdim
-        self.dropout = _check_dropout("dropout", dropout)
+        self.dropout = check_dropout(dropout, "dropout")
         self.causal = causal
         self.window = normalize_window(window)
         self.batch_first = bool(batch_first)
@@ -169,7 +151,7 @@ class MultiHeadAttention(nn.Module):
         kw = dict(mask=mask, causal=self.causal, window=self.window)
 
         # lenses to compute: the caller's, then those of the captures that watch this module
-        want = _as_lens(lens)
+        want = Lens.coerce(lens)
         caps = [c for c in _ACTIVE.get() if self in c._names]
         lenses = [want] if want is not None else []
         for c in caps:
@@ -298,7 +280,7 @@ class TransformerBlock(nn.Module):
         ``key_padding_mask`` (bool ``(B, N)``, True = padding) and ``attn_mask`` (True = may attend)
         are as in `MultiHeadAttention.forward`.
         """
-        lens = _as_lens(lens)
+        lens = Lens.coerce(lens)
         kw = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask, lens=lens)
         if self.norm_first:
             a = self.attn(self.ln1(x), **kw)
@@ -435,7 +417,7 @@ def capture(module, *, lens=None):
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    lens = _as_lens(True if lens is None else lens)
+    lens = Lens.coerce(True if lens is None else lens)
     if lens is None:
         raise TypeError("lens must be None, True, or an attnlens.Lens, got False")
     cap = Capture(lens=lens)

@@ -154,3 +154,18 @@ def test_top_received_by_hand():
     np.testing.assert_allclose(share, [1.5 / 3, 1.0 / 3])
     idx, share = analysis.top_received(res, k=1, heads=[1])
     assert idx.tolist() == [0] and share[0] == pytest.approx(0.5)
+
+
+def test_head_summary_self_and_prev_skip_queries_without_a_key_at_their_position():
+    """Nq > Nk: the first Nq - Nk queries sit before the first key; their self/prev must not wrap around."""
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((2, 6, 4)), rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    _, res = al.attention(q, k, v, lens=al.Lens(rows="all", topk=3))
+    w = res.weights  # (H, 6, 3); query i sits at key position i - 3
+    hs = analysis.head_summary(res)
+    np.testing.assert_allclose(hs.self, np.mean([w[:, i, i - 3] for i in range(3, 6)], axis=0))
+    np.testing.assert_allclose(hs.prev, np.mean([w[:, i, i - 4] for i in range(4, 6)], axis=0))
+    _, res_k = al.attention(q, k, v, lens=al.Lens(topk=3))  # top-3 of 3 keys: the bounds are exact
+    hk = analysis.head_summary(res_k)
+    np.testing.assert_allclose(hk.self_lo, hs.self, atol=1e-12)
+    np.testing.assert_allclose(hk.prev_lo, hs.prev, atol=1e-12)

@@ -256,3 +256,19 @@ def test_implementation_without_capture_equals_default():
         model.set_attn_implementation(hf.IMPLEMENTATION)
         got = model(input_ids=ids).logits
     assert (got - ref).abs().max() <= 1e-5
+
+
+def test_no_mask_means_causal_by_default_and_position_bias_keeps_it():
+    """With no mask from the mask function, a module without ``is_causal`` is causal (transformers' sdpa
+    default), and a T5-style position bias is added on top of causality, not instead of it."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 2, 7, 7, generator=g)
+    module = torch.nn.Module()  # no is_causal attribute
+    out, _ = hf.attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(out, al.attention(q, k, v, causal=True).transpose(1, 2))
+    out_b, _ = hf.attention_forward(module, q, k, v, None, position_bias=bias)
+    torch.testing.assert_close(out_b, al.attention(q, k, v, mask=bias, causal=True).transpose(1, 2))
+    module.is_causal = False
+    out_bi, _ = hf.attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(out_bi, al.attention(q, k, v).transpose(1, 2))

@@ -96,7 +96,7 @@ def layer_weights(records: Sequence, *, batch: int = 0, allow_topk: bool = False
             mats.append(_pick(res.weights, batch, 3))
             kept.append(1.0)
         elif allow_topk and res.topk_indices is not None:
-            nk = as_numpy(res.received).shape[-1] if res.received is not None else None
+            nk = res.received.shape[-1] if res.received is not None else None
             if nk is None:
                 raise ValueError("layer_weights: top-k needs received (for the number of keys) in the lens")
             w = topk_dense(_pick(res.topk_indices, batch, 3), _pick(res.topk_weights, batch, 3), nk)
@@ -250,11 +250,13 @@ def head_summary(rec, *, batch: int = 0, q_offset: Optional[int] = None) -> Head
     nk = rec_.shape[-1]
     off = nk - nq if q_offset is None else q_offset
     pos = np.arange(nq) + off  # each query's own key position
-    has_prev = pos >= 1
+    has_self = (pos >= 0) & (pos < nk)  # queries whose own position is a key (never wrap to the end)
+    has_prev = (pos >= 1) & (pos - 1 < nk)
     first = rec_[:, 0] / nq  # Σ_i P[i, 0] / Nq, exact from the column view
     if _has_full(res):
         w = _pick(res.weights, batch, 3)  # (H, Nq, Nk)
-        s = w[:, np.arange(nq), pos].mean(-1)
+        rows = np.arange(nq)
+        s = w[:, rows[has_self], pos[has_self]].mean(-1) if has_self.any() else np.zeros(H)
         p = w[:, np.arange(nq)[has_prev], pos[has_prev] - 1].mean(-1) if has_prev.any() else np.zeros(H)
         return HeadSummary(entropy=ent.mean(-1), max_weight=mw.mean(-1), first=first, self=s, prev=p, self_lo=s,
                            self_hi=s, prev_lo=p, prev_hi=p, exact=True)
@@ -272,7 +274,10 @@ def head_summary(rec, *, batch: int = 0, q_offset: Optional[int] = None) -> Head
         return lo.mean(-1), hi.mean(-1)
 
     all_rows = np.arange(nq)
-    s_lo, s_hi = bounds(pos, all_rows)
+    if has_self.any():
+        s_lo, s_hi = bounds(pos, all_rows[has_self])
+    else:
+        s_lo = s_hi = np.zeros(H)
     if has_prev.any():
         p_lo, p_hi = bounds(pos - 1, all_rows[has_prev])
     else:

@@ -4,8 +4,9 @@
   ``AttentionInterface``, with a mask function registered under the same name in
   ``AttentionMaskInterface`` (so causal, padding and sliding-window masks arrive as a bool mask,
   or ``None`` when the mask is plain causal or absent). Every attention layer then runs through
-  `attnlens.attention`; without a capture it takes the fused ``sdpa`` backend, so the model's
-  outputs equal its own default implementation up to float rounding.
+  `attnlens.attention`; without a capture it takes the first fused backend that serves the call
+  (``sdpa``; ``triton`` on CUDA), so the model's outputs equal its own default implementation up to
+  float rounding.
 - `capture(model, lens=Lens(...))`: a ``with`` block that switches the model to ``"attnlens"``,
   records a `HFRecord` (the layer index, a `LensResult`, value-vector norms per head) for every
   attention call in order, and restores the model's own implementation on exit — also when the
@@ -190,8 +191,9 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     ``query (B, Hq, Nq, D)``, ``key (B, Hkv, Nk, D)``, ``value (B, Hkv, Nk, Dv)``;
     ``attention_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
-    ``(B, Hq, Nq, Nk)``, or ``None``. With no mask, ``is_causal`` (else ``module.is_causal``)
-    decides, as in transformers' ``sdpa`` integration: causal when ``Nq > 1``, bottom-right aligned.
+    ``(B, Hq, Nq, Nk)``, or ``None``. With no mask, ``is_causal`` (else ``module.is_causal``, default
+    True) decides, as in transformers' ``sdpa`` integration: causal when ``Nq > 1``, bottom-right
+    aligned. A T5-style ``position_bias`` is added to the scores on top of either.
 
     Returns ``(out (B, Nq, Hq, Dv), weights)``; ``weights (B, Hq, Nq, Nk)`` only when a capture
     asked for every row (``Lens(rows="all")``), else ``None``.
@@ -200,18 +202,20 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation={IMPLEMENTATION!r} does not support {name!r} (this model uses it); "
                              f"use the model's own implementation")
+    # causality comes from the model's own mask, before any position bias joins it: no mask means the
+    # mask function left causality to us (default True, as transformers' sdpa integration has it)
+    causal = False
+    if attention_mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     mask = attention_mask
     pb = kwargs.get("position_bias")
-    if pb is not None:  # T5-style additive bias: add it to the mask
+    if pb is not None:  # T5-style additive bias: added to the scores, combined with causal by attention()
         if mask is None:
             mask = pb
         elif mask.dtype == torch.bool:
             mask = pb.masked_fill(~mask, float("-inf"))
         else:
             mask = pb + mask
-    causal = False
-    if mask is None:
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     Hq, Nq, Nk = query.shape[1], query.shape[2], key.shape[2]
     kw = dict(mask=mask, causal=causal and Nq > 1, scale=scaling, dropout_p=float(dropout))
 

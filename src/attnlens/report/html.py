@@ -81,6 +81,8 @@ def _sparse(vals: np.ndarray, k: int):
 def payload(data) -> dict:
     """The JSON-able dict the page reads (see the module docstring for the encodings)."""
     L, H, N = data.n_layers, data.n_heads, data.n
+    if N > 65536:  # key indices travel as uint16: refuse rather than wrap
+        raise ValueError(f"report: {N} tokens is more than the page's 65536 (key indices are 16-bit)")
     views = {}
     if data.weights is not None and L * H * N * N <= FULL_CELLS:
         views["weights"] = {"mode": "full", "w": _b64(_q8(data.weights))}

@@ -57,7 +57,7 @@ from ._inputs import FLOAT_DTYPES, validate
 from .api import attention
 from .backends import stat_dtype, torch_chunked
 from .lens import Lens, LensResult
-from .masks import band
+from .masks import band, band_keep
 
 __all__ = ["ring_attention", "shard", "unshard", "gather", "chunk_sizes", "LAYOUTS"]
 
@@ -372,14 +372,10 @@ def _pieces(qsegs, ksegs, causal, window, device) -> list:
                 hi = nk if right is None else min(nk, i1 - 1 + d + right + 1)
                 if hi <= lo:
                     continue
-                i = torch.arange(i0, i1, device=device)[:, None] + d
-                j = torch.arange(lo, hi, device=device)[None, :]
-                keep = torch.ones(i1 - i0, hi - lo, dtype=torch.bool, device=device)
-                if left is not None:
-                    keep &= j >= i - left
-                if right is not None:
-                    keep &= j <= i + right
-                m = None if bool(keep.all()) else keep[None, None]
+                # global positions: query i0 + d.. against keys lo..; (left, right) already hold causal
+                keep = band_keep(torch.arange(i0, i1, device=device) + d, torch.arange(lo, hi, device=device),
+                                 0, 0, False, (left, right))
+                m = None if keep is None or bool(keep.all()) else keep[None, None]
                 out.append(_Piece(qs + i0, qs + i1, ks + lo, ks + hi, ka + lo, mask=m))
     return out
 

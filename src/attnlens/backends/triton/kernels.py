@@ -116,6 +116,32 @@ def _band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RI
     return keep
 
 
+@triton.jit
+def _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED: tl.constexpr,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """s2 = log2(e)·(scale·q kᵀ + bias) of shape (BLOCK_M, BLOCK_N); -inf outside the band on MASKED tiles."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        b = tl.load(BIAS_BASE + cols * stride_bn, mask=cols < NK, other=0.0)
+        s = s + b[None, :] * LOG2E
+    if MASKED:
+        s = tl.where(_band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The transpose of `_scores`, (BLOCK_N, BLOCK_M), for kernels that hold a key tile; ``bias2`` is the key
+    tile's bias already in log2 units."""
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        st = st + bias2[:, None]
+    if MASKED:
+        st = tl.where(_band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), st, float("-inf"))
+    return st
+
+
 # ------------------------------------------------------------------------------------------
 # top-k: a per-row running list of packed (score, key) int64s in registers
 
@@ -179,12 +205,8 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
             kmask = kmask & (cols[:, None] < NK)
             vmask = vmask & (cols[:, None] < NK)
         k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if HAS_BIAS:
-            b = tl.load(BIAS_BASE + cols * stride_bn, mask=cols < NK, other=0.0)
-            s = s + b[None, :] * LOG2E
-        if MASKED:
-            s = tl.where(_band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT,
+                    HAS_RIGHT, HAS_BIAS, DOT_PREC)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_ij)
         p = tl.math.exp2(s - m_ij[:, None])
@@ -296,11 +318,8 @@ def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, stride_qm, stride_qd, cols,
                     mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
         lse = tl.load(LSE_BASE + rows, mask=rmask, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # dead rows: weights 0
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        if HAS_BIAS:
-            st = st + bias2[:, None]
-        if MASKED:
-            st = tl.where(_band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), st, float("-inf"))
+        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
+                       HAS_BIAS, DOT_PREC)
         rec += tl.sum(tl.math.exp2(st - lse2[None, :]), 1)
     return rec
 
@@ -366,12 +385,9 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                 mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
     lse = tl.load(LSE + off_bh.to(tl.int64) * NQ + rows, mask=smask, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-    if HAS_BIAS:
-        b = tl.load(BIAS + off_b * stride_bb + off_h * stride_bh + cols * stride_bn, mask=cols < NK, other=0.0)
-        s = s + b[None, :] * LOG2E
-    keep = _band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
-    p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+    s = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT,
+                RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+    p = tl.math.exp2(s - lse2[:, None])  # 0 outside the band (s = -inf) and on dead rows (lse2 = +inf)
     w_ptrs = W + (off_bh.to(tl.int64) * R + slots[:, None]) * NK + cols[None, :]
     tl.store(w_ptrs, p, mask=smask[:, None] & (cols[None, :] < NK))
 
@@ -414,11 +430,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, 
         lse = tl.load(LSE_BASE + rows, mask=rmask, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         delta = tl.load(DELTA_BASE + rows, mask=rmask, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        if HAS_BIAS:
-            st = st + bias2[:, None]
-        if MASKED:
-            st = tl.where(_band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), st, float("-inf"))
+        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
+                       HAS_BIAS, DOT_PREC)
         pt = tl.math.exp2(st - lse2[None, :])  # P^T, recomputed from the saved lse
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -496,12 +509,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_BASE, V_BASE, BIAS_BASE, stride_kn, 
             vmask = vmask & (cols[:, None] < NK)
         k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
         v = tl.load(V_BASE + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=vmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_BIAS:
-            b = tl.load(BIAS_BASE + cols * stride_bn, mask=cols < NK, other=0.0)
-            s = s + b[None, :] * LOG2E
-        if MASKED:
-            s = tl.where(_band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT,
+                    HAS_RIGHT, HAS_BIAS, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])

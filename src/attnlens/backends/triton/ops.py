@@ -28,6 +28,7 @@ for speed. Statistics are float32.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -48,12 +49,16 @@ MAX_TOPK = 16
 #: finite float-mask entries are clamped to this (as `torch_chunked` does): a row whose entries are all
 #: finfo.min averages its keys, as in PyTorch, instead of reading as masked; -inf still masks
 BIAS_FLOOR = -2.5e29
-#: block sizes: {"BLOCK_M": .., "BLOCK_N": ..} replaces every kernel's choice (tests use 16/32 under the
-#: interpreter). None = `_config`'s table.
+#: replaces `_config`'s choices: flat entries ({"BLOCK_M": 16, "BLOCK_N": 16}, as the interpreter tests use) apply
+#: to every kernel; an entry keyed by a kind ("fwd", "cols", "dkdv", "dq") holds a dict for that kind only, e.g.
+#: {"dkdv": {"num_warps": 8}} (how benchmarks/gpu.py and benchmarks/triton_compile.py try variants). None = the table.
 BLOCK_OVERRIDE: Optional[dict] = None
 
 _TRUE = ("1", "true", "yes", "on", "y")
 _kernels_mod = None
+#: set by `aot.compile_launches`: every launch goes to this callable ``(kernel_name, args, kwargs)`` instead of
+#: the GPU (the launchers' exact arguments, compiled for an architecture without running anything)
+_launch_hook: contextvars.ContextVar = contextvars.ContextVar("attnlens_triton_launch_hook", default=None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,35 +138,79 @@ def _patch_interpreter():
         builder.create_dot = create_dot
 
 
+def _launch(name: str, grid: tuple, *args, **kwargs) -> None:
+    """Launch kernel ``name`` of `kernels` on ``grid`` (or hand it to the ahead-of-time compile hook)."""
+    hook = _launch_hook.get()
+    if hook is not None:
+        hook(name, args, kwargs)
+    else:
+        getattr(_kernels(), name)[grid](*args, **kwargs)
+
+
 def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0) -> dict:
-    """Block sizes, warps and stages per kernel.
+def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch: int = 90, group: int = 1) -> dict:
+    """Block sizes, warps and stages per kernel kind ("fwd", "cols", "dkdv", "dq") for ``sm_<arch>``.
 
-    The GPU values are the Triton tutorial's H100 choices (forward BLOCK_M 128 x BLOCK_N 64; backward
-    32 x 128 for dK/dV and 128 x 32 for dQ); none is measured on this project yet — see
-    benchmarks/triton_notes.md for the variants benchmarks/gpu.py should compare.
+    Every entry is compiled for sm_90, sm_80, sm_86, sm_89 and sm_120 without a GPU by benchmarks/triton_compile.py (table in
+    benchmarks/results/triton-compile-*.md; tests/test_triton_compile.py checks the main ones in CI): each fits
+    the architecture's shared memory and none spills registers (but three fp32 builds on sm_86/89/120, 8 B). fp16/bf16 start from the Triton
+    tutorial's H100 tiles (forward 128 x 64, backward 32 x 128 for dK/dV and 128 x 32 for dQ) and use 8 warps
+    where 4 spilled (the tutorial's 4-warp backward spilled 968 B per thread for dK/dV at D = 128); Ampere's
+    mma holds more per thread than Hopper's wgmma, so dK/dV takes 64-key tiles there at D = 128. D = 256
+    halves tiles. With GQA (``group`` query heads per kv head) dK/dV loops over the group in-program, which
+    holds more live state: smaller tiles or no software pipelining. fp32 dots run on FMA units (IEEE, not TF32) with tiles in registers: small tiles (the
+    tutorial shapes made fp32 D = 256 backward need 264 KiB of shared memory, more than any GPU has).
+    GPUs with ~100 KiB of shared memory per block (sm_86/89/120: RTX 30xx/40xx/50xx) use two pipeline stages
+    from D = 128 on. Speed is unmeasured (no GPU lent yet): benchmarks/gpu.py --variants compares others.
     """
     dmax = max(_pow2(D), _pow2(Dv))
-    wide = dmax > 128 or dtype == torch.float32  # fp32 tiles take twice the registers / shared memory
-    if kind == "fwd":
-        bm, bn = (64, 32) if wide else (128, 64)
-        if topk:
-            bm = 64  # the per-row top-k list lives in registers
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 8 if dmax >= 128 else 4, "num_stages": 3}
-    elif kind == "cols":  # received / weight rows: like the forward without P @ V
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64 if not wide else 32, "num_warps": 4, "num_stages": 3}
-    elif kind == "dkdv":
-        cfg = {"BLOCK_M": 32, "BLOCK_N": 128 if not wide else 64, "num_warps": 4, "num_stages": 3}
-    elif kind == "dq":
-        cfg = {"BLOCK_M": 128 if not wide else 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+    hopper = arch == 90  # wgmma (Hopper only): accumulators per warp group; mma (Ampere/Ada/sm_120) holds more per thread
+    small_smem = arch in (86, 87, 89) or arch >= 120
+    big = dmax > 128
+    if dtype == torch.float32:
+        table = {"fwd": (32, 32, 4) if dmax <= 32 else (16, 32, 8) if dmax <= 64 else (16, 16, 8),
+                 "cols": (32, 32, 4 if dmax <= 64 else 8),
+                 "dkdv": (16, 32, 4 if dmax <= 64 else 8),
+                 "dq": (32, 32, 8) if dmax <= 128 else (16, 16, 8)}
     else:
+        fwd = (64 if big or topk else 128, 32 if big else 64, 8 if dmax >= 128 else 4)  # top-k list: 64 rows
+        if big and topk and not hopper:
+            fwd = (32, 32, 8)
+        table = {"fwd": fwd,
+                 "cols": (64, 32 if big else 64, 4),
+                 "dkdv": (32, 32, 8) if big else (32, 64 if dmax == 128 and not hopper else 128,
+                                                  8 if dmax >= 64 or arch >= 120 else 4),
+                 "dq": (32 if big and small_smem else 64 if big else 128, 32, 8 if dmax >= 64 else 4)}
+    if kind not in table:
         raise AssertionError(kind)
+    bm, bn, warps = table[kind]
+    stages = 2 if small_smem and dmax >= 128 else 3
+    if kind == "dkdv" and group > 1:
+        # the loop over the query heads of a kv head (compiled away when group == 1) holds more live state:
+        # 16-row tiles on Hopper (half precision, D <= 128), no software pipelining elsewhere
+        if hopper and dtype != torch.float32 and not big:
+            bm, bn, warps = 16, 128, 8
+        else:
+            warps, stages = 8, 1
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if BLOCK_OVERRIDE:
-        cfg.update(BLOCK_OVERRIDE)
+        cfg.update({key: val for key, val in BLOCK_OVERRIDE.items() if not isinstance(val, dict)})
+        cfg.update(BLOCK_OVERRIDE.get(kind, {}))
     return cfg
+
+
+def _arch(t: Tensor) -> int:
+    """Compute capability x10 the kernels are built for: the tensor's GPU, the `aot` target, or 90."""
+    hook = _launch_hook.get()
+    if hook is not None:
+        return hook.arch
+    if _device_type(t) == "cuda":
+        major, minor = _capability(t)
+        return 10 * major + minor
+    return 90  # the interpreter: block sizes come from BLOCK_OVERRIDE in the tests
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -198,7 +247,6 @@ LOG2E = 1.4426950408889634
 
 
 def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
-    K = _kernels()
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -208,12 +256,12 @@ def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
     ent = torch.empty((B, Hq, Nq) if entropy else (0,), **f32)
     tk_i = torch.empty((B, Hq, Nq, topk) if topk else (0,), dtype=torch.int64, device=q.device)
     tk_w = torch.empty((B, Hq, Nq, topk) if topk else (0,), **f32)
-    cfg = _config("fwd", D, Dv, q.dtype, topk)
+    cfg = _config("fwd", D, Dv, q.dtype, topk, _arch(q))
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     grid = (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
     with _device_ctx(q):
-        K.attn_fwd_kernel[grid](
+        _launch("attn_fwd_kernel", grid,
             q, k, v, bias_t, out, lse, maxw, ent if entropy else lse, tk_i if topk else lse, tk_w if topk else lse,
             *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
             Hq, Hq // Hkv, Nq, Nk, D, Dv, scale * LOG2E, L, R,
@@ -225,11 +273,10 @@ def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
 
 
 def _columns_impl(q, k, bias, lse, scale, left, right, received, rows):
-    K = _kernels()
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     f32 = dict(dtype=torch.float32, device=q.device)
-    cfg = _config("cols", D, D, q.dtype)
+    cfg = _config("cols", D, D, q.dtype, arch=_arch(q))
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), HAS_LEFT=has_l, HAS_RIGHT=has_r,
@@ -238,21 +285,20 @@ def _columns_impl(q, k, bias, lse, scale, left, right, received, rows):
     w = torch.empty((0,), **f32)
     with _device_ctx(q):
         if received:
-            K.attn_received_kernel[(_cdiv(Nk, cfg["BLOCK_N"]), B * Hq)](
+            _launch("attn_received_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
                 q, k, bias_t, lse, rec, *q.stride(), *k.stride(), *sb,
                 Hq, Hq // Hkv, Nq, Nk, D, scale * LOG2E, L, R, **common)
         if rows is not None:
             nr = rows.numel()
             w = torch.empty((B, Hq, nr, Nk), **f32)
             if nr:
-                K.attn_weights_kernel[(_cdiv(nr, cfg["BLOCK_M"]), _cdiv(Nk, cfg["BLOCK_N"]), B * Hq)](
+                _launch("attn_weights_kernel", (_cdiv(nr, cfg["BLOCK_M"]), _cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
                     q, k, bias_t, lse, rows, w, *q.stride(), *k.stride(), *sb,
                     Hq, Hq // Hkv, Nq, Nk, D, nr, scale * LOG2E, L, R, **common)
     return rec, w
 
 
 def _backward_impl(dout, q, k, v, bias, out, lse, scale, left, right):
-    K = _kernels()
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L, R, has_l, has_r = _band_args(left, right)
@@ -263,15 +309,15 @@ def _backward_impl(dout, q, k, v, bias, out, lse, scale, left, right):
                  DOT_PREC=_dot_prec(q.dtype))
     with _device_ctx(q):
         pre = 64
-        K.attn_bwd_preprocess_kernel[(_cdiv(Nq, pre), B * Hq)](
+        _launch("attn_bwd_preprocess_kernel", (_cdiv(Nq, pre), B * Hq),
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv, BLOCK_M=pre, BLOCK_DV=_pow2(Dv))
-        cfg = _config("dkdv", D, Dv, q.dtype)
-        K.attn_bwd_dkdv_kernel[(_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
+        cfg = _config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv)
+        _launch("attn_bwd_dkdv_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv),
             q, k, v, bias_t, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
             *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, L, R,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags, **_launch_opts(cfg))
-        cfg = _config("dq", D, Dv, q.dtype)
-        K.attn_bwd_dq_kernel[(_cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
+        cfg = _config("dq", D, Dv, q.dtype, arch=_arch(q))
+        _launch("attn_bwd_dq_kernel", (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq),
             q, k, v, bias_t, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
             *dq.stride(), Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, L, R,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags, **_launch_opts(cfg))
@@ -361,6 +407,15 @@ def key_bias(inp: AttnInputs) -> Optional[Tensor]:
     return bias.expand(B, Hq, Nk)
 
 
+def _device_type(t: Tensor) -> str:
+    """``t.device.type``; one function, so the dispatch tests can answer "cuda" on a machine without one."""
+    return t.device.type
+
+
+def _capability(t: Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device)
+
+
 class TritonBackend(Backend):
     name = "triton"
     description = "fused Triton kernels on CUDA: online softmax with the lens in-kernel, recomputing backward"
@@ -374,16 +429,17 @@ class TritonBackend(Backend):
             return ["triton is not installed (pip install triton)"]
         reasons = []
         dev = inp.q.device
-        if dev.type == "cpu" and interpret_mode():
-            pass  # the interpreter's test mode: served when named (see auto_reasons)
-        elif dev.type != "cuda":
+        on = _device_type(inp.q)
+        if on == "cpu" and (interpret_mode() or _launch_hook.get() is not None):
+            pass  # the interpreter's test mode (served when named, see auto_reasons), or `aot` compiling
+        elif on != "cuda":
             reasons.append(f"tensors on {dev}: needs CUDA (or CPU tensors with TRITON_INTERPRET=1 and "
                            "backend='triton', the test mode)")
         dt = inp.q.dtype
         if dt not in (torch.float16, torch.bfloat16, torch.float32):
             reasons.append(f"dtype {dt}: the kernels take float16, bfloat16 or float32 (use backend='torch' "
                            "for float64)")
-        elif dt == torch.bfloat16 and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0):
+        elif dt == torch.bfloat16 and on == "cuda" and _capability(inp.q) < (8, 0):
             reasons.append("bfloat16 needs a GPU of compute capability >= 8.0")
         B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
         if max(D, Dv) > MAX_HEAD_DIM:
@@ -405,7 +461,7 @@ class TritonBackend(Backend):
         return reasons
 
     def auto_reasons(self, inp: AttnInputs) -> list[str]:
-        if inp.q.device.type == "cpu":
+        if _device_type(inp.q) == "cpu":
             return ["CPU tensors run only when backend='triton' is named (TRITON_INTERPRET=1 is a test mode, far "
                     "slower than the CPU backends)"]
         return []

@@ -7,12 +7,14 @@
    not: plain forward, forward + backward, and lens forward (entropy, received, top-8) for
    triton, PyTorch SDPA and FlexAttention (where importable), printing TFLOP/s and ratios.
    FLOPs = 4·B·H·N²·D, halved for causal; forward + backward counts 3.5x the forward.
-   ``--variants`` times extra forward block shapes in the same run (see triton_notes.md).
+   ``--variants`` times other kernel configs in the same run: ``[KIND:]BMxBN[xWARPS[xSTAGES]]`` with KIND
+   fwd (default; times the plain forward), cols (the lens forward), dkdv or dq (forward + backward) —
+   the syntax of benchmarks/triton_compile.py, which checks a config compiles without spills first.
 3. Writes ``benchmarks/results/gpu-<date>-<device>.md``.
 
     python benchmarks/gpu.py                   # the full run on a CUDA machine (~10 min on an H100)
     python benchmarks/gpu.py --tiny            # correctness only at tiny sizes; on CPU under TRITON_INTERPRET=1
-    python benchmarks/gpu.py --ns 2048 8192 --dims 128 --variants 128x128 64x64
+    python benchmarks/gpu.py --ns 2048 8192 --dims 128 --variants 128x128 fwd:64x64x4 dkdv:64x64x8
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ import os
 import platform
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from triton_compile import parse_variant  # noqa: E402 - one syntax for config variants (imports nothing heavy)
 
 
 def parse_args(argv=None):
@@ -36,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=16384, help="B·N, tokens per batch (default 16384)")
     p.add_argument("--hidden", type=int, default=2048, help="H·D (default 2048)")
     p.add_argument("--variants", nargs="*", default=[],
-                   help="extra forward block shapes BLOCK_MxBLOCK_N[xWARPS[xSTAGES]] to time, e.g. 128x128x8")
+                   help="other configs [KIND:]BLOCK_MxBLOCK_N[xWARPS[xSTAGES]] to time, e.g. 128x128x8 dkdv:64x64x8")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness stage (not recommended)")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/gpu-<date>-<device>.md)")
@@ -153,6 +158,19 @@ def bench_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100))
 
 
+def try_variant(res: dict, label: str, kind: str, cfg: dict, fn) -> None:
+    """Time ``fn`` with ``kind``'s kernel config replaced by ``cfg``; a config that fails is reported, not fatal."""
+    from attnlens.backends.triton import ops
+
+    ops.BLOCK_OVERRIDE = {kind: cfg}
+    try:
+        res[label] = bench_ms(fn)
+    except Exception as e:  # noqa: BLE001
+        print(f"{label}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    finally:
+        ops.BLOCK_OVERRIDE = None
+
+
 def time_all(args, device, dtype):
     import torch
     import torch.nn.functional as F
@@ -206,16 +224,17 @@ def time_all(args, device, dtype):
                     res["triton lens fwd"] = bench_ms(tri_lens)
                     lens_extra = torch.cuda.max_memory_allocated() - base
                     for var in args.variants:
-                        parts = [int(x) for x in var.lower().split("x")]
-                        ops.BLOCK_OVERRIDE = dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"], parts))
-                        try:
-                            res[f"triton fwd [{var}]"] = bench_ms(tri_fwd)
-                        except Exception as e:  # noqa: BLE001 - a variant that does not fit is reported, not fatal
-                            print(f"variant {var}: {type(e).__name__}: {e}")
-                        finally:
-                            ops.BLOCK_OVERRIDE = None
+                        kind, cfg = parse_variant(var)
+                        if kind in ("fwd", "cols"):
+                            try_variant(res, f"triton {'lens ' if kind == 'cols' else ''}fwd [{var}]", kind, cfg,
+                                        tri_fwd if kind == "fwd" else tri_lens)
                 for name, fn in cases.items():
                     res[f"{name} fwd+bwd"] = bench_ms(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), dout))
+                for var in args.variants:
+                    kind, cfg = parse_variant(var)
+                    if kind in ("dkdv", "dq"):
+                        try_variant(res, f"triton fwd+bwd [{var}]", kind, cfg,
+                                    lambda: torch.autograd.grad(tri_fwd(), (q, k, v), dout))
                 for name, ms in res.items():
                     mult = 3.5 if "fwd+bwd" in name else 1.0
                     base_name = "sdpa fwd+bwd" if "fwd+bwd" in name else "sdpa fwd"

@@ -8,6 +8,11 @@ overflows shared memory fails here before any GPU time is spent.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -24,6 +29,47 @@ pytestmark = pytest.mark.triton
 LENS_KERNELS = {"attn_fwd_kernel", "attn_received_kernel", "attn_weights_kernel"}
 BWD_KERNELS = {"attn_bwd_preprocess_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
 
+#: name -> compile_attention arguments (Lens as a dict of its fields)
+CALLS = {
+    # causal + key padding + GQA, the whole lens (top-8, entropy, received, weight rows) and the backward
+    "hopper-bf16-d64": dict(arch=90, dtype="bfloat16", heads=4, kv_heads=2, n=1024, d=64, causal=True,
+                            key_padding=True, lens=dict(topk=8, rows=[0, 5]), backward=True),
+    "hopper-bf16-d128": dict(arch=90, dtype="bfloat16", heads=4, kv_heads=2, n=1024, d=128, causal=True,
+                             key_padding=True, lens=dict(topk=8, rows=[0, 5]), backward=True),
+    "hopper-bf16-mha-d128": dict(arch=90, dtype="bfloat16", n=2048, d=128, causal=True, backward=True),
+    "hopper-plain-fwd": dict(arch=90, dtype="bfloat16", n=2048, d=128),
+    "ampere-fp16-window": dict(arch=80, dtype="float16", n=1000, nk=1500, d=64, window=[128, 0],
+                               lens=dict(topk=16), backward=True),
+    "fp32-d256": dict(arch=90, dtype="float32", n=512, d=256, causal=True, backward=True),
+}
+
+_SCRIPT = """
+import dataclasses, json, sys, torch
+import attnlens as al
+from attnlens.backends.triton import aot
+out = {}
+for name, kw in json.loads(sys.argv[1]).items():
+    kw["dtype"] = getattr(torch, kw["dtype"])
+    if "lens" in kw:
+        kw["lens"] = al.Lens(**kw["lens"])
+    if "window" in kw:
+        kw["window"] = tuple(kw["window"])
+    out[name] = [dataclasses.asdict(b) for b in aot.compile_attention(**kw)]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def builds():
+    """Every call of CALLS compiled in one fresh process (the interpreter tests leave triton.language patched
+    in this one), as name -> [KernelBuild]."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CALLS)], capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    data = json.loads(r.stdout.strip().splitlines()[-1])
+    return {name: [aot.KernelBuild(**b) for b in bs] for name, bs in data.items()}
+
 
 def _check(builds, arch, mma):
     assert builds, "no kernel was launched"
@@ -38,38 +84,43 @@ def _check(builds, arch, mma):
             assert b.tensor_core == mma, f"{label}: dots became {b.tensor_core}, expected {mma}"
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_hopper_bf16_every_kernel_compiles_on_tensor_cores_without_spills(d):
-    """Causal + key padding + GQA, the whole lens (top-8, entropy, received, weight rows) and the backward."""
-    builds = aot.compile_attention(arch=90, dtype=torch.bfloat16, heads=4, kv_heads=2, n=1024, d=d, causal=True,
-                                   key_padding=True, lens=al.Lens(topk=8, rows=[0, 5]), backward=True)
-    assert {b.kernel for b in builds} == LENS_KERNELS | BWD_KERNELS
-    assert all(b.constants["HAS_BIAS"] for b in builds if "HAS_BIAS" in b.constants)
-    _check(builds, 90, "wgmma")
+@pytest.mark.parametrize("name", ["hopper-bf16-d64", "hopper-bf16-d128", "hopper-bf16-mha-d128"])
+def test_hopper_bf16_every_kernel_compiles_on_tensor_cores_without_spills(builds, name):
+    bs = builds[name]
+    if "mha" in name:
+        assert {b.kernel for b in bs} == {"attn_fwd_kernel"} | BWD_KERNELS
+    else:
+        assert {b.kernel for b in bs} == LENS_KERNELS | BWD_KERNELS
+        assert all(b.constants["HAS_BIAS"] for b in bs if "HAS_BIAS" in b.constants)
+    _check(bs, 90, "wgmma")
 
 
-def test_hopper_plain_forward_uses_the_wide_tile():
+def test_hopper_plain_forward_uses_the_wide_tile(builds):
     """Without top-k the forward takes 128-row tiles (the per-row top-k list is what forces 64)."""
-    (fwd,) = aot.compile_attention(arch=90, dtype=torch.bfloat16, n=2048, d=128)
+    (fwd,) = builds["hopper-plain-fwd"]
     assert fwd.kernel == "attn_fwd_kernel" and fwd.constants["BLOCK_M"] == 128 and fwd.constants["TOPK"] == 0
     _check([fwd], 90, "wgmma")
 
 
-def test_ampere_fp16_window_compiles():
-    builds = aot.compile_attention(arch=80, dtype=torch.float16, n=1000, nk=1500, d=64, window=(128, 0),
-                                   lens=al.Lens(topk=16), backward=True)
-    assert {b.kernel for b in builds} == {"attn_fwd_kernel", "attn_received_kernel"} | BWD_KERNELS
-    _check(builds, 80, "mma")
+def test_ampere_fp16_window_compiles(builds):
+    bs = builds["ampere-fp16-window"]
+    assert {b.kernel for b in bs} == {"attn_fwd_kernel", "attn_received_kernel"} | BWD_KERNELS
+    assert all(b.constants["HAS_LEFT"] for b in bs if "HAS_LEFT" in b.constants)
+    _check(bs, 80, "mma")
 
 
-def test_fp32_head_dim_256_fits_shared_memory():
+def test_fp32_head_dim_256_fits_shared_memory(builds):
     """The widest case (fp32 tiles, D = 256): every kernel must at least launch (fp32 is the exact, slow path)."""
-    builds = aot.compile_attention(arch=90, dtype=torch.float32, n=512, d=256, causal=True, backward=True)
-    for b in builds:
+    for b in builds["fp32-d256"]:
         assert b.fits, f"{b.kernel}: {b.shared_bytes} B shared memory > {aot.MAX_SHARED[90]}"
 
 
-def test_compile_refuses_what_the_backend_refuses():
+def test_compile_refuses_interpreter_processes_and_bad_calls(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.compile_attention()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(aot, "_compiled_module", lambda: None)  # refused before any kernel is needed
     with pytest.raises(ValueError, match="head dim"):
         aot.compile_attention(d=512)
 

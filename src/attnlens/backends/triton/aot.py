@@ -5,7 +5,8 @@ runs ``tl`` operations in NumPy, so it accepts code that Triton's compiler refus
 of registers or shared memory. Here every launch of a real `attnlens.attention` call (forward, the lens'
 second pass, backward through autograd) is intercepted and compiled with Triton's own compiler, for the
 target given, down to a cubin (ptxas included). Nothing runs: the call's tensors are CPU tensors and
-its results are left uninitialised.
+its results are left uninitialised. Needs a process without ``TRITON_INTERPRET=1`` (the tests run it in a
+subprocess).
 
     builds = compile_attention(arch=90, dtype=torch.bfloat16, n=4096, d=128, causal=True,
                                lens=Lens(topk=8), backward=True)
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
-import os
 import re
 import subprocess
 import tempfile
@@ -89,32 +88,13 @@ def _triton():
     return triton
 
 
-_compiled_kernels = None
-
-
 def _compiled_module():
-    """The kernels module with ``@triton.jit`` in compile mode, even in a process that set TRITON_INTERPRET=1
-    (then a second copy of the module is loaded with the interpreter switched off while it is defined)."""
-    global _compiled_kernels
-    if _compiled_kernels is not None:
-        return _compiled_kernels
-    if not ops.interpret_mode():
-        _compiled_kernels = ops._kernels()
-        return _compiled_kernels
-    path = Path(__file__).with_name("kernels.py")
-    spec = importlib.util.spec_from_file_location("attnlens.backends.triton._kernels_compiled", path)
-    mod = importlib.util.module_from_spec(spec)
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    _compiled_kernels = mod
-    return mod
+    """The kernels module in compile mode. Refused under TRITON_INTERPRET=1: once the interpreter has run a
+    kernel it leaves triton.language patched for NumPy in this process, and Triton's code generator then fails."""
+    if ops.interpret_mode():
+        raise RuntimeError("compiling for a GPU needs a process without TRITON_INTERPRET=1 (the interpreter patches "
+                           "triton.language in-process); run it in a fresh python with TRITON_INTERPRET unset")
+    return ops._kernels()
 
 
 def _resources(cubin: bytes, name: str) -> tuple[int, int]:
@@ -185,18 +165,17 @@ def compile_attention(*, arch: int = 90, dtype: torch.dtype = torch.bfloat16, ba
     """Compile, for ``sm_<arch>``, every kernel one `attnlens.attention` call with these arguments launches
     (the lens' column pass when ``lens`` asks for received/rows; the three backward kernels with ``backward``).
 
-    Shapes matter only through what Triton specialises on (divisibility by 16 of sizes and strides), and the
-    head dims and dtype through the block sizes `ops._config` picks. Raises the backend's ValueError if it
-    would refuse the call on a GPU.
+    Shapes matter through what Triton specialises on (divisibility by 16 of sizes and strides; a GQA group of
+    1, i.e. ``kv_heads == heads``, compiles the dK/dV kernel's loop over query heads away) and through the block
+    sizes `ops._config` picks from the head dims, dtype, architecture and group. Raises the backend's
+    ValueError if it would refuse the call on a GPU.
     """
     nk = n if nk is None else nk
     dv = d if dv is None else dv
     kv_heads = heads if kv_heads is None else kv_heads
-    q = torch.empty(batch, heads, n, d, dtype=dtype, requires_grad=backward)
+    q = torch.zeros(batch, heads, n, d, dtype=dtype, requires_grad=backward)
     k = torch.zeros(batch, kv_heads, nk, d, dtype=dtype, requires_grad=backward)
     v = torch.zeros(batch, kv_heads, nk, dv, dtype=dtype, requires_grad=backward)
-    with torch.no_grad():
-        q.zero_()
     mask = torch.ones(batch, 1, 1, nk, dtype=torch.bool) if key_padding else None
     with compile_launches(arch) as builds:
         inp = validate(q, k, v, mask=mask, causal=causal, window=window, lens=lens)

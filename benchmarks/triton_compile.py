@@ -4,11 +4,12 @@ For every architecture, dtype and head dim asked for, compiles (with Triton's ow
 cubin) every kernel that `attnlens.attention` launches for three calls — a causal forward + backward
 without the lens, a causal forward with ``Lens(topk=8, rows=[0, 1])`` (entropy, received, top-8, weight
 rows), and both with a key-padding mask and grouped-query heads (4 query heads per 2 kv heads: a
-kernel's GQA loop is compiled away when the group is 1) — with the block sizes `ops._config` picks, and prints per kernel: registers per thread, spilled bytes (local
-memory), shared memory per block against the architecture's limit, and the tensor-core instruction
-the dots became (Hopper ``wgmma`` / Ampere ``mma``). These are static facts of the binaries, checked
-before any GPU time is spent: a kernel over the shared-memory limit cannot launch; one that spills
-runs from local memory. They are not timings.
+kernel's GQA loop is compiled away when the group is 1) — with the block sizes `ops._config` picks,
+and prints per kernel: registers per thread, spilled bytes (local memory), shared memory per block
+against the architecture's limit, and the tensor-core instruction the dots became (Hopper ``wgmma`` /
+Ampere ``mma``). These are static facts of the binaries, checked before any GPU time is spent: a kernel
+over the shared-memory limit cannot launch; one that spills runs from local memory. They are not timings.
+Run it with TRITON_INTERPRET unset.
 
     python benchmarks/triton_compile.py            # sm_90/80/86/89/120, bf16/fp16/fp32, D 32..256 (~10 min cold)
     python benchmarks/triton_compile.py --arch 90 --dtypes bf16 --dims 128 \
@@ -123,9 +124,10 @@ def main(argv=None):
     cmd = "python benchmarks/triton_compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = [f"# Triton kernels compiled without a GPU, {date}", "", f"`{cmd.strip()}`", "",
             f"triton {triton.__version__}, torch {torch.__version__}; targets sm_{', sm_'.join(map(str, args.arch))}; "
-            f"{elapsed:.0f} s on this machine (Triton's on-disk cache serves kernels compiled before). Static facts of the cubins (cuobjdump -res-usage and Triton's "
-            "metadata), not timings: regs = registers per thread (255 max), spill B = local memory per thread, "
-            "smem = dynamic shared memory per block (limit sm_90 227 KiB, sm_80 163 KiB), mma = the tensor-core "
+            f"{elapsed:.0f} s on this machine (Triton's on-disk cache serves kernels compiled before). "
+            "Static facts of the cubins (cuobjdump -res-usage and Triton's metadata), not timings: "
+            "regs = registers per thread (255 max), spill B = local memory per thread, smem = dynamic shared "
+            "memory per block (limit sm_90 227 KiB, sm_80 163 KiB, sm_86/89/120 99 KiB), mma = the tensor-core "
             "instruction of the dots. Calls: causal forward+backward without lens, causal forward with "
             "Lens(topk=8, rows=[0, 1]) (entropy, received, top-8, weight rows), and both with a key-padding mask "
             "(HAS_BIAS=True) and GQA (4 query heads, 2 kv heads).", "",

@@ -166,6 +166,16 @@ def test_build_example():
     assert not np.allclose(cli.build_example("the cat the", seed=6, dim=3).X, ex.X)
 
 
+def _one_line_error(capsys, argv, message):
+    code = cli.main(argv)
+    cap = capsys.readouterr()
+    assert code != 0
+    assert cap.out == ""
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and message in lines[0], cap.err
+    assert "Traceback" not in cap.err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tokens", ""], "--tokens"),
     (["--tokens", "   "], "--tokens"),
@@ -178,13 +188,7 @@ def test_build_example():
     (["--backend", "sdpa"], "--backend"),
 ])
 def test_bad_options_one_line_error(capsys, argv, message):
-    code = cli.main(["walkthrough", *argv])
-    cap = capsys.readouterr()
-    assert code != 0
-    assert cap.out == ""
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and message in lines[0], cap.err
-    assert "Traceback" not in cap.err
+    _one_line_error(capsys, ["walkthrough", *argv], message)
 
 
 def test_max_tokens_is_accepted(capsys):
@@ -277,16 +281,6 @@ def test_explain_truncates_only_when_asked_with_a_warning(capsys, tmp_path):
     code, text, err = run(capsys, "explain", long, "--out", str(tmp_path / "r.html"), "--truncate")
     assert code == 0 and "warning:" in err and "first 512" in err
     assert "512 tokens" in text
-
-
-def _one_line_error(capsys, argv, message):
-    code = cli.main(argv)
-    cap = capsys.readouterr()
-    assert code != 0
-    assert cap.out == ""
-    lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and message in lines[0], cap.err
-    assert "Traceback" not in cap.err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -117,13 +117,36 @@ def _band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RI
 
 
 @triton.jit
+def _load_tile(BASE, idx, offs, stride_i, stride_c, N_I, N_C, CHECK_IDX: tl.constexpr):
+    """The tile ``BASE[idx[a], offs[c]]`` of shape (len(idx), len(offs)); 0 where ``offs >= N_C`` (head-dim
+    padding) and, with CHECK_IDX, where ``idx >= N_I`` (a ragged last tile of rows or keys)."""
+    mask = offs[None, :] < N_C
+    if CHECK_IDX:
+        mask = (idx[:, None] < N_I) & mask
+    return tl.load(BASE + idx[:, None] * stride_i + offs[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_bias2(BIAS_BASE, cols, stride_bn, NK):
+    """The key mask's additive bias for key ``cols``, in log2 units (0 past the last key)."""
+    return tl.load(BIAS_BASE + cols * stride_bn, mask=cols < NK, other=0.0) * LOG2E
+
+
+@triton.jit
+def _load_lse2(LSE_BASE, rows, rmask):
+    """Saved lse of ``rows`` in log2 units, +inf for rows past the end and for dead rows (lse -inf), so that
+    every weight ``2^(s2 - lse2)`` of such a row is exactly 0."""
+    lse = tl.load(LSE_BASE + rows, mask=rmask, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
 def _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """s2 = log2(e)·(scale·q kᵀ + bias) of shape (BLOCK_M, BLOCK_N); -inf outside the band on MASKED tiles."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_BIAS:
-        b = tl.load(BIAS_BASE + cols * stride_bn, mask=cols < NK, other=0.0)
-        s = s + b[None, :] * LOG2E
+        s = s + _key_bias2(BIAS_BASE, cols, stride_bn, NK)[None, :]
     if MASKED:
         s = tl.where(_band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
     return s
@@ -199,12 +222,7 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        kmask = offs_d[None, :] < D
-        vmask = offs_dv[None, :] < DV
-        if MASKED:
-            kmask = kmask & (cols[:, None] < NK)
-            vmask = vmask & (cols[:, None] < NK)
-        k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
+        k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
         s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, DOT_PREC)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -219,7 +237,7 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
         if TOPK > 0:
             tk, thr = _topk_merge(tk, thr, s, cols)
         acc = acc * alpha[:, None]
-        v = tl.load(V_BASE + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=vmask, other=0.0)
+        v = _load_tile(V_BASE, cols, offs_dv, stride_vn, stride_vd, NK, DV, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_ij
@@ -250,8 +268,7 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
     rows = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(rows[:, None] < NQ) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D), resident
+    q = _load_tile(q_base, rows, offs_d, stride_qm, stride_qd, NQ, D, True)  # (BLOCK_M, BLOCK_D), resident
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -314,10 +331,8 @@ def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, stride_qm, stride_qd, cols,
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + tl.arange(0, BLOCK_M)
         rmask = rows < NQ
-        q = tl.load(Q_BASE + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        lse = tl.load(LSE_BASE + rows, mask=rmask, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # dead rows: weights 0
+        q = _load_tile(Q_BASE, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
+        lse2 = _load_lse2(LSE_BASE, rows, rmask)
         st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
                        HAS_BIAS, DOT_PREC)
         rec += tl.sum(tl.math.exp2(st - lse2[None, :]), 1)
@@ -341,11 +356,10 @@ def attn_received_kernel(Q, K, BIAS, LSE, REC,
     col0 = start_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
+    k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
     bias2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
-        bias2 = tl.load(BIAS + off_b * stride_bb + off_h * stride_bh + cols * stride_bn, mask=cols < NK, other=0.0) * LOG2E
+        bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     lse_base = LSE + off_bh.to(tl.int64) * NQ
     rec = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -381,10 +395,8 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(cols[:, None] < NK) & (offs_d[None, :] < D), other=0.0)
-    lse = tl.load(LSE + off_bh.to(tl.int64) * NQ + rows, mask=smask, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
+    lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, smask)
     s = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT,
                 RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
     p = tl.math.exp2(s - lse2[:, None])  # 0 outside the band (s = -inf) and on dead rows (lse2 = +inf)
@@ -423,12 +435,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, 
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + tl.arange(0, BLOCK_M)
         rmask = rows < NQ
-        q = tl.load(Q_BASE + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO_BASE + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                     mask=rmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(LSE_BASE + rows, mask=rmask, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        q = _load_tile(Q_BASE, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
+        do = _load_tile(DO_BASE, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
+        lse2 = _load_lse2(LSE_BASE, rows, rmask)
         delta = tl.load(DELTA_BASE + rows, mask=rmask, other=0.0)
         st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
                        HAS_BIAS, DOT_PREC)
@@ -460,10 +469,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     cmask = cols < NK
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=cmask[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=cmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
+    v = _load_tile(V + off_b * stride_vb + off_kh * stride_vh, cols, offs_dv, stride_vn, stride_vd, NK, DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, fl, fh, hi = _query_bounds(col0, NQ, NK, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -476,7 +483,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
         delta_base = DELTA + off_bh * NQ
         bias2 = tl.zeros([BLOCK_N], dtype=tl.float32)
         if HAS_BIAS:
-            bias2 = tl.load(BIAS + off_b * stride_bb + off_h * stride_bh + cols * stride_bn, mask=cmask, other=0.0) * LOG2E
+            bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, LEFT,
                                  RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
@@ -487,10 +494,10 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, LEFT,
                                  RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
     dk = dk * scale
-    tl.store(DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=cmask[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DV_.dtype.element_ty), mask=cmask[:, None] & (offs_dv[None, :] < DV))
+    dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=cmask[:, None] & (offs_d[None, :] < D))
+    dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=cmask[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -502,13 +509,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_BASE, V_BASE, BIAS_BASE, stride_kn, 
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        kmask = offs_d[None, :] < D
-        vmask = offs_dv[None, :] < DV
-        if MASKED:
-            kmask = kmask & (cols[:, None] < NK)
-            vmask = vmask & (cols[:, None] < NK)
-        k = tl.load(K_BASE + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kmask, other=0.0)
-        v = tl.load(V_BASE + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=vmask, other=0.0)
+        k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
+        v = _load_tile(V_BASE, cols, offs_dv, stride_vn, stride_vd, NK, DV, MASKED)
         s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
@@ -537,14 +539,11 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     rmask = rows < NQ
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + off_b * stride_db + off_h * stride_dh + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                 mask=rmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    stat = off_bh.to(tl.int64) * NQ + rows
-    lse = tl.load(LSE + stat, mask=rmask, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(DELTA + stat, mask=rmask, other=0.0)
+    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
+    do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
+    stat_base = off_bh.to(tl.int64) * NQ
+    lse2 = _load_lse2(LSE + stat_base, rows, rmask)
+    delta = tl.load(DELTA + stat_base + rows, mask=rmask, other=0.0)
     k_base = K + off_b * stride_kb + off_kh * stride_kh
     v_base = V + off_b * stride_vb + off_kh * stride_vh
     bias_base = BIAS + off_b * stride_bb + off_h * stride_bh

@@ -152,22 +152,27 @@ def _pow2(n: int) -> int:
 
 
 def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch: int = 90, group: int = 1) -> dict:
-    """Block sizes, warps and stages per kernel kind ("fwd", "cols", "dkdv", "dq") for ``sm_<arch>``.
+    """Block sizes, warps and stages per kernel kind ("fwd", "cols", "dkdv", "dq") for ``sm_<arch>``, ``group``
+    query heads per kv head, then `BLOCK_OVERRIDE` on top.
 
-    Every entry is compiled for sm_90, sm_80, sm_86, sm_89 and sm_120 without a GPU by benchmarks/triton_compile.py (table in
-    benchmarks/results/triton-compile-*.md; tests/test_triton_compile.py checks the main ones in CI): each fits
-    the architecture's shared memory and none spills registers (but three fp32 builds on sm_86/89/120, 8 B). fp16/bf16 start from the Triton
-    tutorial's H100 tiles (forward 128 x 64, backward 32 x 128 for dK/dV and 128 x 32 for dQ) and use 8 warps
-    where 4 spilled (the tutorial's 4-warp backward spilled 968 B per thread for dK/dV at D = 128); Ampere's
-    mma holds more per thread than Hopper's wgmma, so dK/dV takes 64-key tiles there at D = 128. D = 256
-    halves tiles. With GQA (``group`` query heads per kv head) dK/dV loops over the group in-program, which
-    holds more live state: smaller tiles or no software pipelining. fp32 dots run on FMA units (IEEE, not TF32) with tiles in registers: small tiles (the
-    tutorial shapes made fp32 D = 256 backward need 264 KiB of shared memory, more than any GPU has).
-    GPUs with ~100 KiB of shared memory per block (sm_86/89/120: RTX 30xx/40xx/50xx) use two pipeline stages
-    from D = 128 on. Speed is unmeasured (no GPU lent yet): benchmarks/gpu.py --variants compares others.
+    Every entry is compiled for sm_90, sm_80, sm_86, sm_89 and sm_120 without a GPU by
+    benchmarks/triton_compile.py (table in benchmarks/results/triton-compile-*.md; tests/test_triton_compile.py
+    checks the main ones in CI): each fits the architecture's shared memory and none spills registers (but
+    two fp32 builds on sm_86/89, 8 B per thread).
+    - fp16/bf16 start from the Triton tutorial's H100 tiles (forward 128 x 64, backward 32 x 128 for dK/dV and
+      128 x 32 for dQ), with 8 warps where 4 spilled (the tutorial's 4-warp dK/dV spilled 968 B per thread at
+      D = 128). Ampere-style mma holds more per thread than Hopper's wgmma: dK/dV takes 64-key tiles there at
+      D = 128. D = 256 halves tiles.
+    - With GQA (``group > 1``) dK/dV loops over the group in-program, which holds more live state: 16-row
+      tiles on Hopper, no software pipelining elsewhere.
+    - fp32 dots run on FMA units (IEEE, not TF32) with tiles in registers: small tiles (the tutorial shapes
+      made the fp32 D = 256 backward need 264 KiB of shared memory, more than any GPU has).
+    - GPUs with ~100 KiB of shared memory per block (sm_86/89/120: RTX 30xx/40xx/50xx) use two pipeline
+      stages from D = 128 on.
+    Speed is unmeasured (no GPU lent yet): benchmarks/gpu.py --variants compares alternatives.
     """
     dmax = max(_pow2(D), _pow2(Dv))
-    hopper = arch == 90  # wgmma (Hopper only): accumulators per warp group; mma (Ampere/Ada/sm_120) holds more per thread
+    hopper = arch == 90  # wgmma: accumulators per warp group; mma (Ampere/Ada/sm_120) holds more per thread
     small_smem = arch in (86, 87, 89) or arch >= 120
     big = dmax > 128
     if dtype == torch.float32:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlens as al
-from attnlens.backends import torch_chunked
+from attnlens._backends import torch_chunked
 
 LENS = al.Lens(entropy=True, received=True, topk=8, lse=True, max_weight=True)
 

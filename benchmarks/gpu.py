@@ -81,7 +81,7 @@ def check(args, device, dtype) -> bool:
     import torch
 
     import attnlens as al
-    from attnlens.backends.triton import ops
+    from attnlens._backends.triton import ops
 
     if args.tiny:
         ops.BLOCK_OVERRIDE = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -160,7 +160,7 @@ def bench_ms(fn) -> float:
 
 def try_variant(res: dict, label: str, kind: str, cfg: dict, fn) -> None:
     """Time ``fn`` with ``kind``'s kernel config replaced by ``cfg``; a config that fails is reported, not fatal."""
-    from attnlens.backends.triton import ops
+    from attnlens._backends.triton import ops
 
     ops.BLOCK_OVERRIDE = {kind: cfg}
     try:
@@ -176,7 +176,7 @@ def time_all(args, device, dtype):
     import torch.nn.functional as F
 
     import attnlens as al
-    from attnlens.backends.triton import ops
+    from attnlens._backends.triton import ops
 
     flex = None
     if not args.no_flex:

@@ -83,7 +83,7 @@ def main(argv=None):
     import triton
 
     from attnlens import Lens
-    from attnlens.backends.triton import aot, ops
+    from attnlens._backends.triton import aot, ops
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     header = ["sm", "dtype", "D", "kernel", "config", "warps", "stages", "regs", "spill B", "smem KiB", "fits", "mma"]

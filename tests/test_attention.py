@@ -11,7 +11,7 @@ from conftest import (DEVICES, assert_close, check_topk, make_inputs, make_mask,
 import attnlens as al
 from attnlens import dispatch
 from attnlens._inputs import validate
-from attnlens.backends import torch_chunked
+from attnlens._backends import torch_chunked
 
 LENS_BACKENDS = ["torch", "reference", "auto"]
 OUT_BACKENDS = ["torch", "sdpa", "reference", "auto"]

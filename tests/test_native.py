@@ -13,7 +13,7 @@ import torch
 from conftest import assert_close, check_topk, make_inputs, make_mask, reference
 
 import attnlens as al
-from attnlens.backends import _native, torch_chunked
+from attnlens._backends import _native, torch_chunked
 
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 

@@ -25,7 +25,7 @@ from conftest import HAS_CUDA, assert_close, check_topk, make_inputs, np64, refe
 import attnlens as al  # noqa: E402
 from attnlens import dispatch  # noqa: E402
 from attnlens._inputs import validate  # noqa: E402
-from attnlens.backends.triton import ops  # noqa: E402
+from attnlens._backends.triton import ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 CPU = not HAS_CUDA
@@ -271,7 +271,7 @@ def test_without_triton_a_reason_not_an_error(rng, monkeypatch):
 def test_import_needs_neither_triton_nor_cuda():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import attnlens, numpy as np\n"
-            "assert 'attnlens.backends.triton.kernels' not in sys.modules\n"
+            "assert 'attnlens._backends.triton.kernels' not in sys.modules\n"
             "print(attnlens.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4))).shape)\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -19,10 +19,10 @@ import torch
 import attnlens as al
 from attnlens import dispatch
 from attnlens._inputs import validate
-from attnlens.backends.triton import ops
+from attnlens._backends.triton import ops
 
 pytest.importorskip("triton")
-from attnlens.backends.triton import aot  # noqa: E402
+from attnlens._backends.triton import aot  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -46,7 +46,7 @@ CALLS = {
 _SCRIPT = """
 import dataclasses, json, sys, torch
 import attnlens as al
-from attnlens.backends.triton import aot
+from attnlens._backends.triton import aot
 out = {}
 for name, kw in json.loads(sys.argv[1]).items():
     kw["dtype"] = getattr(torch, kw["dtype"])

@@ -11,11 +11,11 @@ import contextlib
 import contextvars
 
 from ._inputs import AttnInputs
-from .backends import Backend
-from .backends.reference import ReferenceBackend
-from .backends.torch_chunked import TorchChunkedBackend
-from .backends.torch_sdpa import SdpaBackend
-from .backends.triton import TritonBackend
+from ._backends import Backend
+from ._backends.reference import ReferenceBackend
+from ._backends.torch_chunked import TorchChunkedBackend
+from ._backends.torch_sdpa import SdpaBackend
+from ._backends.triton import TritonBackend
 
 #: priority order for backend="auto"
 PRIORITY: list[Backend] = [TritonBackend(), SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from ._inputs import FLOAT_DTYPES, validate
 from .api import attention
-from .backends import stat_dtype, torch_chunked
+from ._backends import stat_dtype, torch_chunked
 from .lens import Lens, LensResult
 from .masks import band, band_keep
 

@@ -113,7 +113,7 @@ def _resources(cubin: bytes, name: str) -> tuple[int, int]:
 def _compile(kernel, arch: int, args: tuple, kwargs: dict) -> KernelBuild:
     triton = _triton()
     if triton.__version__.split("+")[0] != "3.6.0":
-        raise RuntimeError(f"attnlens.backends.triton.aot is written against triton 3.6.0, found {triton.__version__}")
+        raise RuntimeError(f"attnlens._backends.triton.aot is written against triton 3.6.0, found {triton.__version__}")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.compiler import compile as triton_compile

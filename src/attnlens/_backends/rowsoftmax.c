@@ -5,7 +5,7 @@
  *   top-k (value, index) of x, largest first, before x is overwritten   (k <= 64)
  *   x_j := e_j = exp(x_j - m) ;  l = sum_j e_j ;  t = sum_j e_j (x_j - m)
  * The row is read from memory once; the later loops run while it sits in L1/L2.
- * Built on first use by attnlens/backends/_native.py with the machine's C compiler. */
+ * Built on first use by attnlens/_backends/_native.py with the machine's C compiler. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

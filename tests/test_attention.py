@@ -547,26 +547,28 @@ def test_chunking_does_not_change_results(shape, cfg, rows_per_chunk, monkeypatc
         kw["mask"] = kw["mask"][..., :23, :]
     B, Hq, Nq, _ = (1,) * (4 - q.ndim) + tuple(q.shape)
     Nk = k.shape[-2]
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", rows_per_chunk * B * Hq * Nk * 8)
+    chunk_bytes = rows_per_chunk * B * Hq * Nk * 8
     inp = validate(q, k, v, lens=al.Lens(), **kw)
-    assert torch_chunked.chunk_rows(inp, 8) == min(rows_per_chunk, Nq)
+    assert torch_chunked.chunk_rows(inp, chunk_bytes) == min(rows_per_chunk, Nq)
     rows = [0, Nq // 2, -1]
-    out, res = al.attention(q, k, v, backend="torch", lens=al.Lens(topk=min(4, Nk), rows=rows), **kw)
+    be = al.TorchChunkedBackend(chunk_bytes=chunk_bytes)
+    out, res = al.attention(q, k, v, backend=be, lens=al.Lens(topk=min(4, Nk), rows=rows), **kw)
     ref_out, ref = reference_with_full(q, k, v, topk=min(4, Nk), rows=rows, **kw)
     assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
     check_lens(res, ref, torch.float64)
 
 
-def test_chunk_rows_respects_chunk_bytes(monkeypatch, rng):
+def test_chunk_rows_respects_chunk_bytes(rng):
     q, k, v = make_inputs(2, 3, 3, 50, 40, 4, 4, torch.float32, rng=rng)
     inp = validate(q, k, v)
     per_row = 2 * 3 * 40 * 4
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 5 * per_row + 7)
-    assert torch_chunked.chunk_rows(inp, 4) == 5
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 1)
-    assert torch_chunked.chunk_rows(inp, 4) == 1
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 1 << 40)
-    assert torch_chunked.chunk_rows(inp, 4) == 50
+    assert torch_chunked.chunk_rows(inp, 5 * per_row + 7) == 5
+    assert torch_chunked.chunk_rows(inp, 1) == 1
+    assert torch_chunked.chunk_rows(inp, 1 << 40) == 50
+    assert torch_chunked.chunk_rows(validate(q.double(), k.double(), v.double()), 5 * per_row) == 2  # 8-byte floats
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            al.TorchChunkedBackend(chunk_bytes=bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,13 +576,17 @@ def test_chunk_rows_respects_chunk_bytes(monkeypatch, rng):
 
 def test_backends_listed_in_priority_order():
     rows = al.backends()
-    names = [r["name"] for r in rows]
+    names = [r.name for r in rows]
     assert names == ["triton", "sdpa", "torch", "reference"]
     assert names == dispatch.names() == [b.name for b in dispatch.PRIORITY]
     for r in rows:
+        shown = r.describe()
         for key in ("description", "lens", "grad", "dropout", "dtypes", "devices", "memory"):
-            assert key in r, (r["name"], key)
-    assert rows[1]["lens"] == "no"
+            assert key in shown, (r.name, key)
+    caps = {r.name: r.capabilities for r in rows}
+    assert not caps["sdpa"].lens and not caps["sdpa"].block and rows[1].describe()["lens"] == "no"
+    assert caps["torch"].block and "topk" in caps["torch"].lens and caps["torch"].dropout
+    assert caps["triton"].max_topk == 16 and caps["triton"].devices == frozenset({"cuda"})
     text = al.info()
     for n in names:
         assert n in text
@@ -589,12 +595,12 @@ def test_backends_listed_in_priority_order():
 def _spy(monkeypatch):
     called = []
     for b in dispatch.PRIORITY:
-        orig = b.run
+        orig = b.forward
 
-        def run(inp, _orig=orig, _name=b.name):
+        def forward(inp, _orig=orig, _name=b.name):
             called.append(_name)
             return _orig(inp)
-        monkeypatch.setattr(b, "run", run)
+        monkeypatch.setattr(b, "forward", forward)
     return called
 
 
@@ -618,21 +624,24 @@ def test_forcing_sdpa_with_lens_raises_with_reason(rng):
             al.attention(q, k, v, lens=al.Lens(topk=2))
 
 
-def test_forcing_reference_with_dropout_or_grad_raises(rng):
+def test_forcing_reference_with_dropout_raises_and_grad_is_the_oracle(rng):
     q, k, v = make_inputs(1, 2, 2, 5, 6, 4, 4, torch.float64, rng=rng)
-    with pytest.raises(ValueError, match=r"(?s)'reference'.*dropout"):
+    with pytest.raises(ValueError, match=r"(?s)'reference'.*q \(B=1, Hq=2, Nq=5, D=4\).*dropout"):
         al.attention(q, k, v, backend="reference", dropout_p=0.1)
-    qg = q.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match=r"(?s)'reference'.*autograd"):
-        al.attention(qg, k, v, backend="reference")
-    with torch.no_grad():  # without grad mode the oracle serves
-        al.attention(qg, k, v, backend="reference")
+    grads = {}
+    for name in ("reference", "torch"):  # the float64 oracle's backward primitive serves gradients too
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        al.attention(qg, kg, vg, causal=True, backend=name).pow(2).sum().backward()
+        grads[name] = (qg.grad, kg.grad, vg.grad)
+    for a, b in zip(grads["reference"], grads["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_no_backend_fits_lists_every_reason(rng):
     q, k, v = make_inputs(1, 2, 2, 5, 6, 4, 4, torch.float64, rng=rng, requires_grad=True)
     m = torch.zeros(5, 6, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ValueError, match=r"(?s)no backend can serve.*sdpa: no lens.*torch: .*float mask.*reference: no autograd"):
+    with pytest.raises(ValueError, match=r"(?s)no backend can serve this call \(q \(B=1.*float64.*float mask.*"
+                                         r"sdpa: no lens.*torch: .*float mask.*reference: .*float mask"):
         al.attention(q, k, v, mask=m, lens=True)
 
 

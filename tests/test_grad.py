@@ -56,11 +56,10 @@ def test_gradcheck_float64(name, chunked, rng, monkeypatch):
     kw = build(rng, Nq, Nk)
     if "mask" in kw and kw["mask"].ndim > rank:
         kw["mask"] = kw["mask"].reshape(kw["mask"].shape[kw["mask"].ndim - rank:])
-    if chunked:
-        monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 2 * B * Hq * Nk * 8)
+    be = al.TorchChunkedBackend(chunk_bytes=2 * B * Hq * Nk * 8) if chunked else "torch"
 
     def f(q, k, v):
-        out, res = al.attention(q, k, v, backend="torch", lens=al.Lens(topk=1), **kw)
+        out, res = al.attention(q, k, v, backend=be, lens=al.Lens(topk=1), **kw)
         return out
 
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -95,7 +94,8 @@ CASES_300 = {
 def test_float32_gradients_match_sdpa_and_math(name, backend, rng, monkeypatch):
     """N = 300 in float32, the torch backend run in chunks of 37 rows (several chunks, ragged last)."""
     B, Hq, Hkv, Nq, Nk, build, sdpa_kw = CASES_300[name]
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 37 * B * Hq * Nk * 4)
+    if backend == "torch":
+        backend = al.TorchChunkedBackend(chunk_bytes=37 * B * Hq * Nk * 4)
     q, k, v = make_inputs(B, Hq, Hkv, Nq, Nk, 16, 12, torch.float32, rng=rng, requires_grad=True)
     kw = build(rng, Nq, Nk)
     out = al.attention(q, k, v, backend=backend, **kw)
@@ -168,24 +168,24 @@ def _drop_inputs(rng, **kw):
 
 @pytest.mark.parametrize("grad", [False, True])
 def test_dropout_reproducible_under_manual_seed(grad, rng, monkeypatch):
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 2 * 2 * 8 * 8)  # several chunks
+    be = al.TorchChunkedBackend(chunk_bytes=2 * 2 * 8 * 8)  # several chunks
     q, k, v = _drop_inputs(rng)
     if grad:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     torch.manual_seed(123)
-    a = al.attention(q, k, v, dropout_p=0.3, backend="torch")
+    a = al.attention(q, k, v, dropout_p=0.3, backend=be)
     torch.manual_seed(123)
-    b = al.attention(q, k, v, dropout_p=0.3, backend="torch")
+    b = al.attention(q, k, v, dropout_p=0.3, backend=be)
     torch.manual_seed(124)
-    c = al.attention(q, k, v, dropout_p=0.3, backend="torch")
-    clean = al.attention(q, k, v, backend="torch")
+    c = al.attention(q, k, v, dropout_p=0.3, backend=be)
+    clean = al.attention(q, k, v, backend=be)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a, clean)
     # the autograd path and the no-grad path draw the same masks for the same seed
     with torch.no_grad():
         torch.manual_seed(123)
-        d = al.attention(q, k, v, dropout_p=0.3, backend="torch")
+        d = al.attention(q, k, v, dropout_p=0.3, backend=be)
     torch.testing.assert_close(a.detach(), d, atol=1e-12, rtol=0)
 
 
@@ -241,16 +241,15 @@ def test_dropout_gradcheck_fixed_seed(kw, chunked, rng, monkeypatch):
     Hkv = 1 if kw.get("gqa") else 2
     B, Hq, Nq, Nk = 1, 2, 6, 7
     q, k, v = make_inputs(B, Hq, Hkv, Nq, Nk, 3, 3, torch.float64, rng=rng, requires_grad=True)
-    if chunked:
-        monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 2 * B * Hq * Nk * 8)
+    be = al.TorchChunkedBackend(chunk_bytes=2 * B * Hq * Nk * 8) if chunked else "torch"
     causal = bool(kw.get("causal"))
 
     def f(q, k, v):
         torch.manual_seed(2024)
-        return al.attention(q, k, v, dropout_p=0.3, causal=causal, backend="torch")
+        return al.attention(q, k, v, dropout_p=0.3, causal=causal, backend=be)
 
     out = f(q, k, v)
-    assert not torch.equal(out, al.attention(q, k, v, causal=causal, backend="torch")), "no dropout happened"
+    assert not torch.equal(out, al.attention(q, k, v, causal=causal, backend=be)), "no dropout happened"
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 

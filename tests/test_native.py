@@ -42,11 +42,11 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"H{c[0]}/{c[1]}-N{c[2]}x{c[3]}-D{c[4]}")
 def test_matches_reference(case, path, rng, monkeypatch):
     Hq, Hkv, Nq, Nk, D, causal, window, mask_kind, topk = case
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 4 * Hq * Nk * 4 * 2 + 7)  # several chunks
+    be = al.TorchChunkedBackend(chunk_bytes=4 * Hq * Nk * 4 * 2 + 7)  # several chunks
     q, k, v = make_inputs(2, Hq, Hkv, Nq, Nk, D, dtype=torch.float32, scale_factor=2.0, rng=rng)
     mask = None if mask_kind is None else make_mask(mask_kind, (2, 1, Nq, Nk), rng=rng, dead_rows=2)
     lens = al.Lens(topk=topk, rows=[0, Nq // 2, -1])
-    out, res = al.attention(q, k, v, mask=mask, causal=causal, window=window, backend="torch", lens=lens)
+    out, res = al.attention(q, k, v, mask=mask, causal=causal, window=window, backend=be, lens=lens)
     r_out, ref = reference(q, k, v, mask=mask, causal=causal, window=window, topk=topk, rows=lens.rows)
     tol = 2e-5
     assert_close(out, r_out, atol=tol, what="out")

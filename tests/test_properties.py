@@ -164,12 +164,8 @@ def test_chunk_size_does_not_change_anything(prob, rows_per_chunk, topk):
     topk = min(topk, Nk)
     lens = al.Lens(topk=topk, rows=[0, -1])
     out1, res1 = al.attention(q, k, v, backend="torch", lens=lens, **kw)
-    saved = torch_chunked.CHUNK_BYTES
-    torch_chunked.CHUNK_BYTES = rows_per_chunk * B * Hq * Nk * 8
-    try:
-        out2, res2 = al.attention(q, k, v, backend="torch", lens=lens, **kw)
-    finally:
-        torch_chunked.CHUNK_BYTES = saved
+    be = al.TorchChunkedBackend(chunk_bytes=rows_per_chunk * B * Hq * Nk * 8)
+    out2, res2 = al.attention(q, k, v, backend=be, lens=lens, **kw)
     torch.testing.assert_close(out2, out1, atol=1e-12, rtol=1e-12)
     for f in ("lse", "max_weight", "entropy", "received", "topk_weights", "weights"):
         torch.testing.assert_close(getattr(res2, f), getattr(res1, f), atol=1e-12, rtol=1e-12, msg=f)
@@ -208,13 +204,13 @@ def test_properties_hold_at_a_larger_size(seed, monkeypatch):
     """A few non-hypothesis draws at a larger size, run in several chunks (of 64 rows)."""
     rng = np.random.default_rng(1000 + seed)
     B, Hq, Hkv, Nq, Nk = 1, 4, 2, 300, 257
-    monkeypatch.setattr(torch_chunked, "CHUNK_BYTES", 64 * B * Hq * Nk * 8)
+    be = al.TorchChunkedBackend(chunk_bytes=64 * B * Hq * Nk * 8)
     q = torch.tensor(rng.standard_normal((B, Hq, Nq, 16)))
     k = torch.tensor(rng.standard_normal((B, Hkv, Nk, 16)))
     v = torch.tensor(rng.standard_normal((B, Hkv, Nk, 8)))
     kw = {"causal": bool(seed % 2), "window": (50, None) if seed == 2 else None,
           "mask": torch.from_numpy(rng.random((Nq, Nk)) < 0.8)}
-    out, res = al.attention(q, k, v, lens=al.Lens(rows="all", topk=4), **kw)
+    out, res = al.attention(q, k, v, lens=al.Lens(rows="all", topk=4), backend=be, **kw)
     keep = visible(Nq, Nk, kw["causal"], kw["window"], kw["mask"], shape4=(B, Hq, Nq, Nk))
     w = np64(res.weights)
     live = keep.any(-1)

@@ -32,11 +32,8 @@ CPU = not HAS_CUDA
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Interpreter runs use 16 x 16 tiles, so N of 37..70 spans several tiles (ragged last ones)."""
-    if CPU:
-        monkeypatch.setattr(ops, "BLOCK_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16})
+#: interpreter runs use 16 x 16 tiles, so N of 37..70 spans several tiles (ragged last ones)
+TRITON = al.TritonBackend(config="16x16") if CPU else "triton"
 
 
 def key_padding(lengths, nk):
@@ -97,7 +94,7 @@ def test_forward_and_lens_match_reference(name, rng):
     q, k, v, kw = run_case(name, torch.float32, rng)
     topk = min(5, k.shape[2])
     rows = [0, 7, -1]
-    out, res = al.attention(q, k, v, backend="triton", lens=al.Lens(topk=topk, rows=rows), **kw)
+    out, res = al.attention(q, k, v, backend=TRITON, lens=al.Lens(topk=topk, rows=rows), **kw)
     ref_out, ref = reference(q, k, v, topk=topk, rows=rows, **kw)
     assert out.dtype == torch.float32 and out.device.type == DEV
     assert_close(out, ref_out, atol=3e-5, rtol=1e-5, what="out")
@@ -108,13 +105,12 @@ def test_forward_and_lens_match_reference(name, rng):
 
 
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)], ids=["BM32-BN16", "BM16-BN32"])
-def test_other_block_shapes(blocks, rng, monkeypatch):
+def test_other_block_shapes(blocks, rng):
     """Non-square tiles move the band's partial/full tile split; causal + window + odd lengths."""
-    if CPU:
-        monkeypatch.setattr(ops, "BLOCK_OVERRIDE", {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
+    be = al.TritonBackend(config=f"{blocks[0]}x{blocks[1]}")
     q, k, v = make_inputs(1, 2, 1, 70, 53, 32, dtype=torch.float32, rng=rng, device=DEV)
     kw = {"causal": True, "window": (21, None)}
-    out, res = al.attention(q, k, v, backend="triton", lens=al.Lens(topk=3), **kw)
+    out, res = al.attention(q, k, v, backend=be, lens=al.Lens(topk=3), **kw)
     ref_out, ref = reference(q, k, v, topk=3, **kw)
     assert_close(out, ref_out, atol=3e-5, rtol=1e-5, what="out")
     for f in ("lse", "entropy", "received"):
@@ -125,7 +121,7 @@ def test_other_block_shapes(blocks, rng, monkeypatch):
 def test_rank2_numpy_and_lens_subsets(rng):
     """Rank-2 NumPy in → NumPy out; fields not asked for stay None; topk=16 (the kernel's limit)."""
     q, k, v = make_inputs(1, 1, 1, 20, 41, 32, dtype=np.float32, rng=rng, rank=2, numpy=True)
-    out, res = al.attention(q, k, v, backend="triton", lens=al.Lens(entropy=False, received=False, topk=16))
+    out, res = al.attention(q, k, v, backend=TRITON, lens=al.Lens(entropy=False, received=False, topk=16))
     ref_out, ref = reference(q, k, v, topk=16)
     assert isinstance(out, np.ndarray) and out.shape == (20, 32)
     assert res.entropy is None and res.received is None and res.weights is None
@@ -137,7 +133,7 @@ def test_rank2_numpy_and_lens_subsets(rng):
 def test_huge_scores_do_not_overflow(rng):
     """Scores of ±1e4: no NaN/inf; entropy keeps its precision (Σp·s is taken relative to the max)."""
     q, k, v = make_inputs(1, 2, 2, 37, 37, 32, dtype=torch.float32, scale_factor=1e4 / 5.7, rng=rng, device=DEV)
-    out, res = al.attention(q, k, v, backend="triton", causal=True, lens=al.Lens(topk=4))
+    out, res = al.attention(q, k, v, backend=TRITON, causal=True, lens=al.Lens(topk=4))
     ref_out, ref = reference(q, k, v, causal=True, topk=4)
     assert_close(out, ref_out, atol=2e-3, rtol=2e-3, what="out")
     assert_close(res.lse, ref.lse, atol=2e-2, rtol=1e-6, what="lse")
@@ -155,7 +151,7 @@ def test_huge_scores_do_not_overflow(rng):
 def test_backward_matches_torch_and_math(name, rng):
     q, k, v, kw = run_case(name, torch.float32, rng, requires_grad=True)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEV)
-    out, res = al.attention(q, k, v, backend="triton", lens=al.Lens(), **kw)
+    out, res = al.attention(q, k, v, backend=TRITON, lens=al.Lens(), **kw)
     assert not res.lse.requires_grad
     grads = torch.autograd.grad(out, (q, k, v), dout)
     out_t = al.attention(q, k, v, backend="torch", **kw)
@@ -192,7 +188,7 @@ def test_low_precision_within_twice_naive_error(name, dtype, rng):
     """Error vs float64 at most 2x that of the same math done naively in ``dtype`` by PyTorch, + a floor."""
     q, k, v, kw = run_case(name, dtype, rng, requires_grad=True)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEV).to(dtype)
-    out, res = al.attention(q, k, v, backend="triton", lens=al.Lens(topk=3), **kw)
+    out, res = al.attention(q, k, v, backend=TRITON, lens=al.Lens(topk=3), **kw)
     assert out.dtype == dtype and res.lse.dtype == torch.float32
     grads = torch.autograd.grad(out, (q, k, v), dout)
     m = kw.get("mask")
@@ -231,7 +227,7 @@ def test_refusals_name_their_reason(rng):
     for label, (kw, dt, needle) in cases.items():
         qq, kk, vv = (t.to(dt) for t in (q, k, v)) if dt else (q, k, v)
         with pytest.raises(ValueError, match=needle):
-            al.attention(qq, kk, vv, backend="triton", **kw)
+            al.attention(qq, kk, vv, backend=TRITON, **kw)
         assert any(needle in r for r in _reasons(qq, kk, vv, **kw)), label
     big = make_inputs(1, 1, 1, 4, 4, 300, dtype=torch.float32, rng=rng)
     assert any("head dim" in r for r in _reasons(*big))
@@ -240,7 +236,7 @@ def test_refusals_name_their_reason(rng):
     qn = q.clone()
     qn[0, 0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):  # checked last (a sync): only when nothing else refuses
-        al.attention(qn, k, v, backend="triton")
+        al.attention(qn, k, v, backend=TRITON)
 
 
 def test_auto_on_cpu_never_picks_triton(rng, monkeypatch):
@@ -280,24 +276,44 @@ def test_import_needs_neither_triton_nor_cuda():
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library: schema, fake kernel, autograd registration; torch.compile traces through it
+# torch.library: schema and fake kernels of the four ops; torch.compile through attention()
 
 
-def test_custom_op_opcheck_and_compile(rng):
+def test_custom_ops_opcheck_and_compile(rng):
     q, k, v = make_inputs(1, 2, 1, 20, 24, 16, dtype=torch.float32, rng=rng, device=DEV, requires_grad=True)
-    args = (q, k, v, None, 0.25, -1, 0, True, 3)
-    torch.library.opcheck(ops.attention_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    utils = ("test_schema", "test_faketensor")
+    cfg = TRITON.config if CPU else ""
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    torch.library.opcheck(ops.attention_op, (qd, kd, vd, None, 0.25, 4, -1, 0, True, 3, cfg), test_utils=utils)
+    out, lse = ops.attention_op(qd, kd, vd, None, 0.25, 4, -1, 0, False, 0, cfg)[:2]
+    torch.library.opcheck(ops.column_sums_op, (qd, kd, None, lse, torch.rand(1, 2, 20, 3, device=DEV), 0.25, 4, -1, 0,
+                                               cfg), test_utils=utils)
+    rows = torch.tensor([0, 19], dtype=torch.int32, device=DEV)
+    torch.library.opcheck(ops.weight_rows_op, (qd, kd, None, lse, rows, 0.25, 4, -1, 0, cfg), test_utils=utils)
+    bufs = [torch.zeros(t.shape, device=DEV) for t in (q, k, v)]
+    torch.library.opcheck(ops.attention_backward_op, (torch.randn_like(out), qd, kd, vd, None, out, lse, 0.25, 4, -1, 0,
+                                                      *bufs, cfg), test_utils=utils)
 
     def f(q, k, v):
-        out = ops.attention_op(q, k, v, None, 0.25, -1, 0, False, 0)[0]
-        return out.sum()
+        return al.attention(q, k, v, causal=True, backend=TRITON).sum()
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(f, backend="aot_eager")
     g = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     g_eager = torch.autograd.grad(f(q, k, v), (q, k, v))
     for a, b in zip(g, g_eager):
         assert_close(a, np64(b), atol=1e-6, what="compiled grad")
+
+
+def test_config_overrides_parse_and_refuse_bad_specs():
+    assert ops.parse_config("16x16") == {"*": {"BLOCK_M": 16, "BLOCK_N": 16}}
+    assert ops.parse_config("dkdv:16x128x8, dq:64x32x4x2")["dq"] == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4,
+                                                                      "num_stages": 2}
+    cfg = ops._config("dq", 64, 64, torch.bfloat16, override="16x16,dq:32x16x2")
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (32, 16, 2)
+    assert ops._config("fwd", 64, 64, torch.bfloat16, override="dq:32x16")["BLOCK_M"] == 128  # other kinds untouched
+    for bad in ("16", "fwd:16x16x4x1x9", "bwd:16x16", "axb", "0x16"):
+        with pytest.raises(ValueError, match="config"):
+            al.TritonBackend(config=bad)
 
 
 # --------------------------------------------------------------------------------------------

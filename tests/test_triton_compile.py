@@ -158,13 +158,3 @@ def test_auto_passes_over_triton_with_a_reason_on_cuda(as_cuda, monkeypatch):
         assert dispatch.select(inp, "auto").name != "triton"
     monkeypatch.setattr(ops, "_capability", lambda t: (7, 5))
     assert any("compute capability" in r for r in ops.TritonBackend().not_supported_reasons(validate(q, q, q)))
-
-
-def test_config_override_flat_and_per_kind(monkeypatch):
-    """BLOCK_OVERRIDE: flat keys reach every kernel kind, a kind's dict only that kind (gpu.py --variants)."""
-    base = ops._config("fwd", 64, 64, torch.bfloat16)
-    monkeypatch.setattr(ops, "BLOCK_OVERRIDE", {"BLOCK_N": 16, "dq": {"num_warps": 2, "num_stages": 1}})
-    dq, fwd = ops._config("dq", 64, 64, torch.bfloat16), ops._config("fwd", 64, 64, torch.bfloat16)
-    assert dq["BLOCK_N"] == fwd["BLOCK_N"] == 16
-    assert (dq["num_warps"], dq["num_stages"]) == (2, 1)
-    assert (fwd["num_warps"], fwd["num_stages"]) == (base["num_warps"], base["num_stages"])

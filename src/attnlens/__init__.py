@@ -4,19 +4,29 @@
 >>> out, res = al.attention(q, k, v, causal=True, lens=al.Lens(entropy=True, received=True, topk=8))
 """
 from . import masks, nn
-from .api import attention
-from .dispatch import use_backend
+from ._backends.reference import ReferenceBackend
+from ._backends.torch_chunked import TorchChunkedBackend
+from ._backends.torch_sdpa import SdpaBackend
+from ._backends.triton import TritonBackend
+from .api import attention, merge
+from .dispatch import BackendInfo, use_backend
 from .lens import Lens, LensResult
 
 __version__ = "0.1.0"
-__all__ = ["attention", "Lens", "LensResult", "backends", "info", "use_backend", "masks", "nn", "__version__"]
+__all__ = ["attention", "merge", "Lens", "LensResult", "backends", "info", "use_backend", "BackendInfo",
+           "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn", "__version__"]
 
 
-def backends() -> list[dict]:
-    """The backends in ``backend="auto"`` priority order, with what each supports."""
+def backends() -> list[BackendInfo]:
+    """The backends in ``backend="auto"`` priority order: each a `BackendInfo` (``name``, ``description``,
+    typed ``capabilities``; ``describe()`` gives display strings)."""
     from .dispatch import table
 
     return table()
+
+
+#: the columns of `info`'s table
+INFO_COLUMNS = ("name", "lens", "grad", "dropout", "dtypes", "devices", "masks", "memory")
 
 
 def info() -> str:
@@ -28,11 +38,11 @@ def info() -> str:
 
     lines = [f"attnlens {__version__}  python {platform.python_version()}  numpy {numpy.__version__}  "
              f"torch {torch.__version__}  cuda {'yes' if torch.cuda.is_available() else 'no'}", ""]
-    rows = backends()
-    cols = ["name", "lens", "grad", "dropout", "dtypes", "devices", "memory"]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines.append("  ".join(c.ljust(widths[c]) for c in cols))
+    rows = [b.describe() for b in backends()]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in INFO_COLUMNS}
+    lines.append("  ".join(c.ljust(widths[c]) for c in INFO_COLUMNS))
     for r in rows:
-        lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    lines += ["", "backend='auto' takes the first row that can serve the call."]
+        lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in INFO_COLUMNS))
+    lines += ["", "backend='auto' takes the first row that can serve the call (never a dense O(Nq·Nk) path when "
+              "a linear-memory one serves it)."]
     return "\n".join(lines)

@@ -34,6 +34,11 @@ class AttnInputs:
     rows: Optional[tuple]
     rank: int
     numpy_io: bool
+    #: query i sits at key position ``i + offset`` (for causal and window); default ``Nk - Nq``
+    offset: int = 0
+    #: seed of the dropout masks (drawn from torch's generator when ``dropout_p > 0``), so a backward pass
+    #: regenerates the forward's masks
+    seed: int = 0
 
     @property
     def shape(self):
@@ -56,6 +61,11 @@ class AttnInputs:
             part = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
             acc = part if acc is None else acc + part
         return bool(torch.isfinite(acc))
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Lens statistics and internal accumulation: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kind(x, name: str) -> str:
@@ -89,7 +99,24 @@ def check_dropout(p, name: str = "dropout_p") -> float:
     return float(p)
 
 
-def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None) -> AttnInputs:
+def check_offset(offset, nq: int, nk: int) -> int:
+    """``offset=None`` → ``Nk - Nq`` (bottom-right); else an int, or a TypeError/ValueError naming ``offset``."""
+    if offset is None:
+        return nk - nq
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"offset must be an int (query i sits at key position i + offset) or None (= Nk - Nq), "
+                        f"got {type(offset).__name__} {offset!r}")
+    if abs(int(offset)) > MAX_OFFSET:
+        raise ValueError(f"offset must lie in [-{MAX_OFFSET}, {MAX_OFFSET}], got {offset}")
+    return int(offset)
+
+
+#: positions are int64 everywhere; an offset beyond this is a bug in the caller, not a sequence
+MAX_OFFSET = 2**53
+
+
+def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None,
+             offset=None) -> AttnInputs:
     kinds = {name: _kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) != 1:
         raise TypeError(f"q, k, v must all be torch tensors or all NumPy arrays, got {kinds}")
@@ -149,6 +176,8 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None (= 1/sqrt(D)), got {scale!r}")
     dropout_p = check_dropout(dropout_p)
+    offset = check_offset(offset, Nq, Nk)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
 
     lens = Lens.coerce(lens)
     rows = None
@@ -158,4 +187,5 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
         rows = lens.resolve_rows(Nq)
 
     return AttnInputs(q=q4, k=k4, v=v4, mask=m4, causal=bool(causal), window=win, scale=float(scale),
-                      dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io)
+                      dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io,
+                      offset=offset, seed=seed)

@@ -1,14 +1,17 @@
-"""`attention()`: the one entry point."""
+"""`attention()` and `merge()`: the entry points; `differentiable()`: the one autograd wrapper."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import dispatch
-from ._inputs import AttnInputs, validate
+from ._backends import Backend
+from ._inputs import AttnInputs, stat_dtype, validate
+from .lens import ARRAY_FIELDS, Lens, LensResult, Merger
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, backend="auto",
-              lens=None):
+def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offset=None, dropout_p=0.0,
+              backend="auto", lens=None):
     """Exact scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, and what it does.
 
     Each output row is a convex combination of the rows of ``v``: row i of the output is
@@ -26,8 +29,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
         mask: bool (True = may attend) or float (added to the scaled scores; ``-inf`` = may
             not attend), broadcastable to the scores' shape ``(B, Hq, Nq, Nk)`` (fewer leading
             dims for lower-rank input). Same kind (NumPy/torch) and device as ``q``.
-        causal: bottom-right aligned — query i sees key j iff ``j <= i + (Nk - Nq)``, as in
-            decoding with a KV cache. For ``Nq == Nk`` this is PyTorch's ``is_causal=True``::
+        causal: query i sees key j iff ``j <= i + offset``. With the default offset (``Nk - Nq``)
+            this is bottom-right aligned, as in decoding with a KV cache; for ``Nq == Nk`` it is
+            PyTorch's ``is_causal=True``::
 
                 Nq=2, Nk=5 (two new tokens after a cache of 3)   Nq=5, Nk=5
                         k0 k1 k2 k3 k4                           k0 k1 k2 k3 k4
@@ -35,19 +39,34 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
                     q1   x  x  x  x  x                       q1   x  x  .  .  .
                                                              q2   x  x  x  .  .
                                                              ...
-            When ``Nq > Nk`` the first ``Nq - Nk`` queries see no key (output 0).
-        window: sliding window ``(left, right)``: query i, at key position ``p = i + Nk - Nq``,
+            A query with ``i + offset < 0`` sees no key (output 0); with the default offset these are
+            the first ``Nq - Nk`` queries.
+        window: sliding window ``(left, right)``: query i, at key position ``p = i + offset``,
             sees keys ``p - left <= j <= p + right``; ``None`` on a side = unbounded; an int w
             = ``(w, w)``. Combines with ``causal`` (then ``right`` is 0) and with ``mask``.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
+        offset: query i sits at key position ``i + offset`` for ``causal`` and ``window``; default
+            ``Nk - Nq`` (bottom-right). Any int: a block of a longer sequence whose first query sits
+            at key position ``offset`` of the block's keys (ring attention, split-KV), e.g.
+            ``offset=0`` is top-left alignment and ``offset=-2`` pushes the keys two positions later::
+
+                Nq=3, Nk=4, causal
+                offset=1 (default)      offset=0                offset=-2
+                    k0 k1 k2 k3             k0 k1 k2 k3             k0 k1 k2 k3
+                q0   x  x  .  .         q0   x  .  .  .         q0   .  .  .  .
+                q1   x  x  x  .         q1   x  x  .  .         q1   .  .  .  .
+                q2   x  x  x  x         q2   x  x  x  .         q2   x  .  .  .
         dropout_p: probability of dropping a weight (kept weights scaled by ``1/(1-p)``), in
             ``[0, 1)``. Applied whenever ``dropout_p > 0``, as in PyTorch's functional form
             (pass 0.0 at evaluation). The lens describes the weights before dropout.
         backend: ``"auto"`` (first that can serve, see ``attnlens.backends()``), ``"triton"``
             (fused GPU kernels with the lens; CUDA), ``"sdpa"`` (PyTorch's fused kernel, no lens),
             ``"torch"`` (chunked, lens, autograd, any device) or ``"reference"`` (NumPy float64,
-            dense). A named backend that cannot serve the
-            call raises ``ValueError`` with its reasons. ``attnlens.use_backend`` sets it for a block.
+            dense); or a backend object with per-call settings, e.g.
+            ``attnlens.TorchChunkedBackend(chunk_bytes=1 << 20)``. A named backend that cannot serve
+            the call raises ``ValueError`` describing the input and the reasons; ``auto`` never takes
+            a dense ``O(Nq·Nk)``-memory path when a linear-memory backend serves the call.
+            ``attnlens.use_backend`` sets it for a block.
         lens: ``None`` → return the output only. ``True`` → ``Lens()`` (the defaults); an
             ``attnlens.Lens`` → return ``(out, LensResult)``.
 
@@ -62,9 +81,13 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, drop
     Raises:
         TypeError / ValueError naming the argument, what was seen and what was expected.
     """
-    inp = validate(q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p, lens=lens)
+    inp = validate(q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p, lens=lens,
+                   offset=offset)
     be = dispatch.select(inp, backend)
-    out, res = be.run(inp)
+    if inp.requires_grad and be.capabilities.block:
+        out, _, res = differentiable(_BlockCall(be, inp), inp.q, inp.k, inp.v)
+    else:
+        out, _, res = be.forward(inp)  # sdpa: PyTorch's own autograd
     return _finish(inp, out, res)
 
 
@@ -81,3 +104,148 @@ def _finish(inp: AttnInputs, out, res):
     if inp.lens is None:
         return out
     return out, res.map_arrays(back)
+
+
+# ---------------------------------------------------------------------------------------------
+# the one autograd wrapper
+
+
+class _BlockCall:
+    """One backend's block primitives on one call, as `differentiable` drives them."""
+
+    def __init__(self, backend: Backend, inp: AttnInputs):
+        self.backend, self.inp = backend, inp
+
+    def forward(self):
+        return self.backend.forward(self.inp)
+
+    def backward(self, out, lse, dout):
+        inp = self.inp
+        cdt = stat_dtype(inp.q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=cdt, device=t.device) for t in (inp.q, inp.k, inp.v))
+        self.backend.backward(inp, out, lse, dout, dq, dk, dv)
+        return dq.to(inp.q.dtype), dk.to(inp.k.dtype), dv.to(inp.v.dtype)
+
+
+class _Differentiable(torch.autograd.Function):
+    """Forward: ``op.forward() -> (out, lse, LensResult | None)``; backward: ``op.backward(out, lse, dout)``.
+    The lens fields are returned as non-differentiable outputs."""
+
+    @staticmethod
+    def forward(ctx, op, q, k, v):
+        out, lse, res = op.forward()
+        stats = [None if res is None else getattr(res, f) for f in ARRAY_FIELDS]
+        ctx.op = op
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse, *[s for s in stats if s is not None])
+        return (out, lse, res is not None, None if res is None else res.rows, *stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, *_):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.op.backward(out, lse, dout.contiguous())
+        return None, dq, dk, dv
+
+
+def differentiable(op, q, k, v):
+    """Run ``op`` (``forward() -> (out, lse, LensResult | None)``, ``backward(out, lse, dout) -> (dq, dk, dv)``)
+    under autograd with respect to ``q, k, v``: ``(out, lse, LensResult | None)``. Used by `attention` for every
+    backend with block primitives, and by ring attention."""
+    out, lse, has_res, rows, *stats = _Differentiable.apply(op, q, k, v)
+    res = LensResult(**dict(zip(ARRAY_FIELDS, stats)), rows=rows) if has_res else None
+    return out, lse, res
+
+
+# ---------------------------------------------------------------------------------------------
+# merging partial results
+
+
+def merge(parts, *, key_offsets=None):
+    """Combine attention over disjoint key sets, for the same queries, into attention over all keys.
+
+    Split-KV / partial attention: ``attention(q, k[a:b], v[a:b], lens=Lens(lse=True, ...))`` for
+    key pieces ``[a, b)`` gives ``(out_b, res_b)``; ``merge`` returns ``(out, LensResult)`` equal to
+    ``attention(q, k, v, lens=...)`` over all keys, exactly (to rounding), through the log-sum-exp::
+
+        lse = log Σ_b exp(lse_b)      w_b = exp(lse_b - lse)   (piece b's share of query i's weight)
+        out = Σ_b w_b out_b           max_weight = max_b w_b max_weight_b
+        entropy = Σ_b w_b (H_b - log w_b)     top-k = the k largest of ∪_b w_b topk_weights_b
+
+    Weight rows (``Lens(rows=...)``, the same rows in every part) merge too: ``w_b · weights_b`` at
+    the piece's keys. ``received`` cannot be merged — a key's column sum needs every query's *final*
+    lse — so the result's ``received`` is ``None``: compute it from the merged lse with the backend's
+    column-sum primitive (as ring attention does).
+
+    Args:
+        parts: a sequence of ``(out, LensResult)`` pairs (torch or NumPy, as `attention` returns them),
+            each with ``lse``; causal/window/offset make no difference here, only the lse and stats do.
+        key_offsets: for top-k indices and weight rows, the position of each part's first key in the
+            merged key numbering; default: the parts are consecutive pieces in order (each part's number
+            of keys is read from its ``received`` or ``weights``). Indices -1 stay -1.
+
+    Returns:
+        ``(out, LensResult)`` with the fields every part has (``lse`` always; ``max_weight``, ``entropy``,
+        top-k, weights when every part has them); of the parts' kind, dtype and device.
+
+    Raises:
+        ValueError when ``parts`` is empty, a part has no ``lse``, shapes disagree, or top-k / weight
+        rows need key offsets that cannot be inferred.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge: expected at least one (out, LensResult) part, got none")
+    numpy_io = isinstance(parts[0][0], np.ndarray)
+    outs, results = zip(*[(_as_torch(o), r.map_arrays(_as_torch)) for o, r in parts])
+    if any(r.lse is None for r in results):
+        raise ValueError("merge: every part needs its lse (compute each with Lens(lse=True))")
+    shape = outs[0].shape
+    for i, (o, r) in enumerate(zip(outs, results)):
+        if o.shape != shape or r.lse.shape != shape[:-1]:
+            raise ValueError(f"merge: part {i} has out {tuple(o.shape)} and lse {tuple(r.lse.shape)}; part 0 has out "
+                             f"{tuple(shape)} (the same queries in every part)")
+    lens = _merged_lens(results)
+    offsets = _key_offsets(results, key_offsets, lens)
+    nk = None if lens.rows is None else max(o + r.weights.shape[-1] for o, r in zip(offsets, results))
+    cdt = stat_dtype(outs[0].dtype)
+    m = Merger(tuple(shape), shape[-2], lens, cdt, outs[0].device, nk=nk, rows=results[0].rows)
+    for o, r, koff in zip(outs, results, offsets):
+        m.add(o, r, koff)
+    res = m.result(lens)
+    out = m.out.to(outs[0].dtype)
+    if numpy_io:
+        return out.numpy(), res.map_arrays(lambda t: t.cpu().numpy())
+    return out, res
+
+
+def _as_torch(x):
+    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+
+def _merged_lens(results) -> Lens:
+    def every(name):
+        return all(getattr(r, name) is not None for r in results)
+
+    topk = max(r.topk_indices.shape[-1] for r in results) if every("topk_indices") else 0
+    rows = results[0].rows if every("weights") and len({r.rows for r in results}) == 1 else None
+    return Lens(lse=True, max_weight=every("max_weight"), entropy=every("entropy"), received=False, topk=topk,
+                rows=rows)
+
+
+def _key_offsets(results, key_offsets, lens: Lens) -> list:
+    if key_offsets is not None:
+        key_offsets = [int(o) for o in key_offsets]
+        if len(key_offsets) != len(results):
+            raise ValueError(f"merge: key_offsets has {len(key_offsets)} entries for {len(results)} parts")
+        return key_offsets
+    if not lens.topk and lens.rows is None:
+        return [0] * len(results)
+    offs, at = [], 0
+    for i, r in enumerate(results):
+        n = r.received.shape[-1] if r.received is not None else (r.weights.shape[-1] if r.weights is not None else None)
+        if n is None:
+            raise ValueError(f"merge: part {i} has top-k but neither received nor weights, so its number of keys is "
+                             f"unknown; pass key_offsets=[first key of each part]")
+        offs.append(at)
+        at += n
+    return offs

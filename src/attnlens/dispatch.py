@@ -1,75 +1,125 @@
-"""Backend priority, selection and forcing.
+"""Backend priority, selection and forcing — all from the backends' typed `Capabilities`.
 
-``backend="auto"`` takes the first backend, in priority order, that gives no reason it cannot
-serve the call (`Backend.not_supported_reasons`) nor a reason to be passed over by auto
-(`Backend.auto_reasons`). Naming a backend that cannot serve the call raises an error listing its
+``backend="auto"`` takes the first backend, in priority order, that gives no reason it cannot serve
+the call (`Backend.not_supported_reasons`) nor a reason to be passed over by auto
+(`Backend.auto_reasons`) — and never one whose memory for this call is dense ``O(Nq·Nk)``
+(`Backend.memory`) when a later backend serves it in linear memory. Naming a backend (or passing a
+backend object) that cannot serve the call raises an error that describes the input and lists its
 reasons; when none can, the error lists every backend's reasons.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
 
-from ._inputs import AttnInputs
-from ._backends import Backend
+import torch
+
+from ._backends import Backend, Capabilities
 from ._backends.reference import ReferenceBackend
 from ._backends.torch_chunked import TorchChunkedBackend
 from ._backends.torch_sdpa import SdpaBackend
 from ._backends.triton import TritonBackend
+from ._inputs import AttnInputs
 
 #: priority order for backend="auto"
 PRIORITY: list[Backend] = [TritonBackend(), SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]
 _BY_NAME = {b.name: b for b in PRIORITY}
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlens_backend", default=None)
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("attnlens_backend", default=None)
+DENSE = "O(Nq·Nk)"
 
 
 def names() -> list[str]:
     return [b.name for b in PRIORITY]
 
 
-def get(name: str) -> Backend:
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, one of {['auto'] + names()}; got {type(name).__name__}")
-    if name not in _BY_NAME:
-        raise ValueError(f"unknown backend {name!r}; expected one of {['auto'] + names()}")
-    return _BY_NAME[name]
+def get(backend) -> Backend:
+    """A backend by name, or a `Backend` object as it is."""
+    if isinstance(backend, Backend):
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {['auto'] + names()}, or an attnlens backend object; got "
+                        f"{type(backend).__name__}")
+    if backend not in _BY_NAME:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {['auto'] + names()}")
+    return _BY_NAME[backend]
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Within the block, ``attention(..., backend="auto")`` uses backend ``name``.
+def use_backend(backend):
+    """Within the block, ``attention(..., backend="auto")`` uses ``backend`` (a name or a backend object).
 
     >>> with attnlens.use_backend("torch"):
     ...     out = attnlens.attention(q, k, v)
     """
-    if name != "auto":
-        get(name)
-    token = _FORCED.set(None if name == "auto" else name)
+    forced = None if backend == "auto" else get(backend)
+    token = _FORCED.set(forced)
     try:
         yield
     finally:
         _FORCED.reset(token)
 
 
-def select(inp: AttnInputs, backend: str = "auto") -> Backend:
-    if backend == "auto":
+def describe(inp: AttnInputs) -> str:
+    """The call in one line: shapes, dtype, device, mask, flags and lens."""
+    B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
+    parts = [f"q (B={B}, Hq={Hq}, Nq={Nq}, D={D})", f"k/v (Hkv={Hkv}, Nk={Nk}, Dv={Dv})",
+             str(inp.q.dtype).replace("torch.", ""), f"on {inp.q.device}"]
+    if inp.mask is not None:
+        parts.append(f"{'bool' if inp.mask.dtype == torch.bool else 'float'} mask {tuple(inp.mask.shape)}")
+    if inp.causal:
+        parts.append("causal")
+    if inp.window is not None:
+        parts.append(f"window={inp.window}")
+    if inp.offset != Nk - Nq:
+        parts.append(f"offset={inp.offset}")
+    if inp.dropout_p:
+        parts.append(f"dropout_p={inp.dropout_p}")
+    if inp.lens is not None:
+        parts.append(f"lens={inp.lens}")
+    if inp.requires_grad:
+        parts.append("needs gradients")
+    return ", ".join(parts)
+
+
+def select(inp: AttnInputs, backend="auto") -> Backend:
+    """The backend that serves ``inp`` (see the module docstring)."""
+    if isinstance(backend, str) and backend == "auto":
         backend = _FORCED.get() or "auto"
-    if backend != "auto":
+    if not (isinstance(backend, str) and backend == "auto"):
         b = get(backend)
         reasons = b.not_supported_reasons(inp)
         if reasons:
-            raise ValueError(f"backend {b.name!r} cannot serve this call: " + "; ".join(reasons))
+            raise ValueError(f"backend {b.name!r} cannot serve this call ({describe(inp)}): " + "; ".join(reasons))
         return b
-    all_reasons = {}
+    serving, all_reasons = [], {}
     for b in PRIORITY:
         reasons = b.not_supported_reasons(inp) or b.auto_reasons(inp)
-        if not reasons:
-            return b
-        all_reasons[b.name] = reasons
-    detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in all_reasons.items())
-    raise ValueError(f"no backend can serve this call:\n{detail}")
+        if reasons:
+            all_reasons[b.name] = reasons
+        else:
+            serving.append(b)
+    if not serving:
+        detail = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in all_reasons.items())
+        raise ValueError(f"no backend can serve this call ({describe(inp)}):\n{detail}")
+    linear = [b for b in serving if b.memory(inp) != DENSE]
+    return (linear or serving)[0]
 
 
-def table() -> list[dict]:
-    """One row per backend in priority order: name, description and capabilities."""
-    return [{"name": b.name, "description": b.description, **b.capabilities} for b in PRIORITY]
+@dataclass(frozen=True)
+class BackendInfo:
+    """One row of ``attnlens.backends()``: a backend's ``name``, ``description`` and typed ``capabilities``."""
+
+    name: str
+    description: str
+    capabilities: Capabilities
+
+    def describe(self) -> dict:
+        """Display strings: name, description and `Capabilities.describe`."""
+        return {"name": self.name, "description": self.description, **self.capabilities.describe(),
+                "notes": self.capabilities.notes}
+
+
+def table() -> list[BackendInfo]:
+    """One `BackendInfo` per backend, in priority order."""
+    return [BackendInfo(b.name, b.description, b.capabilities) for b in PRIORITY]

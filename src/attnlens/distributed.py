@@ -24,8 +24,8 @@ from the saved global ``lse`` (``dS = P ∘ (dP - D_i)``, ``D_i = rowsum(dO ∘ 
 Memory per rank is O(N_local): the shards, the K/V block in use and the one in flight, in the
 backward three dK/dV accumulators (the one being computed, the one being sent, the one being
 received — what lets the gradient transfer hide behind the compute) and dQ, which the block compute
-adds into in place; plus the block compute's own bounded workspace (two ``CHUNK_BYTES`` buffers),
-which does not shrink with the world size — never an N × N or N_local × N_local matrix. Because of
+adds into in place; plus the block compute's own bounded workspace (the torch backend's two chunk
+buffers; the Triton kernels' tiles), which does not shrink with the world size — never an N × N or N_local × N_local matrix. Because of
 the buffers in flight a rank holds about twice as many N_local-sized tensors as one process does at
 the same length, so the N-dependent part of the peak halves from world 2 to 4 but not from 1 to 2
 (benchmarks/results/distributed-2026-11-22.md).
@@ -53,18 +53,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ._inputs import FLOAT_DTYPES, validate
-from .api import attention
-from ._backends import stat_dtype, torch_chunked
-from .lens import Lens, LensResult
-from .masks import band, band_keep
+from . import dispatch
+from ._inputs import FLOAT_DTYPES, stat_dtype, validate
+from .api import differentiable
+from .lens import Lens, LensResult, Merger
+from .masks import band
 
 __all__ = ["ring_attention", "shard", "unshard", "gather", "chunk_sizes", "LAYOUTS"]
 
 LAYOUTS = ("contiguous", "zigzag")
-#: a query × key block that only part of a window band crosses is cut into pieces of at most this
-#: many (query, key) cells, each with its own bool mask: O(this) extra memory, like the backend's chunks.
-MASK_CELLS = 1 << 22
 _TAG_KV, _TAG_GRAD, _TAG_Q = 11, 12, 13
 
 
@@ -210,7 +207,7 @@ class _Plan:
     window: object
     scale: float
     lens: Optional[Lens]
-    backend: str
+    backend: object  # the `attnlens` backend that runs every block's forward, column sums and backward
     B: int
     Hq: int
     Hkv: int
@@ -221,8 +218,14 @@ class _Plan:
     qsegs: list  # per rank: [(local start, length, global position of the first)], queries
     ksegs: list  # per rank: the same for keys
 
-    def pieces(self, qrank: int, krank: int, device):
-        return _pieces(self.qsegs[qrank], self.ksegs[krank], self.causal, self.window, device)
+    def blocks(self, qrank: int, krank: int) -> list:
+        """The `_Block` pairs of rank ``qrank``'s queries and rank ``krank``'s keys that hold a visible cell."""
+        return _blocks(self.qsegs[qrank], self.ksegs[krank], self.causal, self.window)
+
+    def block_inputs(self, q, k, v, b: "_Block", lens=None):
+        """Checked inputs of one block: queries ``[i0, i1)`` against keys ``[j0, j1)`` at the block's offset."""
+        return validate(q[:, :, b.i0:b.i1], k[:, :, b.j0:b.j1], v[:, :, b.j0:b.j1], causal=self.causal,
+                        window=self.window, scale=self.scale, offset=b.offset, lens=lens)
 
 
 def _segments(lengths: list, layout: str, what: str, offset: int = 0) -> list:
@@ -262,6 +265,13 @@ def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
                              f"rows would span every rank's keys); use attnlens.attention on gathered tensors")
         inp = validate(q, k, v, causal=causal, window=window, scale=scale)
         B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
+        # the backend of every pass, chosen on this rank's own block (the diagonal one) with the lens the
+        # blocks need (lse always: blocks merge through it)
+        probe = validate(q, k, v, causal=causal, window=window, scale=scale, lens=_block_lens(lens, Nk))
+        chosen = dispatch.select(probe, backend)
+        if not chosen.capabilities.block:
+            raise ValueError(f"ring_attention: backend {chosen.name!r} has no block primitives (lse, backward into "
+                             f"buffers, column sums); use 'auto', 'torch' or 'triton'")
         wl, wr = inp.window if inp.window is not None else (None, None)
         lc, topk = _lens_code(lens)
         meta = [0, B, Hq, Hkv, Nq, Nk, D, Dv, inp.rank, FLOAT_DTYPES.index(inp.q.dtype), int(inp.causal),
@@ -301,12 +311,18 @@ def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
     qsegs = _segments(nq, layout, "queries", off)
     ksegs = _segments(nk, layout, "keys")
     B, Hq, Hkv, _, _, D, Dv = inp.shape
-    plan = _Plan(ring=ring, causal=inp.causal, window=inp.window, scale=inp.scale, lens=lens, backend=backend, B=B,
+    plan = _Plan(ring=ring, causal=inp.causal, window=inp.window, scale=inp.scale, lens=lens, backend=chosen, B=B,
                  Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, nq=nq, nk=nk, qsegs=qsegs, ksegs=ksegs)
     return inp, plan
 
 
 def _show(name, x):
+    if name == "lens":
+        if x == 0:
+            return "None"
+        x -= 1
+        on = [f for i, f in enumerate(("lse", "max_weight", "entropy", "received")) if x >> i & 1]
+        return f"Lens({', '.join(on) or 'no fields'})"
     if name == "dtype":
         return str(FLOAT_DTYPES[x])
     if name == "scale":
@@ -316,35 +332,34 @@ def _show(name, x):
     return x
 
 
+
+
 # ------------------------------------------------------------------------------------------------
-# which (query, key) cells of a block are visible
+# which (query, key) blocks hold a visible cell
 
 @dataclass
-class _Piece:
-    """Query rows [i0, i1) of the local shard against keys [j0, j1) of a key block. ``mask`` (bool,
-    ``(1, 1, i1-i0, j1-j0)``) or ``causal``/``window`` (bottom-right aligned on the piece, which is the
-    global relation because the piece is aligned) say what is visible; ``koff`` = global index of key j0."""
+class _Block:
+    """Query rows [i0, i1) of a query shard against keys [j0, j1) of a key shard; query i0 sits at key
+    position ``offset`` relative to key j0 (the global relation, whatever ranks hold them); ``koff`` = the
+    global index of key j0 (for top-k)."""
 
     i0: int
     i1: int
     j0: int
     j1: int
+    offset: int
     koff: int
-    causal: bool = False
-    window: object = None
-    mask: Optional[torch.Tensor] = None
 
 
-def _pieces(qsegs, ksegs, causal, window, device) -> list:
-    """The pieces of one (query shard × key block) pair that hold a visible cell.
+def _blocks(qsegs, ksegs, causal, window) -> list:
+    """The blocks of one (query shard × key shard) pair, trimmed to the rows that see a key of it and the
+    keys that some row sees.
 
-    Query i of a segment sits at global position ``qa + i``, key j at ``ka + j``; query sees key iff
-    ``i + d - L <= j <= i + d + R`` with ``d = qa - ka`` and ``(L, R)`` the band (causal folded in).
-    A pair entirely visible needs no mask; one aligned bottom-right (``d = nk - nq``: the diagonal block
-    of self-attention) passes ``causal``/``window`` to the block compute; any other pair that the band
-    crosses gets bool masks, a bounded piece of rows at a time.
+    Query i of a segment sits at global position ``qa + i``, key j at ``ka + j``: with ``d = qa - ka``
+    query i sees key j iff ``i + d - L <= j <= i + d + R`` (``(L, R)`` the band, causal folded in) —
+    exactly `attnlens.attention`'s rule with ``offset = d``, so every block goes to the backend whole.
     """
-    left, right = band(0, 0, causal, window)
+    left, right = band(causal, window)
     out = []
     for qs, nq, qa in qsegs:
         for ks, nk, ka in ksegs:
@@ -358,78 +373,19 @@ def _pieces(qsegs, ksegs, causal, window, device) -> list:
                 continue  # no query of this segment sees a key of that one (causal: the block is in the future)
             jlo = 0 if left is None else max(0, ia + d - left)
             jhi = nk - 1 if right is None else min(nk - 1, ib + d + right)
-            full = (right is None or ia + d + right >= jhi) and (left is None or ib + d - left <= jlo)
-            if full:
-                out.append(_Piece(qs + ia, qs + ib + 1, ks + jlo, ks + jhi + 1, ka + jlo))
-                continue
-            if d == nk - nq:  # aligned: the block compute's own causal/window is the global relation
-                out.append(_Piece(qs, qs + nq, ks, ks + nk, ka, causal=causal, window=window))
-                continue
-            step = max(1, MASK_CELLS // nk)
-            for i0 in range(ia, ib + 1, step):
-                i1 = min(ib + 1, i0 + step)
-                lo = 0 if left is None else max(0, i0 + d - left)
-                hi = nk if right is None else min(nk, i1 - 1 + d + right + 1)
-                if hi <= lo:
-                    continue
-                # global positions: query i0 + d.. against keys lo..; (left, right) already hold causal
-                keep = band_keep(torch.arange(i0, i1, device=device) + d, torch.arange(lo, hi, device=device),
-                                 0, 0, False, (left, right))
-                m = None if keep is None or bool(keep.all()) else keep[None, None]
-                out.append(_Piece(qs + i0, qs + i1, ks + lo, ks + hi, ka + lo, mask=m))
+            out.append(_Block(qs + ia, qs + ib + 1, ks + jlo, ks + jhi + 1, d + ia - jlo, ka + jlo))
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# forward: K/V travel, partial results merge through their log-sum-exp
-
-class _State:
-    """Running merge of the partial results of the local queries, in the compute dtype."""
-
-    def __init__(self, plan: _Plan, Nq: int, cdt, dev):
-        B, Hq, Dv, lens = plan.B, plan.Hq, plan.Dv, plan.lens
-        self.out = torch.zeros(B, Hq, Nq, Dv, dtype=cdt, device=dev)
-        self.lse = torch.full((B, Hq, Nq), float("-inf"), dtype=cdt, device=dev)
-        self.maxw = torch.zeros(B, Hq, Nq, dtype=cdt, device=dev) if lens is not None and lens.max_weight else None
-        self.ent = torch.zeros(B, Hq, Nq, dtype=cdt, device=dev) if lens is not None and lens.entropy else None
-        self.topk = lens.topk if lens is not None else 0
-        if self.topk:
-            self.tk_w = torch.zeros(B, Hq, Nq, self.topk, dtype=cdt, device=dev)
-            self.tk_i = torch.full((B, Hq, Nq, self.topk), -1, dtype=torch.int64, device=dev)
-
-    def merge(self, i0: int, i1: int, o, res: LensResult, koff: int):
-        """Fold one block's (out, lens) for query rows [i0, i1) into the running result."""
-        cdt = self.lse.dtype
-        l0, lb = self.lse[..., i0:i1], res.lse.to(cdt)
-        lse = torch.logaddexp(l0, lb)
-        live = torch.isfinite(lse)
-        zero = torch.zeros((), dtype=cdt, device=lse.device)
-        wa = torch.where(live, torch.exp(l0 - lse), zero)  # share of what was merged so far
-        wb = torch.where(live, torch.exp(lb - lse), zero)  # share of this block
-        self.out[..., i0:i1, :].mul_(wa[..., None]).addcmul_(o.to(cdt), wb[..., None])  # no (rows, Dv) temporaries
-        if self.ent is not None:  # H = Σ_b w_b (H_b - log w_b); log w_b = lse_b - lse
-            ha = torch.where(wa > 0, wa * (self.ent[..., i0:i1] - (l0 - lse)), zero)
-            hb = torch.where(wb > 0, wb * (res.entropy.to(cdt) - (lb - lse)), zero)
-            self.ent[..., i0:i1] = ha + hb
-        if self.maxw is not None:
-            self.maxw[..., i0:i1] = torch.maximum(wa * self.maxw[..., i0:i1], wb * res.max_weight.to(cdt))
-        if self.topk:
-            ib = res.topk_indices
-            w = torch.cat([self.tk_w[..., i0:i1, :] * wa[..., None], res.topk_weights.to(cdt) * wb[..., None]], -1)
-            idx = torch.cat([self.tk_i[..., i0:i1, :], torch.where(ib >= 0, ib + koff, ib)], -1)
-            w, pos = torch.topk(w, self.topk, dim=-1, sorted=True)
-            idx = torch.gather(idx, -1, pos)
-            self.tk_w[..., i0:i1, :] = w
-            self.tk_i[..., i0:i1, :] = torch.where(w > 0, idx, torch.full((), -1, dtype=torch.int64, device=idx.device))
-        self.lse[..., i0:i1] = lse
-
-
-def _block_lens(plan: _Plan, nk: int) -> Lens:
-    lens = plan.lens
+def _block_lens(lens: Optional[Lens], nk: int) -> Lens:
+    """What a block computes: lse always (blocks merge through it), the row statistics asked, never received."""
     if lens is None:
         return Lens(lse=True, max_weight=False, entropy=False, received=False)
     return Lens(lse=True, max_weight=lens.max_weight, entropy=lens.entropy, received=False, topk=min(lens.topk, nk))
 
+
+# ------------------------------------------------------------------------------------------------
+# forward: K/V travel, partial results merge through their log-sum-exp
 
 def _empty_block(plan: _Plan, k, v, n: int, dtype=None):
     """Receive buffers for a K/V-shaped pair of ``n`` positions."""
@@ -437,11 +393,11 @@ def _empty_block(plan: _Plan, k, v, n: int, dtype=None):
 
 
 def _forward(plan: _Plan, q, k, v):
-    """``out (B, Hq, Nq, Dv)`` in the compute dtype, the global ``lse (B, Hq, Nq)``, and the `_State`."""
+    """``out (B, Hq, Nq, Dv)`` in the compute dtype, the global ``lse (B, Hq, Nq)`` and the `Merger`."""
     ring = plan.ring
     r, W = ring.rank, ring.world
     cdt, dev = stat_dtype(q.dtype), q.device
-    st = _State(plan, q.shape[2], cdt, dev)
+    merged = Merger((plan.B, plan.Hq, q.shape[2], plan.Dv), q.shape[2], plan.lens, cdt, dev)
     kb, vb = k.contiguous(), v.contiguous()  # the block we hold: our own first
     for step in range(W):
         src = (r - step) % W  # the rank whose K/V block we hold now
@@ -449,18 +405,17 @@ def _forward(plan: _Plan, q, k, v):
         if step < W - 1:  # post the next hop before computing on this block
             nxt = _empty_block(plan, kb, vb, plan.nk[(r - step - 1) % W])
             works = ring.exchange([kb, vb], list(nxt), _TAG_KV, f"pass K/V blocks at ring step {step}")
-        for p in plan.pieces(r, src, dev):
-            o, res = attention(q[:, :, p.i0:p.i1], kb[:, :, p.j0:p.j1], vb[:, :, p.j0:p.j1], mask=p.mask,
-                               causal=p.causal, window=p.window, scale=plan.scale, backend=plan.backend,
-                               lens=_block_lens(plan, p.j1 - p.j0))
-            st.merge(p.i0, p.i1, o, res, p.koff)
-            del o, res
+        for b in plan.blocks(r, src):
+            inp = plan.block_inputs(q, kb, vb, b, lens=_block_lens(plan.lens, b.j1 - b.j0))
+            o, _, res = plan.backend.forward(inp)
+            merged.add(o, res, b.koff, b.i0, b.i1)
+            del o, res, inp
         ring.wait(works, f"pass K/V blocks at ring step {step}")
         works = None
         if nxt is not None:
             kb, vb = nxt
             nxt = None
-    return st.out, st.lse, st
+    return merged.out, merged.lse, merged
 
 
 def _received(plan: _Plan, q, k, v, lse):
@@ -477,10 +432,9 @@ def _received(plan: _Plan, q, k, v, lse):
             n = plan.nq[(r - step - 1) % W]
             nxt = (qb.new_empty(plan.B, plan.Hq, n, plan.D), lb.new_empty(plan.B, plan.Hq, n))
             works = ring.exchange([qb, lb], list(nxt), _TAG_Q, f"pass queries for 'received' at ring step {step}")
-        for p in _pieces(plan.qsegs[src], plan.ksegs[r], plan.causal, plan.window, dev):
-            inp = validate(qb[:, :, p.i0:p.i1], k[:, :, p.j0:p.j1], v[:, :, p.j0:p.j1], mask=p.mask, causal=p.causal,
-                           window=p.window, scale=plan.scale)
-            rec[..., p.j0:p.j1] += torch_chunked.column_sums(inp, lb[..., p.i0:p.i1])
+        for b in _blocks(plan.qsegs[src], plan.ksegs[r], plan.causal, plan.window):
+            inp = plan.block_inputs(qb, k, v, b)
+            rec[..., b.j0:b.j1] += plan.backend.column_sums(inp, lb[..., b.i0:b.i1]).to(cdt)
         ring.wait(works, f"pass queries for 'received' at ring step {step}")
         works = None
         if nxt is not None:
@@ -516,15 +470,12 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout):
             nxt = _empty_block(plan, kb, vb, plan.nk[(r - step - 1) % W])
             works = ring.exchange([kb, vb], list(nxt), _TAG_KV, f"pass K/V blocks (backward) at ring step {step}")
         dk, dv = (t.zero_() for t in pair(kb.shape[2]))  # this rank's share of block src's dK, dV
-        for p in plan.pieces(r, src, dev):
-            inp = validate(q[:, :, p.i0:p.i1], kb[:, :, p.j0:p.j1], vb[:, :, p.j0:p.j1], mask=p.mask,
-                           causal=p.causal, window=p.window, scale=plan.scale)
-            rows = torch_chunked.chunk_rows(inp, torch.finfo(cdt).bits // 8)
+        for b in plan.blocks(r, src):
+            inp = plan.block_inputs(q, kb, vb, b)
             # the global lse gives the true weights p_ij; the final out gives D_i = rowsum(dO ∘ O); the
             # gradients are added straight into the rank's dQ and block src's dK/dV (no per-block copies)
-            torch_chunked.backward(inp, inp.q, inp.k, inp.v, out[:, :, p.i0:p.i1], lse[:, :, p.i0:p.i1],
-                                   dout[:, :, p.i0:p.i1], 0, rows,
-                                   acc=(dq[:, :, p.i0:p.i1], dk[:, :, p.j0:p.j1], dv[:, :, p.j0:p.j1]))
+            plan.backend.backward(inp, out[:, :, b.i0:b.i1], lse[:, :, b.i0:b.i1], dout[:, :, b.i0:b.i1],
+                                  dq[:, :, b.i0:b.i1], dk[:, :, b.j0:b.j1], dv[:, :, b.j0:b.j1])
             del inp
         if W > 1:
             if step > 0:  # what the ranks before us added to block src
@@ -547,27 +498,22 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout):
     if W > 1:
         ring.wait(acc_works, f"receive this rank's dK/dV at ring step {W - 1}")
         dk, dv = acc_in
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    """Autograd wrapper: forward saves q, k, v, the final out and the global lse; backward is a ring pass."""
+class _RingOp:
+    """The ring's passes as `attnlens.api.differentiable` drives them (the one autograd wrapper)."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, plan, holder):
-        out, lse, st = _forward(plan, q, k, v)
-        out = out.to(q.dtype)
-        holder.append((lse, st))
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        return out
+    def __init__(self, plan: _Plan, q, k, v):
+        self.plan, self.q, self.k, self.v = plan, q, k, v
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.plan, q, k, v, out, lse, dout.contiguous())
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+    def forward(self):
+        q, k, v = self.q.detach(), self.k.detach(), self.v.detach()
+        out, lse, merged = _forward(self.plan, q, k, v)
+        return out.to(q.dtype), lse, merged.result(self.plan.lens)
+
+    def backward(self, out, lse, dout):
+        return _backward(self.plan, self.q.detach(), self.k.detach(), self.v.detach(), out, lse, dout)
 
 
 def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None, lens=None,
@@ -601,8 +547,9 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
 
         causal: in *global* positions, bottom-right aligned over the whole sequence as in
             `attnlens.attention`: query i of Nq (all ranks) sees key j of Nk iff
-            ``j <= i + (Nk - Nq)``, whichever ranks hold them. A key block entirely in a query's
-            future is skipped, one entirely in its past needs no mask.
+            ``j <= i + (Nk - Nq)``, whichever ranks hold them. Each (query shard, key block) pair
+            is one block call at the offset that makes the block's relation the global one; a block
+            entirely in a query's future is skipped.
         window: ``(left, right)`` or an int, in global positions as in `attnlens.attention`.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
         lens: ``None`` → return the output only; ``True`` / an `attnlens.Lens` → ``(out, LensResult)``
@@ -615,8 +562,10 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
               unsharded sequence (in natural order, also under zigzag), -1 where the weight is 0;
             - ``received`` ``(B, Hq, Nk_local)``: for this rank's *keys*, the weight they receive
               summed over *every rank's* queries (a second ring pass; skipped unless asked).
-        backend: the `attnlens.attention` backend computing each block's forward (``"auto"``:
-            torch on CPU). The backward and ``received`` passes use the chunked torch code.
+        backend: the `attnlens` backend (a name or a backend object) that runs all three passes —
+            each block's forward, the ``received`` column sums and the backward — through its block
+            primitives: ``"auto"`` takes the Triton kernels for CUDA tensors they serve and the
+            chunked torch backend on the CPU.
 
     Returns:
         ``out`` (this rank's shard of the output, ``q``'s shape with ``Dv`` last, ``q``'s dtype),
@@ -630,31 +579,24 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
     Raises:
         ValueError / TypeError for a bad call on any rank — every rank raises (no hang): bad
         shapes or dtypes, ranks that disagree, no initialised process group, a zigzag shard of the
-        wrong length. RuntimeError naming this rank and its neighbours when a transfer fails
-        (another rank raised or exited, or the process group's ``timeout`` expired).
+        wrong length, a backend that cannot serve the blocks. RuntimeError naming this rank and its
+        neighbours when a transfer fails (another rank raised or exited, or the process group's
+        ``timeout`` expired).
 
     Memory per rank is O(N_local): shards, two blocks in flight, the block compute's workspace.
     """
     inp, plan = _agree(q, k, v, group=group, causal=causal, window=window, scale=scale, lens=lens, layout=layout,
                        backend=backend)
+    op = _RingOp(plan, inp.q, inp.k, inp.v)
     if inp.requires_grad:
-        holder: list = []
-        out = _RingAttention.apply(inp.q, inp.k, inp.v, plan, holder)
-        lse, st = holder[0]
+        out, lse, res = differentiable(op, inp.q, inp.k, inp.v)
     else:
-        with torch.no_grad():
-            out, lse, st = _forward(plan, inp.q, inp.k, inp.v)
-        out = out.to(inp.q.dtype)
+        out, lse, res = op.forward()
     lead = 4 - inp.rank
     out = out.reshape(out.shape[lead:])
-    lens = plan.lens
-    if lens is None:
+    if plan.lens is None:
         return out
-    res = LensResult(lse=lse if lens.lse else None, max_weight=st.maxw,
-                     entropy=None if st.ent is None else st.ent.clamp_(min=0))
-    if lens.topk:
-        res.topk_weights, res.topk_indices = st.tk_w, st.tk_i
-    if lens.received:
+    if plan.lens.received:
         with torch.no_grad():
             res.received = _received(plan, inp.q.detach(), inp.k.detach(), inp.v.detach(), lse)
     return out, res.map_arrays(lambda t: t.detach().reshape(t.shape[lead:]))

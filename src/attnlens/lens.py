@@ -10,6 +10,8 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Sequence, Union
 
+import torch
+
 RowsSpec = Union[None, str, slice, range, Sequence[int]]
 
 
@@ -150,3 +152,96 @@ class LensResult:
             else:
                 parts.append(f"{f.name}={tuple(val.shape)}")
         return "LensResult(" + ", ".join(parts) + ")"
+
+
+#: the array fields of a `LensResult` (``rows`` is a tuple of ints)
+ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights")
+
+
+class Merger:
+    """The running merge of partial attention results over disjoint key sets, for the same queries.
+
+    A part is attention over some keys only: ``out_b`` (rows are convex combinations of *its* values)
+    and ``lse_b``. Over all keys, query i's weight on part b is ``w_b = exp(lse_b - lse)`` with
+    ``lse = log Σ_b exp(lse_b)``, and::
+
+        out        = Σ_b w_b · out_b
+        max_weight = max_b w_b · max_weight_b
+        entropy    = Σ_b w_b (H_b - log w_b)            (log w_b = lse_b - lse)
+        top-k      = top-k of ∪_b w_b · topk_weights_b  (indices shifted by each part's key offset)
+        weights    = w_b · weights_b, placed at the part's keys
+
+    ``received`` cannot be merged: a key's column sum needs every query's *final* lse; compute it with
+    the backend's column-sum primitive once the lse is known (ring attention does so in a second pass).
+    Works in place on torch tensors in the compute dtype; query rows can be merged a range at a time.
+    """
+
+    def __init__(self, out_shape, nq: int, lens: "Lens | None", dtype, device, nk: int | None = None,
+                 rows: "tuple | None" = None):
+        lead = tuple(out_shape[:-2])  # (B, Hq)
+        self.out = torch.zeros(out_shape, dtype=dtype, device=device)
+        self.lse = torch.full(lead + (nq,), float("-inf"), dtype=dtype, device=device)
+        want = lens if lens is not None else Lens(lse=True, max_weight=False, entropy=False, received=False)
+        self.maxw = torch.zeros(lead + (nq,), dtype=dtype, device=device) if want.max_weight else None
+        self.ent = torch.zeros(lead + (nq,), dtype=dtype, device=device) if want.entropy else None
+        self.topk = want.topk
+        if self.topk:
+            self.tk_w = torch.zeros(lead + (nq, self.topk), dtype=dtype, device=device)
+            self.tk_i = torch.full(lead + (nq, self.topk), -1, dtype=torch.int64, device=device)
+        self.rows = rows
+        self.wrows = None
+        if rows is not None:
+            if nk is None:
+                raise ValueError("merging weight rows needs the total number of keys")
+            self.wrows = torch.zeros(lead + (len(rows), nk), dtype=dtype, device=device)
+            self._wparts: list = []  # (lse_b of the rows, weights_b, key offset), scaled once the lse is final
+
+    def add(self, out, res: "LensResult", koff: int = 0, i0: int = 0, i1: int | None = None):
+        """Fold one part (``out (..., n, Dv)``, its `LensResult` with ``lse``) into query rows ``[i0, i1)``."""
+        i1 = self.lse.shape[-1] if i1 is None else i1
+        cdt = self.lse.dtype
+        l0, lb = self.lse[..., i0:i1], res.lse.to(cdt)
+        lse = torch.logaddexp(l0, lb)
+        live = lse > float("-inf")
+        zero = torch.zeros((), dtype=cdt, device=lse.device)
+        wa = torch.where(live, torch.exp(l0 - lse), zero)  # share of what was merged so far
+        wb = torch.where(live, torch.exp(lb - lse), zero)  # share of this part
+        self.out[..., i0:i1, :].mul_(wa[..., None]).addcmul_(out.to(cdt), wb[..., None])  # no (rows, Dv) temporaries
+        if self.ent is not None:
+            ha = torch.where(wa > 0, wa * (self.ent[..., i0:i1] - (l0 - lse)), zero)
+            hb = torch.where(wb > 0, wb * (res.entropy.to(cdt) - (lb - lse)), zero)
+            self.ent[..., i0:i1] = ha + hb
+        if self.maxw is not None:
+            self.maxw[..., i0:i1] = torch.maximum(wa * self.maxw[..., i0:i1], wb * res.max_weight.to(cdt))
+        if self.topk:
+            self._add_topk(i0, i1, wa, wb, res, koff)
+        if self.wrows is not None:
+            self._wparts.append((lb[..., list(self.rows)], res.weights.to(cdt), koff))
+        self.lse[..., i0:i1] = lse
+
+    def _add_topk(self, i0, i1, wa, wb, res, koff):
+        ib = res.topk_indices
+        w = torch.cat([self.tk_w[..., i0:i1, :] * wa[..., None], res.topk_weights.to(wa.dtype) * wb[..., None]], -1)
+        idx = torch.cat([self.tk_i[..., i0:i1, :], torch.where(ib >= 0, ib + koff, ib)], -1)
+        k = min(self.topk, w.shape[-1])
+        w, pos = torch.topk(w, k, dim=-1, sorted=True)
+        idx = torch.gather(idx, -1, pos)
+        self.tk_w[..., i0:i1, :k] = w
+        self.tk_i[..., i0:i1, :k] = torch.where(w > 0, idx, torch.full((), -1, dtype=torch.int64, device=idx.device))
+
+    def result(self, lens: "Lens | None") -> "LensResult | None":
+        """The merged `LensResult` with the fields ``lens`` asks for (``received`` stays ``None``)."""
+        if lens is None:
+            return None
+        res = LensResult(lse=self.lse if lens.lse else None, max_weight=self.maxw,
+                         entropy=None if self.ent is None else self.ent.clamp_(min=0))
+        if self.topk:
+            res.topk_weights, res.topk_indices = self.tk_w, self.tk_i
+        if self.wrows is not None:
+            lse_r = self.lse[..., list(self.rows)]
+            zero = torch.zeros((), dtype=lse_r.dtype, device=lse_r.device)
+            for lb, wb, koff in self._wparts:
+                share = torch.where(lse_r > float("-inf"), torch.exp(lb - lse_r), zero)
+                self.wrows[..., koff:koff + wb.shape[-1]] += wb * share[..., None]
+            res.weights, res.rows = self.wrows, self.rows
+        return res

@@ -1,7 +1,9 @@
-"""Causal, sliding-window and padding masks, and how they combine.
+"""Causal, sliding-window and padding masks, and how they combine: the band geometry, in one place.
 
-Positions (bottom-right alignment, as decoding with a KV cache needs): query ``i`` of ``Nq``
-sits at key position ``p = i + (Nk - Nq)``. It may see key ``j`` iff
+Positions: query ``i`` sits at key position ``p = i + offset``. The default ``offset = Nk - Nq``
+is bottom-right alignment, what decoding with a KV cache needs (the last query sits at the last
+key); ring attention and split-KV pass other offsets for blocks of a longer sequence. Query
+``i`` may see key ``j`` iff
 
     causal:            j <= p
     window (L, R):     p - L <= j <= p + R      (None on a side = unbounded)
@@ -40,7 +42,7 @@ def normalize_window(window) -> Window:
     return tuple(out)
 
 
-def band(nq: int, nk: int, causal: bool, window: Window) -> tuple[Optional[int], Optional[int]]:
+def band(causal: bool, window: Window) -> tuple[Optional[int], Optional[int]]:
     """The (left, right) reach of every query around its position, causal folded in."""
     left, right = window if window is not None else (None, None)
     if causal:
@@ -48,25 +50,24 @@ def band(nq: int, nk: int, causal: bool, window: Window) -> tuple[Optional[int],
     return left, right
 
 
-def key_range(i0: int, i1: int, nq: int, nk: int, causal: bool, window: Window) -> tuple[int, int]:
+def key_range(i0: int, i1: int, nk: int, offset: int, causal: bool, window: Window) -> tuple[int, int]:
     """Keys ``[lo, hi)`` that at least one query in rows ``[i0, i1)`` may see (by causal/window)."""
-    left, right = band(nq, nk, causal, window)
-    off = nk - nq
-    lo = 0 if left is None else max(0, i0 + off - left)
-    hi = nk if right is None else min(nk, i1 - 1 + off + right + 1)
+    left, right = band(causal, window)
+    lo = 0 if left is None else min(nk, max(0, i0 + offset - left))
+    hi = nk if right is None else max(0, min(nk, i1 - 1 + offset + right + 1))
     return lo, max(lo, hi)
 
 
-def band_keep(qi, kj, nq: int, nk: int, causal: bool, window: Window):
+def band_keep(qi, kj, offset: int, causal: bool, window: Window):
     """Bool array ``keep[a, b]`` for query indices ``qi`` (column) and key indices ``kj`` (row).
 
     ``qi`` and ``kj`` are 1-D integer arrays (NumPy or torch); returns ``None`` when there is
     no causal/window restriction at all.
     """
-    left, right = band(nq, nk, causal, window)
+    left, right = band(causal, window)
     if left is None and right is None:
         return None
-    pos = qi[:, None] + (nk - nq)
+    pos = qi[:, None] + offset
     kk = kj[None, :]
     keep = None
     if right is not None:
@@ -77,20 +78,25 @@ def band_keep(qi, kj, nq: int, nk: int, causal: bool, window: Window):
     return keep
 
 
-def causal_mask(nq: int, nk: int | None = None, *, device=None):
-    """Bool ``(Nq, Nk)`` torch mask, True where bottom-right causal attention may attend."""
+def causal_mask(nq: int, nk: int | None = None, *, offset: int | None = None, device=None):
+    """Bool ``(Nq, Nk)`` torch mask, True where causal attention may attend (query i sees key j iff
+    ``j <= i + offset``; default ``offset = Nk - Nq``: bottom-right)."""
     import torch
 
     nk = nq if nk is None else nk
-    return band_keep(torch.arange(nq, device=device), torch.arange(nk, device=device), nq, nk, True, None)
+    offset = nk - nq if offset is None else offset
+    return band_keep(torch.arange(nq, device=device), torch.arange(nk, device=device), offset, True, None)
 
 
-def window_mask(nq: int, nk: int | None = None, window=0, *, causal: bool = False, device=None):
-    """Bool ``(Nq, Nk)`` torch mask for a sliding window ``(left, right)`` (int w = (w, w))."""
+def window_mask(nq: int, nk: int | None = None, window=0, *, causal: bool = False, offset: int | None = None,
+                device=None):
+    """Bool ``(Nq, Nk)`` torch mask for a sliding window ``(left, right)`` (int w = (w, w)) around each
+    query's position ``i + offset`` (default ``offset = Nk - Nq``)."""
     import torch
 
     nk = nq if nk is None else nk
-    keep = band_keep(torch.arange(nq, device=device), torch.arange(nk, device=device), nq, nk, causal,
+    offset = nk - nq if offset is None else offset
+    keep = band_keep(torch.arange(nq, device=device), torch.arange(nk, device=device), offset, causal,
                      normalize_window(window))
     return torch.ones(nq, nk, dtype=torch.bool, device=device) if keep is None else keep
 

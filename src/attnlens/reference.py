@@ -8,15 +8,16 @@ import numpy as np
 
 from .masks import band_keep
 
-__all__ = ["reference_attention", "reference_lens"]
+__all__ = ["reference_attention", "reference_lens", "reference_backward"]
 
 
-def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=None):
+def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=None, offset=None):
     """softmax(q kᵀ · scale + mask) v in float64, with the weights and log-sum-exp.
 
     Args: rank-4 arrays ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``;
         ``mask`` bool or float broadcastable to ``(B, Hq, Nq, Nk)``; ``window`` as
-        ``masks.normalize_window`` returns it.
+        ``masks.normalize_window`` returns it; ``offset``: query i sits at key position ``i + offset``
+        (default ``Nk - Nq``).
     Returns: ``out (B, Hq, Nq, Dv)``, ``weights (B, Hq, Nq, Nk)``, ``lse (B, Hq, Nq)`` (float64).
         Rows that see no key: out 0, weights 0, lse -inf.
     """
@@ -30,7 +31,8 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
 
     s = (q @ np.swapaxes(k, -1, -2)) * scale  # (B, Hq, Nq, Nk)
     keep = np.ones(s.shape, dtype=bool)
-    band = band_keep(np.arange(Nq), np.arange(Nk), Nq, Nk, causal, window)
+    offset = Nk - Nq if offset is None else offset
+    band = band_keep(np.arange(Nq), np.arange(Nk), offset, causal, window)
     if band is not None:
         keep &= band
     if mask is not None:
@@ -72,3 +74,23 @@ def reference_lens(weights, lse, topk=0, rows=None):
         res.rows = tuple(rows)
         res.weights = w[..., list(rows), :]
     return res
+
+
+def reference_backward(q, k, v, weights, dout, scale=None):
+    """Gradients ``(dq, dk, dv)`` of ``out = P v`` given the float64 weights ``P (B, Hq, Nq, Nk)``:
+
+        dv = Pᵀ dO            dP = dO vᵀ            dS = P ∘ (dP - rowsum(dP ∘ P))
+        dq = dS k · scale     dk = dSᵀ q · scale     (GQA: dk, dv summed over each kv head's query heads)
+    """
+    q, k, v, p, do = (np.asarray(x, dtype=np.float64) for x in (q, k, v, weights, dout))
+    B, Hq, Nq, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (B, Hq, Nk, ·)
+    dp = do @ np.swapaxes(vr, -1, -2)  # (B, Hq, Nq, Nk)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = ds @ kr * scale
+    dk = (np.swapaxes(ds, -1, -2) @ q * scale).reshape(B, Hkv, group, -1, D).sum(2)
+    dv = (np.swapaxes(p, -1, -2) @ do).reshape(B, Hkv, group, -1, v.shape[-1]).sum(2)
+    return dq, dk, dv

@@ -1,37 +1,188 @@
-"""Attention backends. Each declares what it supports and why it cannot serve a given call.
+"""The block seam: one protocol every backend implements, and typed capabilities.
 
-A backend's ``run(inp)`` takes checked `AttnInputs` (rank-4 torch views) and returns
-``(out (B, Hq, Nq, Dv) in q's dtype, LensResult of rank-4 torch tensors or None)``.
+A backend computes attention of one block — queries ``q (B, Hq, Nq, D)`` against keys/values
+``k, v (B, Hkv, Nk, ·)``, with query i at key position ``i + offset`` — through three primitives
+on checked `AttnInputs` (rank-4 torch views):
+
+    forward(inp)                               -> out (B, Hq, Nq, Dv) in q's dtype,
+                                                  lse (B, Hq, Nq) in the statistics dtype,
+                                                  LensResult (rank-4 torch) or None
+    backward(inp, out, lse, dout, dq, dk, dv)  -> None: *adds* the gradients into caller-owned
+                                                  buffers (any float dtype, strided views allowed),
+                                                  recomputing the weights from the saved lse
+    column_sums(inp, lse, weights=None)        -> Σ_i exp(s_ij - lse_i) · W_i: (B, Hq, Nk) for W = 1
+                                                  (``received``), (B, Hq, Nk, T) for W (B, Hq, Nq, T)
+
+With the block's own lse these give its own statistics and gradients; ring attention and split-KV
+pass the *global* lse of queries that also saw other keys, and get the block's share of the global
+weights — which is what lets every integration run on whichever backend serves the call.
+
+`Capabilities` declare what a backend supports; `Backend.not_supported_reasons` derives the generic
+reasons from them (one place), plus what only the backend knows (``extra_reasons``). Dispatch,
+``attnlens.backends()``, ``attnlens info`` and the CLI all read the same objects.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from .._inputs import AttnInputs
+from .._inputs import FLOAT_DTYPES, AttnInputs, stat_dtype  # noqa: F401 (stat_dtype: for the backends)
+
+#: lens fields a request may ask for (`Lens` flags and the top-k / rows options)
+LENS_FIELDS = ("lse", "max_weight", "entropy", "received", "topk", "rows")
+#: mask features: "bool", "float" (additive), "query" (varies along the queries: not a key mask),
+#: "float_grad" (a gradient with respect to a float mask)
+MASK_FEATURES = ("bool", "float", "query", "float_grad")
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Lens statistics and internal accumulation: float64 for float64 input, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def requested_fields(inp: AttnInputs) -> list[str]:
+    """The `LENS_FIELDS` the call asks for."""
+    lens = inp.lens
+    if lens is None:
+        return []
+    want = [f for f in ("lse", "max_weight", "entropy", "received") if getattr(lens, f)]
+    if lens.topk:
+        want.append("topk")
+    if lens.rows is not None:
+        want.append("rows")
+    return want
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can serve. Every field is data; `describe` renders it for people.
+
+    Attributes:
+        devices: torch device types it runs on (``None``: any device torch has).
+        dtypes: input dtypes it takes.
+        max_head_dim: largest D / Dv (``None``: any).
+        lens: the lens fields (`LENS_FIELDS`) it computes inside its pass; empty: output only.
+        max_topk: largest ``Lens.topk`` (``None``: any).
+        masks: the mask features (`MASK_FEATURES`) it takes.
+        dropout: applies dropout.
+        backward: gradients (through the block primitive, or PyTorch's own autograd when ``block`` is False).
+        block: implements the block primitives (forward with lse, backward into buffers, column sums).
+        column_weights: ``column_sums`` takes per-query weights W.
+        memory: extra memory of a call beyond inputs and outputs: ``"O(N)"`` (linear in the sequence),
+            ``"O(chunk·Nk)"`` (a bounded workspace) or ``"O(Nq·Nk)"`` (dense) — `Backend.memory` says
+            which for a given call.
+        notes: one line for people (``attnlens info``).
+    """
+
+    devices: Optional[frozenset] = None
+    dtypes: frozenset = frozenset(FLOAT_DTYPES)
+    max_head_dim: Optional[int] = None
+    lens: frozenset = frozenset(LENS_FIELDS)
+    max_topk: Optional[int] = None
+    masks: frozenset = frozenset(MASK_FEATURES)
+    dropout: bool = True
+    backward: bool = True
+    block: bool = True
+    column_weights: bool = True
+    memory: str = "O(N)"
+    notes: str = ""
+
+    def describe(self) -> dict:
+        """The capabilities as short strings, for tables (``attnlens info``)."""
+        dts = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+        lens = "no" if not self.lens else ("yes" if self.max_topk is None else f"yes (top-k <= {self.max_topk})")
+        grad = "no" if not self.backward else ("yes" if self.block else "yes (PyTorch autograd)")
+        return {"lens": lens, "grad": grad, "dropout": "yes" if self.dropout else "no",
+                "dtypes": ", ".join(dts[d] for d in FLOAT_DTYPES if d in self.dtypes),
+                "devices": "any" if self.devices is None else ", ".join(sorted(self.devices)),
+                "masks": ", ".join(m for m in MASK_FEATURES if m in self.masks) or "none",
+                "head dims": "any" if self.max_head_dim is None else f"<= {self.max_head_dim}",
+                "memory": self.memory}
 
 
 class Backend:
+    """One way to compute attention: typed `capabilities` and the block primitives.
+
+    Subclasses set ``name``, ``description``, ``capabilities``, implement `forward` (and `backward`,
+    `column_sums` when ``capabilities.block``), and may add `extra_reasons` / `memory`.
+    """
+
     name: str = ""
     description: str = ""
-    #: capability table shown by ``attnlens.backends()`` / ``attnlens info``
-    capabilities: dict = {}
+    capabilities: Capabilities = Capabilities()
+
+    # ---- what it can serve
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        """Why this backend cannot serve the call (empty: it can)."""
-        raise NotImplementedError
+        """Why this backend cannot serve the call (empty: it can): the capabilities, then `extra_reasons`."""
+        c = self.capabilities
+        reasons = self._device_reasons(inp)
+        if inp.q.dtype not in c.dtypes:
+            reasons.append(f"dtype {inp.q.dtype}: takes {self._dtypes()}")
+        B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
+        if c.max_head_dim is not None and max(D, Dv) > c.max_head_dim:
+            reasons.append(f"head dim D={D}, Dv={Dv}: takes head dims up to {c.max_head_dim}")
+        reasons += self._mask_reasons(inp)
+        if inp.dropout_p > 0 and not c.dropout:
+            reasons.append(f"dropout_p={inp.dropout_p}: no dropout")
+        missing = [f for f in requested_fields(inp) if f not in c.lens]
+        if missing:
+            reasons.append("no lens" if not c.lens else f"lens fields {missing} are not computed")
+        if inp.lens is not None and inp.lens.topk and c.max_topk is not None and inp.lens.topk > c.max_topk:
+            reasons.append(f"Lens.topk={inp.lens.topk}: keeps at most {c.max_topk} per query")
+        if inp.requires_grad and not c.backward:
+            reasons.append("no gradients")
+        return reasons + self.extra_reasons(inp, reasons)
+
+    def _device_reasons(self, inp: AttnInputs) -> list[str]:
+        c = self.capabilities
+        if c.devices is not None and inp.q.device.type not in c.devices:
+            return [f"tensors on {inp.q.device}: runs on {', '.join(sorted(c.devices))}"]
+        return []
+
+    def _mask_reasons(self, inp: AttnInputs) -> list[str]:
+        m, c = inp.mask, self.capabilities
+        if m is None:
+            return []
+        out = []
+        kind = "bool" if m.dtype == torch.bool else "float"
+        if kind not in c.masks:
+            out.append(f"{kind} masks are not supported")
+        if m.shape[2] != 1 and "query" not in c.masks:
+            out.append(f"mask of shape {tuple(m.shape)} (as rank 4) varies along the queries: only key masks "
+                       f"(B|1, H|1, 1, Nk), e.g. key padding, are supported")
+        if kind == "float" and m.requires_grad and torch.is_grad_enabled() and "float_grad" not in c.masks:
+            out.append("no gradient with respect to a float mask")
+        return out
+
+    def _dtypes(self) -> str:
+        return ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES if d in self.capabilities.dtypes)
+
+    def extra_reasons(self, inp: AttnInputs, reasons: list[str]) -> list[str]:
+        """Reasons only the backend can judge (``reasons``: the capability reasons found so far)."""
+        return []
 
     def auto_reasons(self, inp: AttnInputs) -> list[str]:
         """Why ``backend="auto"`` should pass over this backend although it could serve the call when
         named (e.g. a slow test mode). Empty by default."""
         return []
 
-    def run(self, inp: AttnInputs):
+    def memory(self, inp: AttnInputs) -> str:
+        """The extra memory of this call: ``capabilities.memory`` unless the call makes it worse."""
+        return self.capabilities.memory
+
+    # ---- the block primitives
+
+    def forward(self, inp: AttnInputs):
+        """``(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) or None, LensResult or None)``; no autograd."""
         raise NotImplementedError
+
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+        """Add the gradients of the block into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``,
+        recomputing the weights ``exp(s - lse)`` from ``lse``; ``D_i = rowsum(dout ∘ out)`` from ``out``."""
+        raise NotImplementedError(f"backend {self.name!r} has no backward primitive")
+
+    def column_sums(self, inp: AttnInputs, lse, weights=None):
+        """``Σ_i exp(s_ij - lse_i) · W_i``: ``(B, Hq, Nk)`` without ``weights``; with ``weights (B|1, Hq|1, Nq, T)``,
+        ``(B, Hq, Nk, T)`` = ``Pᵀ W``. Rows with ``lse = -inf`` contribute 0."""
+        raise NotImplementedError(f"backend {self.name!r} has no column-sum primitive")
 
     def __repr__(self) -> str:
         return f"<attnlens backend {self.name!r}>"

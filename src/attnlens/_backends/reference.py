@@ -1,51 +1,73 @@
-"""The float64 NumPy oracle as a backend (CPU, no autograd, no dropout; dense n × n memory)."""
+"""The float64 NumPy oracle as a backend: dense, CPU, every primitive (no dropout).
+
+It holds the full ``(B, Hq, Nq, Nk)`` weights, so it is for small inputs: tests, and the
+gradients of the block primitives' tests (float64 ``reference_backward``).
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from .._inputs import AttnInputs
-from ..reference import reference_attention, reference_lens
-from . import Backend, stat_dtype
+from ..reference import reference_attention, reference_backward, reference_lens
+from . import Backend, Capabilities, stat_dtype
+
+
+def _np64(t):
+    return t.detach().cpu().to(torch.bool if t.dtype == torch.bool else torch.float64).numpy()
+
+
+def _dense(inp: AttnInputs):
+    """``out, weights, lse`` in float64 NumPy."""
+    mask = None if inp.mask is None else _np64(inp.mask)
+    return reference_attention(_np64(inp.q), _np64(inp.k), _np64(inp.v), mask=mask, causal=inp.causal,
+                               window=inp.window, scale=inp.scale, offset=inp.offset)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     description = "NumPy float64, dense weights: the oracle (small inputs only)"
-    capabilities = {"devices": "any (computes on CPU)", "dtypes": "all (float64 inside)", "lens": "yes",
-                    "grad": "no", "dropout": "no", "memory": "O(Nq·Nk)"}
+    capabilities = Capabilities(dropout=False, memory="O(Nq·Nk)", masks=frozenset({"bool", "float", "query"}),
+                                notes="computes on the CPU in float64; the oracle of every test")
 
-    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        reasons = []
-        if inp.dropout_p > 0:
-            reasons.append("dropout is not supported (the oracle is deterministic)")
-        if inp.requires_grad:
-            reasons.append("no autograd (NumPy); use backend='torch' for gradients")
-        return reasons
-
-    def run(self, inp: AttnInputs):
-        def np64(t):
-            return t.detach().cpu().to(torch.float64 if t.dtype != torch.bool else torch.bool).numpy()
-
-        mask = None if inp.mask is None else np64(inp.mask)
-        out, w, lse = reference_attention(np64(inp.q), np64(inp.k), np64(inp.v), mask=mask, causal=inp.causal,
-                                          window=inp.window, scale=inp.scale)
+    def forward(self, inp: AttnInputs):
+        out, w, lse = _dense(inp)
         dev, dt = inp.q.device, inp.q.dtype
-        out_t = torch.from_numpy(out).to(device=dev, dtype=dt)
-        if inp.lens is None:
-            return out_t, None
-        res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows)
         sd = stat_dtype(dt)
-        res = _select(inp.lens, res).map_arrays(
-            lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=torch.int64 if a.dtype == np.int64 else sd))
+        out_t = torch.from_numpy(out).to(device=dev, dtype=dt)
+        lse_t = torch.from_numpy(lse).to(device=dev, dtype=sd)
+        if inp.lens is None:
+            return out_t, lse_t, None
+        res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows)
+        for name in ("lse", "max_weight", "entropy", "received"):  # drop what was not asked for
+            if not getattr(inp.lens, name):
+                setattr(res, name, None)
+        res = res.map_arrays(lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(
+            device=dev, dtype=torch.int64 if a.dtype == np.int64 else sd))
         if res.topk_indices is not None:  # a weight that underflows to 0 in the output precision has no key
             res.topk_indices = res.topk_indices.masked_fill(res.topk_weights == 0, -1)
-        return out_t, res
+        return out_t, lse_t, res
+
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+        w = _weights(inp, lse)
+        grads = reference_backward(_np64(inp.q), _np64(inp.k), _np64(inp.v), w, _np64(dout), scale=inp.scale)
+        for buf, g in zip((dq, dk, dv), grads):
+            buf += torch.from_numpy(g).to(device=buf.device, dtype=buf.dtype)
+
+    def column_sums(self, inp: AttnInputs, lse, weights=None):
+        w = _weights(inp, lse)  # (B, Hq, Nq, Nk)
+        sd = stat_dtype(inp.q.dtype)
+        if weights is None:
+            cs = w.sum(-2)
+        else:
+            cs = np.swapaxes(w, -1, -2) @ _np64(weights)  # (B, Hq, Nk, T)
+        return torch.from_numpy(np.ascontiguousarray(cs)).to(device=inp.q.device, dtype=sd)
 
 
-def _select(lens, res):
-    """Drop the fields the caller did not ask for."""
-    for name in ("lse", "max_weight", "entropy", "received"):
-        if not getattr(lens, name):
-            setattr(res, name, None)
-    return res
+def _weights(inp: AttnInputs, lse):
+    """``exp(s - lse)`` in float64 from the call's scores and a given ``lse`` (0 where lse = -inf)."""
+    _, w, own = _dense(inp)
+    lse = _np64(lse)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scale = np.where(np.isneginf(lse), 0.0, np.exp(own - np.where(np.isneginf(lse), 0.0, lse)))
+    return w * np.where(np.isneginf(own), 0.0, scale)[..., None]

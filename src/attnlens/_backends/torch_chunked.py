@@ -10,9 +10,10 @@ online rescaling) and every lens statistic comes from the same buffer of scores:
     max_weight = 1 / l                                (the max of e is exp(0) = 1)
     received += (1/l)ᵀ @ e                            (column sums, one matrix-vector product)
 
-Memory is O(chunk · Nk): the chunk is sized so its few score buffers fit in ``CHUNK_BYTES``.
-Keys that no query of a chunk may see (causal, window) are skipped, not masked.
-The backward pass recomputes each chunk's weights from the saved ``lse``.
+Memory is O(chunk · Nk): the chunk is sized so its few score buffers fit in ``chunk_bytes``
+(`TorchChunkedBackend(chunk_bytes=...)`, default `CHUNK_BYTES`). Keys that no query of a chunk
+may see (causal, window, offset) are skipped, not masked. The backward pass and the column sums
+recompute each chunk's weights from a given ``lse``.
 """
 from __future__ import annotations
 
@@ -21,20 +22,21 @@ import torch
 from .._inputs import AttnInputs
 from ..lens import LensResult
 from ..masks import band_keep, key_range
-from . import Backend, _native, stat_dtype
+from . import Backend, Capabilities, _native, stat_dtype
 
 #: masked scores are set to this finite value: exp(NEG - m) underflows to exactly 0, and unlike
 #: -inf, 0 · NEG = 0 keeps the entropy reduction finite.
 NEG = -1e30
-#: bytes of one chunk's score buffer (B·Hq·rows·Nk elements). Chosen with benchmarks/cpu.py
+#: default bytes of one chunk's score buffer (B·Hq·rows·Nk elements). Chosen with benchmarks/cpu.py
 #: (``--chunk-bytes``): small enough to stay in cache on CPU, large enough to amortise op overhead.
 CHUNK_BYTES = 16 << 20
 
 
-def chunk_rows(inp: AttnInputs, elem_bytes: int) -> int:
+def chunk_rows(inp: AttnInputs, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Query rows per chunk so that one score buffer fits in ``chunk_bytes`` (at least one row)."""
     B, Hq, _, Nq, Nk, _, _ = inp.shape
-    per_row = B * Hq * Nk * elem_bytes
-    return int(max(1, min(Nq, CHUNK_BYTES // max(per_row, 1))))
+    per_row = B * Hq * Nk * (torch.finfo(stat_dtype(inp.q.dtype)).bits // 8)
+    return int(max(1, min(Nq, chunk_bytes // max(per_row, 1))))
 
 
 class _Chunk:
@@ -47,7 +49,8 @@ class _Chunk:
         B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
         G = Hq // Hkv
         self.i0, self.i1, self.c = i0, i1, i1 - i0
-        self.lo, self.hi = key_range(i0, i1, Nq, Nk, inp.causal, inp.window)
+        off = inp.offset
+        self.lo, self.hi = key_range(i0, i1, Nk, off, inp.causal, inp.window)
         self.nk = nk = self.hi - self.lo
         if nk == 0:
             return
@@ -70,8 +73,8 @@ class _Chunk:
                 s5.add_(mf).clamp_(min=NEG / 4).masked_fill_(torch.isneginf(mf), NEG)
         # causal / window (after the user mask, whose clamp must not lift NEG): keys [lo_last, hi_first) are seen by every row of the chunk; mask only the
         # columns outside it (for causal, just the diagonal block)
-        lo_last = key_range(i1 - 1, i1, Nq, Nk, inp.causal, inp.window)[0]
-        hi_first = key_range(i0, i0 + 1, Nq, Nk, inp.causal, inp.window)[1]
+        lo_last = key_range(i1 - 1, i1, Nk, off, inp.causal, inp.window)[0]
+        hi_first = key_range(i0, i0 + 1, Nk, off, inp.causal, inp.window)[1]
         a, b = min(max(lo_last, self.lo), self.hi), max(min(hi_first, self.hi), self.lo)
         if a >= b:
             a = b = self.lo  # no column is seen by every row: mask the whole chunk
@@ -79,7 +82,7 @@ class _Chunk:
         rows = torch.arange(i0, i1, device=dev)
         for c0, c1 in ((self.lo, a), (b, self.hi)):
             if c1 > c0:
-                keep = band_keep(rows, torch.arange(c0, c1, device=dev), Nq, Nk, inp.causal, inp.window)
+                keep = band_keep(rows, torch.arange(c0, c1, device=dev), off, inp.causal, inp.window)
                 s5[..., c0 - self.lo:c1 - self.lo].masked_fill_(~keep, NEG)
         self.s = s
 
@@ -155,130 +158,165 @@ def _row_runs(rows) -> list[tuple[int, int, int]]:
     return [tuple(x) for x in runs]
 
 
-def _dropout_keep(seed: int, chunk_index: int, shape, inp: AttnInputs, dtype):
-    """The dropout mask of one chunk, scaled by 1/(1-p); regenerated identically in backward."""
+def _dropout_keep(inp: AttnInputs, chunk_index: int, shape, dtype):
+    """The dropout mask of one chunk, scaled by 1/(1-p); regenerated identically in backward from ``inp.seed``."""
     g = torch.Generator(device=inp.q.device)
-    g.manual_seed(seed + 1_000_003 * chunk_index)
+    g.manual_seed(inp.seed + 1_000_003 * chunk_index)
     keep = torch.rand(shape, generator=g, device=inp.q.device, dtype=dtype) >= inp.dropout_p
     return keep.to(dtype).mul_(1.0 / (1.0 - inp.dropout_p))
 
 
-def _prepare(inp: AttnInputs, q, k, v):
+def _prepare(inp: AttnInputs):
+    """The compute dtype, scaled queries ``(B, Hkv, G, Nq, D)``, keys and values in it (detached)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
-    cdt = stat_dtype(q.dtype)
-    qs = (q.to(cdt) * inp.scale).reshape(B, Hkv, Hq // Hkv, Nq, D)  # (B, Hkv, G, Nq, D)
-    return cdt, qs, k.to(cdt), v.to(cdt)
+    cdt = stat_dtype(inp.q.dtype)
+    qs = (inp.q.detach().to(cdt) * inp.scale).reshape(B, Hkv, Hq // Hkv, Nq, D)
+    return cdt, qs, inp.k.detach().to(cdt), inp.v.detach().to(cdt)
 
 
-def forward(inp: AttnInputs, q, k, v, seed: int, rows_per_chunk: int):
-    """Returns ``out (B, Hq, Nq, Dv)`` in the compute dtype, ``lse (B, Hq, Nq)`` and a rank-4 `LensResult`."""
+
+class _Outputs:
+    """The forward's output, lse and lens buffers in ``(B, Hkv, G, ...)`` layout, written a chunk at a time."""
+
+    def __init__(self, inp: AttnInputs, cdt):
+        B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
+        G, dev, lens = Hq // Hkv, inp.q.device, inp.lens
+        self.inp, self.lead = inp, (B, Hkv, G)
+
+        def new(*shape, fill=0.0, dtype=cdt):
+            return torch.full((B, Hkv, G, *shape), fill, dtype=dtype, device=dev)
+
+        self.out = new(Nq, Dv)
+        self.lse = new(Nq, fill=float("-inf"))
+        self.ent = new(Nq) if lens is not None and lens.entropy else None
+        self.maxw = new(Nq) if lens is not None and lens.max_weight else None
+        self.rec = new(Nk) if lens is not None and lens.received else None
+        self.topk = lens.topk if lens is not None else 0
+        if self.topk:
+            self.tk_w, self.tk_i = new(Nq, self.topk), new(Nq, self.topk, fill=-1, dtype=torch.int64)
+        self.rows = inp.rows
+        if self.rows is not None:
+            self.wrows, self.runs = new(len(self.rows), Nk), _row_runs(self.rows)
+
+    def write(self, ch: _Chunk, e, m, l, t, top, o):
+        """Chunk results: ``e = exp(s - m)`` ``(B, Hkv, G·c, nk)``, ``m, l, t`` ``(B, Hkv, G·c, 1)``
+        (``t = Σ e·(s - m)``), ``top`` = (raw scores, key indices) of the top-k, ``o`` unnormalised output."""
+        B, Hkv, G = self.lead
+        i0, i1, c, nk = ch.i0, ch.i1, ch.c, ch.nk
+        zero = torch.zeros((), dtype=e.dtype, device=e.device)
+        rl = torch.where(l > 0, 1.0 / l, zero)  # 1/l, 0 for dead rows
+
+        def put(buf, val):
+            buf[:, :, :, i0:i1] = val.view(B, Hkv, G, c, *buf.shape[4:])
+
+        put(self.out, o.mul_(rl))  # out_i = Σ_j p_ij v_j
+        put(self.lse, m + torch.log(l))
+        if self.maxw is not None:
+            put(self.maxw, rl)  # max_j e_ij = exp(0) = 1
+        if self.ent is not None:  # -Σ p log p = log l - Σ e·(s - m) / l
+            put(self.ent, torch.where(l > 0, torch.log(l) - t * rl, zero).clamp_(min=0))
+        if self.rec is not None:
+            self.rec[..., ch.lo:ch.hi] += torch.matmul(rl.view(B, Hkv, G, 1, c), e.view(B, Hkv, G, c, nk)).view(
+                B, Hkv, G, nk)
+        if self.topk:
+            self._write_topk(ch, top, m, rl)
+        if self.rows is not None:
+            self._write_rows(ch, e, rl)
+
+    def _write_topk(self, ch: _Chunk, top, m, rl):
+        B, Hkv, G = self.lead
+        vals, idx = top  # largest raw scores of each row
+        kk = vals.shape[-1]
+        w = torch.exp(vals - m).mul_(rl)
+        idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=idx.device))
+        self.tk_w[:, :, :, ch.i0:ch.i1, :kk] = w.view(B, Hkv, G, ch.c, kk)
+        self.tk_i[:, :, :, ch.i0:ch.i1, :kk] = idx.view(B, Hkv, G, ch.c, kk)
+
+    def _write_rows(self, ch: _Chunk, e, rl):
+        """Requested rows in this chunk: ``p = e / l`` written straight into ``weights``."""
+        B, Hkv, G = self.lead
+        i0, i1 = ch.i0, ch.i1
+        e5, rl5 = e.view(B, Hkv, G, ch.c, ch.nk), rl.view(B, Hkv, G, ch.c, 1)
+        for r0, pos0, n in self.runs:
+            a, b = max(r0, i0), min(r0 + n, i1)
+            if a < b:
+                dst = self.wrows[:, :, :, pos0 + a - r0:pos0 + b - r0, ch.lo:ch.hi]
+                torch.mul(e5[:, :, :, a - i0:b - i0], rl5[:, :, :, a - i0:b - i0], out=dst)
+
+    def result(self):
+        """``out (B, Hq, Nq, Dv)`` in q's dtype, ``lse (B, Hq, Nq)`` and the `LensResult` (or None)."""
+        B, Hkv, G = self.lead
+
+        def flat(t):  # (B, Hkv, G, ...) -> (B, Hq, ...)
+            return None if t is None else t.reshape(B, Hkv * G, *t.shape[3:])
+
+        lens, lse = self.inp.lens, flat(self.lse)
+        res = None
+        if lens is not None:
+            res = LensResult(lse=lse if lens.lse else None, max_weight=flat(self.maxw), entropy=flat(self.ent),
+                             received=flat(self.rec))
+            if self.topk:
+                res.topk_weights, res.topk_indices = flat(self.tk_w), flat(self.tk_i)
+            if self.rows is not None:
+                res.weights, res.rows = flat(self.wrows), self.rows
+        return flat(self.out).to(self.inp.q.dtype), lse, res
+
+
+def _softmax_stats(s, topk: int, want_t: bool, native: bool, ebuf):
+    """One chunk's row statistics from its masked scores ``s`` (overwritten): ``e = exp(s - m)`` and
+    ``m, l = Σ e, t = Σ e·(s - m)`` (``None`` unless ``want_t``), ``top`` (raw scores, indices) or None."""
+    if native:  # one fused pass per row (rowsoftmax.c): s becomes e in place
+        m, l, t, top = _native.rowsoftmax(s, topk, NEG / 2)
+        return s, m, l, t, top
+    m, top = _rowmax_and_topk(s, topk)  # m: (..., 1)
+    m.masked_fill_(m <= NEG / 2, 0.0)  # rows that see no key: e becomes exactly 0
+    s.sub_(m)
+    e = torch.exp(s, out=ebuf[: s.numel()].view(s.shape)) if want_t else s.exp_()
+    l = e.sum(dim=-1, keepdim=True)
+    t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1) if want_t else None  # s holds s - m
+    return e, m, l, t, top
+
+
+def forward(inp: AttnInputs, rows_per_chunk: int):
+    """``out (B, Hq, Nq, Dv)`` in q's dtype, ``lse (B, Hq, Nq)`` and a rank-4 `LensResult` (or None)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
-    G = Hq // Hkv
-    cdt, qs, kc, vc = _prepare(inp, q, k, v)
-    dev = q.device
-    lens = inp.lens
-    want_h = lens is not None and lens.entropy
-    want_rec = lens is not None and lens.received
-    topk = lens.topk if lens is not None else 0
-    rows = inp.rows
-
-    out = torch.zeros(B, Hkv, G, Nq, Dv, dtype=cdt, device=dev)
-    lse = torch.full((B, Hkv, G, Nq), float("-inf"), dtype=cdt, device=dev)
-    ent = torch.zeros(B, Hkv, G, Nq, dtype=cdt, device=dev) if want_h else None
-    maxw = torch.zeros(B, Hkv, G, Nq, dtype=cdt, device=dev) if lens is not None and lens.max_weight else None
-    rec = torch.zeros(B, Hkv, G, Nk, dtype=cdt, device=dev) if want_rec else None
-    if topk:
-        tk_w = torch.zeros(B, Hkv, G, Nq, topk, dtype=cdt, device=dev)
-        tk_i = torch.full((B, Hkv, G, Nq, topk), -1, dtype=torch.int64, device=dev)
-    if rows is not None:
-        wrows = torch.zeros(B, Hkv, G, len(rows), Nk, dtype=cdt, device=dev)
-        runs = _row_runs(rows)
-
+    cdt, qs, kc, vc = _prepare(inp)
+    dev = qs.device
+    outs = _Outputs(inp, cdt)
+    want_t = outs.ent is not None
     vbad = _nonfinite_keys(vc)
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # workspaces reused by every chunk
-    native = dev.type == "cpu" and cdt == torch.float32 and topk <= _native.MAX_TOPK and _native.load() is not None
-    ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_h and not native else None
-    zero = torch.zeros((), dtype=cdt, device=dev)
+    native = dev.type == "cpu" and cdt == torch.float32 and outs.topk <= _native.MAX_TOPK and _native.load() is not None
+    ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_t and not native else None
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
-        i1 = min(Nq, i0 + rows_per_chunk)
-        ch = _Chunk(inp, qs, kc, i0, i1, sbuf)
+        ch = _Chunk(inp, qs, kc, i0, min(Nq, i0 + rows_per_chunk), sbuf)
         if ch.nk == 0:
             continue  # no query in this chunk sees a key: zeros, lse -inf
-        c, nk, s = ch.c, ch.nk, ch.s
-        kk = min(topk, nk)
-        t = None
-        if native:  # one fused pass per row (rowsoftmax.c): s becomes e in place
-            m, l, t, top = _native.rowsoftmax(s, kk, NEG / 2)
-            e = s
-        else:
-            m, top = _rowmax_and_topk(s, kk)  # m: (B, Hkv, G·c, 1)
-            m.masked_fill_(m <= NEG / 2, 0.0)  # rows that see no key: e becomes exactly 0
-            s.sub_(m)
-            e = torch.exp(s, out=ebuf[: s.numel()].view(s.shape)) if want_h else s.exp_()
-            l = e.sum(dim=-1, keepdim=True)
-            if want_h:  # Σ_j e·(s - m); s holds s - m (NEG - m on masked keys, where e = 0)
-                t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1)
-        rl = torch.where(l > 0, 1.0 / l, zero)  # 1/l, 0 for dead rows
-        pv = e * _dropout_keep(seed, ci, e.shape, inp, cdt) if inp.dropout_p > 0 else e
-        o = _weighted_values(pv, vc, vbad, ch.lo, ch.hi).mul_(rl)  # (B, Hkv, G·c, Dv): out_i = Σ_j p_ij v_j
-        out[:, :, :, i0:i1] = o.view(B, Hkv, G, c, Dv)
-        lse[:, :, :, i0:i1] = (m + torch.log(l)).view(B, Hkv, G, c)
-        if maxw is not None:
-            maxw[:, :, :, i0:i1] = rl.view(B, Hkv, G, c)  # max_j e_ij = exp(0) = 1
-        if want_h:  # -Σ p log p = log l - Σ e·(s - m) / l
-            h = torch.where(l > 0, torch.log(l) - t * rl, zero)
-            ent[:, :, :, i0:i1] = h.clamp_(min=0).view(B, Hkv, G, c)
-        if want_rec:
-            e5 = e.view(B, Hkv, G, c, nk)
-            rec[..., ch.lo:ch.hi] += torch.matmul(rl.view(B, Hkv, G, 1, c), e5).view(B, Hkv, G, nk)
-        if topk:
-            vals, idx = top  # largest raw scores of each row
-            w = torch.exp(vals - m).mul_(rl)
-            idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=dev))
-            tk_w[:, :, :, i0:i1, :kk] = w.view(B, Hkv, G, c, kk)
-            tk_i[:, :, :, i0:i1, :kk] = idx.view(B, Hkv, G, c, kk)
-        if rows is not None:  # requested rows in this chunk: p = e / l written straight into `weights`
-            e5, rl5 = e.view(B, Hkv, G, c, nk), rl.view(B, Hkv, G, c, 1)
-            for r0, pos0, n in runs:
-                a, b = max(r0, i0), min(r0 + n, i1)
-                if a < b:
-                    dst = wrows[:, :, :, pos0 + a - r0:pos0 + b - r0, ch.lo:ch.hi]
-                    torch.mul(e5[:, :, :, a - i0:b - i0], rl5[:, :, :, a - i0:b - i0], out=dst)
-
-    def flat(t):  # (B, Hkv, G, ...) -> (B, Hq, ...)
-        return t.reshape(B, Hq, *t.shape[3:])
-
-    res = None
-    if lens is not None:
-        res = LensResult(lse=flat(lse) if lens.lse else None, max_weight=None if maxw is None else flat(maxw),
-                         entropy=None if ent is None else flat(ent), received=None if rec is None else flat(rec))
-        if topk:
-            res.topk_weights, res.topk_indices = flat(tk_w), flat(tk_i)
-        if rows is not None:
-            res.weights, res.rows = flat(wrows), rows
-    return flat(out), flat(lse), res
+        e, m, l, t, top = _softmax_stats(ch.s, min(outs.topk, ch.nk), want_t, native, ebuf)
+        pv = e * _dropout_keep(inp, ci, e.shape, cdt) if inp.dropout_p > 0 else e
+        o = _weighted_values(pv, vc, vbad, ch.lo, ch.hi)  # (B, Hkv, G·c, Dv), unnormalised
+        outs.write(ch, e, m, l, t, top, o)
+    return outs.result()
 
 
-def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk: int, acc=None):
-    """Gradients (dq, dk, dv), recomputing each chunk's weights from ``lse``; O(chunk · Nk) memory.
+def _lse_inf(lse, B, Hkv, G, Nq, cdt):
+    """``lse`` as ``(B, Hkv, G, Nq)`` with dead rows (-inf) read as +inf, so that ``exp(s - lse)`` is 0 there."""
+    lse5 = lse.to(cdt).reshape(B, Hkv, G, Nq)
+    return torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
 
-    ``acc`` (optional): tensors ``(dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv))`` in the
-    compute dtype, possibly strided views into larger buffers; the gradients are *added* into them (no
-    gradient-sized temporaries) and they are returned. Ring attention accumulates its blocks this way.
-    """
+
+def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int) -> None:
+    """Add the gradients into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` (any float
+    dtype, strided views allowed), recomputing each chunk's weights from ``lse``; O(chunk · Nk) memory."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     G = Hq // Hkv
-    cdt, qs, kc, vc = _prepare(inp, q, k, v)
-    dev = q.device
+    cdt, qs, kc, vc = _prepare(inp)
+    dev = qs.device
     do = dout.to(cdt).reshape(B, Hkv, G, Nq, Dv)
     # Σ_j p_ij dp_ij = rowsum(dO ∘ O), (B, Hkv, G, Nq), as a batched dot product (no (Nq, Dv) temporary)
     di = torch.einsum("...d,...d->...", do, out.to(cdt).reshape(B, Hkv, G, Nq, Dv))
-    lse5 = lse.reshape(B, Hkv, G, Nq)
-    lse5 = torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=dev), lse5)
-    if acc is None:
-        acc = (torch.zeros(B, Hq, Nq, D, dtype=cdt, device=dev), torch.zeros_like(kc), torch.zeros_like(vc))
-    dq, dk, dv = acc
+    lse5 = _lse_inf(lse, B, Hkv, G, Nq, cdt)
     dq5 = dq.unflatten(1, (Hkv, G))  # (B, Hkv, G, Nq, D), a view
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # score / weight workspace reused by every chunk
@@ -291,7 +329,7 @@ def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk
         c, lo, hi = ch.c, ch.lo, ch.hi
         p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).exp_()  # (B, Hkv, G·c, nk)
         do_c = do[:, :, :, i0:i1].reshape(B, Hkv, G * c, Dv)
-        keep = _dropout_keep(seed, ci, p.shape, inp, cdt) if inp.dropout_p > 0 else None
+        keep = _dropout_keep(inp, ci, p.shape, cdt) if inp.dropout_p > 0 else None
         pd = p * keep if keep is not None else p
         dv[:, :, lo:hi] += torch.matmul(pd.transpose(-1, -2), do_c)
         del pd
@@ -301,69 +339,53 @@ def backward(inp: AttnInputs, q, k, v, out, lse, dout, seed: int, rows_per_chunk
         ds = dp.sub_(di[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).mul_(p)  # p ∘ (dp - di)
         dq5[:, :, :, i0:i1] += torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale).view(B, Hkv, G, c, D)
         dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc)
-    return dq, dk, dv
 
 
-def column_sums(inp: AttnInputs, lse):
-    """``received`` given each query's ``lse`` ``(B, Hq, Nq)``: ``Σ_i exp(s_ij - lse_i)`` for each key j,
-    per query head ``(B, Hq, Nk)``, chunked like the backward. With the call's own lse these are its
-    column sums; ring attention passes the global lse of queries that saw other keys too."""
+def column_sums(inp: AttnInputs, lse, weights, rows_per_chunk: int):
+    """``Σ_i exp(s_ij - lse_i) · W_i`` per query head: ``(B, Hq, Nk)`` without ``weights``, ``(B, Hq, Nk, T)`` with
+    ``weights (B|1, Hq|1, Nq, T)``; chunked like the backward."""
     B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
     G = Hq // Hkv
-    cdt, qs, kc, _ = _prepare(inp, inp.q, inp.k, inp.v)
-    rows = chunk_rows(inp, torch.finfo(cdt).bits // 8)
-    lse5 = lse.to(cdt).reshape(B, Hkv, G, Nq)
-    lse5 = torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
-    rec = torch.zeros(B, Hkv, G, Nk, dtype=cdt, device=inp.q.device)
-    for i0 in range(0, Nq, rows):
-        i1 = min(Nq, i0 + rows)
+    cdt, qs, kc, _ = _prepare(inp)
+    lse5 = _lse_inf(lse, B, Hkv, G, Nq, cdt)
+    w5 = None
+    if weights is not None:
+        T = weights.shape[-1]
+        w5 = weights.to(cdt).expand(B, Hq, Nq, T).reshape(B, Hkv, G, Nq, T)
+    rec = torch.zeros((B, Hkv, G, Nk) + (() if w5 is None else (w5.shape[-1],)), dtype=cdt, device=qs.device)
+    for i0 in range(0, Nq, rows_per_chunk):
+        i1 = min(Nq, i0 + rows_per_chunk)
         ch = _Chunk(inp, qs, kc, i0, i1)
         if ch.nk == 0:
             continue
         p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * ch.c, 1)).exp_()  # (B, Hkv, G·c, nk)
-        rec[..., ch.lo:ch.hi] += p.view(B, Hkv, G, ch.c, ch.nk).sum(-2)
-    return rec.reshape(B, Hq, Nk)
-
-
-class _Attention(torch.autograd.Function):
-    """Autograd wrapper: forward saves q, k, v, out and lse; backward recomputes per chunk."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, inp, seed, rows_per_chunk, holder):
-        out, lse, res = forward(inp, q, k, v, seed, rows_per_chunk)
-        out = out.to(q.dtype)
-        holder.append(res)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.inp, ctx.seed, ctx.rows = inp, seed, rows_per_chunk
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(ctx.inp, q, k, v, out, lse, dout, ctx.seed, ctx.rows)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        p5 = p.view(B, Hkv, G, ch.c, ch.nk)
+        if w5 is None:
+            rec[..., ch.lo:ch.hi] += p5.sum(-2)
+        else:
+            rec[..., ch.lo:ch.hi, :] += torch.matmul(p5.transpose(-1, -2), w5[:, :, :, i0:i1])
+    return rec.reshape(B, Hq, *rec.shape[3:])
 
 
 class TorchChunkedBackend(Backend):
+    """Eager PyTorch over query chunks. ``chunk_bytes``: the size of one chunk's score buffer (the
+    workspace is a few of them), a per-instance setting: ``backend=TorchChunkedBackend(chunk_bytes=1 << 20)``."""
+
     name = "torch"
     description = "eager PyTorch over query chunks: exact, lens, autograd, O(chunk·Nk) memory"
-    capabilities = {"devices": "any torch device", "dtypes": "fp16/bf16 (fp32 inside), fp32, fp64", "lens": "yes",
-                    "grad": "yes (recomputing backward)", "dropout": "yes", "memory": "O(chunk·Nk)"}
+    capabilities = Capabilities(masks=frozenset({"bool", "float", "query"}), memory="O(chunk·Nk)",
+                                notes="any torch device; fp16/bf16 computed in fp32")
 
-    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        reasons = []
-        if inp.mask is not None and inp.mask.requires_grad and torch.is_grad_enabled():
-            reasons.append("no gradient with respect to a float mask (use backend='sdpa')")
-        return reasons
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES):
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
+        self.chunk_bytes = chunk_bytes
 
-    def run(self, inp: AttnInputs):
-        cdt = stat_dtype(inp.q.dtype)
-        rows = chunk_rows(inp, torch.finfo(cdt).bits // 8)
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if inp.dropout_p > 0 else 0
-        if inp.requires_grad:
-            holder: list = []
-            out = _Attention.apply(inp.q, inp.k, inp.v, inp, seed, rows, holder)
-            return out, holder[0]
-        out, _, res = forward(inp, inp.q, inp.k, inp.v, seed, rows)
-        return out.to(inp.q.dtype), res
+    def forward(self, inp: AttnInputs):
+        return forward(inp, chunk_rows(inp, self.chunk_bytes))
+
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes))
+
+    def column_sums(self, inp: AttnInputs, lse, weights=None):
+        return column_sums(inp, lse, weights, chunk_rows(inp, self.chunk_bytes))

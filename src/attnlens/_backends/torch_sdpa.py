@@ -1,4 +1,10 @@
-"""PyTorch's fused ``scaled_dot_product_attention``: the output only (no lens)."""
+"""PyTorch's fused ``scaled_dot_product_attention``: the output only (no lse, no lens, no block primitives).
+
+Gradients flow through PyTorch's own autograd. Causal calls with ``offset == 0`` use its
+``is_causal`` (top-left aligned = offset 0) and need no mask; windows, other offsets and causal
+with a user mask need a dense ``(Nq, Nk)`` bool mask — `memory` says so, and ``backend="auto"``
+then prefers a linear-memory backend.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,41 +12,51 @@ import torch.nn.functional as F
 
 from .._inputs import AttnInputs
 from ..masks import band_keep
-from . import Backend
+from . import Backend, Capabilities
 
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+
+
+def _dense_band(inp: AttnInputs) -> bool:
+    """The call needs a materialised (Nq, Nk) band mask."""
+    return inp.window is not None or (inp.causal and (inp.offset != 0 or inp.mask is not None))
 
 
 class SdpaBackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (fused; output only)"
-    capabilities = {"devices": "any torch device", "dtypes": "as PyTorch", "lens": "no", "grad": "yes",
-                    "dropout": "yes", "memory": "O(N) when causal Nq == Nk and no mask, else a dense mask"}
+    capabilities = Capabilities(lens=frozenset(), block=False, column_weights=False, memory="O(N)",
+                                notes="a dense (Nq, Nk) mask for windows, offsets other than 0 with causal, or "
+                                      "causal with a mask")
 
-    def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
-        reasons = []
-        if inp.lens is not None:
-            reasons.append("no lens (PyTorch's fused kernel returns the output only)")
+    def extra_reasons(self, inp: AttnInputs, reasons: list[str]) -> list[str]:
+        out = []
         B, Hq, Hkv, *_ = inp.shape
         if Hq != Hkv and not _HAS_GQA:
-            reasons.append("grouped-query attention needs torch >= 2.5 (enable_gqa)")
-        if not reasons and not inp.all_finite:
-            reasons.append("q, k or v holds NaN/inf: the fused kernel may zero such rows or spread them to rows "
-                           "that give them weight 0")
-        return reasons
+            out.append("grouped-query attention needs torch >= 2.5 (enable_gqa)")
+        if not reasons and not out and not inp.all_finite:
+            out.append("q, k or v holds NaN/inf: the fused kernel may zero such rows or spread them to rows "
+                       "that give them weight 0")
+        return out
 
-    def run(self, inp: AttnInputs):
+    def memory(self, inp: AttnInputs) -> str:
+        return "O(Nq·Nk)" if _dense_band(inp) else "O(N)"
+
+    def forward(self, inp: AttnInputs):
+        """``(out, None, None)``: differentiable through PyTorch's autograd."""
         q, k, v = inp.q, inp.k, inp.v
         B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
         kw = {"dropout_p": inp.dropout_p, "scale": inp.scale}
         if Hq != Hkv:
             kw["enable_gqa"] = True
         attn_mask, live = None, None
-        if inp.mask is None and inp.window is None and inp.causal and Nq == Nk:
-            kw["is_causal"] = True  # top-left == bottom-right when Nq == Nk; no dense mask
+        if inp.causal and not _dense_band(inp):
+            kw["is_causal"] = True  # top-left aligned: query i sees key j <= i, i.e. offset 0
         else:
-            keep = band_keep(torch.arange(Nq, device=q.device), torch.arange(Nk, device=q.device), Nq, Nk,
-                             inp.causal, inp.window)
+            keep = None
+            if _dense_band(inp):
+                keep = band_keep(torch.arange(Nq, device=q.device), torch.arange(Nk, device=q.device), inp.offset,
+                                 inp.causal, inp.window)
             m = inp.mask
             if m is None:
                 attn_mask = keep
@@ -56,4 +72,4 @@ class SdpaBackend(Backend):
         if live is not None and not bool(live.all()):
             # rows that see no key: 0 whatever the PyTorch version or kernel does with them
             out = out.masked_fill(~live.unsqueeze(-1), 0.0)
-        return out, None
+        return out, None, None

@@ -18,8 +18,9 @@ Math (scores in log2 units, ``s2 = log2(e) · (scale · q kᵀ + bias)``, masked
 ``t`` is ``Σ p·s`` taken relative to the running max, so ``H = lse - Σ p·s / l`` never subtracts
 two numbers of the size of the scores (scores of ±1e4 keep full precision).
 
-Band (bottom-right causal and sliding window folded into ``(LEFT, RIGHT)`` by `masks.band`):
-query i at position ``p = i + NK - NQ`` sees key j iff ``p - LEFT <= j <= p + RIGHT``. Each program
+Band (causal and sliding window folded into ``(LEFT, RIGHT)`` by `masks.band`): query i at key
+position ``p = i + OFFSET`` (a runtime argument; ``NK - NQ`` is bottom-right) sees key j iff
+``p - LEFT <= j <= p + RIGHT``. Each program
 visits only the tiles that intersect the band, split into three ranges: partial tiles before
 (masked), tiles every row of the program sees completely (no mask at all), partial tiles after
 (masked; this range also holds the ragged last tile ``j >= NK``).
@@ -41,10 +42,10 @@ I32_MIN = tl.constexpr(-(2**31))
 
 
 @triton.jit
-def _key_bounds(row0, NQ, NK, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key tiles for query rows [row0, row0 + BLOCK_M): masked [lo, fl), full [fl, fh), masked [fh, hi)."""
-    off = NK - NQ
+    off = OFFSET
     row1 = tl.minimum(row0 + BLOCK_M, NQ)
     lo = row0 * 0
     full_lo = row0 * 0
@@ -65,14 +66,14 @@ def _key_bounds(row0, NQ, NK, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _query_bounds(col0, NQ, NK, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Query tiles that see keys [col0, col0 + BLOCK_N): masked [lo, fl), full [fl, fh), masked [fh, hi).
 
     Query i sees key j iff i >= j - off - RIGHT and i <= j - off + LEFT. Rows >= NQ need no mask:
     their lse is loaded as +inf, so their weights are 0.
     """
-    off = NK - NQ
+    off = OFFSET
     col1 = tl.minimum(col0 + BLOCK_N, NK)
     lo = col0 * 0
     full_lo = col0 * 0
@@ -93,9 +94,9 @@ def _query_bounds(col0, NQ, NK, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def _band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _band_mask(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """keep[a, b] for query rows (BLOCK_M,) and key cols (BLOCK_N,): in the band and cols < NK."""
-    pos = rows[:, None] + (NK - NQ)
+    pos = rows[:, None] + OFFSET
     keep = (cols[None, :] < NK) & (rows[:, None] >= 0)  # broadcast to (BLOCK_M, BLOCK_N)
     if HAS_LEFT:
         keep = keep & (cols[None, :] >= pos - LEFT)
@@ -105,9 +106,9 @@ def _band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGH
 
 
 @triton.jit
-def _band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _band_mask_t(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """The transpose of `_band_mask`: keep[b, a] of shape (BLOCK_N, BLOCK_M)."""
-    pos = rows[None, :] + (NK - NQ)
+    pos = rows[None, :] + OFFSET
     keep = (cols[:, None] < NK) & (rows[None, :] >= 0)
     if HAS_LEFT:
         keep = keep & (cols[:, None] >= pos - LEFT)
@@ -141,19 +142,19 @@ def _load_lse2(LSE_BASE, rows, rmask):
 
 
 @triton.jit
-def _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED: tl.constexpr,
+def _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED: tl.constexpr,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """s2 = log2(e)·(scale·q kᵀ + bias) of shape (BLOCK_M, BLOCK_N); -inf outside the band on MASKED tiles."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if HAS_BIAS:
         s = s + _key_bias2(BIAS_BASE, cols, stride_bn, NK)[None, :]
     if MASKED:
-        s = tl.where(_band_mask(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        s = tl.where(_band_mask(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
     return s
 
 
 @triton.jit
-def _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED: tl.constexpr,
+def _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     """The transpose of `_scores`, (BLOCK_N, BLOCK_M), for kernels that hold a key tile; ``bias2`` is the key
     tile's bias already in log2 units."""
@@ -161,7 +162,7 @@ def _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED: tl
     if HAS_BIAS:
         st = st + bias2[:, None]
     if MASKED:
-        st = tl.where(_band_mask_t(rows, cols, NQ, NK, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), st, float("-inf"))
+        st = tl.where(_band_mask_t(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), st, float("-inf"))
     return st
 
 
@@ -214,7 +215,7 @@ def _topk_merge(tk, thr, s, cols):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride_kn, stride_kd, stride_vn,
-               stride_vd, stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+               stride_vd, stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_BIAS: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over key tiles [start, end): the tutorial's inner loop, plus t (entropy) and top-k."""
@@ -223,7 +224,7 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
-        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT,
+        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, DOT_PREC)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_ij)
@@ -249,7 +250,7 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    HQ, GROUP, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+                    HQ, GROUP, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     WANT_ENT: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -278,18 +279,18 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
     tk = tl.zeros([BLOCK_M, TOPK_P], dtype=tl.int64) + (I64_MIN + 1) + tl.arange(0, TOPK_P)[None, :]
     thr = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
 
-    lo, fl, fh, hi = _key_bounds(row0, NQ, NK, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+        stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
         BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, WANT_ENT, TOPK, DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+        stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
         BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, WANT_ENT, TOPK, DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+        stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
         BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, WANT_ENT, TOPK, DOT_PREC)
 
     # epilogue: rows that saw no key (l = 0) get out 0, lse -inf, max_weight 0, entropy 0
@@ -323,31 +324,37 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
 
 
 @triton.jit
-def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, stride_qm, stride_qd, cols, offs_d, start, end,
-                    NQ, NK, D, qk_scale, LEFT, RIGHT, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_qd, stride_wm, stride_wt, cols,
+                    offs_d, offs_t, start, end, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + tl.arange(0, BLOCK_M)
         rmask = rows < NQ
         q = _load_tile(Q_BASE, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
         lse2 = _load_lse2(LSE_BASE, rows, rmask)
-        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
+        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
                        HAS_BIAS, DOT_PREC)
-        rec += tl.sum(tl.math.exp2(st - lse2[None, :]), 1)
+        pt = tl.math.exp2(st - lse2[None, :])  # P^T (BLOCK_N, BLOCK_M)
+        if WEIGHTED:  # rec (BLOCK_N, BLOCK_T) += P^T W
+            w = _load_tile(W_BASE, rows, offs_t, stride_wm, stride_wt, NQ, T, True)
+            rec = tl.dot(pt, w, rec, input_precision="ieee")
+        else:
+            rec += tl.sum(pt, 1)
     return rec
 
 
 @triton.jit
-def attn_received_kernel(Q, K, BIAS, LSE, REC,
+def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                         stride_bb, stride_bh, stride_bn,
-                         HQ, GROUP, NQ, NK, D, qk_scale, LEFT, RIGHT,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         stride_bb, stride_bh, stride_bn, stride_wb, stride_wh, stride_wm, stride_wt,
+                         HQ, GROUP, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
-    """received[b, h, j] = Σ_i 2^(s2_ij - lse2_i): one program per key tile loops over query tiles (no atomics)."""
+                         WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """REC[b, h, j] = Σ_i 2^(s2_ij - lse2_i), or with WEIGHTED, REC[b, h, j, t] = Σ_i 2^(s2_ij - lse2_i) W[b, h, i, t]
+    (``Pᵀ W``): one program per key tile loops over query tiles (no atomics)."""
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // HQ).to(tl.int64)
@@ -356,28 +363,40 @@ def attn_received_kernel(Q, K, BIAS, LSE, REC,
     col0 = start_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_T)
     k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
     bias2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     lse_base = LSE + off_bh.to(tl.int64) * NQ
-    rec = tl.zeros([BLOCK_N], dtype=tl.float32)
-    lo, fl, fh, hi = _query_bounds(col0, NQ, NK, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    rec = _received_inner(rec, k, bias2, q_base, lse_base, stride_qm, stride_qd, cols, offs_d, lo, fl, NQ, NK, D,
-                          qk_scale, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
-    rec = _received_inner(rec, k, bias2, q_base, lse_base, stride_qm, stride_qd, cols, offs_d, fl, fh, NQ, NK, D,
-                          qk_scale, LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
-    rec = _received_inner(rec, k, bias2, q_base, lse_base, stride_qm, stride_qd, cols, offs_d, fh, hi, NQ, NK, D,
-                          qk_scale, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
-    tl.store(REC + off_bh.to(tl.int64) * NK + cols, rec, mask=cols < NK)
+    w_base = W + off_b * stride_wb + off_h * stride_wh
+    if WEIGHTED:
+        rec = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+    else:
+        rec = tl.zeros([BLOCK_N], dtype=tl.float32)
+    lo, fl, fh, hi = _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
+                          offs_d, offs_t, lo, fl, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
+                          HAS_RIGHT, HAS_BIAS, WEIGHTED, DOT_PREC)
+    rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
+                          offs_d, offs_t, fl, fh, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, False, HAS_LEFT,
+                          HAS_RIGHT, HAS_BIAS, WEIGHTED, DOT_PREC)
+    rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
+                          offs_d, offs_t, fh, hi, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
+                          HAS_RIGHT, HAS_BIAS, WEIGHTED, DOT_PREC)
+    if WEIGHTED:
+        r_ptrs = REC + (off_bh.to(tl.int64) * NK + cols[:, None]) * T + offs_t[None, :]
+        tl.store(r_ptrs, rec, mask=(cols[:, None] < NK) & (offs_t[None, :] < T))
+    else:
+        tl.store(REC + off_bh.to(tl.int64) * NK + cols, rec, mask=cols < NK)
 
 
 @triton.jit
 def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_bb, stride_bh, stride_bn,
-                        HQ, GROUP, NQ, NK, D, R, qk_scale, LEFT, RIGHT,
+                        HQ, GROUP, NQ, NK, D, R, qk_scale, OFFSET, LEFT, RIGHT,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         DOT_PREC: tl.constexpr):
@@ -397,8 +416,8 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
     k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
     lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, smask)
-    s = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT,
-                RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+    s = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET,
+                LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
     p = tl.math.exp2(s - lse2[:, None])  # 0 outside the band (s = -inf) and on dead rows (lse2 = +inf)
     w_ptrs = W + (off_bh.to(tl.int64) * R + slots[:, None]) * NK + cols[None, :]
     tl.store(w_ptrs, p, mask=smask[:, None] & (cols[None, :] < NK))
@@ -428,7 +447,7 @@ def attn_bwd_preprocess_kernel(OUT, DO, DELTA, stride_ob, stride_oh, stride_om, 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, stride_qm, stride_qd,
-                    stride_dm, stride_dd, cols, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+                    stride_dm, stride_dd, cols, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
@@ -439,7 +458,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, 
         do = _load_tile(DO_BASE, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
         lse2 = _load_lse2(LSE_BASE, rows, rmask)
         delta = tl.load(DELTA_BASE + rows, mask=rmask, other=0.0)
-        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
+        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
                        HAS_BIAS, DOT_PREC)
         pt = tl.math.exp2(st - lse2[None, :])  # P^T, recomputed from the saved lse
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -455,7 +474,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
                          stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, LEFT, RIGHT,
+                         HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                          DOT_PREC: tl.constexpr):
@@ -473,7 +492,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
     v = _load_tile(V + off_b * stride_vb + off_kh * stride_vh, cols, offs_dv, stride_vn, stride_vd, NK, DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo, fl, fh, hi = _query_bounds(col0, NQ, NK, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, GROUP):
         off_h = off_kh * GROUP + g
         off_bh = off_b * HQ + off_h
@@ -485,24 +504,26 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
         if HAS_BIAS:
             bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, LEFT,
-                                 RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET,
+                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, LEFT,
-                                 RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET,
+                                 LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, LEFT,
-                                 RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
-    dk = dk * scale
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET,
+                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+    dk = dk * scale  # added into the caller's buffers: a ring accumulates its blocks without copies
     dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=cmask[:, None] & (offs_d[None, :] < D))
+    dk_mask = cmask[:, None] & (offs_d[None, :] < D)
+    tl.store(dk_ptrs, (tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk).to(DK.dtype.element_ty), mask=dk_mask)
     dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=cmask[:, None] & (offs_dv[None, :] < DV))
+    dv_mask = cmask[:, None] & (offs_dv[None, :] < DV)
+    tl.store(dv_ptrs, (tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv).to(DV_.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_BASE, V_BASE, BIAS_BASE, stride_kn, stride_kd, stride_vn, stride_vd,
-                  stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+                  stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
@@ -511,7 +532,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_BASE, V_BASE, BIAS_BASE, stride_kn, 
         cols = start_n + offs_n
         k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
         v = _load_tile(V_BASE, cols, offs_dv, stride_vn, stride_vd, NK, DV, MASKED)
-        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, LEFT, RIGHT, MASKED, HAS_LEFT,
+        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -525,7 +546,7 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                        stride_db, stride_dh, stride_dm, stride_dd, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, LEFT, RIGHT,
+                       HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        DOT_PREC: tl.constexpr):
@@ -548,16 +569,17 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     v_base = V + off_b * stride_vb + off_kh * stride_vh
     bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, fl, fh, hi = _key_bounds(row0, NQ, NK, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+                       stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+                       stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, LEFT, RIGHT,
+                       stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & (offs_d[None, :] < D))
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    dq_mask = rmask[:, None] & (offs_d[None, :] < D)
+    tl.store(dq_ptrs, (tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq).to(DQ.dtype.element_ty), mask=dq_mask)

@@ -1,24 +1,26 @@
 """The ``triton`` backend: fused attention with the lens on CUDA, as ``torch.library`` custom ops.
 
-Three ops, each a thin launcher of the kernels in `kernels` (imported lazily, so ``import attnlens``
-never needs triton or CUDA, and ``TRITON_INTERPRET`` is read only at first use):
+Four ops, each a thin launcher of the kernels in `kernels` (imported lazily, so ``import attnlens``
+never needs triton or CUDA, and ``TRITON_INTERPRET`` is read only at first use) — the backend's
+block primitives:
 
-    attnlens::triton_attention(q, k, v, bias?, scale, left, right, entropy, topk)
+    attnlens::triton_attention(q, k, v, bias?, scale, offset, left, right, entropy, topk, config)
         -> out (B,Hq,Nq,Dv), lse, max_weight (B,Hq,Nq), entropy (B,Hq,Nq) | (0,),
            topk_indices, topk_weights (B,Hq,Nq,k) | (0,)
-        differentiable in q, k, v (``register_autograd`` calls the backward op below);
-        the statistics are marked non-differentiable.
-    attnlens::triton_attention_backward(dout, q, k, v, bias?, out, lse, scale, left, right) -> dq, dk, dv
-    attnlens::triton_attention_lens_columns(q, k, bias?, lse, scale, left, right, received, rows?)
-        -> received (B,Hq,Nk) | (0,), weights (B,Hq,R,Nk) | (0,)      (a second pass once lse is known)
+    attnlens::triton_attention_backward(dout, q, k, v, bias?, out, lse, scale, offset, left, right, dq, dk, dv,
+                                        config) -> ()   adds the gradients into dq, dk, dv (mutated)
+    attnlens::triton_column_sums(q, k, bias?, lse, weights?, scale, offset, left, right, config)
+        -> (B,Hq,Nk) column sums, or (B,Hq,Nk,T) = Pᵀ W with weights (B|1,Hq|1,Nq,T)
+    attnlens::triton_weight_rows(q, k, bias?, lse, rows, scale, offset, left, right, config) -> (B,Hq,R,Nk)
 
-Each has a ``register_fake``, so ``torch.compile`` traces a model through them without running
-a kernel. The autograd wrapper is the one ``register_autograd`` builds (no separate
-``torch.autograd.Function``: one wrapper, usable eagerly and under ``torch.compile``).
+Each has a ``register_fake``, so ``torch.compile`` traces a model through them without running a
+kernel. Gradients go through attnlens's one autograd wrapper (`attnlens.api.differentiable`), which
+calls the backward op — as for every backend with block primitives.
 
 ``bias`` is a key mask turned into a float32 ``(B, Hq, Nk)`` additive bias (bool False → -inf),
 usually an expanded view with zero strides; ``left``/``right`` are the band of `masks.band`
-(causal folded in), -1 meaning unbounded.
+(causal folded in), -1 meaning unbounded; ``offset``: query i sits at key position ``i + offset``.
+``config``: block-size overrides as `parse_config` reads them ("" = the table of `_config`).
 
 Precision: fp16/bf16 inputs use the tensor-core dot with fp32 accumulation and fp32 softmax;
 ``P`` is rounded to the input dtype before ``P @ V`` (as FlashAttention). fp32 inputs use IEEE
@@ -40,7 +42,7 @@ from torch import Tensor
 from ..._inputs import AttnInputs
 from ...lens import LensResult
 from ...masks import band
-from .. import Backend
+from .. import Backend, Capabilities
 
 #: head dims (of q/k and of v) the kernels take; padded to a power of two >= 16 with masked loads
 MAX_HEAD_DIM = 256
@@ -49,10 +51,8 @@ MAX_TOPK = 16
 #: finite float-mask entries are clamped to this (as `torch_chunked` does): a row whose entries are all
 #: finfo.min averages its keys, as in PyTorch, instead of reading as masked; -inf still masks
 BIAS_FLOOR = -2.5e29
-#: replaces `_config`'s choices: flat entries ({"BLOCK_M": 16, "BLOCK_N": 16}, as the interpreter tests use) apply
-#: to every kernel; an entry keyed by a kind ("fwd", "cols", "dkdv", "dq") holds a dict for that kind only, e.g.
-#: {"dkdv": {"num_warps": 8}} (how benchmarks/gpu.py and benchmarks/triton_compile.py try variants). None = the table.
-BLOCK_OVERRIDE: Optional[dict] = None
+#: the kernel kinds `_config` sizes
+KINDS = ("fwd", "cols", "dkdv", "dq")
 
 _TRUE = ("1", "true", "yes", "on", "y")
 _kernels_mod = None
@@ -61,9 +61,14 @@ _kernels_mod = None
 _launch_hook: contextvars.ContextVar = contextvars.ContextVar("attnlens_triton_launch_hook", default=None)
 
 
-@functools.lru_cache(maxsize=None)
+_FOUND: dict = {}
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported (looked up once; a plain dict, so torch.compile traces it without a warning)."""
+    if "triton" not in _FOUND:
+        _FOUND["triton"] = importlib.util.find_spec("triton") is not None
+    return _FOUND["triton"]
 
 
 def interpret_mode() -> bool:
@@ -151,9 +156,29 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch: int = 90, group: int = 1) -> dict:
+@functools.lru_cache(maxsize=None)
+def parse_config(text: str) -> dict:
+    """Block-size overrides: comma-separated ``[KIND:]BMxBN[xWARPS[xSTAGES]]`` (KIND one of `KINDS`; without
+    it the entry applies to every kind), e.g. ``"16x16"`` (the interpreter tests) or ``"dkdv:16x128x8,dq:64x32"``.
+    Returns ``{kind or "*": {"BLOCK_M": .., "BLOCK_N": .., "num_warps": .., "num_stages": ..}}``."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        kind, shape = item.split(":", 1) if ":" in item else ("*", item)
+        try:
+            parts = [int(x) for x in shape.lower().split("x")]
+        except ValueError:
+            parts = []
+        if kind not in KINDS + ("*",) or not 2 <= len(parts) <= 4 or min(parts) < 1:
+            raise ValueError(f"config: expected comma-separated [KIND:]BMxBN[xWARPS[xSTAGES]] with KIND in "
+                             f"{'/'.join(KINDS)}, got {item!r}")
+        out[kind] = dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"], parts))
+    return out
+
+
+def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch: int = 90, group: int = 1,
+            override: str = "") -> dict:
     """Block sizes, warps and stages per kernel kind ("fwd", "cols", "dkdv", "dq") for ``sm_<arch>``, ``group``
-    query heads per kv head, then `BLOCK_OVERRIDE` on top.
+    query heads per kv head, then the ``override`` (`parse_config`) on top.
 
     Every entry is compiled for sm_90, sm_80, sm_86, sm_89 and sm_120 without a GPU by
     benchmarks/triton_compile.py (table in benchmarks/results/triton-compile-*.md; tests/test_triton_compile.py
@@ -201,9 +226,10 @@ def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch:
         else:
             warps, stages = 8, 1
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-    if BLOCK_OVERRIDE:
-        cfg.update({key: val for key, val in BLOCK_OVERRIDE.items() if not isinstance(val, dict)})
-        cfg.update(BLOCK_OVERRIDE.get(kind, {}))
+    if override:
+        table = parse_config(override)
+        cfg.update(table.get("*", {}))
+        cfg.update(table.get(kind, {}))
     return cfg
 
 
@@ -215,7 +241,7 @@ def _arch(t: Tensor) -> int:
     if _device_type(t) == "cuda":
         major, minor = _capability(t)
         return 10 * major + minor
-    return 90  # the interpreter: block sizes come from BLOCK_OVERRIDE in the tests
+    return 90  # the interpreter: the tests give small block sizes with TritonBackend(config=...)
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -251,7 +277,7 @@ LOG2E = 1.4426950408889634
 # launchers
 
 
-def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
+def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -261,7 +287,7 @@ def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
     ent = torch.empty((B, Hq, Nq) if entropy else (0,), **f32)
     tk_i = torch.empty((B, Hq, Nq, topk) if topk else (0,), dtype=torch.int64, device=q.device)
     tk_w = torch.empty((B, Hq, Nq, topk) if topk else (0,), **f32)
-    cfg = _config("fwd", D, Dv, q.dtype, topk, _arch(q))
+    cfg = _config("fwd", D, Dv, q.dtype, topk, _arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     grid = (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
@@ -269,7 +295,7 @@ def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
         _launch("attn_fwd_kernel", grid,
             q, k, v, bias_t, out, lse, maxw, ent if entropy else lse, tk_i if topk else lse, tk_w if topk else lse,
             *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, scale * LOG2E, L, R,
+            Hq, Hq // Hkv, Nq, Nk, D, Dv, scale * LOG2E, offset, L, R,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
             HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, WANT_ENT=entropy, TOPK=topk,
             TOPK_P=1 << max(1, (topk - 1).bit_length()),  # list width: next power of two >= max(k, 2)
@@ -277,70 +303,84 @@ def _forward_impl(q, k, v, bias, scale, left, right, entropy, topk):
     return out, lse, maxw, ent, tk_i, tk_w
 
 
-def _columns_impl(q, k, bias, lse, scale, left, right, received, rows):
+def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    f32 = dict(dtype=torch.float32, device=q.device)
-    cfg = _config("cols", D, D, q.dtype, arch=_arch(q))
+    cfg = _config("cols", D, D, q.dtype, arch=_arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
-    common = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), HAS_LEFT=has_l, HAS_RIGHT=has_r,
-                  HAS_BIAS=has_b, DOT_PREC=_dot_prec(q.dtype), **_launch_opts(cfg))
-    rec = torch.empty((B, Hq, Nk) if received else (0,), **f32)
-    w = torch.empty((0,), **f32)
+    T = 0 if weights is None else weights.shape[-1]
+    rec = torch.empty((B, Hq, Nk, T) if T else (B, Hq, Nk), dtype=torch.float32, device=q.device)
+    if weights is None:
+        w_t, sw = lse, (0, 0, 0, 0)
+    else:
+        w_t = weights.to(torch.float32).expand(B, Hq, Nq, T)  # zero strides where it broadcasts
+        sw = tuple(w_t.stride())
     with _device_ctx(q):
-        if received:
-            _launch("attn_received_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
-                q, k, bias_t, lse, rec, *q.stride(), *k.stride(), *sb,
-                Hq, Hq // Hkv, Nq, Nk, D, scale * LOG2E, L, R, **common)
-        if rows is not None:
-            nr = rows.numel()
-            w = torch.empty((B, Hq, nr, Nk), **f32)
-            if nr:
-                _launch("attn_weights_kernel", (_cdiv(nr, cfg["BLOCK_M"]), _cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
-                    q, k, bias_t, lse, rows, w, *q.stride(), *k.stride(), *sb,
-                    Hq, Hq // Hkv, Nq, Nk, D, nr, scale * LOG2E, L, R, **common)
-    return rec, w
+        _launch("attn_received_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
+            q, k, bias_t, lse, w_t, rec, *q.stride(), *k.stride(), *sb, *sw,
+            Hq, Hq // Hkv, Nq, Nk, D, max(T, 1), scale * LOG2E, offset, L, R,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), BLOCK_T=_pow2(max(T, 1)),
+            HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, WEIGHTED=T > 0, DOT_PREC=_dot_prec(q.dtype),
+            **_launch_opts(cfg))
+    return rec
 
 
-def _backward_impl(dout, q, k, v, bias, out, lse, scale, left, right):
+def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config):
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    cfg = _config("cols", D, D, q.dtype, arch=_arch(q), override=config)
+    L, R, has_l, has_r = _band_args(left, right)
+    bias_t, sb, has_b = _bias_args(bias, lse)
+    nr = rows.numel()
+    w = torch.empty((B, Hq, nr, Nk), dtype=torch.float32, device=q.device)
+    if nr:
+        with _device_ctx(q):
+            _launch("attn_weights_kernel", (_cdiv(nr, cfg["BLOCK_M"]), _cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
+                q, k, bias_t, lse, rows, w, *q.stride(), *k.stride(), *sb,
+                Hq, Hq // Hkv, Nq, Nk, D, nr, scale * LOG2E, offset, L, R,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), HAS_LEFT=has_l, HAS_RIGHT=has_r,
+                HAS_BIAS=has_b, DOT_PREC=_dot_prec(q.dtype), **_launch_opts(cfg))
+    return w
+
+
+def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)  # D_i = rowsum(dO ∘ O)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     flags = dict(BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b,
                  DOT_PREC=_dot_prec(q.dtype))
     with _device_ctx(q):
         pre = 64
         _launch("attn_bwd_preprocess_kernel", (_cdiv(Nq, pre), B * Hq),
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv, BLOCK_M=pre, BLOCK_DV=_pow2(Dv))
-        cfg = _config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv)
+        cfg = _config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config)
         _launch("attn_bwd_dkdv_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv),
             q, k, v, bias_t, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
-            *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, L, R,
+            *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags, **_launch_opts(cfg))
-        cfg = _config("dq", D, Dv, q.dtype, arch=_arch(q))
+        cfg = _config("dq", D, Dv, q.dtype, arch=_arch(q), override=config)
         _launch("attn_bwd_dq_kernel", (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq),
             q, k, v, bias_t, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
-            *dq.stride(), Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, L, R,
+            *dq.stride(), Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags, **_launch_opts(cfg))
-    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------
-# torch.library registration: custom ops, fake (meta) kernels, autograd
+# torch.library registration: custom ops and fake (meta) kernels
 
 
 @torch.library.custom_op("attnlens::triton_attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, left: int, right: int,
-                 entropy: bool, topk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(q, k, v, bias, scale, left, right, entropy, topk)
+def attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, offset: int, left: int,
+                 right: int, entropy: bool, topk: int, config: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                              Tensor]:
+    return _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, bias, scale, left, right, entropy, topk):
+def _attention_fake(q, k, v, bias, scale, offset, left, right, entropy, topk, config):
     B, Hq, Nq, _ = q.shape
     st = dict(dtype=torch.float32, device=q.device)
     return (q.new_empty((B, Hq, Nq, v.shape[3])), q.new_empty((B, Hq, Nq), **st), q.new_empty((B, Hq, Nq), **st),
@@ -349,47 +389,40 @@ def _attention_fake(q, k, v, bias, scale, left, right, entropy, topk):
             q.new_empty((B, Hq, Nq, topk) if topk else (0,), **st))
 
 
-@torch.library.custom_op("attnlens::triton_attention_backward", mutates_args=())
+@torch.library.custom_op("attnlens::triton_attention_backward", mutates_args=("dq", "dk", "dv"))
 def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
-                          lse: Tensor, scale: float, left: int, right: int) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(dout, q, k, v, bias, out, lse, scale, left, right)
+                          lse: Tensor, scale: float, offset: int, left: int, right: int, dq: Tensor, dk: Tensor,
+                          dv: Tensor, config: str) -> None:
+    _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config)
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, bias, out, lse, scale, left, right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_backward_fake(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config):
+    return None
 
 
-@torch.library.custom_op("attnlens::triton_attention_lens_columns", mutates_args=())
-def lens_columns_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, scale: float, left: int, right: int,
-                    received: bool, rows: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _columns_impl(q, k, bias, lse, scale, left, right, received, rows)
+@torch.library.custom_op("attnlens::triton_column_sums", mutates_args=())
+def column_sums_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, weights: Optional[Tensor], scale: float,
+                   offset: int, left: int, right: int, config: str) -> Tensor:
+    return _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config)
 
 
-@lens_columns_op.register_fake
-def _lens_columns_fake(q, k, bias, lse, scale, left, right, received, rows):
-    B, Hq = q.shape[:2]
-    Nk = k.shape[2]
-    st = dict(dtype=torch.float32, device=q.device)
-    return (q.new_empty((B, Hq, Nk) if received else (0,), **st),
-            q.new_empty((B, Hq, rows.shape[0], Nk) if rows is not None else (0,), **st))
+@column_sums_op.register_fake
+def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, config):
+    B, Hq, Nk = q.shape[0], q.shape[1], k.shape[2]
+    shape = (B, Hq, Nk) if weights is None else (B, Hq, Nk, weights.shape[-1])
+    return q.new_empty(shape, dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, left, right, _, _ = inputs
-    out, lse = output[0], output[1]
-    ctx.save_for_backward(q, k, v, bias, out, lse)
-    ctx.scale, ctx.left, ctx.right = scale, left, right
-    ctx.mark_non_differentiable(*output[1:])
+@torch.library.custom_op("attnlens::triton_weight_rows", mutates_args=())
+def weight_rows_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, rows: Tensor, scale: float, offset: int,
+                   left: int, right: int, config: str) -> Tensor:
+    return _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config)
 
 
-def _backward(ctx, dout, *_stat_grads):
-    q, k, v, bias, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(dout, q, k, v, bias, out, lse, ctx.scale, ctx.left, ctx.right)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-attention_op.register_autograd(_backward, setup_context=_setup_context)
+@weight_rows_op.register_fake
+def _weight_rows_fake(q, k, bias, lse, rows, scale, offset, left, right, config):
+    return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], k.shape[2]), dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------
@@ -421,49 +454,50 @@ def _capability(t: Tensor) -> tuple[int, int]:
     return torch.cuda.get_device_capability(t.device)
 
 
+def _band(inp: AttnInputs) -> tuple[int, int]:
+    left, right = band(inp.causal, inp.window)
+    return -1 if left is None else left, -1 if right is None else right
+
+
 class TritonBackend(Backend):
+    """Fused Triton kernels. ``config``: block-size overrides for this backend object (`parse_config`), e.g.
+    ``TritonBackend(config="16x16")`` — how the interpreter tests and benchmarks/gpu.py try tile shapes."""
+
     name = "triton"
     description = "fused Triton kernels on CUDA: online softmax with the lens in-kernel, recomputing backward"
-    capabilities = {"devices": "cuda (cpu only under TRITON_INTERPRET=1 with backend='triton')",
-                    "dtypes": "fp16/bf16 (fp32 accumulation), fp32 (IEEE dots)", "lens": "yes (top-k <= 16)",
-                    "grad": "yes (FlashAttention-2 backward)", "dropout": "no",
-                    "masks": "causal, window, key masks (B|1, H|1, 1, Nk)", "memory": "O(N)"}
+    capabilities = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16,
+                                                                                torch.float32}),
+                                max_head_dim=MAX_HEAD_DIM, max_topk=MAX_TOPK, masks=frozenset({"bool", "float"}),
+                                dropout=False, memory="O(N)",
+                                notes="CPU only under TRITON_INTERPRET=1 with backend='triton' (the test mode); "
+                                      "FlashAttention-2 backward")
+
+    def __init__(self, config: str = ""):
+        parse_config(config)  # a bad spec fails here, not at the first launch
+        self.config = config
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
         if not triton_installed():
             return ["triton is not installed (pip install triton)"]
-        reasons = []
-        dev = inp.q.device
+        return super().not_supported_reasons(inp)
+
+    def _mask_reasons(self, inp: AttnInputs) -> list[str]:
+        return [r + ("; use backend='torch'" if "queries" in r else "") for r in super()._mask_reasons(inp)]
+
+    def _device_reasons(self, inp: AttnInputs) -> list[str]:
         on = _device_type(inp.q)
-        if on == "cpu" and (interpret_mode() or _launch_hook.get() is not None):
-            pass  # the interpreter's test mode (served when named, see auto_reasons), or `aot` compiling
-        elif on != "cuda":
-            reasons.append(f"tensors on {dev}: needs CUDA (or CPU tensors with TRITON_INTERPRET=1 and "
-                           "backend='triton', the test mode)")
-        dt = inp.q.dtype
-        if dt not in (torch.float16, torch.bfloat16, torch.float32):
-            reasons.append(f"dtype {dt}: the kernels take float16, bfloat16 or float32 (use backend='torch' "
-                           "for float64)")
-        elif dt == torch.bfloat16 and on == "cuda" and _capability(inp.q) < (8, 0):
-            reasons.append("bfloat16 needs a GPU of compute capability >= 8.0")
-        B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
-        if max(D, Dv) > MAX_HEAD_DIM:
-            reasons.append(f"head dim D={D}, Dv={Dv}: the kernels take head dims up to {MAX_HEAD_DIM}")
-        m = inp.mask
-        if m is not None:
-            if m.shape[2] != 1:
-                reasons.append(f"mask of shape {tuple(m.shape)} (as rank 4) varies along the queries: only key masks "
-                               f"(B|1, H|1, 1, Nk), e.g. key padding, are fused; use backend='torch'")
-            if m.dtype != torch.bool and m.requires_grad and torch.is_grad_enabled():
-                reasons.append("no gradient with respect to a float mask (use backend='sdpa')")
-        if inp.dropout_p > 0:
-            reasons.append(f"dropout_p={inp.dropout_p}: dropout is not fused (use backend='torch' or 'sdpa')")
-        if inp.lens is not None and inp.lens.topk > MAX_TOPK:
-            reasons.append(f"Lens.topk={inp.lens.topk}: the kernel keeps at most {MAX_TOPK} per query "
-                           "(use backend='torch')")
-        if not reasons and not inp.all_finite:
-            reasons.append("q, k or v holds NaN/inf: a fused kernel would spread it to rows that give it weight 0")
-        return reasons
+        if on == "cuda" or (on == "cpu" and (interpret_mode() or _launch_hook.get() is not None)):
+            return []  # CUDA; or the interpreter's test mode (served when named, see auto_reasons), or `aot`
+        return [f"tensors on {inp.q.device}: needs CUDA (or CPU tensors with TRITON_INTERPRET=1 and "
+                "backend='triton', the test mode)"]
+
+    def extra_reasons(self, inp: AttnInputs, reasons: list[str]) -> list[str]:
+        out = []
+        if inp.q.dtype == torch.bfloat16 and _device_type(inp.q) == "cuda" and _capability(inp.q) < (8, 0):
+            out.append("bfloat16 needs a GPU of compute capability >= 8.0")
+        if not reasons and not out and not inp.all_finite:
+            out.append("q, k or v holds NaN/inf: a fused kernel would spread it to rows that give it weight 0")
+        return out
 
     def auto_reasons(self, inp: AttnInputs) -> list[str]:
         if _device_type(inp.q) == "cpu":
@@ -471,29 +505,40 @@ class TritonBackend(Backend):
                     "slower than the CPU backends)"]
         return []
 
-    def run(self, inp: AttnInputs):
-        B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
-        left, right = band(Nq, Nk, inp.causal, inp.window)
-        left = -1 if left is None else left
-        right = -1 if right is None else right
+    def forward(self, inp: AttnInputs):
+        left, right = _band(inp)
         bias = key_bias(inp)
         lens = inp.lens
         want_ent = bool(lens is not None and lens.entropy)
         topk = lens.topk if lens is not None else 0
-        out, lse, maxw, ent, tk_i, tk_w = attention_op(inp.q, inp.k, inp.v, bias, inp.scale, left, right,
-                                                       want_ent, topk)
+        q, k, v = inp.q.detach(), inp.k.detach(), inp.v.detach()
+        out, lse, maxw, ent, tk_i, tk_w = attention_op(q, k, v, bias, inp.scale, inp.offset, left, right, want_ent,
+                                                       topk, self.config)
         if lens is None:
-            return out, None
+            return out, lse, None
         res = LensResult(lse=lse if lens.lse else None, max_weight=maxw if lens.max_weight else None,
                          entropy=ent if want_ent else None)
         if topk:
             res.topk_indices, res.topk_weights = tk_i, tk_w
-        if lens.received or inp.rows is not None:
-            rows = None if inp.rows is None else torch.tensor(inp.rows, dtype=torch.int32, device=inp.q.device)
-            rec, w = lens_columns_op(inp.q.detach(), inp.k.detach(), bias, lse, inp.scale, left, right,
-                                     lens.received, rows)
-            if lens.received:
-                res.received = rec
-            if rows is not None:
-                res.weights, res.rows = w, inp.rows
-        return out, res
+        if lens.received:
+            res.received = self.column_sums(inp, lse)
+        if inp.rows is not None:
+            rows = torch.tensor(inp.rows, dtype=torch.int32, device=q.device)
+            res.weights = weight_rows_op(q, k, bias, lse, rows, inp.scale, inp.offset, left, right, self.config)
+            res.rows = inp.rows
+        return out, lse, res
+
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+        left, right = _band(inp)
+        bufs = [b if b.dtype == torch.float32 else b.float() for b in (dq, dk, dv)]  # the kernels add in fp32
+        attention_backward_op(dout.contiguous(), inp.q.detach(), inp.k.detach(), inp.v.detach(), key_bias(inp),
+                              out.detach(), lse.to(torch.float32).contiguous(), inp.scale, inp.offset, left, right,
+                              *bufs, self.config)
+        for b, f in zip((dq, dk, dv), bufs):
+            if f is not b:
+                b.copy_(f)
+
+    def column_sums(self, inp: AttnInputs, lse, weights=None):
+        left, right = _band(inp)
+        return column_sums_op(inp.q.detach(), inp.k.detach(), key_bias(inp), lse.to(torch.float32).contiguous(),
+                              weights, inp.scale, inp.offset, left, right, self.config)

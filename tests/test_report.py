@@ -82,6 +82,26 @@ def test_csp_hashes_match_the_inline_script_and_style():
         assert f"'sha256-{h}'" in csp
 
 
+def test_page_files_are_inlined_and_shipped_as_package_data():
+    """The page's HTML, CSS and JS are package files (not Python strings), inlined as they are,
+    and every one of them is listed in pyproject's package-data, so a wheel carries them."""
+    import fnmatch
+    import pathlib
+    import tomllib
+    from importlib import resources
+
+    page = html.render(synthetic(["a", "b"]))
+    folder = resources.files("attnlens.report")
+    assets = sorted(p.name for p in folder.iterdir() if p.name.startswith("page."))
+    assert assets == ["page.css", "page.html", "page.js"]
+    for name in assets:
+        assert folder.joinpath(name).read_text(encoding="utf-8") in page, name
+    root = pathlib.Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["attnlens"]
+    for name in assets:
+        assert any(fnmatch.fnmatch(f"report/{name}", g) for g in globs), name
+
+
 def test_full_view_round_trips_the_weights():
     data = synthetic([f"t{i}" for i in range(7)])
     blob = html.payload(data)

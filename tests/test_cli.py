@@ -1,7 +1,7 @@
 """The command line: `attnlens walkthrough` prints attnlens's own numbers, step by step; `attnlens info`.
 
 The printed tables are parsed back and compared with `attnlens.attention` on the same inputs,
-rebuilt with `cli.build_example`.
+rebuilt with `walkthrough.build_example`; the lesson itself is data (`walkthrough.build_lesson`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 import attnlens as al
 from attnlens import cli
+from attnlens import walkthrough as wt
 
 STEPS = ["Step 1 · Embeddings", "Step 2 · Dot products", "Step 3 · Softmax", "Step 4 · Row view",
          "Step 5 · Column view", "Cross-checks"]
@@ -53,8 +54,8 @@ def table(text: str, title: str, ncols: int | None = None) -> tuple[list[str], l
     return header, labels, np.array(rows)
 
 
-def attnlens_result(tokens=cli.DEFAULT_TOKENS, seed=cli.DEFAULT_SEED, dim=2, causal=False):
-    ex = cli.build_example(tokens, seed=seed, dim=dim)
+def attnlens_result(tokens=wt.DEFAULT_TOKENS, seed=wt.DEFAULT_SEED, dim=2, causal=False):
+    ex = wt.build_example(tokens, seed=seed, dim=dim)
     out, res = al.attention(ex.Q, ex.K, ex.V, causal=causal, lens=al.Lens(rows="all", topk=3), backend="reference")
     return ex, out, res
 
@@ -156,14 +157,41 @@ def test_markup_like_tokens_print_literally(capsys):
 
 
 def test_build_example():
-    ex = cli.build_example("the cat the", seed=5, dim=3)
+    ex = wt.build_example("the cat the", seed=5, dim=3)
     assert ex.X.shape == (3, 3) and ex.Q.shape == ex.K.shape == ex.V.shape == (3, 3)
     assert ex.labels == ("the", "cat", "the(2)")
     np.testing.assert_array_equal(ex.X[0], ex.X[2])  # same word, same embedding
     np.testing.assert_allclose(ex.V, ex.X @ ex.W_v)
-    again = cli.build_example(["the", "cat", "the"], seed=5, dim=3)
+    again = wt.build_example(["the", "cat", "the"], seed=5, dim=3)
     np.testing.assert_array_equal(ex.Q, again.Q)
-    assert not np.allclose(cli.build_example("the cat the", seed=6, dim=3).X, ex.X)
+    assert not np.allclose(wt.build_example("the cat the", seed=6, dim=3).X, ex.X)
+
+
+def test_lesson_is_data_with_attnlens_numbers():
+    """`walkthrough.build_lesson` computes the steps without printing; its matrices are attnlens's."""
+    ex, ref_out, res = attnlens_result("a b a c", seed=2, causal=True)
+    les = wt.build_lesson(ex, causal=True, backend="reference")
+    assert len(les.steps) == len(STEPS) and all(s.title.startswith(p) for s, p in zip(les.steps, STEPS))
+    assert les.ok and sum(isinstance(i, wt.Check) for s in les.steps for i in s.items) == 5
+    np.testing.assert_allclose(les.out, ref_out, atol=1e-12)
+    mats = {i.title: i for s in les.steps for i in s.items if isinstance(i, wt.Matrix)}
+    P = next(m for t, m in mats.items() if t.startswith("P = softmax"))
+    np.testing.assert_allclose(P.values, res.weights, atol=1e-12)
+    assert P.extra[1] == ("1.000",) * 4 and not P.shown[0, 1] and P.shown[1, 0]
+    assert any(isinstance(i, wt.Prose) and "a' appears more than once" in i.text for i in les.steps[0].items)
+
+
+def test_failed_check_is_an_error(capsys, monkeypatch):
+    real = wt.build_lesson
+
+    def broken(ex, **kw):
+        les = real(ex, **kw)
+        bad = wt.Step("Cross-checks", les.steps[-1].items + (wt.Check(False, "made to fail"),))
+        return wt.Lesson(intro=les.intro, steps=les.steps[:-1] + (bad,), out=les.out, result=les.result)
+
+    monkeypatch.setattr(wt, "build_lesson", broken)
+    code, out, err = run(capsys, "walkthrough")
+    assert code == 1 and "✗ FAILED: made to fail" in out and "cross-check failed" in err
 
 
 def _one_line_error(capsys, argv, message):
@@ -179,10 +207,10 @@ def _one_line_error(capsys, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--tokens", ""], "--tokens"),
     (["--tokens", "   "], "--tokens"),
-    (["--tokens", " ".join(f"w{i}" for i in range(cli.MAX_TOKENS + 1))], "too many"),
+    (["--tokens", " ".join(f"w{i}" for i in range(wt.MAX_TOKENS + 1))], "too many"),
     (["--dim", "0"], "--dim"),
     (["--dim", "-2"], "--dim"),
-    (["--dim", str(cli.MAX_DIM + 1)], "--dim"),
+    (["--dim", str(wt.MAX_DIM + 1)], "--dim"),
     (["--seed", "-1"], "--seed"),
     (["--seed", "x"], "--seed"),
     (["--backend", "sdpa"], "--backend"),
@@ -192,9 +220,9 @@ def test_bad_options_one_line_error(capsys, argv, message):
 
 
 def test_max_tokens_is_accepted(capsys):
-    code, out, _ = run(capsys, "walkthrough", "--tokens", " ".join(f"w{i}" for i in range(cli.MAX_TOKENS)))
+    code, out, _ = run(capsys, "walkthrough", "--tokens", " ".join(f"w{i}" for i in range(wt.MAX_TOKENS)))
     assert code == 0 and "…" not in out  # wide tables are printed whole, never squeezed to "0.…"
-    assert table(out, "out = P V")[2].shape == (cli.MAX_TOKENS, 2)
+    assert table(out, "out = P V")[2].shape == (wt.MAX_TOKENS, 2)
 
 
 def test_info_lists_backends(capsys):

@@ -13,6 +13,7 @@ pytest.importorskip("transformers", reason="needs the hf extra (transformers): p
 
 import attnlens as al  # noqa: E402
 from attnlens import hf  # noqa: E402
+from attnlens._capture import active  # noqa: E402
 
 HAS_MINILM = True
 try:
@@ -137,12 +138,15 @@ def test_capture_restores_the_implementation_when_the_block_raises(minilm):
 def test_nested_captures_each_record_with_their_lens(minilm):
     model, tok = minilm
     enc = tok(SENTENCES[:1], return_tensors="pt")
+    mha = al.nn.MultiHeadAttention(8, 2)
     with torch.no_grad(), hf.capture(model, lens=al.Lens(topk=2)) as outer:
-        with hf.capture(model, lens=al.Lens(rows=[0])) as inner:
+        with hf.capture(model, lens=al.Lens(rows=[0])) as inner, al.nn.capture(mha) as other:
+            assert active() == (outer, inner, other)  # one capture stack for hf and nn
             model(**enc)
         assert model.config._attn_implementation == hf.IMPLEMENTATION  # the outer block still holds it
         model(**enc)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and active() == ()
+    assert other.results == []  # it watches its own module only
     assert len(outer.results) == 12 and len(inner.results) == 6
     assert inner.results[0].result.weights.shape[2] == 1 and inner.results[0].result.topk_weights is None
     assert outer.results[0].result.topk_weights.shape[-1] == 2

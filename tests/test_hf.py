@@ -276,3 +276,15 @@ def test_no_mask_means_causal_by_default_and_position_bias_keeps_it():
     module.is_causal = False
     out_bi, _ = hf.attention_forward(module, q, k, v, None)
     torch.testing.assert_close(out_bi, al.attention(q, k, v).transpose(1, 2))
+
+
+@needs_minilm
+def test_load_is_quiet_and_leaves_transformers_settings_as_they_were(capfd):
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.enable_progress_bar()
+    level = tf_logging.get_verbosity()
+    hf.load_default()
+    cap = capfd.readouterr()
+    assert cap.out == "" and cap.err == "", cap.err[:200]  # no "Loading weights" bar
+    assert tf_logging.is_progress_bar_enabled() and tf_logging.get_verbosity() == level

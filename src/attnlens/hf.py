@@ -335,11 +335,28 @@ def default_model_path() -> Path:
     return Path(pkg.get_model_path())
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No loading bar or info messages from transformers while loading; its settings are restored after."""
+    from transformers.utils import logging as tf_logging
+
+    bar, level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
+    tf_logging.disable_progress_bar()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bar:
+            tf_logging.enable_progress_bar()
+
+
 def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
     """``(model, tokenizer)`` from a local folder (or the default model when ``model`` is None), eval mode.
 
     ``model`` may also be a model object, then ``tokenizer`` is used as given (or loaded from the
-    model's ``name_or_path``). Nothing is downloaded: folders are read with ``local_files_only``.
+    model's ``name_or_path``). Nothing is downloaded: folders are read with ``local_files_only``,
+    and transformers' loading bar and messages are silenced while loading.
 
     Raises:
         ValueError: the path does not exist or is not a model folder (no ``config.json``, or
@@ -357,8 +374,9 @@ def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
     if not (path / "config.json").is_file():
         raise ValueError(f"model: {str(path)!r} is not a model folder (no config.json)")
     try:
-        m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer is None else tokenizer
+        with _quiet_loading():
+            m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer is None else tokenizer
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model: {str(path)!r} could not be loaded as a model: {first}") from None

@@ -28,6 +28,8 @@ from importlib import resources
 
 import numpy as np
 
+from ._files import write_atomic
+
 __all__ = ["render", "write", "FULL_CELLS", "PAGE_TOPK", "THUMB", "ROLLOUT_MAX"]
 
 FULL_CELLS = 2_000_000
@@ -163,9 +165,10 @@ def render(data) -> str:
             f'<script>{script}</script>\n</body></html>\n')
 
 
-def write(data, path) -> int:
-    """Write the page to ``path``; returns its size in bytes."""
+def write(data, path, *, overwrite: bool = True, follow_symlinks: bool = True) -> int:
+    """Write the page to ``path`` atomically (see `attnlens.report._files.write_atomic`); returns its
+    size in bytes. ``overwrite=False`` refuses an existing file, ``follow_symlinks=False`` a
+    symbolic link (`attnlens.report._files.TargetError`)."""
     page = render(data).encode("utf-8")
-    with open(path, "wb") as f:
-        f.write(page)
+    write_atomic(path, page, overwrite=overwrite, follow_symlinks=follow_symlinks)
     return len(page)

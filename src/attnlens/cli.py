@@ -243,7 +243,7 @@ def _cmd_explain(args, console) -> int:
     out, overwrite = _explain_targets(args)
     _quiet_transformers()
     try:
-        from . import hf, report  # noqa: F401  (hf: the extra is there)
+        from . import hf, report  # noqa: F401  (hf here: a missing extra fails before any work)
     except ImportError as e:
         raise CLIError(f"explain needs the hf extra ({e.name or e} is missing): pip install 'attnlens[hf]'", code=1)
     from rich.console import Console

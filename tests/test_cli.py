@@ -1,7 +1,7 @@
 """The command line: `attnlens walkthrough` prints attnlens's own numbers, step by step; `attnlens info`.
 
 The printed tables are parsed back and compared with `attnlens.attention` on the same inputs,
-rebuilt with `cli.build_example`.
+rebuilt with `walkthrough.build_example`; the lesson itself is data (`walkthrough.build_lesson`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 import attnlens as al
 from attnlens import cli
+from attnlens import walkthrough as wt
 
 STEPS = ["Step 1 · Embeddings", "Step 2 · Dot products", "Step 3 · Softmax", "Step 4 · Row view",
          "Step 5 · Column view", "Cross-checks"]
@@ -53,8 +54,8 @@ def table(text: str, title: str, ncols: int | None = None) -> tuple[list[str], l
     return header, labels, np.array(rows)
 
 
-def attnlens_result(tokens=cli.DEFAULT_TOKENS, seed=cli.DEFAULT_SEED, dim=2, causal=False):
-    ex = cli.build_example(tokens, seed=seed, dim=dim)
+def attnlens_result(tokens=wt.DEFAULT_TOKENS, seed=wt.DEFAULT_SEED, dim=2, causal=False):
+    ex = wt.build_example(tokens, seed=seed, dim=dim)
     out, res = al.attention(ex.Q, ex.K, ex.V, causal=causal, lens=al.Lens(rows="all", topk=3), backend="reference")
     return ex, out, res
 
@@ -156,14 +157,41 @@ def test_markup_like_tokens_print_literally(capsys):
 
 
 def test_build_example():
-    ex = cli.build_example("the cat the", seed=5, dim=3)
+    ex = wt.build_example("the cat the", seed=5, dim=3)
     assert ex.X.shape == (3, 3) and ex.Q.shape == ex.K.shape == ex.V.shape == (3, 3)
     assert ex.labels == ("the", "cat", "the(2)")
     np.testing.assert_array_equal(ex.X[0], ex.X[2])  # same word, same embedding
     np.testing.assert_allclose(ex.V, ex.X @ ex.W_v)
-    again = cli.build_example(["the", "cat", "the"], seed=5, dim=3)
+    again = wt.build_example(["the", "cat", "the"], seed=5, dim=3)
     np.testing.assert_array_equal(ex.Q, again.Q)
-    assert not np.allclose(cli.build_example("the cat the", seed=6, dim=3).X, ex.X)
+    assert not np.allclose(wt.build_example("the cat the", seed=6, dim=3).X, ex.X)
+
+
+def test_lesson_is_data_with_attnlens_numbers():
+    """`walkthrough.build_lesson` computes the steps without printing; its matrices are attnlens's."""
+    ex, ref_out, res = attnlens_result("a b a c", seed=2, causal=True)
+    les = wt.build_lesson(ex, causal=True, backend="reference")
+    assert len(les.steps) == len(STEPS) and all(s.title.startswith(p) for s, p in zip(les.steps, STEPS))
+    assert les.ok and sum(isinstance(i, wt.Check) for s in les.steps for i in s.items) == 5
+    np.testing.assert_allclose(les.out, ref_out, atol=1e-12)
+    mats = {i.title: i for s in les.steps for i in s.items if isinstance(i, wt.Matrix)}
+    P = next(m for t, m in mats.items() if t.startswith("P = softmax"))
+    np.testing.assert_allclose(P.values, res.weights, atol=1e-12)
+    assert P.extra[1] == ("1.000",) * 4 and not P.shown[0, 1] and P.shown[1, 0]
+    assert any(isinstance(i, wt.Prose) and "a' appears more than once" in i.text for i in les.steps[0].items)
+
+
+def test_failed_check_is_an_error(capsys, monkeypatch):
+    real = wt.build_lesson
+
+    def broken(ex, **kw):
+        les = real(ex, **kw)
+        bad = wt.Step("Cross-checks", les.steps[-1].items + (wt.Check(False, "made to fail"),))
+        return wt.Lesson(intro=les.intro, steps=les.steps[:-1] + (bad,), out=les.out, result=les.result)
+
+    monkeypatch.setattr(wt, "build_lesson", broken)
+    code, out, err = run(capsys, "walkthrough")
+    assert code == 1 and "✗ FAILED: made to fail" in out and "cross-check failed" in err
 
 
 def _one_line_error(capsys, argv, message):
@@ -179,10 +207,10 @@ def _one_line_error(capsys, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--tokens", ""], "--tokens"),
     (["--tokens", "   "], "--tokens"),
-    (["--tokens", " ".join(f"w{i}" for i in range(cli.MAX_TOKENS + 1))], "too many"),
+    (["--tokens", " ".join(f"w{i}" for i in range(wt.MAX_TOKENS + 1))], "too many"),
     (["--dim", "0"], "--dim"),
     (["--dim", "-2"], "--dim"),
-    (["--dim", str(cli.MAX_DIM + 1)], "--dim"),
+    (["--dim", str(wt.MAX_DIM + 1)], "--dim"),
     (["--seed", "-1"], "--seed"),
     (["--seed", "x"], "--seed"),
     (["--backend", "sdpa"], "--backend"),
@@ -192,9 +220,9 @@ def test_bad_options_one_line_error(capsys, argv, message):
 
 
 def test_max_tokens_is_accepted(capsys):
-    code, out, _ = run(capsys, "walkthrough", "--tokens", " ".join(f"w{i}" for i in range(cli.MAX_TOKENS)))
+    code, out, _ = run(capsys, "walkthrough", "--tokens", " ".join(f"w{i}" for i in range(wt.MAX_TOKENS)))
     assert code == 0 and "…" not in out  # wide tables are printed whole, never squeezed to "0.…"
-    assert table(out, "out = P V")[2].shape == (cli.MAX_TOKENS, 2)
+    assert table(out, "out = P V")[2].shape == (wt.MAX_TOKENS, 2)
 
 
 def test_info_lists_backends(capsys):
@@ -318,3 +346,137 @@ def test_explain_python_m_bad_model_no_traceback(tmp_path):
     p = _python_m("explain", "hello", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r.html"))
     assert p.returncode == 2 and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- text that is not Unicode
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "caf\udcff au lait"], "TEXT: not valid Unicode"),  # a byte that is not UTF-8, via surrogateescape
+    (["explain", "\ud800"], "TEXT: not valid Unicode"),  # a lone surrogate
+    (["walkthrough", "--tokens", "a \udce9 b"], "--tokens: not valid Unicode"),
+])
+def test_text_that_is_not_unicode_is_a_one_line_error(capsys, argv, message):
+    assert cli.main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.strip().splitlines()) == 1 and message in cap.err
+
+
+def test_python_m_non_utf8_argument_bytes():
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    p = subprocess.run([sys.executable, "-m", "attnlens", "explain", b"caf\xe9 \xff"], capture_output=True, env=env,
+                       timeout=120)
+    err = p.stderr.decode("utf-8")
+    assert p.returncode == 2 and p.stdout == b""
+    assert len(err.strip().splitlines()) == 1 and "TEXT: not valid Unicode" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- --out and --png: no symlinks, no overwriting
+
+
+def test_explain_help_states_the_overwrite_rule(capsys):
+    code, out, _ = run(capsys, "explain", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "--force" in text and "symbolic link" in text and "replaced on a re-run" in text
+
+
+def test_out_symlink_and_existing_file_are_refused_before_loading(capsys, tmp_path):
+    target = tmp_path / "target.html"
+    target.write_text("keep")
+    link = tmp_path / "link.html"
+    link.symlink_to(target)
+    _one_line_error(capsys, ["explain", "hi", "--out", str(link)], "symbolic link")
+    (tmp_path / "dangling.html").symlink_to(tmp_path / "nowhere.html")
+    _one_line_error(capsys, ["explain", "hi", "--out", str(tmp_path / "dangling.html")], "--force to write through")
+    _one_line_error(capsys, ["explain", "hi", "--out", str(target)], "already exists; pass --force to overwrite")
+    _one_line_error(capsys, ["explain", "hi", "--out", str(tmp_path)], "is a folder")
+    assert target.read_text() == "keep" and link.is_symlink() and not (tmp_path / "nowhere.html").exists()
+
+
+def test_default_out_symlink_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere.html").write_text("keep")
+    (tmp_path / "report.html").symlink_to(tmp_path / "elsewhere.html")
+    _one_line_error(capsys, ["explain", "hi"], "--out")
+    assert (tmp_path / "elsewhere.html").read_text() == "keep"
+
+
+def test_png_existing_file_and_symlink_are_refused_before_loading(capsys, tmp_path):
+    png = tmp_path / "png"
+    png.mkdir()
+    (png / "heads.png").write_bytes(b"keep")
+    _one_line_error(capsys, ["explain", "hi", "--out", str(tmp_path / "r.html"), "--png", str(png)],
+                    "--png: ")
+    (png / "heads.png").unlink()
+    (png / "received.png").symlink_to(tmp_path / "elsewhere.png")
+    _one_line_error(capsys, ["explain", "hi", "--out", str(tmp_path / "r.html"), "--png", str(png)],
+                    "symbolic link")
+    assert not (tmp_path / "elsewhere.png").exists() and not (tmp_path / "r.html").exists()
+
+
+@needs_hf
+def test_force_overwrites_and_writes_through_symlinks(capsys, tmp_path):
+    target = tmp_path / "target.html"
+    target.write_text("old")
+    link = tmp_path / "link.html"
+    link.symlink_to(target)
+    png = tmp_path / "png"
+    png.mkdir()
+    (png / "rollout.png").write_bytes(b"old")
+    (png / "heads.png").symlink_to(tmp_path / "heads-elsewhere.png")
+    code, text, err = run(capsys, "explain", "hello world", "--out", str(link), "--png", str(png), "--force")
+    assert code == 0, err
+    assert link.is_symlink() and target.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert (png / "rollout.png").read_bytes()[:4] == b"\x89PNG" and (png / "heads.png").is_symlink()
+    assert (tmp_path / "heads-elsewhere.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+@needs_hf
+def test_default_out_is_replaced_on_a_rerun_and_a_failed_write_leaves_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "report.html").write_text("old")
+    code, text, err = run(capsys, "explain", "hello world")  # the README's command, run again
+    assert code == 0, err
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and f"report: {tmp_path / 'report.html'} (" in text
+    assert " KB, open it" in text  # a small report is not "0.0 MB"
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    _one_line_error(capsys, ["explain", "hello world"], "could not write the report: No space left on device")
+    assert (tmp_path / "report.html").read_text(encoding="utf-8") == page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary file left
+
+
+def test_human_size():
+    assert cli._human_size(14_493) == "14.5 KB" and cli._human_size(512) == "0.5 KB"
+    assert cli._human_size(2_345_678) == "2.3 MB" and cli._human_size(100_000) == "0.1 MB"
+
+
+# ---------------------------------------------------------------- scripts/run.sh
+
+
+def test_run_sh_keeps_the_callers_folder(tmp_path):
+    """run.sh sets up the repository's .venv, then runs attnlens in the caller's folder (so a relative
+    --out is the caller's). A stand-in repository: the real run.sh, a setup.sh and attnlens that only report."""
+    import pathlib
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(pathlib.Path(__file__).resolve().parents[1] / "scripts" / "run.sh", repo / "scripts" / "run.sh")
+    (repo / "scripts" / "setup.sh").write_text('cd "$(dirname "$0")/.." && pwd > setup-ran-in\n')
+    fake = repo / ".venv" / "bin" / "attnlens"
+    fake.write_text('#!/usr/bin/env bash\necho "cwd=$(pwd) args=$*"\n')
+    fake.chmod(0o755)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    p = subprocess.run(["bash", "../repo/scripts/run.sh", "explain", "hi", "--out", "r.html"], cwd=caller,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"cwd={caller} args=explain hi --out r.html"
+    assert (repo / "setup-ran-in").read_text().strip() == str(repo)

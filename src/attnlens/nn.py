@@ -7,22 +7,22 @@
 - `capture(model)`: a ``with`` block that records a `LensResult` for every attention call
   inside ``model`` while the model returns its normal outputs.
 
-Every dot-product attention here goes through `attnlens.attention` (one way to do things);
-only `AdditiveAttention` writes its own math, because its scores are not dot products.
+Every dot-product attention here goes through `attnlens.attention` (one way to do things), by
+way of the capture core `attnlens._capture.attend` shared with `attnlens.hf`; only
+`AdditiveAttention` writes its own math, because its scores are not dot products.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ._capture import Record, Recorder, activate, attend
 from ._inputs import check_dropout
-from .api import attention
-from .lens import Lens, LensResult
+from .lens import Lens
 from .masks import normalize_window
 
 __all__ = ["MultiHeadAttention", "TransformerBlock", "AdditiveAttention", "capture", "Capture", "CaptureRecord"]
@@ -147,32 +147,16 @@ class MultiHeadAttention(nn.Module):
         v = self.v_proj(value).view(B, Nk, Hkv, hd).transpose(1, 2)  # (B, Hkv, Nk, hd)
         mask = _merge_masks(_keep_from_padding(key_padding_mask, B, Nk),
                             _check_attn_mask(attn_mask, (B, H, Nq, Nk)))  # True = may attend
-        kw = dict(mask=mask, causal=self.causal, window=self.window)
-
-        # lenses to compute: the caller's, then those of the captures that watch this module
         want = Lens.coerce(lens)
-        caps = [c for c in _ACTIVE.get() if self in c._names]
-        lenses = [want] if want is not None else []
-        for c in caps:
-            if c.lens not in lenses:
-                lenses.append(c.lens)
-
-        dropout_p = self.dropout if self.training else 0.0
-        if lenses:
-            y, res = attention(q, k, v, dropout_p=dropout_p, lens=lenses[0], **kw)
-            results = [res]
-            for extra in lenses[1:]:  # another capture asks for other statistics: lens only
-                results.append(attention(q.detach(), k.detach(), v.detach(), lens=extra, **kw)[1])
-            for c in caps:
-                c._record(self, results[lenses.index(c.lens)])
-        else:
-            y = attention(q, k, v, dropout_p=dropout_p, **kw)  # (B, H, Nq, hd)
+        # the caller's lens first, then those of the captures that watch this module (one attention() call)
+        y, res = attend(self, q, k, v, lens=want, mask=mask, causal=self.causal, window=self.window,
+                        dropout_p=self.dropout if self.training else 0.0)  # (B, H, Nq, hd)
 
         y = y.transpose(1, 2).reshape(B, Nq, H * hd)  # (B, Nq, E): heads side by side
         out = self.out_proj(y)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return (out, results[0]) if want is not None else out
+        return (out, res) if want is not None else out
 
     def _check_inputs(self, query, key, value):
         for name, t, d in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
@@ -365,30 +349,18 @@ class AdditiveAttention(nn.Module):
 
 
 @dataclass(frozen=True)
-class CaptureRecord:
+class CaptureRecord(Record):
     """One attention call seen by `capture`: the module's qualified ``name`` (from
     ``named_modules()`` of the captured module; ``""`` for the module itself), the call
     ``index`` (0, 1, ... in call order) and its ``result``."""
 
-    name: str
-    index: int
-    result: LensResult
-
 
 @dataclass
-class Capture:
+class Capture(Recorder):
     """What a `capture` block records: ``results``, a list of `CaptureRecord` in call order."""
 
-    lens: Lens
-    results: list = field(default_factory=list)
-    _names: dict = field(default_factory=dict, repr=False)  # MultiHeadAttention -> qualified name
-
-    def _record(self, module, result):
-        self.results.append(CaptureRecord(self._names[module], len(self.results), result))
-
-
-#: the captures active in this context (innermost last); a thread or task has its own
-_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("attnlens_nn_capture", default=())
+    def _record(self, call, result):
+        self.results.append(CaptureRecord(self._names[call.module], len(self.results), result))
 
 
 @contextlib.contextmanager
@@ -423,8 +395,5 @@ def capture(module, *, lens=None):
     cap._names = {m: name for name, m in module.named_modules() if isinstance(m, MultiHeadAttention)}
     if not cap._names:
         raise ValueError(f"module ({type(module).__name__}) contains no attnlens.nn.MultiHeadAttention to capture")
-    token = _ACTIVE.set(_ACTIVE.get() + (cap,))
-    try:
+    with activate(cap):
         yield cap
-    finally:
-        _ACTIVE.reset(token)

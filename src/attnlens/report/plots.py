@@ -7,15 +7,19 @@
 - ``layer{L}_head{H}.png``: one head's weights (``head=-1``: the mean of the heads);
 - ``received.png``: mean received attention per token, per layer (heads averaged).
 
+Each file is written atomically, never through a symbolic link or over a file unless asked.
 Token labels are drawn up to ``MAX_LABELS`` tokens (as plain text: matplotlib's mathtext is off).
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_pngs", "MAX_LABELS"]
+from ._files import check_target, write_atomic
+
+__all__ = ["write_pngs", "png_names", "MAX_LABELS"]
 
 MAX_LABELS = 48
 
@@ -53,25 +57,51 @@ def _head_map(data, layer: int, head: int) -> np.ndarray:
     return w.mean(0) if head < 0 else w[head]
 
 
-def write_pngs(data, folder, *, layer: int = 0, head: int = -1) -> list[Path]:
-    """Write the PNGs into ``folder`` (created if missing); returns their paths."""
-    from .html import _pool
+def png_names(layer: int = 0, head: int = -1) -> list[str]:
+    """The files `write_pngs` writes, in order."""
+    return ["rollout.png", "heads.png", f"layer{layer}_head{'mean' if head < 0 else head}.png", "received.png"]
 
+
+def write_pngs(data, folder, *, layer: int = 0, head: int = -1, overwrite: bool = True,
+               follow_symlinks: bool = True) -> list[Path]:
+    """Write the PNGs into ``folder`` (created if missing); returns their paths.
+
+    Every file is checked before the first is written (``overwrite=False``: none may exist;
+    ``follow_symlinks=False``: none may be a symbolic link; else `attnlens.report._files.TargetError`),
+    and each is written atomically.
+    """
     plt = _plt()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    toks = list(data.tokens)
-    size = 4 + min(data.n, MAX_LABELS) * 0.12
+    paths = [folder / name for name in png_names(layer, head)]
+    for p in paths:
+        check_target(p, overwrite=overwrite, follow_symlinks=follow_symlinks)
+    draws = (lambda: _rollout(plt, data), lambda: _heads(plt, data), lambda: _one_head(plt, data, layer, head),
+             lambda: _received(plt, data))
+    for p, draw in zip(paths, draws):
+        fig, kw = draw()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", **kw)
+        plt.close(fig)
+        write_atomic(p, buf.getvalue(), overwrite=overwrite, follow_symlinks=follow_symlinks)
+    return paths
 
-    fig, ax = plt.subplots(figsize=(size, size))
+
+def _size(data) -> float:
+    return 4 + min(data.n, MAX_LABELS) * 0.12
+
+
+def _rollout(plt, data):
+    fig, ax = plt.subplots(figsize=(_size(data), _size(data)))
     ax.imshow(data.rollout, cmap="Blues", interpolation="nearest")
     ax.set_title("attention rollout (row: top-layer token, column: input token)", fontsize=9)
-    _labels(ax, toks)
+    _labels(ax, list(data.tokens))
     fig.tight_layout()
-    paths.append(folder / "rollout.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return fig, dict(dpi=110)
+
+
+def _heads(plt, data):
+    from .html import _pool
 
     L, H = data.n_layers, data.n_heads
     fig, axes = plt.subplots(L, H, figsize=(1.1 * H, 1.1 * L), squeeze=False)
@@ -88,28 +118,26 @@ def write_pngs(data, folder, *, layer: int = 0, head: int = -1) -> list[Path]:
                 ax.set_ylabel(f"L{li}", fontsize=7)
     fig.suptitle("attention weights per layer and head", fontsize=9)
     fig.tight_layout()
-    paths.append(folder / "heads.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig, dict(dpi=100)
 
-    fig, ax = plt.subplots(figsize=(size, size))
+
+def _one_head(plt, data, layer: int, head: int):
+    fig, ax = plt.subplots(figsize=(_size(data), _size(data)))
     ax.imshow(_head_map(data, layer, head), cmap="Blues", interpolation="nearest", vmin=0)
     ax.set_title(f"layer {layer}, {'mean of heads' if head < 0 else f'head {head}'} (row: query, column: key)",
                  fontsize=9)
-    _labels(ax, toks)
+    _labels(ax, list(data.tokens))
     fig.tight_layout()
-    paths.append(folder / f"layer{layer}_head{'mean' if head < 0 else head}.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return fig, dict(dpi=110)
 
+
+def _received(plt, data):
+    L = data.n_layers
     rec = data.received.mean(1) / max(data.n, 1)  # (L, N)
     fig, ax = plt.subplots(figsize=(max(6.0, min(data.n, MAX_LABELS) * 0.25), 1.2 + 0.35 * L))
     ax.imshow(rec, cmap="Blues", aspect="auto", interpolation="nearest")
     ax.set_yticks(range(L))
     ax.set_yticklabels([f"L{i}" for i in range(L)], fontsize=7)
-    _labels(ax, toks, y=False)
+    _labels(ax, list(data.tokens), y=False)
     ax.set_title("received attention per token (mean weight from a query; heads averaged)", fontsize=9)
-    paths.append(folder / "received.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return fig, dict(dpi=110, bbox_inches="tight")

@@ -230,7 +230,8 @@ def test_info_lists_backends(capsys):
     assert code == 0
     assert f"attnlens {al.__version__}" in out
     rows = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()]
-    assert rows == [b["name"] for b in al.backends()], "one row per backend, in auto order"
+    assert rows == [b.name for b in al.backends()], "one row per backend, in auto order"
+    assert "O(chunk·Nk)" in out and "O(Nq·Nk)" in out, "rows are rendered from the typed capabilities"
 
 
 def test_no_command_prints_help(capsys):

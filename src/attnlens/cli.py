@@ -379,7 +379,7 @@ def _cmd_walkthrough(args, console) -> int:
         raise CLIError(f"--seed: expected an int >= 0, got {args.seed}")
     import attnlens as al
 
-    lens_backends = [b["name"] for b in al.backends() if b["lens"] == "yes"]
+    lens_backends = [b.name for b in al.backends() if b.capabilities.lens]
     if args.backend != "auto" and args.backend not in lens_backends:
         raise CLIError(f"--backend: expected one of {['auto'] + lens_backends} (the walkthrough needs the lens), "
                        f"got {args.backend!r}")
@@ -396,11 +396,11 @@ def _cmd_info(args, console) -> int:
     console.print(al.info().split("\n", 1)[0], markup=False, highlight=False)
     table = Table(title="backends, in backend='auto' order (the first that can serve a call takes it)",
                   title_justify="left")
-    cols = ["name", "lens", "grad", "dropout", "dtypes", "devices", "memory"]
-    for c in cols:
+    for c in al.INFO_COLUMNS:
         table.add_column(c, overflow="fold")
-    for row in al.backends():
-        table.add_row(*(str(row.get(c, "")) for c in cols))
+    for b in al.backends():
+        row = b.describe()
+        table.add_row(*(row[c] for c in al.INFO_COLUMNS))
     console.print(table)
     return 0
 

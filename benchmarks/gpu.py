@@ -81,10 +81,9 @@ def check(args, device, dtype) -> bool:
     import torch
 
     import attnlens as al
-    from attnlens._backends.triton import ops
 
+    be = al.TritonBackend(config="16x16" if args.tiny else "")
     if args.tiny:
-        ops.BLOCK_OVERRIDE = {"BLOCK_M": 16, "BLOCK_N": 16}
         # (B, Hq, Hkv, Nq, Nk, D, causal, key-padding)
         sizes = [(1, 2, 1, 37, 37, 32, False, False), (2, 2, 2, 20, 45, 64, True, True)]
     else:
@@ -103,7 +102,7 @@ def check(args, device, dtype) -> bool:
         if pad:
             lengths = torch.randint(1, Nk + 1, (B,), generator=g).to(device)
             mask = (torch.arange(Nk, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-        out, res = al.attention(q, k, v, causal=causal, mask=mask, backend="triton", lens=lens)
+        out, res = al.attention(q, k, v, causal=causal, mask=mask, backend=be, lens=lens)
         dout = torch.randn(out.shape, generator=g).to(device, dtype)
         grads = torch.autograd.grad(out, (q, k, v), dout)
         x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -143,8 +142,6 @@ def check(args, device, dtype) -> bool:
             good = e <= 1e-3 * size
             ok &= good
             print(f"  {desc:52s} {name:13s} err {e:.2e}  (size {size:.3g})  {'ok' if good else 'FAIL'}")
-    if args.tiny:
-        ops.BLOCK_OVERRIDE = None
     return ok
 
 
@@ -158,17 +155,14 @@ def bench_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100))
 
 
-def try_variant(res: dict, label: str, kind: str, cfg: dict, fn) -> None:
-    """Time ``fn`` with ``kind``'s kernel config replaced by ``cfg``; a config that fails is reported, not fatal."""
-    from attnlens._backends.triton import ops
+def try_variant(res: dict, label: str, spec: str, make_fn) -> None:
+    """Time ``make_fn(TritonBackend(config=spec))``; a config that fails is reported, not fatal."""
+    import attnlens as al
 
-    ops.BLOCK_OVERRIDE = {kind: cfg}
     try:
-        res[label] = bench_ms(fn)
+        res[label] = bench_ms(make_fn(al.TritonBackend(config=spec)))
     except Exception as e:  # noqa: BLE001
         print(f"{label}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    finally:
-        ops.BLOCK_OVERRIDE = None
 
 
 def time_all(args, device, dtype):
@@ -176,7 +170,6 @@ def time_all(args, device, dtype):
     import torch.nn.functional as F
 
     import attnlens as al
-    from attnlens._backends.triton import ops
 
     flex = None
     if not args.no_flex:
@@ -197,16 +190,13 @@ def time_all(args, device, dtype):
                            for _ in range(3))
                 dout = torch.randn_like(q)
                 fl = 4 * B * H * N * N * D / (2 if causal else 1)
-                left, right = -1, (0 if causal else -1)
-                scale = D ** -0.5
+                shipped = al.TritonBackend()
 
-                def tri_fwd():
-                    return ops.attention_op(q, k, v, None, scale, left, right, False, 0)[0]
+                def tri_fwd(be=shipped):
+                    return al.attention(q, k, v, causal=causal, backend=be)
 
-                def tri_lens():
-                    out, lse, *_ = ops.attention_op(q, k, v, None, scale, left, right, True, 8)
-                    ops.lens_columns_op(q, k, None, lse, scale, left, right, True, None)
-                    return out
+                def tri_lens(be=shipped):
+                    return al.attention(q, k, v, causal=causal, backend=be, lens=lens)[0]
 
                 def sdpa_fwd():
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -224,17 +214,17 @@ def time_all(args, device, dtype):
                     res["triton lens fwd"] = bench_ms(tri_lens)
                     lens_extra = torch.cuda.max_memory_allocated() - base
                     for var in args.variants:
-                        kind, cfg = parse_variant(var)
+                        kind, spec = parse_variant(var)
                         if kind in ("fwd", "cols"):
-                            try_variant(res, f"triton {'lens ' if kind == 'cols' else ''}fwd [{var}]", kind, cfg,
-                                        tri_fwd if kind == "fwd" else tri_lens)
+                            try_variant(res, f"triton {'lens ' if kind == 'cols' else ''}fwd [{var}]", spec,
+                                        lambda be, f=tri_fwd if kind == "fwd" else tri_lens: lambda: f(be))
                 for name, fn in cases.items():
                     res[f"{name} fwd+bwd"] = bench_ms(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), dout))
                 for var in args.variants:
-                    kind, cfg = parse_variant(var)
+                    kind, spec = parse_variant(var)
                     if kind in ("dkdv", "dq"):
-                        try_variant(res, f"triton fwd+bwd [{var}]", kind, cfg,
-                                    lambda: torch.autograd.grad(tri_fwd(), (q, k, v), dout))
+                        try_variant(res, f"triton fwd+bwd [{var}]", spec,
+                                    lambda be: lambda: torch.autograd.grad(tri_fwd(be), (q, k, v), dout))
                 for name, ms in res.items():
                     mult = 3.5 if "fwd+bwd" in name else 1.0
                     base_name = "sdpa fwd+bwd" if "fwd+bwd" in name else "sdpa fwd"

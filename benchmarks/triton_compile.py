@@ -44,36 +44,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """``KIND:BMxBN[xWARPS[xSTAGES]]`` (KIND fwd when left out) -> (kind, a config dict for ops.BLOCK_OVERRIDE)."""
+def parse_variant(text: str) -> tuple[str, str]:
+    """``KIND:BMxBN[xWARPS[xSTAGES]]`` (KIND fwd when left out) -> (kind, the config string for TritonBackend)."""
+    from attnlens._backends.triton import ops
+
+    spec = text if ":" in text else f"fwd:{text}"
     try:
-        kind, shape = text.split(":") if ":" in text else ("fwd", text)
-        parts = [int(x) for x in shape.lower().split("x")]
-        if kind not in ("fwd", "cols", "dkdv", "dq") or not 2 <= len(parts) <= 4:
-            raise ValueError
-    except ValueError:
-        raise SystemExit(f"--variants: expected [KIND:]BMxBN[xWARPS[xSTAGES]] with KIND in fwd/cols/dkdv/dq, "
-                         f"got {text!r}") from None
-    return kind, dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"], parts))
+        (kind,) = ops.parse_config(spec)
+    except ValueError as e:
+        raise SystemExit(f"--variants: {e}") from None
+    return kind, spec
 
 
-def builds_for(aot, ops, Lens, arch, dtype, d, override=None):
+def builds_for(aot, Lens, arch, dtype, d, config=""):
     """The kernels of a causal fwd+bwd (no lens), of a causal lens forward, and of both with a key-padding
-    mask and GQA (the HAS_BIAS variants, and the dK/dV loop over query heads), deduplicated."""
-    ops.BLOCK_OVERRIDE = override
-    try:
-        calls = [dict(backward=True), dict(lens=Lens(topk=8, rows=[0, 1])),
-                 dict(backward=True, key_padding=True, lens=Lens(topk=8, rows=[0, 1]), kv_heads=2)]
-        seen, out = set(), []
-        for kw in calls:
-            for b in aot.compile_attention(arch=arch, dtype=dtype, d=d, causal=True, **kw):
-                key = (b.kernel, tuple(sorted(b.constants.items())), b.num_warps, b.num_stages)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(b)
-        return out
-    finally:
-        ops.BLOCK_OVERRIDE = None
+    mask and GQA (the HAS_BIAS variants, and the dK/dV loop over query heads), deduplicated; ``config``: overrides
+    as `ops.parse_config` reads them."""
+    calls = [dict(backward=True), dict(lens=Lens(topk=8, rows=[0, 1])),
+             dict(backward=True, key_padding=True, lens=Lens(topk=8, rows=[0, 1]), kv_heads=2)]
+    seen, out = set(), []
+    for kw in calls:
+        for b in aot.compile_attention(arch=arch, dtype=dtype, d=d, causal=True, config=config, **kw):
+            key = (b.kernel, tuple(sorted(b.constants.items())), b.num_warps, b.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(b)
+    return out
 
 
 def main(argv=None):
@@ -90,20 +86,19 @@ def main(argv=None):
     rows, problems = [], []
     t0 = time.time()
     jobs = [(arch, dt, d, None, "shipped") for arch in args.arch for dt in args.dtypes for d in args.dims]
-    jobs += [(arch, dt, d, {kind: cfg}, f"variant {kind}:{text.split(':')[1]}")
-             for (kind, cfg), text in zip(variants, args.variants)
+    jobs += [(arch, dt, d, spec, f"variant {spec}") for (kind, spec) in variants
              for arch in args.arch for dt in args.dtypes for d in args.dims]
     for i, (arch, dt, d, override, label) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] sm_{arch} {dt} D={d} {label} ...", file=sys.stderr, flush=True)
         try:
-            builds = builds_for(aot, ops, Lens, arch, dtypes[dt], d, override)
+            builds = builds_for(aot, Lens, arch, dtypes[dt], d, override or "")
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result, reported
             rows.append([arch, dt, d, label, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"] + [""] * 7)
             problems.append(rows[-1])
             continue
         for b in builds:
             kind = KIND_OF[b.kernel]
-            if override is not None and kind not in override:
+            if override is not None and kind not in ops.parse_config(override):
                 continue
             r = b.row()
             row = [arch, dt, d, b.kernel.replace("attn_", "").replace("_kernel", "") +

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from conftest import make_inputs, make_mask, visible
 
 import attnlens as al
-from attnlens._backends import torch_chunked
 
 
 def math_attention(q, k, v, mask=None, causal=False, window=None, scale=None):

@@ -321,7 +321,6 @@ def _write_report(args, data, out, overwrite):
 
 def explain_summary(console, data, *, layer=None, head=None):
     """The terminal summary of a `ReportData`: most received tokens, focused heads, per-token targets."""
-    from rich.table import Table
     from rich.text import Text
 
     n, toks = data.n, list(data.tokens)

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from . import dispatch
 from ._inputs import FLOAT_DTYPES, stat_dtype, validate
 from .api import differentiable
-from .lens import Lens, LensResult, Merger
+from .lens import Lens, Merger
 from .masks import band
 
 __all__ = ["ring_attention", "shard", "unshard", "gather", "chunk_sizes", "LAYOUTS"]

@@ -36,8 +36,11 @@ class SdpaBackend(Backend):
         if Hq != Hkv:
             kw["enable_gqa"] = True
         attn_mask, live = None, None
-        if inp.mask is None and inp.window is None and inp.causal and Nq == Nk:
-            kw["is_causal"] = True  # top-left == bottom-right when Nq == Nk; no dense mask
+        # is_causal: top-left == bottom-right when Nq == Nk; no dense mask. Not for scale <= 0: PyTorch's
+        # CPU flash kernel fills masked scores with -inf *before* scaling, and -inf * 0 = NaN,
+        # -inf * (-0.5) = +inf, so every row came back NaN; an explicit mask is applied after scaling.
+        if inp.mask is None and inp.window is None and inp.causal and Nq == Nk and inp.scale > 0:
+            kw["is_causal"] = True
         else:
             keep = band_keep(torch.arange(Nq, device=q.device), torch.arange(Nk, device=q.device), Nq, Nk,
                              inp.causal, inp.window)

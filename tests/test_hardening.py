@@ -97,3 +97,99 @@ def test_read_only_numpy_leaks_no_warning_and_is_not_written(rng):
         assert np.array_equal(a, b) and not a.flags.writeable
     r_out, _ = reference(q, k, v, mask=mask, causal=True)
     assert_close(out, r_out, atol=1e-5, what="out")
+
+
+# --------------------------------------------------------------------------------------------
+# the reference's NaN/inf rule, on inputs small enough to check by hand (B = H = 1, D = 1, scale 1)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _ref(q, k, v, mask=None, causal=False, window=None, topk=2):
+    q, k, v = (np.asarray(x, dtype=np.float64).reshape(1, 1, -1, 1) for x in (q, k, v))
+    if mask is not None:
+        mask = np.asarray(mask).reshape(1, 1, q.shape[2], k.shape[2])
+    out, w, lse = reference_attention(q, k, v, mask=mask, causal=causal, window=window, scale=1.0)
+    res = reference_lens(w, lse, topk=topk)
+    return out[0, 0, :, 0], w[0, 0], res.map_arrays(lambda a: a[0, 0])
+
+
+def _assert_nan_row(out, w, res, i, visible):
+    assert np.isnan(out[i]) and np.isnan(res.lse[i]) and np.isnan(res.max_weight[i]) and np.isnan(res.entropy[i])
+    assert np.isnan(w[i][visible]).all() and (w[i][~np.asarray(visible)] == 0).all()
+    assert np.isnan(res.topk_weights[i]).all() and (res.topk_indices[i] == -1).all()
+
+
+def _assert_row(out, w, res, i, scores, values):
+    """Row i is the exact softmax of ``scores`` (its visible keys, -inf = hidden) over ``values``."""
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    np.testing.assert_allclose(w[i], p, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(out[i], p @ np.asarray(values, dtype=np.float64), rtol=1e-14)
+    np.testing.assert_allclose(res.lse[i], s.max() + np.log(np.exp(s - s.max()).sum()), rtol=1e-14)
+    assert np.isfinite(res.entropy[i]) and res.max_weight[i] == p.max()
+
+
+def test_reference_nan_in_q_makes_only_its_row_nan():
+    out, w, res = _ref(q=[NAN, 1.0], k=[1.0, 2.0], v=[1.0, 3.0])
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+def test_reference_nan_in_a_float_mask_is_visible_and_makes_the_row_nan():
+    mask = np.array([[0.0, NAN], [0.0, 0.0]])
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+def test_reference_nan_where_causal_hides_it_changes_nothing():
+    mask = np.array([[0.5, NAN], [0.0, 0.0]])  # (0, 1) is above the diagonal: not visible
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask, causal=True)
+    _assert_row(out, w, res, 0, [1.5, -INF], [1.0, 3.0])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+def test_reference_plus_inf_score_makes_the_row_non_finite():
+    mask = np.array([[0.0, INF], [0.0, 0.0]])
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+@pytest.mark.parametrize("mask", [None, np.zeros((2, 2)), np.ones((2, 2), dtype=bool)])
+def test_reference_minus_inf_from_inf_inputs_is_non_finite_not_masked(mask):
+    # q_0 = inf against negative keys: both scores -inf by arithmetic, not masking
+    out, w, res = _ref(q=[INF, 1.0], k=[-1.0, -2.0], v=[1.0, 3.0], mask=mask)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [-1.0, -2.0], [1.0, 3.0])
+    # one -inf key among finite ones: every row that sees key 0 is touched
+    out, w, res = _ref(q=[1.0, 2.0], k=[-INF, 1.0], v=[1.0, 3.0], mask=mask, causal=False)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_nan_row(out, w, res, 1, [True, True])
+
+
+def test_reference_a_row_hidden_by_masking_stays_empty_whatever_it_holds():
+    mask = np.array([[False, False], [True, True]])
+    out, w, res = _ref(q=[NAN, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask)
+    assert out[0] == 0 and res.lse[0] == -INF and res.entropy[0] == 0 and res.max_weight[0] == 0
+    assert (w[0] == 0).all() and (res.topk_indices[0] == -1).all() and (res.topk_weights[0] == 0).all()
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+    fmask = np.array([[-INF, -INF], [0.0, 0.0]])  # a float -inf is masking too
+    out, w, res = _ref(q=[INF, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=fmask)
+    assert out[0] == 0 and res.lse[0] == -INF and res.entropy[0] == 0
+
+
+def test_reference_nan_row_reaches_received_only_at_the_keys_it_sees():
+    # window (0, 0): each query sees only its own key; row 1 is NaN
+    out, w, res = _ref(q=[1.0, NAN, 1.0], k=[1.0, 2.0, 3.0], v=[1.0, 2.0, 3.0], window=(0, 0), topk=1)
+    _assert_nan_row(out, w, res, 1, [False, True, False])
+    np.testing.assert_array_equal(res.received, [1.0, NAN, 1.0])
+    np.testing.assert_array_equal(out[[0, 2]], [1.0, 3.0])
+
+
+def test_reference_nan_in_v_reaches_only_rows_that_weigh_that_key():
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, NAN], causal=True)
+    assert out[0] == 1.0 and np.isnan(out[1])
+    _assert_row(np.array([1.0, 0.0]), w, res, 1, [1.0, 2.0], [0.0, 0.0])  # the weights stay finite

@@ -15,7 +15,7 @@ class SdpaBackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (fused; output only)"
     capabilities = {"devices": "any torch device", "dtypes": "as PyTorch", "lens": "no", "grad": "yes",
-                    "dropout": "yes", "memory": "O(N) when causal Nq == Nk and no mask, else a dense mask"}
+                    "dropout": "yes", "memory": "O(N) when causal Nq == Nk, no mask and scale > 0, else a dense mask"}
 
     def not_supported_reasons(self, inp: AttnInputs) -> list[str]:
         reasons = []

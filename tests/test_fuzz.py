@@ -143,8 +143,8 @@ def check(c, backend, q, k, v, mask):
     m4 = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     win = (window, window) if isinstance(window, int) else window
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
-    r_out, p, lse, vis = oracle(q64, k64, v64, None if m4 is None else m4.astype(m4.dtype if m4.dtype == bool else np.float64),
-                                c["causal"], win, scale)
+    m64 = m4 if m4 is None or m4.dtype == bool else m4.astype(np.float64)
+    r_out, p, lse, vis = oracle(q64, k64, v64, m64, c["causal"], win, scale)
     live = vis.any(-1)  # (B, Hq, Nq)
 
     # per-row bound on the score error in the input precision

@@ -5,7 +5,14 @@ case both ways (``path`` = native / eager) so both stay checked, and pin the fal
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import stat
+import subprocess
+import sys
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -125,3 +132,181 @@ def test_disabled_by_environment(monkeypatch):
         assert _native.load() is None
     finally:
         _native.load.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# the cache: private, verified before dlopen, bounded build; every failure is one warning + the eager path
+
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernel cannot be built here")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache directory (not created yet) and a fresh `load`."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("ATTNLENS_CACHE", str(d))
+    monkeypatch.delenv("ATTNLENS_NATIVE", raising=False)
+    _native.load.cache_clear()
+    yield d
+    _native.load.cache_clear()
+
+
+def _load_warnings():
+    """``load()`` twice (the second from lru_cache) and the warnings both calls raised."""
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        fn = _native.load()
+        assert _native.load() is fn
+    return fn, [str(w.message) for w in ws if issubclass(w.category, RuntimeWarning)]
+
+
+def _compile(tmp_path, name, code):
+    src = tmp_path / f"{name}.c"
+    src.write_text(code)
+    out = tmp_path / f"{name}.so"
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", str(src), "-o", str(out)], check=True,
+                   capture_output=True, timeout=60)
+    return out
+
+
+def _lib_name(tmp_path):
+    """The file name this machine's kernel gets in a cache, learnt from a real build elsewhere."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNLENS_CACHE", str(tmp_path / "probe"))
+        _native.load.cache_clear()
+        assert _native.load() is not None
+        _native.load.cache_clear()
+    (lib,) = (tmp_path / "probe").glob("rowsoftmax-*.so")
+    return lib.name
+
+
+def _plant(directory, name, lib):
+    """Put ``lib`` in ``directory`` under ``name``, with a matching hash file (so only ownership can stop it)."""
+    directory.mkdir(exist_ok=True)
+    data = lib.read_bytes()
+    (directory / name).write_bytes(data)
+    (directory / name).with_suffix(".sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
+@needs_cc
+def test_cache_is_private_and_hashed(cache):
+    fn, ws = _load_warnings()
+    assert fn is not None and ws == []
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    (lib,) = cache.glob("rowsoftmax-*.so")
+    assert lib.with_suffix(".sha256").read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([lib.name, lib.with_suffix(".sha256").name])
+
+
+MARKER_C = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { FILE *f = fopen("%s", "w"); if (f) fclose(f); }
+int not_the_kernel(void) { return 1; }
+"""
+
+
+@needs_cc
+@pytest.mark.parametrize("mode", [0o770, 0o777])
+def test_planted_library_in_a_shared_directory_is_refused_unloaded(cache, tmp_path, mode):
+    marker = tmp_path / "planted-code-ran"
+    evil = _compile(tmp_path, "evil", MARKER_C % marker)
+    _plant(cache, _lib_name(tmp_path), evil)
+    os.chmod(cache, mode)
+    fn, ws = _load_warnings()
+    assert fn is None and not marker.exists()
+    assert len(ws) == 1 and "cache was refused" in ws[0] and "writable by group or others" in ws[0]
+
+
+@needs_cc
+def test_cache_directory_owned_by_someone_else_is_refused(cache, monkeypatch):
+    cache.mkdir(mode=0o700)
+    monkeypatch.setattr(_native, "_uid", lambda: os.getuid() + 1)
+    fn, ws = _load_warnings()
+    assert fn is None and len(ws) == 1 and "cache was refused" in ws[0] and "not by this user" in ws[0]
+
+
+@needs_cc
+def test_library_owned_by_someone_else_is_refused_unloaded(cache, tmp_path, monkeypatch):
+    marker = tmp_path / "planted-code-ran"
+    cache.mkdir(mode=0o700)
+    _plant(cache, _lib_name(tmp_path), _compile(tmp_path, "evil", MARKER_C % marker))
+    real = os.lstat
+
+    def lstat(p, *a, **kw):  # the library reads as another user's file
+        st = real(p, *a, **kw)
+        return os.stat_result((*st[:4], st.st_uid + 1, *st[5:10])) if str(p).endswith(".so") else st
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    fn, ws = _load_warnings()
+    assert fn is None and not marker.exists()
+    assert len(ws) == 1 and "not by this user" in ws[0]
+
+
+@needs_cc
+def test_library_without_the_symbol_falls_back_with_one_warning(cache, tmp_path):
+    marker = tmp_path / "loaded"
+    cache.mkdir(mode=0o700)
+    _plant(cache, _lib_name(tmp_path), _compile(tmp_path, "other", MARKER_C % marker))
+    fn, ws = _load_warnings()
+    assert fn is None and marker.exists()  # private and hashed: loaded, but it is not the kernel
+    assert len(ws) == 1 and "could not be loaded" in ws[0] and _native.SYMBOL in ws[0]
+
+
+TRUNCATED = """
+import warnings, torch, attnlens as al
+from attnlens._backends import _native
+with warnings.catch_warnings(record=True) as ws:
+    warnings.simplefilter("always")
+    fn = _native.load()
+    q = torch.randn(1, 2, 50, 16)
+    out, res = al.attention(q, q, q, causal=True, backend="torch", lens=al.Lens(topk=4))
+ws = [str(w.message) for w in ws if issubclass(w.category, RuntimeWarning)]
+print("LOADED" if fn is not None else "FALLBACK", len(ws), ws, bool(torch.isfinite(res.entropy).all()))
+"""
+
+
+@needs_cc
+def test_truncated_library_is_rebuilt_or_falls_back_never_sigbus(cache, tmp_path):
+    """Run in subprocesses: mapping a truncated library used to kill the process with SIGBUS."""
+    def run(**env):
+        p = subprocess.run([sys.executable, "-c", TRUNCATED], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "ATTNLENS_CACHE": str(cache), **env})
+        assert p.returncode == 0, f"exit status {p.returncode}: {p.stderr[-2000:]}"
+        return p.stdout.strip().splitlines()[-1]
+
+    assert run().startswith("LOADED 0 []")
+    (lib,) = cache.glob("rowsoftmax-*.so")
+    good = lib.read_bytes()
+    os.truncate(lib, len(good) // 2)
+    line = run(CC=str(tmp_path / "no-such-compiler"))  # cannot rebuild: one warning, eager path
+    assert line.startswith("FALLBACK 1") and "could not be built" in line and line.endswith("True"), line
+    assert lib.stat().st_size == len(good) // 2  # left as it was, never mapped
+    os.truncate(lib, len(good) // 2)
+    assert run().startswith("LOADED 0 []")  # with a compiler: rebuilt
+    assert hashlib.sha256(lib.read_bytes()).hexdigest() == lib.with_suffix(".sha256").read_text().strip()
+
+
+@needs_cc
+def test_hanging_compiler_times_out_with_a_clear_message_and_no_leftovers(cache, tmp_path, monkeypatch):
+    cc = tmp_path / "slow-cc"
+    # writes a partial library where it was told to, then hangs (and so does a child it started)
+    cc.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho partial > "$2"\nsleep 20 &\nsleep 20\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(_native, "COMPILE_TIMEOUT_S", 1)
+    t0 = time.monotonic()
+    fn, ws = _load_warnings()
+    assert time.monotonic() - t0 < 10
+    assert fn is None and len(ws) == 1 and "did not finish within 1 s" in ws[0]
+    assert list(cache.iterdir()) == []  # no partial library, no temporary directory
+
+
+@needs_cc
+def test_a_killed_build_leaves_nothing_behind_for_long(cache):
+    cache.mkdir(mode=0o700)
+    stale, fresh = cache / ".build-stale", cache / ".build-running"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    assert _native.load() is not None
+    assert not stale.exists() and fresh.exists()  # another process may still be building in a recent one

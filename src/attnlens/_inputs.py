@@ -76,11 +76,29 @@ def _kind(x, name: str) -> str:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A torch view of ``a`` (zero-copy when it is C-contiguous, native byte order and writable), else of
+    a native-order contiguous copy: torch cannot view big-endian data and warns on read-only arrays.
+    attnlens never writes into its inputs."""
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _check_dense(t: torch.Tensor, name: str) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout} of shape {tuple(t.shape)}; "
+                        f"call .to_dense() first")
+
+
 def _as_torch(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.type not in NP_FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype (float16/32/64), got numpy {x.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return _from_numpy(x)
+    _check_dense(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     return x
@@ -133,6 +151,9 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
         raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if q.is_meta:
+        raise ValueError(f"q, k, v are meta tensors (shapes q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}, "
+                         f"no data); attention needs tensors with values (cpu, cuda, ...)")
     rank = q.ndim
     q4, k4, v4 = _to4(q), _to4(k), _to4(v)
     B, Hq, Nq, D = q4.shape
@@ -145,18 +166,20 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
         raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree on all but the last dim (layout {layout})")
     if Bk != B:
         raise ValueError(f"batch sizes disagree: q{tuple(q.shape)} has B={B}, k{tuple(k.shape)} has B={Bk}")
+    if Hkv == 0 or Nq == 0 or Nk == 0 or D == 0:
+        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query, key and feature), got "
+                         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)} (layout {layout})")
     if Hq % Hkv != 0:
         raise ValueError(f"query heads must be a multiple of key/value heads (grouped-query attention): "
                          f"q{tuple(q.shape)} has Hq={Hq}, k{tuple(k.shape)} has Hkv={Hkv}")
-    if Nq == 0 or Nk == 0 or D == 0:
-        raise ValueError(f"q, k, v must be non-empty, got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
 
     m4 = None
     if mask is not None:
         mkind = _kind(mask, "mask")
         if (mkind == "numpy") != numpy_io:
             raise TypeError(f"mask must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), got {type(mask).__name__}")
-        mt = torch.from_numpy(np.ascontiguousarray(mask)) if mkind == "numpy" else mask
+        mt = _from_numpy(mask) if mkind == "numpy" else mask
+        _check_dense(mt, "mask")
         if mt.dtype != torch.bool and mt.dtype not in FLOAT_DTYPES:
             raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), got {mt.dtype}")
         if mt.device != q.device:

@@ -19,8 +19,16 @@ from typing import Optional, Tuple
 Window = Optional[Tuple[Optional[int], Optional[int]]]
 
 
+#: largest finite window side. Wider is refused (use ``None`` for unbounded): it keeps every position
+#: sum in int64, and no sequence is that long, so any wider window would equal ``None`` anyway.
+MAX_WINDOW = 2**62
+
+
 def normalize_window(window) -> Window:
-    """``None`` | int w | (left, right) → ``None`` or ``(left|None, right|None)``; checks signs."""
+    """``None`` | int w | (left, right) → ``None`` or ``(left|None, right|None)``.
+
+    Each side is ``None`` (unbounded) or an int in ``[0, MAX_WINDOW]`` (2**62); larger values are
+    refused with a ValueError, not clamped."""
     if window is None:
         return None
     if isinstance(window, bool):
@@ -38,6 +46,8 @@ def normalize_window(window) -> Window:
             raise TypeError(f"window {side} must be an int >= 0 or None; got {type(w).__name__} {w!r}")
         if w < 0:
             raise ValueError(f"window {side} must be >= 0 (a number of positions), got {w}")
+        if w > MAX_WINDOW:
+            raise ValueError(f"window {side} must be <= 2**62 (use None for an unbounded side), got {w}")
         out.append(int(w))
     return tuple(out)
 

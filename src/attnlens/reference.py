@@ -19,7 +19,20 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
         ``masks.normalize_window`` returns it; ``offset``: query i sits at key position ``i + offset``
         (default ``Nk - Nq``).
     Returns: ``out (B, Hq, Nq, Dv)``, ``weights (B, Hq, Nq, Nk)``, ``lse (B, Hq, Nq)`` (float64).
-        Rows that see no key: out 0, weights 0, lse -inf.
+
+    The NaN/inf rule (what every backend must match):
+
+    - *Visible* is structural: key j is visible to query i unless causal/window excludes it, a bool
+      mask is False there, or a float mask is ``-inf`` there. Nothing else hides a key.
+    - A row with no visible key: out 0, weights 0, lse -inf (never NaN), whatever q, k, v hold.
+    - The score ``s_ij = (q_i · k_j) · scale + mask_ij``. A row with a visible key whose score is not
+      finite — NaN (from NaN in q, k or the float mask, or inf · 0), +inf, or -inf (from inf in q or
+      k, or overflow: a numeric event, not masking) — is non-finite: its out and lse are NaN, its
+      weights NaN at its visible keys (0 at the others). ``reference_lens`` then gives it NaN
+      max_weight, entropy and top-k weights (indices -1), and NaN ``received`` at the keys it sees.
+    - Otherwise the row is the exact softmax over its visible keys. NaN/inf in v reach only the
+      rows that give that key a weight > 0 (a key of weight 0 contributes 0, even if its value is
+      NaN/inf), and only the output columns where v holds them.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, Hq, Nq, D = q.shape
@@ -29,31 +42,36 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
     v = np.repeat(v, group, axis=1)
     scale = 1.0 / np.sqrt(D) if scale is None else scale
 
-    s = (q @ np.swapaxes(k, -1, -2)) * scale  # (B, Hq, Nq, Nk)
-    keep = np.ones(s.shape, dtype=bool)
-    offset = Nk - Nq if offset is None else offset
-    band = band_keep(np.arange(Nq), np.arange(Nk), offset, causal, window)
-    if band is not None:
-        keep &= band
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype == bool:
-            keep &= mask
-        else:
-            s = s + mask.astype(np.float64)
-            keep &= s > -np.inf
-    s = np.where(keep, s, -np.inf)
+    with np.errstate(all="ignore"):  # inf/NaN inputs are handled by the rule above
+        s = (q @ np.swapaxes(k, -1, -2)) * scale  # (B, Hq, Nq, Nk)
+        keep = np.ones(s.shape, dtype=bool)  # visible (structural)
+        offset = Nk - Nq if offset is None else offset
+        band = band_keep(np.arange(Nq), np.arange(Nk), offset, causal, window)
+        if band is not None:
+            keep &= band
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.dtype == bool:
+                keep &= mask
+            else:
+                s = s + mask.astype(np.float64)
+                keep &= mask != -np.inf  # NaN in the mask is visible (and makes the row NaN)
+        bad = (keep & ~np.isfinite(s)).any(axis=-1, keepdims=True)  # a non-finite visible score
+        ok = keep & ~bad
+        s = np.where(ok, s, -np.inf)
 
-    live = keep.any(axis=-1, keepdims=True)
-    m = np.where(live, s.max(axis=-1, keepdims=True), 0.0)
-    e = np.where(keep, np.exp(s - m), 0.0)
-    total = e.sum(axis=-1, keepdims=True)
-    w = e / np.where(live, total, 1.0)  # rows sum to 1 (0 for dead rows)
-    lse = np.where(live, m + np.log(np.where(live, total, 1.0)), -np.inf)[..., 0]
-    fin = np.isfinite(v)
-    out = w @ np.where(fin, v, 0.0)  # a key of weight 0 contributes 0, even if its value is NaN/inf
-    for b, h, j, d in zip(*np.nonzero(~fin)):
-        out[b, h, :, d] += np.where(w[b, h, :, j] > 0, w[b, h, :, j] * v[b, h, j, d], 0.0)
+        live = ok.any(axis=-1, keepdims=True)
+        m = np.where(live, s.max(axis=-1, keepdims=True), 0.0)
+        e = np.where(ok, np.exp(s - m), 0.0)
+        total = e.sum(axis=-1, keepdims=True)
+        w = e / np.where(live, total, 1.0)  # rows sum to 1 (0 for dead rows)
+        lse = np.where(live, m + np.log(np.where(live, total, 1.0)), -np.inf)
+        w = np.where(keep & bad, np.nan, w)
+        lse = np.where(bad, np.nan, lse)[..., 0]
+        fin = np.isfinite(v)
+        out = w @ np.where(fin, v, 0.0)  # a key of weight 0 contributes 0, even if its value is NaN/inf
+        for b, h, j, d in zip(*np.nonzero(~fin)):
+            out[b, h, :, d] += np.where(w[b, h, :, j] > 0, w[b, h, :, j] * v[b, h, j, d], 0.0)
     return out, w, lse
 
 
@@ -62,12 +80,14 @@ def reference_lens(weights, lse, topk=0, rows=None):
     from .lens import LensResult
 
     w = weights
+    bad = np.isnan(w).any(axis=-1)  # non-finite rows (see reference_attention): NaN statistics
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(w > 0, w * np.log(w), 0.0)
-    res = LensResult(lse=lse, max_weight=w.max(axis=-1), entropy=-plogp.sum(axis=-1), received=w.sum(axis=-2))
+    entropy = np.where(bad, np.nan, -plogp.sum(axis=-1))
+    res = LensResult(lse=lse, max_weight=w.max(axis=-1), entropy=entropy, received=w.sum(axis=-2))
     if topk:
         idx = np.argsort(-w, axis=-1, kind="stable")[..., :topk]
-        tw = np.take_along_axis(w, idx, axis=-1)
+        tw = np.where(bad[..., None], np.nan, np.take_along_axis(w, idx, axis=-1))
         res.topk_indices = np.where(tw > 0, idx, -1).astype(np.int64)
         res.topk_weights = tw
     if rows is not None:

@@ -1,9 +1,29 @@
 """The fused row kernel (``rowsoftmax.c``), compiled on first use and loaded with ctypes.
 
-CPU float32 only. Built with the machine's C compiler (``$CC`` or ``cc``) into a cache
-directory (``$ATTNLENS_CACHE``, default ``~/.cache/attnlens``), keyed by the source, the flags
-and the CPU, so it is compiled once per machine. ``ATTNLENS_NATIVE=0`` turns it off; when it
-cannot be built, attnlens warns once and uses the eager PyTorch path (same results, slower lens).
+CPU float32 only. ``ATTNLENS_NATIVE=0`` turns it off. Whenever it cannot be used (disabled, no
+compiler, a refused cache, a library that does not load), attnlens warns once per process and uses
+the eager PyTorch path: same results, slower lens; never an exception at a call site.
+
+The cache. The library is built with the machine's C compiler (``$CC`` or ``cc``) into
+``$ATTNLENS_CACHE`` (default ``~/.cache/attnlens``), named by a hash of the source, the compiler,
+the flags and the CPU, so it is compiled once per machine; delete the directory to drop it. Loading
+a shared library runs its code, so the cache is trusted only when it is private:
+
+- the directory is created with mode 0700; it, the library and the library's hash file must be
+  owned by the current user and not group/world-writable (the files also regular, not links),
+  else the cache is refused: nobody else can then plant or swap a library between our check and
+  ``dlopen``. Parents of the directory are not checked;
+- every library ``rowsoftmax-<key>.so`` has a side file ``rowsoftmax-<key>.sha256`` holding the
+  SHA-256 of its bytes, written at build time. Before ``dlopen`` the library is read and hashed; a
+  missing or different hash (a truncated file, an older attnlens's build) means a rebuild, so a
+  damaged file is never mapped (mapping one can kill the process with SIGBUS);
+- a build runs in a fresh private temporary directory inside the cache and is moved into place by
+  ``os.replace`` (atomic; the library first, then its hash, so a reader never pairs a hash with a
+  partial file); an interrupted build leaves at most a ``.build-*`` directory, removed on exit or,
+  if the process was killed, by the next build once it is an hour old;
+- the compiler gets ``COMPILE_TIMEOUT_S`` (60 s); then it and its children are killed and the
+  warning says so.
+
 It links the OpenMP runtime that PyTorch already loaded, so it shares PyTorch's threads.
 """
 from __future__ import annotations
@@ -13,8 +33,12 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
+import signal
+import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -22,8 +46,15 @@ import torch
 
 SOURCE = Path(__file__).with_name("rowsoftmax.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
+SYMBOL = "attnlens_rowsoftmax_f32"
+#: seconds the C compiler may take before the build is abandoned (it takes about 1 s)
+COMPILE_TIMEOUT_S = 60
 #: largest top-k the kernel keeps (insertion into a sorted list); larger k uses torch.topk
 MAX_TOPK = 64
+
+
+class _Refused(Exception):
+    """The cache or a file in it is not private to this user."""
 
 
 def _cpu_id() -> str:
@@ -35,36 +66,98 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _uid():
+    """The current user's id (None where there are no POSIX owners)."""
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def _check_private(path: Path, st: os.stat_result) -> None:
+    """Raise `_Refused` unless ``path`` is owned by this user and not writable by group or others."""
+    if _uid() is not None and st.st_uid != _uid():
+        raise _Refused(f"{path} is owned by uid {st.st_uid}, not by this user (uid {_uid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _Refused(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _cache_dir() -> Path:
+    """The cache directory, created private (0700) if missing, and checked."""
+    cache = Path(os.environ.get("ATTNLENS_CACHE") or Path.home() / ".cache" / "attnlens")
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(cache)
+    if not stat.S_ISDIR(st.st_mode):
+        raise _Refused(f"{cache} is not a directory")
+    _check_private(cache, st)
+    return cache
+
+
+def _verified(lib: Path) -> bool:
+    """True if ``lib`` and its hash file exist, are private regular files, and the hash matches."""
+    side = lib.with_suffix(".sha256")
+    try:
+        sts = [os.lstat(lib), os.lstat(side)]
+    except FileNotFoundError:
+        return False
+    for path, st in zip((lib, side), sts):
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused(f"{path} is not a regular file")
+        _check_private(path, st)
+    return hashlib.sha256(lib.read_bytes()).hexdigest() == side.read_text().strip()
+
+
+def _build(cc: str, lib: Path) -> None:
+    """Compile into a private temporary directory in the cache, then move library and hash into place."""
+    for old in lib.parent.glob(".build-*"):  # left by a killed build
+        if time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
+        out = Path(tmp) / lib.name
+        proc = subprocess.Popen([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+        except BaseException as exc:  # timeout or Ctrl-C: stop the compiler and everything it started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise RuntimeError(f"the C compiler {cc!r} did not finish within {COMPILE_TIMEOUT_S} s "
+                                   "(killed)") from None
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} exited with status {proc.returncode}: {err.strip()}")
+        side = out.with_suffix(".sha256")
+        side.write_text(hashlib.sha256(out.read_bytes()).hexdigest() + "\n")
+        os.replace(out, lib)
+        os.replace(side, lib.with_suffix(".sha256"))
+
+
 @functools.lru_cache(maxsize=None)
 def load():
-    """The loaded kernel library, or None (disabled, or no compiler)."""
+    """The kernel function, or None (disabled, or it cannot be built or loaded: warned once)."""
     if os.environ.get("ATTNLENS_NATIVE", "1") == "0":
         return None
+    what = "could not be built"
     try:
-        src = SOURCE.read_bytes()
         cc = os.environ.get("CC", "cc")
-        key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("ATTNLENS_CACHE", Path.home() / ".cache" / "attnlens"))
-        lib_path = cache / f"rowsoftmax-{key}.so"
-        if not lib_path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                out = Path(tmp) / lib_path.name
-                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True, capture_output=True,
-                               text=True, timeout=120)
-                os.replace(out, lib_path)  # atomic: concurrent builders never see a partial file
-        lib = ctypes.CDLL(str(lib_path))
-        fn = lib.attnlens_rowsoftmax_f32
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode())
+        lib = _cache_dir() / f"rowsoftmax-{key.hexdigest()[:16]}.so"
+        if not _verified(lib):
+            _build(cc, lib)
+            if not _verified(lib):
+                raise RuntimeError(f"{lib} changed while it was being built")
+        what = "could not be loaded"
+        fn = getattr(ctypes.CDLL(str(lib)), SYMBOL)
         P, I64 = ctypes.c_void_p, ctypes.c_int64
         fn.argtypes = [P, I64, I64, I64, ctypes.c_float, P, P, P, P, P, ctypes.c_int32]
         fn.restype = None
         return fn
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        warnings.warn(f"attnlens: the native row kernel could not be built ({str(detail).strip()[:200]}); "
-                      "using the eager PyTorch path (same results, slower lens). Set ATTNLENS_NATIVE=0 to "
-                      "silence this.", RuntimeWarning, stacklevel=3)
-        return None
+    except _Refused as exc:
+        detail, what = str(exc), "cache was refused"
+    except Exception as exc:  # any failure falls back; the warning says what happened
+        detail = str(getattr(exc, "stderr", None) or exc)
+    warnings.warn(f"attnlens: the native row kernel {what} ({detail.strip()[:300]}); using the eager PyTorch "
+                  "path (same results, slower lens). Set ATTNLENS_NATIVE=0 to silence this.", RuntimeWarning,
+                  stacklevel=3)
+    return None
 
 
 def rowsoftmax(s: torch.Tensor, topk: int, dead_below: float):

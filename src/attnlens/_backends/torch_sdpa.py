@@ -1,8 +1,8 @@
 """PyTorch's fused ``scaled_dot_product_attention``: the output only (no lse, no lens, no block primitives).
 
-Gradients flow through PyTorch's own autograd. Causal calls with ``offset == 0`` use its
-``is_causal`` (top-left aligned = offset 0) and need no mask; windows, other offsets and causal
-with a user mask need a dense ``(Nq, Nk)`` bool mask — `memory` says so, and ``backend="auto"``
+Gradients flow through PyTorch's own autograd. Causal calls with ``offset == 0`` (and ``scale > 0``) use
+its ``is_causal`` (top-left aligned = offset 0) and need no mask; windows, other offsets, ``scale <= 0``
+and causal with a user mask need a dense ``(Nq, Nk)`` bool mask — `memory` says so, and ``backend="auto"``
 then prefers a linear-memory backend.
 """
 from __future__ import annotations
@@ -18,8 +18,10 @@ _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # tor
 
 
 def _dense_band(inp: AttnInputs) -> bool:
-    """The call needs a materialised (Nq, Nk) band mask."""
-    return inp.window is not None or (inp.causal and (inp.offset != 0 or inp.mask is not None))
+    """The call needs a materialised (Nq, Nk) band mask. Not ``is_causal`` for ``scale <= 0`` either: PyTorch's
+    CPU flash kernel fills masked scores with -inf *before* scaling, and -inf · 0 = NaN, -inf · (-0.5) = +inf,
+    so every row came back NaN; an explicit mask is applied after scaling."""
+    return inp.window is not None or (inp.causal and (inp.offset != 0 or inp.mask is not None or inp.scale <= 0))
 
 
 class SdpaBackend(Backend):

@@ -1,0 +1,195 @@
+"""Hardening (issue 13): edge cases each of which once failed — NaN from a non-positive scale, inputs
+refused with errors that name the argument, and the reference's NaN/inf rule."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, make_inputs, reference
+
+import attnlens as al
+from attnlens.reference import reference_attention, reference_lens
+
+BACKENDS = ["auto", "sdpa", "torch", "reference"]
+
+
+# --------------------------------------------------------------------------------------------
+# scale <= 0 (PyTorch's is_causal kernel scales after masking with -inf: -inf * 0 = NaN)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -0.5, -1e-3, 1e3])
+def test_any_scale_matches_reference(backend, scale, rng):
+    q, k, v = make_inputs(2, 4, 2, 9, 9, 8, dtype=torch.float64, rng=rng)
+    out = al.attention(q, k, v, causal=True, scale=scale, backend=backend)
+    r_out, _ = reference(q, k, v, causal=True, scale=scale)
+    assert_close(out, r_out, atol=1e-9, what=f"out ({backend}, scale={scale})")
+
+
+# --------------------------------------------------------------------------------------------
+# inputs refused with an error that names the argument, or accepted without a leaked warning
+
+def _qkv(rng, numpy=False, dtype=torch.float32):
+    return make_inputs(1, 2, 2, 5, 6, 4, dtype=dtype, rng=rng, numpy=numpy)
+
+
+def test_zero_kv_heads_is_a_value_error_naming_k(rng):
+    q, _, _ = _qkv(rng)
+    k, v = torch.zeros(1, 0, 6, 4), torch.zeros(1, 0, 6, 4)
+    with pytest.raises(ValueError, match=r"non-empty.*k\(1, 0, 6, 4\)"):
+        al.attention(q, k, v)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_meta_tensors_are_refused(with_mask, rng):
+    q, k, v = (x.to("meta") for x in _qkv(rng))  # one meta among cpu tensors: the device error (test_inputs)
+    mask = torch.ones(5, 6, dtype=torch.bool, device="meta") if with_mask else None
+    with pytest.raises(ValueError, match=r"q, k, v are meta tensors \(shapes q\(1, 2, 5, 4\).*no data"):
+        al.attention(q, k, v, mask=mask, lens=True)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "mask"])
+def test_sparse_tensors_are_refused(name, rng):
+    args = dict(zip("qkv", _qkv(rng)), mask=torch.ones(1, 2, 5, 6, dtype=torch.bool))
+    args[name] = args[name].to_sparse()
+    with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        al.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("window", [2**70, (3, 2**63), (2**62 + 1, None)])
+def test_huge_window_is_a_value_error_naming_window(window, rng):
+    q, k, v = _qkv(rng)
+    with pytest.raises(ValueError, match=r"window (left|right) must be <= 2\*\*62 \(use None"):
+        al.attention(q, k, v, window=window)
+
+
+def test_largest_window_equals_unbounded(rng):
+    q, k, v = _qkv(rng, dtype=torch.float64)
+    for backend in ("torch", "reference"):
+        a = al.attention(q, k, v, window=(2**62, 2**62), backend=backend)
+        torch.testing.assert_close(a, al.attention(q, k, v, backend=backend), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8"])
+def test_big_endian_numpy_is_accepted(dtype, rng):
+    q, k, v = _qkv(rng, numpy=True, dtype=np.float64)
+    mask = rng.standard_normal((5, 6))
+    be = [x.astype(dtype) for x in (q, k, v, mask)]
+    out, res = al.attention(*be[:3], mask=be[3], causal=True, lens=al.Lens(topk=2))
+    r_out, ref = reference(q, k, v, mask=mask, causal=True, topk=2)
+    assert out.dtype == np.dtype(dtype).newbyteorder("=")
+    assert_close(out, r_out, atol=1e-5, what="out")
+    assert_close(res.entropy, ref.entropy, atol=1e-5, what="entropy")
+
+
+def test_read_only_numpy_leaks_no_warning_and_is_not_written(rng):
+    q, k, v = _qkv(rng, numpy=True, dtype=np.float32)
+    mask = rng.standard_normal((5, 6)).astype(np.float32)
+    arrays = (q, k, v, mask)
+    before = [a.copy() for a in arrays]
+    for a in arrays:
+        a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, res = al.attention(q, k, v, mask=mask, causal=True, lens=True)
+    for a, b in zip(arrays, before):
+        assert np.array_equal(a, b) and not a.flags.writeable
+    r_out, _ = reference(q, k, v, mask=mask, causal=True)
+    assert_close(out, r_out, atol=1e-5, what="out")
+
+
+# --------------------------------------------------------------------------------------------
+# the reference's NaN/inf rule, on inputs small enough to check by hand (B = H = 1, D = 1, scale 1)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _ref(q, k, v, mask=None, causal=False, window=None, topk=2):
+    q, k, v = (np.asarray(x, dtype=np.float64).reshape(1, 1, -1, 1) for x in (q, k, v))
+    if mask is not None:
+        mask = np.asarray(mask).reshape(1, 1, q.shape[2], k.shape[2])
+    out, w, lse = reference_attention(q, k, v, mask=mask, causal=causal, window=window, scale=1.0)
+    res = reference_lens(w, lse, topk=topk)
+    return out[0, 0, :, 0], w[0, 0], res.map_arrays(lambda a: a[0, 0])
+
+
+def _assert_nan_row(out, w, res, i, visible):
+    assert np.isnan(out[i]) and np.isnan(res.lse[i]) and np.isnan(res.max_weight[i]) and np.isnan(res.entropy[i])
+    assert np.isnan(w[i][visible]).all() and (w[i][~np.asarray(visible)] == 0).all()
+    assert np.isnan(res.topk_weights[i]).all() and (res.topk_indices[i] == -1).all()
+
+
+def _assert_row(out, w, res, i, scores, values):
+    """Row i is the exact softmax of ``scores`` (its visible keys, -inf = hidden) over ``values``."""
+    s = np.asarray(scores, dtype=np.float64)
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    np.testing.assert_allclose(w[i], p, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(out[i], p @ np.asarray(values, dtype=np.float64), rtol=1e-14)
+    np.testing.assert_allclose(res.lse[i], s.max() + np.log(np.exp(s - s.max()).sum()), rtol=1e-14)
+    assert np.isfinite(res.entropy[i]) and res.max_weight[i] == p.max()
+
+
+def test_reference_nan_in_q_makes_only_its_row_nan():
+    out, w, res = _ref(q=[NAN, 1.0], k=[1.0, 2.0], v=[1.0, 3.0])
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+def test_reference_nan_in_a_float_mask_is_visible_and_makes_the_row_nan():
+    mask = np.array([[0.0, NAN], [0.0, 0.0]])
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+def test_reference_nan_where_causal_hides_it_changes_nothing():
+    mask = np.array([[0.5, NAN], [0.0, 0.0]])  # (0, 1) is above the diagonal: not visible
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask, causal=True)
+    _assert_row(out, w, res, 0, [1.5, -INF], [1.0, 3.0])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+def test_reference_plus_inf_score_makes_the_row_non_finite():
+    mask = np.array([[0.0, INF], [0.0, 0.0]])
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+
+
+@pytest.mark.parametrize("mask", [None, np.zeros((2, 2)), np.ones((2, 2), dtype=bool)])
+def test_reference_minus_inf_from_inf_inputs_is_non_finite_not_masked(mask):
+    # q_0 = inf against negative keys: both scores -inf by arithmetic, not masking
+    out, w, res = _ref(q=[INF, 1.0], k=[-1.0, -2.0], v=[1.0, 3.0], mask=mask)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_row(out, w, res, 1, [-1.0, -2.0], [1.0, 3.0])
+    # one -inf key among finite ones: every row that sees key 0 is touched
+    out, w, res = _ref(q=[1.0, 2.0], k=[-INF, 1.0], v=[1.0, 3.0], mask=mask, causal=False)
+    _assert_nan_row(out, w, res, 0, [True, True])
+    _assert_nan_row(out, w, res, 1, [True, True])
+
+
+def test_reference_a_row_hidden_by_masking_stays_empty_whatever_it_holds():
+    mask = np.array([[False, False], [True, True]])
+    out, w, res = _ref(q=[NAN, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=mask)
+    assert out[0] == 0 and res.lse[0] == -INF and res.entropy[0] == 0 and res.max_weight[0] == 0
+    assert (w[0] == 0).all() and (res.topk_indices[0] == -1).all() and (res.topk_weights[0] == 0).all()
+    _assert_row(out, w, res, 1, [1.0, 2.0], [1.0, 3.0])
+    fmask = np.array([[-INF, -INF], [0.0, 0.0]])  # a float -inf is masking too
+    out, w, res = _ref(q=[INF, 1.0], k=[1.0, 2.0], v=[1.0, 3.0], mask=fmask)
+    assert out[0] == 0 and res.lse[0] == -INF and res.entropy[0] == 0
+
+
+def test_reference_nan_row_reaches_received_only_at_the_keys_it_sees():
+    # window (0, 0): each query sees only its own key; row 1 is NaN
+    out, w, res = _ref(q=[1.0, NAN, 1.0], k=[1.0, 2.0, 3.0], v=[1.0, 2.0, 3.0], window=(0, 0), topk=1)
+    _assert_nan_row(out, w, res, 1, [False, True, False])
+    np.testing.assert_array_equal(res.received, [1.0, NAN, 1.0])
+    np.testing.assert_array_equal(out[[0, 2]], [1.0, 3.0])
+
+
+def test_reference_nan_in_v_reaches_only_rows_that_weigh_that_key():
+    out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, NAN], causal=True)
+    assert out[0] == 1.0 and np.isnan(out[1])
+    _assert_row(np.array([1.0, 0.0]), w, res, 1, [1.0, 2.0], [0.0, 0.0])  # the weights stay finite

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlens as al
-from attnlens._backends import torch_chunked
+from attnlens._backends.torch_chunked import CHUNK_BYTES
 
 LENS = al.Lens(entropy=True, received=True, topk=8, lse=True, max_weight=True)
 
@@ -39,7 +39,7 @@ def timeit(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def time_table(sizes, heads, dim, repeat):
+def time_table(sizes, heads, dim, repeat, torch_backend="torch"):
     rows = []
     for n in sizes:
         g = torch.Generator().manual_seed(n)
@@ -48,10 +48,11 @@ def time_table(sizes, heads, dim, repeat):
         cases = [
             ("sdpa (PyTorch)", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
             ("attnlens auto, no lens", lambda: al.attention(q, k, v, causal=True)),
-            ("attnlens torch, no lens", lambda: al.attention(q, k, v, causal=True, backend="torch")),
-            ("attnlens lens (H, received, top-8)", lambda: al.attention(q, k, v, causal=True, lens=LENS)),
+            ("attnlens torch, no lens", lambda: al.attention(q, k, v, causal=True, backend=torch_backend)),
+            ("attnlens lens (H, received, top-8)", lambda: al.attention(q, k, v, causal=True, lens=LENS,
+                                                                         backend=torch_backend)),
             ("attnlens lens (H, received)", lambda: al.attention(
-                q, k, v, causal=True, lens=al.Lens(entropy=True, received=True))),
+                q, k, v, causal=True, lens=al.Lens(entropy=True, received=True), backend=torch_backend)),
         ]
         # interleave the cases so drift in machine load hits all of them alike
         times = {name: [] for name, _ in cases}
@@ -125,18 +126,18 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--chunk-bytes", type=int, default=None, help="override torch_chunked.CHUNK_BYTES")
+    ap.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES,
+                    help="the torch backend's chunk size (TorchChunkedBackend(chunk_bytes=...))")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--mem-lens-n", type=int, default=32768)
     ap.add_argument("--mem-grad-n", type=int, default=16384)
     ap.add_argument("--out", default=None, help="write results (Markdown + JSON) to this path stem")
     args = ap.parse_args(argv)
-    if args.chunk_bytes:
-        torch_chunked.CHUNK_BYTES = args.chunk_bytes
+    torch_backend = al.TorchChunkedBackend(chunk_bytes=args.chunk_bytes)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"attnlens CPU benchmark  {when}\n  {machine()}\n  fp32, causal, B=1, H={args.heads}, D={args.dim}, "
-          f"CHUNK_BYTES={torch_chunked.CHUNK_BYTES}, median of {args.repeat}")
-    rows = time_table(args.sizes, args.heads, args.dim, args.repeat)
+          f"chunk_bytes={args.chunk_bytes}, median of {args.repeat}")
+    rows = time_table(args.sizes, args.heads, args.dim, args.repeat, torch_backend)
     mem = {}
     if not args.no_memory:
         gib = 1 << 30

@@ -122,6 +122,11 @@ class LensResult:
             index -1 where the weight is 0.
         weights ``(B, Hq, len(rows), Nk)``: full weight rows for ``rows``.
         rows: the query indices of ``weights`` (non-negative), or ``None``.
+        sink_weight ``(B, Hq, Nq)``: with ``attention(..., sinks=...)``, the weight of each row's sink,
+            ``exp(sink - lse)`` (1 for a row that sees no key); ``None`` without sinks. The other fields
+            then read as follows: ``lse`` includes the sink; ``max_weight``, ``received``, top-k and
+            ``weights`` are over the real keys (a row sums to ``1 - sink_weight``); ``entropy`` is that of
+            the full distribution, sink included.
     """
 
     lse: Any = None
@@ -132,6 +137,7 @@ class LensResult:
     topk_weights: Any = None
     weights: Any = None
     rows: tuple[int, ...] | None = None
+    sink_weight: Any = None
 
     def map_arrays(self, fn) -> "LensResult":
         """A new result with ``fn`` applied to every array field that is present."""
@@ -155,7 +161,7 @@ class LensResult:
 
 
 #: the array fields of a `LensResult` (``rows`` is a tuple of ints)
-ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights")
+ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights", "sink_weight")
 
 
 class Merger:

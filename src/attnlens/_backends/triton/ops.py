@@ -468,6 +468,7 @@ class TritonBackend(Backend):
     capabilities = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16,
                                                                                 torch.float32}),
                                 max_head_dim=MAX_HEAD_DIM, max_topk=MAX_TOPK, masks=frozenset({"bool", "float"}),
+                                score_mods=frozenset(),
                                 dropout=False, memory="O(N)",
                                 notes="CPU only under TRITON_INTERPRET=1 with backend='triton' (the test mode); "
                                       "FlashAttention-2 backward")

@@ -30,6 +30,8 @@ class ReportData:
     ``weights (L, H, N, N)`` and ``contrib (L, H, N, N)`` (value-norm contributions
     ``‖α_ij v_j W_O^h‖``, or ``‖α_ij v_j‖`` without an output projection) are ``None`` when
     the weights were not kept; ``topk_idx`` / ``topk_w (L, H, N, k)`` always hold the top-k.
+    ``sink_weight (L, H)``: for a model with attention sinks (gpt-oss), the mean weight a query of each
+    layer and head puts on its sink (its rows then sum to ``1 - sink weight``); ``None`` without sinks.
     """
 
     text: str
@@ -49,6 +51,7 @@ class ReportData:
     contrib: Optional[np.ndarray] = None
     contrib_kind: str = ""
     warnings: list = field(default_factory=list)
+    sink_weight: Optional[np.ndarray] = None
 
     @property
     def n(self) -> int:
@@ -116,6 +119,8 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         topk_idx=stack(lambda r: r.result.topk_indices), topk_w=stack(lambda r: r.result.topk_weights),
         summaries=[analysis.head_summary(r) for r in recs], rollout=None, rollout_coverage=1.0,
         warnings=warnings)
+    if all(r.result.sink_weight is not None for r in recs):
+        data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
     data.rollout, data.rollout_coverage = analysis.rollout(recs, allow_topk=True, return_coverage=True)
     if full:
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)

@@ -325,7 +325,7 @@ def explain_summary(console, data, *, layer=None, head=None):
 
     n, toks = data.n, list(data.tokens)
     console.print(Text(f"{data.model_name}: {n} tokens, {data.n_layers} layers × {data.n_heads} heads"))
-    if getattr(data, "sink_weight", None) is not None:
+    if data.sink_weight is not None:
         sw = data.sink_weight  # (L, H)
         li, h = np.unravel_index(int(np.argmax(sw)), sw.shape)
         console.print(Text(f"attention sinks: a query puts {sw.mean():.3f} of its weight on its sink on average "

@@ -18,6 +18,13 @@ Math (scores in log2 units, ``s2 = log2(e) · (scale · q kᵀ + bias)``, masked
 ``t`` is ``Σ p·s`` taken relative to the running max, so ``H = lse - Σ p·s / l`` never subtracts
 two numbers of the size of the scores (scores of ±1e4 keep full precision).
 
+Score modifications (`_score_mods`, in `_scores` / `_scores_t`, so every kernel forms the same scores):
+softcap ``c·tanh(scale·q kᵀ / c)`` before everything else, then ALiBi ``- slope·|i + OFFSET - j|``, then the
+key bias and the band. Sinks enter the forward's epilogue as one more entry of the online softmax
+(``m' = max(m, sink2)``, ``l' = α l + 2^(sink2 - m')``, the same for ``t`` and ``acc``); the other kernels
+need nothing for them, as the saved lse includes the sink. The backward multiplies ``dS`` by the softcap's
+derivative ``1 - tanh²`` (``dcap``).
+
 Band (causal and sliding window folded into ``(LEFT, RIGHT)`` by `masks.band`): query i at key
 position ``p = i + OFFSET`` (a runtime argument; ``NK - NQ`` is bottom-right) sees key j iff
 ``p - LEFT <= j <= p + RIGHT``. Each program

@@ -20,12 +20,14 @@ class Lens:
     """A request for attention statistics, computed inside the attention pass in linear memory.
 
     Args:
-        lse: natural log-sum-exp of each query's scaled, masked scores ``(B, Hq, Nq)``.
-            ``softmax`` row i is ``exp(s_i - lse_i)``.
+        lse: natural log-sum-exp of each query's scaled, masked scores ``(B, Hq, Nq)``, the sink's
+            logit included when the call has ``sinks``. ``softmax`` row i is ``exp(s_i - lse_i)``.
         max_weight: the largest weight of each query ``(B, Hq, Nq)``: 1 means the query copies
             one value row, ``1/Nk`` means it averages all of them.
         entropy: Shannon entropy of each query's weights in nats ``(B, Hq, Nq)``, in
-            ``[0, log(number of visible keys)]``: low = focused, high = spread out.
+            ``[0, log(number of visible keys)]``: low = focused, high = spread out. With ``sinks``, the
+            entropy of the full distribution, the sink's weight included (``LensResult.sink_weight``, which
+            every lens request gets when the call has sinks).
         received: column sums of the weights ``(B, Hq, Nk)``: how much attention key j receives
             from all queries together (the column view; heavy-hitter KV-cache eviction uses it).
             Summed over keys it equals the number of queries that see at least one key.

@@ -264,14 +264,16 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
                stride_vd, stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """Online softmax over key tiles [start, end): the tutorial's inner loop, plus t (entropy) and top-k."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
-        s, dcap = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
+        s, dcap = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED,
+        HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_ij)
@@ -297,10 +299,11 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    HQ, GROUP, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in, cap_out,
+                    HQ, GROUP, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in,
+                    cap_out,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     HAS_SINKS: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                     DOT_PREC: tl.constexpr):
     """One program = BLOCK_M queries of one (batch, query head); K/V of head ``h // GROUP`` by index."""
@@ -333,15 +336,18 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK, DOT_PREC)
+        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK,
+        DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK, DOT_PREC)
+        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT,
+        TOPK, DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK, DOT_PREC)
+        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK,
+        DOT_PREC)
 
     # the sink: one more softmax entry with logit sink2 and no value, folded in like one more key
     top_e = l_i * 0.0 + 1.0  # 2^(row max - m): the largest key's e (1 until the sink raises m)
@@ -390,8 +396,9 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
 @triton.jit
 def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_qd, stride_wm, stride_wt, cols,
                     offs_d, offs_t, start, end, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    cap_in, cap_out, slope2,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -399,7 +406,8 @@ def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_q
         rmask = rows < NQ
         q = _load_tile(Q_BASE, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
         lse2 = _load_lse2(LSE_BASE, rows, rmask)
-        st, dcap = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
+        st, dcap = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
+        HAS_RIGHT,
                        HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         pt = tl.math.exp2(st - lse2[None, :])  # P^T (BLOCK_N, BLOCK_M)
         if WEIGHTED:  # rec (BLOCK_N, BLOCK_T) += P^T W
@@ -414,10 +422,11 @@ def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_q
 def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_bb, stride_bh, stride_bn, stride_wb, stride_wh, stride_wm, stride_wt,
-                         HQ, GROUP, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in, cap_out,
+                         HQ, GROUP, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
+                         cap_in, cap_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
     """REC[b, h, j] = Σ_i 2^(s2_ij - lse2_i), or with WEIGHTED, REC[b, h, j, t] = Σ_i 2^(s2_ij - lse2_i) W[b, h, i, t]
     (``Pᵀ W``): one program per key tile loops over query tiles (no atomics)."""
@@ -463,10 +472,11 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
 def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_bb, stride_bh, stride_bn,
-                        HQ, GROUP, NQ, NK, D, R, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in, cap_out,
+                        HQ, GROUP, NQ, NK, D, R, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
+                        cap_in, cap_out,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                         DOT_PREC: tl.constexpr):
     """W[b, h, r, j] = weight of query ROWS[r] on key j, from the final lse (one (row block, key tile) each)."""
     start_r = tl.program_id(0)
@@ -486,7 +496,8 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
     k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
     lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, smask)
     s, _ = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET,
-                LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                DOT_PREC)
     p = tl.math.exp2(s - lse2[:, None])  # 0 outside the band (s = -inf) and on dead rows (lse2 = +inf)
     w_ptrs = W + (off_bh.to(tl.int64) * R + slots[:, None]) * NK + cols[None, :]
     tl.store(w_ptrs, p, mask=smask[:, None] & (cols[None, :] < NK))
@@ -516,10 +527,11 @@ def attn_bwd_preprocess_kernel(OUT, DO, DELTA, stride_ob, stride_oh, stride_om, 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, stride_qm, stride_qd,
-                    stride_dm, stride_dd, cols, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+                    stride_dm, stride_dd, cols, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT,
+                    RIGHT,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -528,7 +540,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, 
         do = _load_tile(DO_BASE, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
         lse2 = _load_lse2(LSE_BASE, rows, rmask)
         delta = tl.load(DELTA_BASE + rows, mask=rmask, other=0.0)
-        st, dcap = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
+        st, dcap = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
+        HAS_RIGHT,
                        HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         pt = tl.math.exp2(st - lse2[None, :])  # P^T, recomputed from the saved lse
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -546,10 +559,11 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
                          stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in, cap_out,
+                         HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb,
+                         stride_slh, cap_in, cap_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          DOT_PREC: tl.constexpr):
     """One program = one key tile of one (batch, kv head); sums over the GROUP query heads that share it."""
     start_n = tl.program_id(0)
@@ -579,18 +593,22 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
             bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET,
-                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
+                                 HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET,
-                                 LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                                 LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
+                                 HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET,
-                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
+                                 HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
     dk = dk * scale  # added into the caller's buffers: a ring accumulates its blocks without copies
     dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dk_mask = cmask[:, None] & (offs_d[None, :] < D)
     tl.store(dk_ptrs, (tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk).to(DK.dtype.element_ty), mask=dk_mask)
-    dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None,
+    :] * stride_dvd
     dv_mask = cmask[:, None] & (offs_dv[None, :] < DV)
     tl.store(dv_ptrs, (tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv).to(DV_.dtype.element_ty), mask=dv_mask)
 
@@ -600,14 +618,15 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_BASE, V_BASE, BIAS_BASE, stride_kn, 
                   stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
         v = _load_tile(V_BASE, cols, offs_dv, stride_vn, stride_vd, NK, DV, MASKED)
-        s, dcap = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
+        s, dcap = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED,
+        HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -623,10 +642,11 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                        stride_db, stride_dh, stride_dm, stride_dd, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in, cap_out,
+                       HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
+                       cap_in, cap_out,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                        DOT_PREC: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -651,13 +671,16 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     lo, fl, fh, hi = _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                       DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-                       BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                       BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                       DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
+                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                       DOT_PREC)
     dq = dq * scale
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq_mask = rmask[:, None] & (offs_d[None, :] < D)

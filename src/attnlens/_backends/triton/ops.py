@@ -269,10 +269,15 @@ def _bias_args(bias: Optional[Tensor], dummy: Tensor):
     return bias, tuple(bias.stride()), True
 
 
+def _head_strides(t: Tensor) -> tuple:
+    """Strides of a ``(B|1, Hq)`` tensor, 0 along a dim of size 1 (read at every batch index)."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+
+
 def _mod_args(scale: float, softcap: float, slopes: Optional[Tensor], dummy: Tensor) -> tuple:
     """The score-modification arguments of every kernel: ``SLOPES, stride_slb, stride_slh, cap_in, cap_out`` and the
     ``HAS_SOFTCAP`` / ``HAS_ALIBI`` flags (``softcap`` 0.0 = off; ``slopes (B|1, Hq)`` or None)."""
-    sl, sls = (dummy, (0, 0)) if slopes is None else (slopes, tuple(slopes.stride()))
+    sl, sls = (dummy, (0, 0)) if slopes is None else (slopes, _head_strides(slopes))
     cap = softcap > 0
     args = (sl, *sls, scale / softcap if cap else 0.0, softcap * LOG2E if cap else 0.0)
     return args, dict(HAS_SOFTCAP=cap, HAS_ALIBI=slopes is not None)
@@ -304,7 +309,7 @@ def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, conf
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
-    sk, sks = (lse, (0, 0)) if sinks is None else (sinks, tuple(sinks.stride()))
+    sk, sks = (lse, (0, 0)) if sinks is None else (sinks, _head_strides(sinks))
     grid = (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
     with _device_ctx(q):
         _launch("attn_fwd_kernel", grid,

@@ -96,6 +96,10 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str = "contiguous", di
     _check_layout(layout)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    n, parts = x.shape[dim], world if layout == "contiguous" else 2 * world
+    if n < parts:
+        raise ValueError(f"shard: a sequence of {n} positions (x of shape {tuple(x.shape)}, dim {dim}) cannot give each "
+                         f"of {world} ranks a non-empty {layout} shard: it needs at least {parts} positions")
     if layout == "contiguous":
         return torch.tensor_split(x, world, dim=dim)[rank]
     parts = torch.tensor_split(x, 2 * world, dim=dim)

@@ -7,8 +7,9 @@ from its config class (no download: 2 layers, width 32, 4 heads, 2 kv heads wher
 An architecture *routes attention through AttentionInterface* when ``set_attn_implementation("attnlens")``
 takes; for each that does and builds, three checks, all in float32 on the CPU:
 
-1. logits: a left-padded batch of 2 × 10 tokens, attnlens against the model's default implementation
-   (max |difference| over the real positions <= 1e-4 · max(1, max |logit|));
+1. logits: a left-padded batch of 2 × 10 tokens, attnlens (its fused path, and under a capture: the lens
+   path) against the model's default implementation (max |difference| over the real positions
+   <= 1e-4 · max(1, max |logit|));
 2. weights: ``hf.capture(lens=Lens(rows="all"))`` against eager ``output_attentions=True``, layer by
    layer, over the real query rows (<= 1e-5); skipped ("n/a") where eager returns no weights;
 3. generation: greedy ``generate`` of 5 tokens with a KV cache from the padded batch, identical tokens.
@@ -119,7 +120,11 @@ def check(model_type: str) -> tuple[str, str]:
             atts = [a for a in (eager.attentions or ()) if a is not None]
             _set(model, default)
             with hf.capture(model, lens=al.Lens(rows="all")) as cap:
-                model(input_ids=ids, attention_mask=am)
+                cap_logits = model(input_ids=ids, attention_mask=am).logits
+            cerr = (cap_logits - ref)[real].abs().max().item()
+            if not cerr <= tol:
+                return "FAIL", f"logits under capture differ by {cerr:.2e} (tolerance {tol:.1e})"
+            notes.append(f"under capture {cerr:.1e}")
             caps = [r.result.weights for r in cap.results]
             if atts and len(atts) == len(caps) and all(a.shape == c.shape for a, c in zip(atts, caps)):
                 werr = max((c - a).transpose(1, 2)[real].abs().max().item() for a, c in zip(atts, caps))

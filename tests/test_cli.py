@@ -17,7 +17,8 @@ from attnlens import cli
 from attnlens import walkthrough as wt
 
 STEPS = ["Step 1 · Embeddings", "Step 2 · Dot products", "Step 3 · Softmax", "Step 4 · Row view",
-         "Step 5 · Column view", "Cross-checks"]
+         "Step 5 · Column view", "Step 6 · Received attention", "Cross-checks"]
+N_CHECKS = 7
 
 
 def run(capsys, *argv):
@@ -65,10 +66,11 @@ def test_walkthrough_prints_every_step_and_passes_its_checks(capsys):
     assert code == 0 and err == ""
     pos = [out.index(s) for s in STEPS]
     assert pos == sorted(pos), "steps out of order"
-    assert "✗" not in out and out.count("✓") == 5
+    assert "✗" not in out and out.count("✓") == N_CHECKS
     # the seeds' ideas are spelled out
     for phrase in ["dot product of query i with key j", "convex combination", "sum to 1",
-                   "copy of its own V row", "received", "entropy", "1/√d"]:
+                   "copy of its own V row", "received", "entropy", "1/√d", "combination of the columns of P",
+                   "Three readings, one matrix"]:
         assert phrase in out, phrase
     assert "Traceback" not in out
 
@@ -103,11 +105,42 @@ def test_printed_numbers_are_attnlens_numbers(capsys):
         vec = [float(x) for x in line.rsplit("= [", 1)[1].rstrip("]").split(",")]
         np.testing.assert_allclose(vec, ref_out[i], atol=5e-4 + 1e-12)
 
-    # the column view
+    # the received attention
     _, labels, rec = table(out, "received = column sums", ncols=1)
     assert labels == list(ex.labels)
     np.testing.assert_allclose(rec[:, 0], res.received, atol=5e-4 + 1e-12)
     np.testing.assert_allclose(rec[:, 0].sum(), n, atol=5e-3)
+
+
+@pytest.mark.parametrize("argv, dim", [((), 2), (("--dim", "3", "--seed", "1", "--causal"), 3)])
+def test_column_view_numbers_are_p_times_v_columns(capsys, argv, dim):
+    """Step 5 prints, for each output column c, the columns of P scaled by V[j, c] (headers show V[j, c])
+    and their row sums; these equal P and V's products and the output, and the three readings of one
+    entry print the same number."""
+    code, out, _ = run(capsys, "walkthrough", *argv)
+    assert code == 0
+    ex, ref_out, res = attnlens_result(dim=dim, seed=1 if argv else wt.DEFAULT_SEED, causal=bool(argv))
+    n = len(ex.labels)
+    P, V = res.weights, ex.V
+    for c in range(min(dim, wt.TABLE_COLUMNS)):
+        header, labels, got = table(out, f"out[:, {c}] column by column")
+        assert labels == list(ex.labels) and " ".join(header).endswith(f"= out[:, {c}]")
+        heads = [h for h in header if "×" in h]
+        assert [h.split("×")[0] for h in heads] == list(ex.labels)
+        np.testing.assert_allclose([float(h.split("×")[1]) for h in heads], V[:, c], atol=5e-4 + 1e-12)
+        np.testing.assert_allclose(got[:, :n], P * V[:, c], atol=5e-4 + 1e-12)  # column j of P times V[j, c]
+        np.testing.assert_allclose(got[:, n], ref_out[:, c], atol=5e-4 + 1e-12)  # adds up to output column c
+    lines = out.splitlines()
+    for c in range(dim):  # every column's formula lists V[j, c] for each key
+        line = next(ln for ln in lines if ln.startswith(f"out[:, {c}] = Σ_j V[j, {c}] · P[:, j] = "))
+        coefs = [float(t.split(")·P")[0].lstrip("( +")) for t in line.split(" = ", 2)[2].split(" + ")]
+        np.testing.assert_allclose(coefs, V[:, c], atol=5e-4 + 1e-12)
+    i = min(1, n - 1)
+    readings = [float(ln.rsplit("= ", 1)[1]) for ln in lines
+                if ln.strip().startswith(("dot product:", "row view:", "column view:"))]
+    assert len(readings) == 3
+    np.testing.assert_allclose(readings, [ref_out[i, 0]] * 3, atol=5e-4 + 1e-12)
+    assert out.index("Step 5 · Column view") < out.index("Three readings") < out.index("Step 6 · Received")
 
 
 def test_same_seed_reproduces_and_other_seed_changes_numbers(capsys):
@@ -172,7 +205,7 @@ def test_lesson_is_data_with_attnlens_numbers():
     ex, ref_out, res = attnlens_result("a b a c", seed=2, causal=True)
     les = wt.build_lesson(ex, causal=True, backend="reference")
     assert len(les.steps) == len(STEPS) and all(s.title.startswith(p) for s, p in zip(les.steps, STEPS))
-    assert les.ok and sum(isinstance(i, wt.Check) for s in les.steps for i in s.items) == 5
+    assert les.ok and sum(isinstance(i, wt.Check) for s in les.steps for i in s.items) == N_CHECKS
     np.testing.assert_allclose(les.out, ref_out, atol=1e-12)
     mats = {i.title: i for s in les.steps for i in s.items if isinstance(i, wt.Matrix)}
     P = next(m for t, m in mats.items() if t.startswith("P = softmax"))
@@ -291,6 +324,17 @@ def test_explain_writes_report_and_summary(capsys, tmp_path):
     assert "fox" in text and "[CLS]" in text  # tokens printed literally (rich markup off)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["heads.png", "layer0_headmean.png", "received.png",
                                                                       "rollout.png"]
+
+
+@needs_hf
+def test_explain_sentence_pair_marks_the_segments(capsys, tmp_path):
+    out = tmp_path / "r.html"
+    code, text, err = run(capsys, "explain", "A man is playing.", "--pair", "Someone plays.", "--out", str(out))
+    assert code == 0, err
+    page = out.read_text(encoding="utf-8")
+    assert '"segments":[0,0,0,0,0,0,0,1,1,1,1]' in page  # [CLS] a man is playing . [SEP] | someone plays . [SEP]
+    code, _, err = run(capsys, "explain", "A man.", "--pair", "  ", "--out", str(out))
+    assert code == 2 and "--pair: expected a second text" in err
 
 
 @needs_hf

@@ -525,3 +525,61 @@ def test_run_sh_keeps_the_callers_folder(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"cwd={caller} args=explain hi --out r.html"
     assert (repo / "setup-ran-in").read_text().strip() == str(repo)
+
+
+@pytest.fixture(scope="module")
+def seq2seq_folders(tmp_path_factory):
+    """Small random BART and T5 models saved with MiniLM's tokenizer: local encoder-decoder folders."""
+    import torch
+    import transformers
+
+    from attnlens import hf
+
+    _, tok = hf.load_default()
+    root = tmp_path_factory.mktemp("seq2seq")
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=0, eos_token_id=102)
+    cfgs = {"bart": transformers.BartModel(transformers.BartConfig(
+                vocab_size=tok.vocab_size, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2,
+                decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                bos_token_id=101, decoder_start_token_id=102, **ids)),
+            "t5": transformers.T5Model(transformers.T5Config(
+                vocab_size=tok.vocab_size, d_model=16, d_kv=8, num_heads=2, num_layers=2, d_ff=32,
+                decoder_start_token_id=0, **ids))}
+    for name, model in cfgs.items():
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+@needs_hf
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_explain_encoder_decoder_shows_cross_attention(capsys, tmp_path, seq2seq_folders, kind):
+    """Any local seq2seq folder: the report holds the encoder's self-attention and the decoder's
+    cross-attention (decoder tokens × encoder tokens), equal to the model's own eager weights."""
+    import base64
+    import json
+    import re
+
+    import torch
+    import transformers
+
+    folder, out = seq2seq_folders / kind, tmp_path / "r.html"
+    code, text, err = run(capsys, "explain", "the cat sat on the mat", "--pair", "a cat sat", "--model", str(folder),
+                          "--out", str(out))
+    assert code == 0, err
+    blob = json.loads(re.search(r'id="attnlens-data">(.*?)</script>', out.read_text(encoding="utf-8"), re.S).group(1))
+    x = blob["cross"]
+    ref = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tok("the cat sat on the mat", return_tensors="pt")
+    dec_ids = tok("a cat sat", return_tensors="pt")["input_ids"]
+    dec_ids = torch.cat([torch.full((1, 1), ref.config.decoder_start_token_id), dec_ids[:, :-1]], 1)
+    with torch.no_grad():
+        o = ref(**enc, decoder_input_ids=dec_ids, output_attentions=True)
+    want = torch.stack(o.cross_attentions)[:, 0].numpy()  # (L_dec, H, N_dec, N_enc)
+    assert blob["N"] == enc["input_ids"].shape[1] == want.shape[-1] and x["Nq"] == dec_ids.shape[1] == want.shape[2]
+    assert (x["L"], x["H"]) == want.shape[:2] and x["tokens"] == tok.convert_ids_to_tokens(dec_ids[0].tolist())
+    got = np.frombuffer(base64.b64decode(x["w"]), dtype=np.uint8).reshape(want.shape) / 255
+    np.testing.assert_allclose(got, want, atol=0.5 / 255 + 1e-5)
+    assert blob["L"] == len(o.encoder_attentions)  # the page's self-attention is the encoder's

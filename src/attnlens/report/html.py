@@ -19,6 +19,8 @@ Size (what is embedded, and why it stays small at 512 tokens):
   contribution ``‖P_ij v_j W_O^h‖ = P_ij · ‖v_j W_O^h‖`` (and its share) from the weights, so the
   row view, the heatmap and the received panel all show the same numbers;
 - segments: the segment (0 or 1) of each token of a sentence pair, else ``null``;
+- cross: an encoder-decoder model's cross-attention ``(L_dec, H, N_dec, N)``, 1 byte per weight,
+  with the decoder's tokens, else ``null``;
 - layer × head grid: each head's map pooled (block mean) to at most ``THUMB`` × ``THUMB``, 1 byte;
 - rollout: pooled to at most ``ROLLOUT_MAX`` × ``ROLLOUT_MAX``, 1 byte;
 - received: ``(L, H, N)`` as 2-byte fixed point.
@@ -137,11 +139,21 @@ def payload(data) -> dict:
             "norms": None if norms is None else _b64(norms.astype("<f4")),
             "norm_kind": data.contrib_kind.replace("α ", "") if norms is not None else "",
             "segments": None if getattr(data, "segments", None) is None else [int(x) for x in data.segments],
+            "cross": _cross(getattr(data, "cross", None)),
             "thumb": {"t": t, "w": _b64(_q8(thumbs))}, "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))),
                                                                  "max": float(roll.max()),
                                                                  "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec), "summary": summary, "warnings": list(data.warnings),
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
+
+
+def _cross(cross):
+    """The cross-attention part of the payload (see the module docstring), or ``None``."""
+    if cross is None:
+        return None
+    w = np.asarray(cross["weights"])  # (Ld, H, Nd, Ne)
+    return {"tokens": [str(t) for t in cross["tokens"]], "L": int(w.shape[0]), "H": int(w.shape[1]), "Nq": int(w.shape[2]),
+            "w": _b64(_q8(w))}
 
 
 def json_for_script(obj) -> str:

@@ -60,9 +60,9 @@ function what(){ return contribView() ? "contribution shares" : "weights"; }
 
 // ---- colour: linear from white (0) to blue (1)
 function rgb(x){ x = Math.max(0, Math.min(1, x)); return [Math.round(255 - 208 * x), Math.round(255 - 144 * x), Math.round(255 - 33 * x)]; }
-function paint(cv, vals, t, vmax){
-  cv.width = t; cv.height = t; var ctx = cv.getContext("2d"), img = ctx.createImageData(t, t);
-  for (var p = 0; p < t * t; p++){ var c = rgb(vmax > 0 ? vals[p] / vmax : 0); img.data[4*p] = c[0]; img.data[4*p+1] = c[1]; img.data[4*p+2] = c[2]; img.data[4*p+3] = 255; }
+function paint(cv, vals, t, vmax, cols){
+  cols = cols || t; cv.width = cols; cv.height = t; var ctx = cv.getContext("2d"), img = ctx.createImageData(cols, t);
+  for (var p = 0; p < t * cols; p++){ var c = rgb(vmax > 0 ? vals[p] / vmax : 0); img.data[4*p] = c[0]; img.data[4*p+1] = c[1]; img.data[4*p+2] = c[2]; img.data[4*p+3] = 255; }
   ctx.putImageData(img, 0, 0);
 }
 function legend(box, lo, hi, text){
@@ -72,21 +72,22 @@ function legend(box, lo, hi, text){
   d.appendChild(el("span", lo)); d.appendChild(cv); d.appendChild(el("span", hi)); d.appendChild(el("span", text, "note"));
   box.appendChild(d);
 }
-// a labelled t × t heatmap of vals (row-major), colour linear in [0, vmax]; hover(i, j) -> text for info
-function heatmap(box, vals, t, labels, vmax, hover, info, onclick){
-  box.textContent = "";
-  var px = Math.max(1, Math.min(18, Math.floor(420 / t))), g = el("div", null, "hm"), cv = document.createElement("canvas");
-  var showLabels = labels && px >= 9;
+// a labelled t × c heatmap of vals (row-major), colour linear in [0, vmax]; hover(i, j) -> text for info.
+// labels: the column labels (and the row labels, unless rowLabels); c defaults to t
+function heatmap(box, vals, t, labels, vmax, hover, info, onclick, c, rowLabels){
+  box.textContent = ""; c = c || t;
+  var px = Math.max(1, Math.min(18, Math.floor(420 / Math.max(t, c)))), g = el("div", null, "hm"), cv = document.createElement("canvas");
+  var showLabels = labels && px >= 9, rl = rowLabels || labels;
   g.appendChild(el("div")); var xl = el("div", null, "xl"); g.appendChild(xl);
   var yl = el("div", null, "yl"); g.appendChild(yl); g.appendChild(cv);
-  if (showLabels) labels.forEach(function(s, k){
-    var a = el("span", s, segClass(k)), b = el("span", s, segClass(k)); a.style.width = px + "px"; b.style.height = px + "px"; b.style.lineHeight = px + "px";
-    a.title = b.title = s + " #" + k; xl.appendChild(a); yl.appendChild(b);
-  });
-  paint(cv, vals, t, vmax); cv.style.width = cv.style.height = (t * px) + "px";
+  if (showLabels){
+    labels.forEach(function(s, k){ var a = el("span", s, segClass(k)); a.style.width = px + "px"; a.title = s + " #" + k; xl.appendChild(a); });
+    rl.forEach(function(s, k){ var b = el("span", s, rowLabels ? "" : segClass(k)); b.style.height = px + "px"; b.style.lineHeight = px + "px"; b.title = s + " #" + k; yl.appendChild(b); });
+  }
+  paint(cv, vals, t, vmax, c); cv.style.width = (c * px) + "px"; cv.style.height = (t * px) + "px";
   cv.addEventListener("mousemove", function(ev){
-    var r = cv.getBoundingClientRect(), j = Math.floor((ev.clientX - r.left) / r.width * t), i = Math.floor((ev.clientY - r.top) / r.height * t);
-    if (i >= 0 && j >= 0 && i < t && j < t) info.textContent = hover(i, j, vals[i * t + j]);
+    var r = cv.getBoundingClientRect(), j = Math.floor((ev.clientX - r.left) / r.width * c), i = Math.floor((ev.clientY - r.top) / r.height * t);
+    if (i >= 0 && j >= 0 && i < t && j < c) info.textContent = hover(i, j, vals[i * c + j]);
   });
   if (onclick) cv.addEventListener("click", function(ev){ var r = cv.getBoundingClientRect(); onclick(Math.floor((ev.clientY - r.top) / r.height * t)); });
   box.appendChild(g);
@@ -258,8 +259,24 @@ D.summary.forEach(function(s){
   st.appendChild(tr); sumRows.push(tr);
 });
 
+// ---- an encoder-decoder model's cross-attention: decoder tokens (rows) over the encoder's (columns)
+var X = D.cross, xw = X ? b64(X.w) : null, xlayer = byId("xlayer");
+if (X){ for (var xl0 = 0; xl0 < X.L; xl0++){ var xo = el("option", xl0); xo.value = xl0; xlayer.appendChild(xo); } xlayer.addEventListener("change", function(){ drawCross(); }); }
+function drawCross(){
+  if (!X) return;
+  var c = cur(), card = byId("cross-card"), nq = X.Nq, l = +xlayer.value, hsel = c.h < X.H ? c.h : -1;
+  var heads = hsel < 0 ? X.H : 1, h0 = hsel < 0 ? 0 : hsel, vals = new Float32Array(nq * N), vmax = 0;
+  for (var hh = h0; hh < h0 + heads; hh++) for (var p = 0; p < nq * N; p++) vals[p] += xw[((l * X.H + hh) * nq) * N + p] / 255 / heads;
+  for (p = 0; p < nq * N; p++) vmax = Math.max(vmax, vals[p]);
+  card.hidden = false;
+  byId("cross-title").textContent = "Cross-attention, decoder → encoder — decoder " + where({l: l, h: hsel});
+  heatmap(byId("cross"), vals, nq, D.tokens, vmax, function(i, j, v){ return X.tokens[i] + " #" + i + " (decoder) ← " + D.tokens[j] + " #" + j + ": " + fmt(v); },
+          byId("crossinfo"), null, N, X.tokens);
+}
+
 function refresh(){
   var c = cur();
+  drawCross();
   byId("tok-title").textContent = "Token to token — " + what() + ", " + where(c);
   canv.forEach(function(rowc, l){ rowc.forEach(function(cv, h){ cv.classList.toggle("sel", l === c.l && (c.h < 0 || h === c.h)); }); });
   sumRows.forEach(function(tr, k){ tr.classList.toggle("sel", D.summary[k].layer === c.l && (c.h < 0 || D.summary[k].head === c.h)); });

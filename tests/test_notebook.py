@@ -87,7 +87,8 @@ def test_notebook_displays_the_report_inline(minilm, browser, tmp_path):
                                           f"r = attnlens.explain({SENTENCE!r})\n"
                                           f"r.save({str(saved)!r})\n"
                                           "r")]
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = nb.cells[0].outputs
     assert "error" not in [o.output_type for o in outputs]
     results = [o for o in outputs if o.output_type == "execute_result"]  # (stderr may hold tqdm's ipywidgets hint)

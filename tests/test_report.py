@@ -362,13 +362,14 @@ def test_page_row_view_per_head_heatmap_and_titles(browser, tmp_path):
     np.testing.assert_allclose(float(rows[0][2]), _q(data.weights[li, h, 5]).max(), atol=6e-4)
 
     # the heatmap: token labels on both axes, a legend, colours linear in weight / largest weight
-    assert browser.execute_script("return Array.from(document.querySelectorAll('#heat .xl span')).map(s => s.textContent)") == toks
-    assert browser.execute_script("return Array.from(document.querySelectorAll('#heat .yl span')).map(s => s.textContent)") == toks
+    for axis in ("xl", "yl"):
+        assert browser.execute_script(f"return Array.from(document.querySelectorAll('#heat .{axis} span'))"
+                                      ".map(s => s.textContent)") == toks, axis
     W = _q(data.weights[li, h])
     legend = browser.find_element("css selector", "#heat .legend").text
     assert f"{W.max():.3f}" in legend and "linear" in legend
-    px = browser.execute_script(
-        "var c = document.querySelector('#heat .hm canvas'); return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)")
+    px = browser.execute_script("var c = document.querySelector('#heat .hm canvas');"
+                                "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)")
     rgb = np.array(px).reshape(n, n, 4)[..., :3]
     x = W / W.max()
     want = np.rint(np.stack([255 - 208 * x, 255 - 144 * x, 255 - 33 * x], -1))
@@ -383,7 +384,8 @@ def test_page_row_view_per_head_heatmap_and_titles(browser, tmp_path):
     assert "takes its output from" in browser.find_element("id", "info").text
     head, *rows = _mix_table(browser)
     c5 = _q(data.weights[li, h, 5]) * nv
-    assert [int(r[1]) for r in rows] == [j for j in sorted(range(n), key=lambda j: -c5[j]) if c5[j] > 0]  # by contribution
+    by_contrib = [j for j in sorted(range(n), key=lambda j: -c5[j]) if c5[j] > 0]
+    assert [int(r[1]) for r in rows] == by_contrib  # ordered by contribution now
     errors = console_errors(browser)
     assert errors == [], errors
     screenshot(browser, tmp_path / "synthetic-full.png", full_page=True)
@@ -411,8 +413,8 @@ def test_page_cross_attention_heatmap(browser, tmp_path):
         "return [Array.from(document.querySelectorAll('#cross .xl span')).map(s => s.textContent),"
         " Array.from(document.querySelectorAll('#cross .yl span')).map(s => s.textContent)]")
     assert labels == [toks, dec]
-    px = browser.execute_script(
-        "var c = document.querySelector('#cross canvas'); return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]")
+    px = browser.execute_script("var c = document.querySelector('#cross canvas'); return [c.width, c.height,"
+                                " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]")
     assert px[:2] == [5, 3]
     W = _q(data.cross["weights"][2, 1])
     x = W / W.max()

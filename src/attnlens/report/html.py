@@ -152,8 +152,8 @@ def _cross(cross):
     if cross is None:
         return None
     w = np.asarray(cross["weights"])  # (Ld, H, Nd, Ne)
-    return {"tokens": [str(t) for t in cross["tokens"]], "L": int(w.shape[0]), "H": int(w.shape[1]), "Nq": int(w.shape[2]),
-            "w": _b64(_q8(w))}
+    return {"tokens": [str(t) for t in cross["tokens"]], "L": int(w.shape[0]), "H": int(w.shape[1]),
+            "Nq": int(w.shape[2]), "w": _b64(_q8(w))}
 
 
 def json_for_script(obj) -> str:

@@ -158,7 +158,9 @@ function drawMix(i){
   });
   box.appendChild(t);
   var restW = sum(m.w) - order.reduce(function(s, j){ return s + m.w[j]; }, 0);
-  var lines = [(order.length < N ? "Other " + (N - order.length) + " keys: weight " + fmt(Math.max(0, restW)) + ". " : "") +
+  var restC = m.total > 0 ? 1 - order.reduce(function(s, j){ return s + m.c[j]; }, 0) / m.total : 0;
+  var lines = [(order.length < N ? "Other " + (N - order.length) + " keys: weight " + fmt(Math.max(0, restW)) +
+    (norms ? ", share " + (100 * Math.max(0, restC)).toFixed(1) + "%" : "") + ". " : "") +
     "The weights of a row sum to 1" + (wts.mode === "full" ? "" : " (here only each query's top " + wts.k + " keys are embedded)") + "."];
   if (norms) lines.push((one ? "" : "Heads add their terms: the contributions of all heads are summed (their sum's norm is at most this). ") +
     "A large weight on a short value vector moves the output little: compare the weight and share columns.");

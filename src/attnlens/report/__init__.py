@@ -1,6 +1,8 @@
 """The `attnlens explain` report: run a model on a text under `attnlens.hf.capture`, analyse, render.
 
 - `collect(text, model, tokenizer)` → `ReportData` (NumPy arrays per layer and head).
+- `from_records(records, tokens)` → `ReportData` from a capture you already ran (`attnlens.hf.capture`
+  or `attnlens.nn.capture`: one self-attention record per layer).
 - `attnlens.report.html.render(data)` → one self-contained HTML page (no network, all inline).
 - `attnlens.report.plots.write_pngs(data, folder)` → matplotlib heatmaps.
 
@@ -15,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["ReportData", "collect", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK"]
+__all__ = ["ReportData", "collect", "from_records", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
 FULL_BYTES = 512 << 20
@@ -51,6 +53,8 @@ class ReportData:
     contrib: Optional[np.ndarray] = None
     contrib_kind: str = ""
     warnings: list = field(default_factory=list)
+    segments: Optional[list] = None  # (N,) segment of each token (0, 1) for a sentence pair, else None
+    cross: Optional[dict] = None  # encoder-decoder models: {"tokens": decoder tokens, "weights": (Ld, H, Nd, N)}
     sink_weight: Optional[np.ndarray] = None
 
     @property
@@ -66,26 +70,33 @@ def model_max_length(model, tokenizer) -> int:
     return min(cands) if cands else 10**7
 
 
-def tokenize(text: str, model, tokenizer, *, truncate: bool = False):
-    """``(encoding, warnings)``. Too long: ``ValueError`` unless ``truncate`` (then a warning says so)."""
-    if not text or not text.strip():
-        raise ValueError("TEXT: expected some text, got an empty string")
+def tokenize(text: str, model, tokenizer, *, truncate: bool = False, pair: Optional[str] = None):
+    """``(encoding, warnings)``. Too long: ``ValueError`` unless ``truncate`` (then a warning says so).
+
+    ``pair``: a second text, encoded with ``text`` as one sentence pair (``[CLS] A [SEP] B [SEP]``
+    for BERT); the encoding's ``token_type_ids`` tell the segments apart.
+    """
+    for name, t in (("TEXT", text), ("--pair", pair)):
+        if t is not None and (not t or not t.strip()):
+            raise ValueError(f"{name}: expected some text, got an empty string")
     limit = model_max_length(model, tokenizer)
-    enc = tokenizer(text, return_tensors="pt", truncation=False)
+    args = (text,) if pair is None else (text, pair)
+    enc = tokenizer(*args, return_tensors="pt", truncation=False)
     n = enc["input_ids"].shape[1]
     warnings = []
     if n > limit:
         if not truncate:
             raise ValueError(f"TEXT: {n} tokens is longer than the model's maximum of {limit}; shorten the text "
                              f"or pass --truncate to keep the first {limit} tokens")
-        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
+        enc = tokenizer(*args, return_tensors="pt", truncation=True, max_length=limit)
         warnings.append(f"the text was {n} tokens long; only the first {limit} (the model's maximum) were used")
     return enc, warnings
 
 
 def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
-            on_layer: Optional[Callable[[int], None]] = None) -> ReportData:
-    """Run ``model`` on ``text`` under `attnlens.hf.capture` and compute the analyses.
+            on_layer: Optional[Callable[[int], None]] = None, pair: Optional[str] = None) -> ReportData:
+    """Run ``model`` on ``text`` (and ``pair``, a second sentence) under `attnlens.hf.capture` and
+    compute the analyses.
 
     ``on_layer(i)`` is called as each attention layer finishes (for a progress bar).
     """
@@ -94,7 +105,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     from .. import analysis, hf
     from ..lens import Lens
 
-    enc, warnings = tokenize(text, model, tokenizer, truncate=truncate)
+    enc, warnings = tokenize(text, model, tokenizer, truncate=truncate, pair=pair)
     n = enc["input_ids"].shape[1]
     L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
     H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
@@ -119,6 +130,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         topk_idx=stack(lambda r: r.result.topk_indices), topk_w=stack(lambda r: r.result.topk_weights),
         summaries=[analysis.head_summary(r) for r in recs], rollout=None, rollout_coverage=1.0,
         warnings=warnings)
+    data.segments = _segments(enc) if pair is not None else None
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
     data.rollout, data.rollout_coverage = analysis.rollout(recs, allow_topk=True, return_coverage=True)
@@ -129,4 +141,70 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     else:
         data.warnings.append(f"{n} tokens: full weights were not kept; views use each query's top {lens.topk} "
                              f"keys (rollout approximate, {data.rollout_coverage:.0%} of the weight kept)")
+    return data
+
+
+def _segments(enc) -> list:
+    """The segment (0 = first text, 1 = second) of each token of a pair encoding: its
+    ``token_type_ids``, or, for a tokenizer without them, 1 from the first token after the first
+    separator on (``sequence_ids`` of a fast tokenizer)."""
+    if "token_type_ids" in enc and int(enc["token_type_ids"].max()) > 0:
+        return [int(x) for x in enc["token_type_ids"][0].tolist()]
+    seq = enc.sequence_ids(0) if hasattr(enc, "sequence_ids") else None
+    if seq is None:
+        return None
+    out, seg = [], 0
+    for s in seq:
+        seg = s if s is not None else seg
+        out.append(int(seg))
+    return out
+
+
+def from_records(records, tokens, *, text: str = "", model_name: str = "", batch: int = 0,
+                 warnings=()) -> ReportData:
+    """A `ReportData` from captured self-attention records, one per layer, bottom to top.
+
+    ``records``: `attnlens.hf.HFRecord`s (``cap.layers()``), `attnlens.nn.CaptureRecord`s
+    (``cap.results``) or `LensResult`s; each must hold ``entropy``, ``max_weight``, ``received``
+    (the `Lens` defaults) and ``topk``; with ``rows="all"`` the report has every weight, and with an
+    HF record's value norms the value-norm contributions too. ``tokens``: one label per position
+    (``Nq == Nk == len(tokens)``); ``batch``: which sequence.
+    """
+    from .. import analysis
+
+    recs = list(records)
+    if not recs:
+        raise ValueError("records: expected one record per layer, got none")
+    n = len(tokens)
+    for k, r in enumerate(recs):
+        res = getattr(r, "result", r)
+        missing = [f for f in ("entropy", "max_weight", "received", "topk_indices") if getattr(res, f) is None]
+        if missing:
+            raise ValueError(f"records[{k}]: the lens has no {', '.join(missing)}; capture with "
+                             f"Lens(topk=8, rows='all') (entropy, max_weight and received are on by default)")
+        nq, nk = res.entropy.shape[-1], res.received.shape[-1]
+        if nq != n or nk != n:
+            raise ValueError(f"records[{k}]: expected self-attention over the {n} tokens given, got {nq} queries "
+                             f"and {nk} keys")
+
+    def per_layer(name):  # (L, H, ...) for one sequence
+        out = []
+        for r in recs:
+            a = analysis.as_numpy(getattr(getattr(r, "result", r), name))
+            out.append(a[batch] if a.ndim == (4 if name.startswith("topk") or name == "weights" else 3) else a)
+        return np.stack(out)
+
+    entropy = per_layer("entropy")
+    data = ReportData(text=text or " ".join(map(str, tokens)), tokens=[str(t) for t in tokens],
+                      model_name=model_name, n_layers=len(recs), n_heads=entropy.shape[1], entropy=entropy,
+                      max_weight=per_layer("max_weight"), received=per_layer("received"),
+                      topk_idx=per_layer("topk_indices"), topk_w=per_layer("topk_weights"),
+                      summaries=[analysis.head_summary(r, batch=batch) for r in recs], rollout=None,
+                      rollout_coverage=1.0, warnings=list(warnings))
+    data.rollout, data.rollout_coverage = analysis.rollout(recs, allow_topk=True, batch=batch, return_coverage=True)
+    if all(analysis._has_full(getattr(r, "result", r)) for r in recs):
+        data.weights = per_layer("weights").astype(np.float32)
+        if all(getattr(r, "value_norms", None) is not None for r in recs):
+            data.contrib = np.stack([analysis.contributions(r, batch=batch).astype(np.float32) for r in recs])
+            data.contrib_kind = "‖α v W_O‖" if getattr(recs[0], "out_norms", None) is not None else "‖α v‖"
     return data

@@ -255,3 +255,20 @@ def test_module_options(rng):
         MultiHeadAttention(16, 4, sinks=torch.zeros(4))
     with pytest.raises(TypeError, match="alibi"):
         MultiHeadAttention(16, 4, alibi=torch.ones(3))
+
+
+def test_terminal_summary_shows_the_sink_weight():
+    from rich.console import Console
+    from test_report import synthetic
+
+    from attnlens.cli import explain_summary
+
+    data = synthetic(["a", "b", "c", "d"], L=2, H=3)
+    console = Console(record=True, width=200)
+    explain_summary(console, data)
+    assert "sink" not in console.export_text()
+    data.sink_weight = np.array([[0.1, 0.2, 0.3], [0.0, 0.6, 0.2]])
+    console = Console(record=True, width=200)
+    explain_summary(console, data)
+    text = console.export_text()
+    assert "0.233 of its weight on its sink" in text and "L1 h1, 0.600" in text

@@ -63,10 +63,13 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def small_config(model_type: str):
+def small_config(model_type: str, mha: bool = False):
+    """The small config; ``mha``: as many kv heads as query heads (architectures whose attention needs it)."""
     cls = CONFIG_MAPPING[model_type]
     defaults = cls().to_dict()
     kw = {k: v for k, v in SMALL.items() if k in defaults}
+    if mha and "num_key_value_heads" in kw:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
     if "n_embd" in defaults and "hidden_size" in kw and defaults.get("n_embd") is not None:
         kw.pop("hidden_size", None)
     cfg = cls(**kw)
@@ -94,24 +97,28 @@ def _set(model, impl) -> bool:
 def check(model_type: str) -> tuple[str, str]:
     """``(status, detail)``: PASS, FAIL, "no AttentionInterface", "no attention layer", "default fails" (the model's
     own implementation fails on the small config), or "not built small"."""
-    try:
-        torch.manual_seed(0)
-        cfg = small_config(model_type)
-        model = AutoModelForCausalLM.from_config(cfg).eval()
-    except Exception as e:  # noqa: BLE001
-        return "not built small", f"{type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
-    default = model.config._attn_implementation
-    if not _set(model, hf.IMPLEMENTATION):
-        return "no AttentionInterface", f"default {default!r}"
     ids, am = _inputs()
+    for mha in (False, True):  # GQA first; MHA where the small GQA config does not run
+        try:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(small_config(model_type, mha)).eval()
+        except Exception as e:  # noqa: BLE001
+            return "not built small", f"{type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
+        default = model.config._attn_implementation
+        if not _set(model, hf.IMPLEMENTATION):
+            return "no AttentionInterface", f"default {default!r}"
+        _set(model, default)
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=ids, attention_mask=am).logits
+            break
+        except Exception as e:  # noqa: BLE001 - the model's own implementation fails on this machine / config
+            failed = f"{type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
+    else:
+        return "default fails", failed
     real = am.bool()
     notes = []
     with torch.no_grad():
-        _set(model, default)
-        try:
-            ref = model(input_ids=ids, attention_mask=am).logits
-        except Exception as e:  # noqa: BLE001 - the model's own implementation fails on this machine / config
-            return "default fails", f"{type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
         with hf.capture(model) as probe:
             model(input_ids=ids[:, :2])
         if not probe.results:

@@ -71,14 +71,20 @@ class _Chunk:
             return
         self.qc = qs[:, :, :, i0:i1].reshape(B, Hkv, G * self.c, D)  # (B, Hkv, G·c, D), scale folded in
         shape = (B, Hkv, G * self.c, nk)
-        s = None if buf is None else buf[: B * Hkv * G * self.c * nk].view(shape)
-        s = torch.matmul(self.qc, kc[:, :, self.lo:self.hi].transpose(-1, -2), out=s)  # (B, Hkv, G·c, nk)
-        s5 = s.view(B, Hkv, G, self.c, nk)
+        s = torch.empty(shape, dtype=qs.dtype, device=qs.device) if buf is None else buf[: B * Hkv * G * self.c * nk].view(shape)
+        kt = kc[:, :, self.lo:self.hi].transpose(-1, -2)
         self.dcap = None
-        if inp.softcap is not None:  # c·tanh(s/c), before ALiBi and masks
-            score_mods(s, inp.softcap, None, None)
+        if inp.softcap is None:
+            torch.matmul(self.qc, kt, out=s)  # (B, Hkv, G·c, nk)
+        else:  # c·tanh(s/c), before ALiBi and masks, as `_scores.score_mods`: the 1/c rides in the product
+            s3 = s.view(B * Hkv, G * self.c, nk)
+            torch.baddbmm(s3, self.qc.reshape(B * Hkv, G * self.c, D), kt.reshape(B * Hkv, D, nk), beta=0.0,
+                          alpha=1.0 / inp.softcap, out=s3)
+            s.tanh_()
             if want_dcap:
-                self.dcap = torch.div(s, inp.softcap).square_().neg_().add_(1.0)  # 1 - tanh²
+                self.dcap = torch.square(s).neg_().add_(1.0)  # 1 - tanh²
+            s.mul_(inp.softcap)
+        s5 = s.view(B, Hkv, G, self.c, nk)
         if inp.alibi_slopes is not None:  # - slope·|i + offset - j|
             pos = torch.arange(i0, i1, device=s.device) + off
             dist = (pos[:, None] - torch.arange(self.lo, self.hi, device=s.device)[None, :]).abs()  # (c, nk)

@@ -41,7 +41,7 @@ from attnlens import hf  # noqa: E402
 
 #: small values for the size fields a config has (only those it has are passed)
 SMALL = dict(
-    vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=99, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=8, max_position_embeddings=128, n_embd=32, n_layer=2, n_head=4, n_positions=128,
     d_model=32, n_layers=2, n_heads=4, d_ff=37, ffn_dim=37, decoder_layers=2, decoder_attention_heads=4,
     decoder_ffn_dim=37, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=37, num_layers=2,

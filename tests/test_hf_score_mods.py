@@ -111,3 +111,18 @@ def test_sink_gradient_reaches_the_model_parameter():
     _with(model, prev)
     for a, e in zip(ours, [layer.self_attn.sinks.grad for layer in model.model.layers]):
         assert torch.allclose(a, e, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "mistral", "bert", "gemma2", "gpt_oss", "flint"])
+def test_coverage_check_passes_on_a_representative_subset(model_type):
+    """A few architectures of benchmarks/hf_coverage.py (which tries every causal LM of transformers)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import hf_coverage
+    finally:
+        sys.path.pop(0)
+    status, detail = hf_coverage.check(model_type)
+    assert status == "PASS", detail

@@ -603,14 +603,14 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET,
                                  LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
-    dk = dk * scale  # added into the caller's buffers: a ring accumulates its blocks without copies
+    dk = dk * scale
     dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dk_mask = cmask[:, None] & (offs_d[None, :] < D)
-    tl.store(dk_ptrs, (tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk).to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
     dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None,
     :] * stride_dvd
     dv_mask = cmask[:, None] & (offs_dv[None, :] < DV)
-    tl.store(dv_ptrs, (tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv).to(DV_.dtype.element_ty), mask=dv_mask)
+    tl.store(dv_ptrs, dv.to(DV_.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit
@@ -684,4 +684,4 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     dq = dq * scale
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq_mask = rmask[:, None] & (offs_d[None, :] < D)
-    tl.store(dq_ptrs, (tl.load(dq_ptrs, mask=dq_mask, other=0.0) + dq).to(DQ.dtype.element_ty), mask=dq_mask)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=dq_mask)

@@ -192,7 +192,7 @@ def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch:
       D = 128). Ampere-style mma holds more per thread than Hopper's wgmma: dK/dV takes 64-key tiles there at
       D = 128. D = 256 halves tiles.
     - With GQA (``group > 1``) dK/dV loops over the group in-program, which holds more live state: 16-row
-      tiles on Hopper, no software pipelining elsewhere.
+      tiles and two pipeline stages on Hopper (three spilled at D = 128), no software pipelining elsewhere.
     - fp32 dots run on FMA units (IEEE, not TF32) with tiles in registers: small tiles (the tutorial shapes
       made the fp32 D = 256 backward need 264 KiB of shared memory, more than any GPU has).
     - GPUs with ~100 KiB of shared memory per block (sm_86/89/120: RTX 30xx/40xx/50xx) use two pipeline
@@ -225,7 +225,7 @@ def _config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch:
         # the loop over the query heads of a kv head (compiled away when group == 1) holds more live state:
         # 16-row tiles on Hopper (half precision, D <= 128), no software pipelining elsewhere
         if hopper and dtype != torch.float32 and not big:
-            bm, bn, warps = 16, 128, 8
+            bm, bn, warps, stages = 16, 128, 8, 2  # 3 stages spilled 8 B at D = 128 once offsets arrived
         else:
             warps, stages = 8, 1
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
@@ -369,6 +369,16 @@ def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config,
 
 
 def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes):
+    """Adds the gradients into ``dq, dk, dv``. The kernels store each tile's gradient once into fresh tensors, which
+    are then added: a load-add-store of the accumulator tile inside the dK/dV kernel raised its register pressure
+    into spills on sm_90 (the compile check showed 8-80 B per thread)."""
+    new = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (dq, dk, dv)]
+    _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, *new, config, softcap, slopes)
+    for buf, g in zip((dq, dk, dv), new):
+        buf.add_(g)
+
+
+def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L, R, has_l, has_r = _band_args(left, right)

@@ -340,3 +340,28 @@ def test_gpu_auto_picks_triton_and_matches(D, causal, rng, cuda_device):
     grads64 = torch.autograd.grad(math_attention(*x64, causal=causal), x64, dout.double())
     for n, g, gs, g64 in zip("qkv", grads, grads_s, grads64):
         assert _err(g, g64) <= 2 * _err(gs, g64) + _floor(torch.bfloat16, g64), f"d{n}"
+
+
+def test_extreme_finite_scores_and_masks_are_exact(rng):
+    """No sentinel a finite score can reach: scores near -1e30 (the old running-max start) are a row, not an empty one;
+    float-mask entries of -1e38 are exact and a row masked everywhere with finfo.min averages (as in PyTorch)."""
+    q = torch.ones(1, 1, 3, 16, device=DEV)
+    k = torch.full((1, 1, 20, 16), -1e30 / 16, device=DEV)
+    k[0, 0, 5] *= 0.5
+    v = torch.tensor(rng.standard_normal((1, 1, 20, 8)), dtype=torch.float32, device=DEV)
+    out, res = al.attention(q, k, v, scale=1.0, backend=TRITON, lens=al.Lens(topk=2))
+    ref_out, ref = reference(q, k, v, scale=1.0, topk=2)
+    assert_close(out, ref_out, atol=1e-5, what="out")
+    assert_close(res.lse, ref.lse, atol=0, rtol=1e-6, what="lse")
+    assert (res.topk_indices[..., 0] == 5).all()
+    mask = torch.zeros(1, 1, 1, 20, device=DEV)
+    mask[..., 3:] = torch.finfo(torch.float32).min
+    mask[..., :3] = -1e38
+    q, k = (torch.tensor(rng.standard_normal((1, 1, n, 16)), dtype=torch.float32, device=DEV) for n in (4, 20))
+    out, res = al.attention(q, k, v, mask=mask, backend=TRITON, lens=True)
+    ref_out, ref = reference(q, k, v, mask=mask, topk=0)
+    assert_close(out, ref_out, atol=1e-5, what="out with -1e38 mask entries")
+    assert_close(res.lse, ref.lse, atol=0, rtol=1e-6, what="lse")
+    full = torch.full((1, 1, 1, 20), torch.finfo(torch.float32).min, device=DEV)
+    out = al.attention(q, k, v, mask=full, backend=TRITON)
+    assert_close(out, np64(v).mean(-2, keepdims=True).repeat(4, axis=-2), atol=1e-5, what="all-finfo.min row averages")

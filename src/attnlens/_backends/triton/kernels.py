@@ -10,7 +10,7 @@ constexprs, lowercase = tiles.
 
 Math (scores in log2 units, ``s2 = log2(e) · (scale · q kᵀ + bias)``, masked entries ``-inf``):
 
-    m  = running row max of s2          (starts at NEG, finite, so a row with no key yet is no NaN)
+    m  = running row max of s2          (starts at -inf; ``m_safe`` = 0 while a row has seen no key, so no NaN)
     l  = Σ_j 2^(s2_ij - m)              acc = Σ_j 2^(s2_ij - m) v_j         out = acc / l
     t  = Σ_j 2^(s2_ij - m) (s2_ij - m)  (rescaled like acc: t' = α (t + l (m - m')) + tile term)
     lse = ln2 (m + log2 l)      max_weight = 1 / l      entropy = ln2 (log2 l - t / l)
@@ -38,8 +38,6 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-#: initial running max: finite, so exp2(NEG - m) = 0 and l·(m_old - m_new) = 0·finite = 0 (never NaN)
-NEG = tl.constexpr(-1.0e30)
 I64_MIN = tl.constexpr(-(2**63))
 I32_MIN = tl.constexpr(-(2**31))
 
@@ -276,14 +274,15 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
         HAS_LEFT,
                     HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_ij)
-        p = tl.math.exp2(s - m_ij[:, None])
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # no key seen yet: every p and alpha is 0, not NaN
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
         if WANT_ENT:
             if MASKED or HAS_BIAS:
-                ps = p * tl.where(p > 0.0, s - m_ij[:, None], 0.0)  # 0·(-inf) would be NaN
+                ps = p * tl.where(p > 0.0, s - m_safe[:, None], 0.0)  # 0·(-inf) would be NaN
             else:
-                ps = p * (s - m_ij[:, None])
-            t_i = alpha * (t_i + l_i * (m_i - m_ij)) + tl.sum(ps, 1)
+                ps = p * (s - m_safe[:, None])
+            t_i = alpha * (t_i + tl.where(l_i > 0.0, l_i * (m_i - m_safe), 0.0)) + tl.sum(ps, 1)
         if TOPK > 0:
             tk, thr = _topk_merge(tk, thr, s, cols)
         acc = acc * alpha[:, None]
@@ -324,7 +323,7 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _load_tile(q_base, rows, offs_d, stride_qm, stride_qd, NQ, D, True)  # (BLOCK_M, BLOCK_D), resident
 
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")  # no sentinel a finite score could reach
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -354,9 +353,11 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
     if HAS_SINKS:
         sink2 = tl.load(SINKS + off_b * stride_sib + off_h * stride_sih).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, sink2)
-        alpha = tl.math.exp2(m_i - m_new)  # 0 for a row with no key (m_i = NEG)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key and a sink of -inf: nothing to weigh
+        alpha = tl.math.exp2(m_i - m_new)  # 0 for a row with no key (m_i = -inf)
         e_sink = tl.math.exp2(sink2 - m_new)  # 0 for a sink of -inf
-        t_i = alpha * (t_i + l_i * (m_i - m_new)) + tl.where(e_sink > 0.0, e_sink * (sink2 - m_new), 0.0)
+        t_i = alpha * (t_i + tl.where(l_i > 0.0, l_i * (m_i - m_new), 0.0)) + tl.where(
+            e_sink > 0.0, e_sink * (sink2 - m_new), 0.0)
         acc = acc * alpha[:, None]
         top_e = tl.where(l_i > 0.0, alpha, 0.0)
         l_i = l_i * alpha + e_sink

@@ -51,9 +51,11 @@ from .. import Backend, Capabilities, add_sink_grad
 MAX_HEAD_DIM = 256
 #: top-k per query kept in registers (a list of next_pow2(k) packed int64 per row)
 MAX_TOPK = 16
-#: finite float-mask entries are clamped to this (as `torch_chunked` does): a row whose entries are all
-#: finfo.min averages its keys, as in PyTorch, instead of reading as masked; -inf still masks
-BIAS_FLOOR = -2.5e29
+#: the kernels score in log2 units (bias · log2 e): finite float-mask entries below this would overflow to -inf
+#: there and read as masked, so they are clamped to it (float32's most negative / log2 e). Entries from here up
+#: are exact; a row whose entries are all finfo.min (Hugging Face's convention) averages its keys, as in
+#: PyTorch; -inf still masks
+BIAS_FLOOR = -2.35e38
 #: the kernel kinds `_config` sizes
 KINDS = ("fwd", "cols", "dkdv", "dq")
 

@@ -526,7 +526,7 @@ class TritonBackend(Backend):
             rows = torch.tensor(inp.rows, dtype=torch.int32, device=q.device)
             res.weights = weight_rows_op(q, k, bias, lse, rows, inp.scale, inp.offset, left, right, self.config)
             res.rows = inp.rows
-        return out, lse, res
+        return out, lse, res  # received_from, weights_at, pooled: `finish_lens` (column-sum kernel, pair weights)
 
     def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
         left, right = _band(inp)

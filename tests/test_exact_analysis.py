@@ -203,7 +203,11 @@ def test_report_without_full_weights_is_exact(monkeypatch):
     monkeypatch.setattr(report, "FULL_BYTES", 0)
     lin = report.collect(text, model, tok)
     assert lin.weights is None and lin.thumbs is not None and lin.rollout_coverage == 1.0
-    np.testing.assert_allclose(lin.rollout, full.rollout, atol=1e-5)  # N < 256: the page's rollout is unpooled
+    from attnlens.report.html import _pool
+
+    t = min(report.ROLLOUT_BLOCKS, full.n)
+    assert lin.rollout.shape == (t, t)
+    np.testing.assert_allclose(lin.rollout, _pool(full.rollout, t), atol=1e-5)  # the page's blocks, exactly
     for a, b in zip(full.summaries, lin.summaries):
         for f in ("first", "self", "prev", "duplicate", "induction", "entropy"):
             np.testing.assert_allclose(getattr(b, f), getattr(a, f), atol=1e-5, err_msg=f)

@@ -113,7 +113,12 @@ class AttnCall:
         for a in range(0, Nq, step):
             b = min(Nq, a + step)
             sub = idx4[:, :, a:b] if idx4.shape[2] == Nq else idx4
-            parts.append(pair_weights(call.rows_inputs(a, b), sub, lse[..., a:b]))
+            used = torch.nonzero((sub >= 0).flatten(0, 2).any(0))  # columns some query of the chunk uses
+            mc = int(used[-1]) + 1 if used.numel() else 0  # rows padded with -1 at the end: skip the padding
+            w = torch.zeros(B, Hq, b - a, m, dtype=lse.dtype, device=lse.device)
+            if mc:
+                w[..., :mc] = pair_weights(call.rows_inputs(a, b), sub[..., :mc], lse[..., a:b])
+            parts.append(w)
         return torch.cat(parts, dim=2)
 
     def received_from(self, W: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,

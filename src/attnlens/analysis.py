@@ -486,7 +486,8 @@ def _score(rec, idx: np.ndarray, live: np.ndarray, batch: int, exclude_first: bo
     has = live & (idx >= 0).any(-1)
     if not has.any():
         return np.zeros(H)
-    w = weights_at(rec, np.where(has[:, None], idx, -1), batch=batch)  # (H, Nq, m)
+    idx = -np.sort(-np.where(has[:, None], idx, -1), axis=-1)  # each row's keys first, its -1 padding last
+    w = weights_at(rec, idx, batch=batch)  # (H, Nq, m)
     return w[:, has].sum(-1).mean(-1)
 
 

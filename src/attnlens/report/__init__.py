@@ -17,12 +17,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["ReportData", "collect", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK"]
+__all__ = ["ReportData", "collect", "pooled_rollout", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK",
+           "ROLLOUT_BLOCKS"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
 FULL_BYTES = 512 << 20
 #: top-k kept per query and head for the terminal summary and long inputs
 DEFAULT_TOPK = 8
+#: without full weights, the rollout is carried as this many block means of its rows (each costs one column of
+#: P^T W per layer: at 256 the column passes cost ~8 forward passes; benchmarks/analysis.py measures explain)
+ROLLOUT_BLOCKS = 64
 
 
 @dataclass
@@ -129,7 +133,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
-        data.rollout = pooled_rollout(recs, n, min(ROLLOUT_MAX, n))
+        data.rollout = pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n))
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
         data.thumbs = (stack(lambda r: r.result.pooled) / np.outer(sizes, sizes)).astype(np.float32)  # block means
         data.warnings.append(f"{n} tokens: full weights were not kept; the token view shows each query's top "

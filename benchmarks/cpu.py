@@ -95,6 +95,9 @@ elif kind == "torch-forward-backward":
     al.attention(q, k, v, causal=True, backend="torch").backward(do)
 elif kind == "sdpa-forward-backward":
     F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+elif kind.startswith("window-"):  # window-<backend>-<left>: a causal sliding window, no lens
+    _, backend, left = kind.split("-")
+    al.attention(q, k, v, window=(int(left), 0), backend=backend)
 print(max(0, status_kib("VmHWM") - before) * 1024)
 """
 
@@ -105,6 +108,30 @@ def extra_peak_bytes(kind: str, n: int, d: int) -> int:
     out = subprocess.run([sys.executable, "-c", _MEM_CHILD, kind, str(n), str(d)], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def window_check(n: int, w: int, heads: int, dim: int, repeat: int) -> dict:
+    """``backend="auto"`` on a causal sliding window (w, 0) at length n: which backend it takes, its time against
+    ``backend="torch"`` (interleaved, median) and the extra peak memory of each (one head, fresh process)."""
+    from attnlens import dispatch
+    from attnlens._inputs import validate
+
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
+    chosen = dispatch.select(validate(q, k, v, window=(w, 0))).name
+    times = {"auto": [], "torch": []}
+    for _ in range(max(1, repeat)):
+        for name in times:
+            t0 = time.perf_counter()
+            al.attention(q, k, v, window=(w, 0), backend=name)
+            times[name].append(time.perf_counter() - t0)
+    res = {"auto_backend": chosen, "auto_s": statistics.median(times["auto"]),
+           "torch_s": statistics.median(times["torch"]),
+           "auto_bytes": extra_peak_bytes(f"window-auto-{w}", n, dim),
+           "torch_bytes": extra_peak_bytes(f"window-torch-{w}", n, dim)}
+    print(f"  window ({w}, 0), N={n}: auto -> {chosen}, {res['auto_s']:.3f} s vs torch {res['torch_s']:.3f} s; extra "
+          f"peak memory auto {res['auto_bytes'] / 2**20:.0f} MiB, torch {res['torch_bytes'] / 2**20:.0f} MiB", flush=True)
+    return res
 
 
 def machine() -> str:
@@ -122,7 +149,7 @@ def machine() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1024, 4096, 16384])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
@@ -131,13 +158,16 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--mem-lens-n", type=int, default=32768)
     ap.add_argument("--mem-grad-n", type=int, default=16384)
+    ap.add_argument("--window-n", type=int, default=40000, help="sliding-window check: N (0 = skip)")
+    ap.add_argument("--window", type=int, default=64, help="sliding-window check: window (w, 0)")
     ap.add_argument("--out", default=None, help="write results (Markdown + JSON) to this path stem")
     args = ap.parse_args(argv)
     torch_backend = al.TorchChunkedBackend(chunk_bytes=args.chunk_bytes)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"attnlens CPU benchmark  {when}\n  {machine()}\n  fp32, causal, B=1, H={args.heads}, D={args.dim}, "
           f"chunk_bytes={args.chunk_bytes}, median of {args.repeat}")
-    rows = time_table(args.sizes, args.heads, args.dim, args.repeat, torch_backend)
+    rows = time_table(args.sizes, args.heads, args.dim, args.repeat, torch_backend) if args.sizes else []
+    win = window_check(args.window_n, args.window, args.heads, args.dim, args.repeat) if args.window_n else {}
     mem = {}
     if not args.no_memory:
         gib = 1 << 30
@@ -148,7 +178,7 @@ def main(argv=None):
             mem[key] = {"N": n, "extra_peak_bytes": b}
             print(f"  extra peak memory  {key:24s} N={n:6d}, one head, D={args.dim}: {b / gib:6.3f} GiB", flush=True)
     if args.out:
-        res = {"when": when, "machine": machine(), "args": vars(args), "times": rows, "memory": mem,
+        res = {"when": when, "machine": machine(), "args": vars(args), "times": rows, "memory": mem, "window": win,
                "command": "python benchmarks/cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])}
         with open(args.out + ".json", "w") as f:
             json.dump(res, f, indent=1)
@@ -159,6 +189,12 @@ def main(argv=None):
                     "| N | case | ms | × SDPA |\n|---|---|---|---|\n")
             for r in rows:
                 f.write(f"| {r['N']} | {r['case']} | {r['seconds'] * 1e3:.1f} | {r['ratio_to_sdpa']:.2f} |\n")
+            if win:
+                f.write(f"\nSliding window (w, 0) = ({args.window}, 0), N = {args.window_n}, no lens, B=1, H={args.heads}, "
+                        f"D={args.dim}: `backend=\"auto\"` takes **{win['auto_backend']}**; auto {win['auto_s']:.3f} s, "
+                        f"torch {win['torch_s']:.3f} s (auto / torch = {win['auto_s'] / win['torch_s']:.2f}); extra peak "
+                        f"memory (one head, fresh process): auto {win['auto_bytes'] / 2**20:.0f} MiB, torch "
+                        f"{win['torch_bytes'] / 2**20:.0f} MiB.\n")
             if mem:
                 f.write("\nExtra peak resident memory (fresh process, above inputs), one head, D="
                         f"{args.dim}, fp32, causal:\n\n| what | N | GiB |\n|---|---|---|\n")

@@ -202,6 +202,9 @@ def job_bad_calls(rank, world, outdir):
     with pytest.raises(ValueError) as e:  # not a zigzag cut
         ring_attention(q[:, :, :3 + 2 * rank], k[:, :, :3 + 2 * rank], v[:, :, :3 + 2 * rank], layout="zigzag")
     msgs.append(str(e.value))
+    with pytest.raises(ValueError) as e:  # ranks disagree on the lens: named fields, not internal codes
+        ring_attention(q, k, v, lens=al.Lens(entropy=False, received=False) if rank == 0 else None)
+    msgs.append(str(e.value))
     # the group still works after all that
     out = ring_attention(q, k, v, causal=True)
     assert out.shape == (1, 2, 6, 4)
@@ -296,6 +299,7 @@ def test_bad_calls_raise_on_every_rank(tmp_path):
     assert "rank(s) [1] rejected their inputs" in m0[0]
     assert "ranks disagree on causal" in m0[1] and "ranks disagree on causal" in m1[1]
     assert "zigzag" in m0[2] and "chunks" in m0[2] and m0[2] == m1[2]
+    assert "ranks disagree on lens ({0: 'Lens(lse, max_weight)', 1: 'None'}" in m0[3], m0[3]
 
 
 @pytest.mark.triton
@@ -369,6 +373,10 @@ def test_shard_unshard_roundtrip():
     assert chunk_sizes(10, 4) == [3, 3, 2, 2]
     with pytest.raises(ValueError, match="layout"):
         shard(x, 0, 2, "striped")
+    with pytest.raises(ValueError, match="at least 3 positions"):  # empty shards, which the ring would refuse
+        shard(torch.zeros(1, 2, 2), 0, 3, dim=1)
+    with pytest.raises(ValueError, match="at least 6 positions"):
+        shard(torch.zeros(5, 2), 1, 3, "zigzag", dim=0)
 
 
 def test_no_process_group():

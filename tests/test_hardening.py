@@ -193,3 +193,99 @@ def test_reference_nan_in_v_reaches_only_rows_that_weigh_that_key():
     out, w, res = _ref(q=[1.0, 1.0], k=[1.0, 2.0], v=[1.0, NAN], causal=True)
     assert out[0] == 1.0 and np.isnan(out[1])
     _assert_row(np.array([1.0, 0.0]), w, res, 1, [1.0, 2.0], [0.0, 0.0])  # the weights stay finite
+
+
+# --------------------------------------------------------------------------------------------
+# one NaN/inf rule on every backend: the torch backend (native row kernel and eager path) matches the reference
+# field by field, NaN for NaN; sdpa and triton refuse non-finite inputs with a reason
+
+
+def _nan_cases(rng):
+    """name -> (q, k, v, kwargs) with a non-finite input reaching some rows only (float64 and float32)."""
+    def base(dtype, nq=6, nk=7):
+        return (torch.tensor(rng.standard_normal((1, 2, nq, 4)), dtype=dtype),
+                torch.tensor(rng.standard_normal((1, 1, nk, 4)), dtype=dtype),
+                torch.tensor(rng.standard_normal((1, 1, nk, 3)), dtype=dtype))
+
+    cases = {}
+    for dt in (torch.float32, torch.float64):
+        tag = str(dt).split(".")[1]
+        q, k, v = base(dt)
+        q[0, 0, 2, 1] = float("inf")  # scores ±inf: row 2 of head 0 is non-finite, not empty
+        cases[f"inf-in-q-{tag}"] = (q, k, v, {"causal": True})
+        q, k, v = base(dt)
+        q[0, 1, 4] = float("-inf")
+        cases[f"all-minus-inf-row-{tag}"] = (q, k, v, {"mask": torch.ones(6, 7, dtype=torch.bool)})
+        q, k, v = base(dt)
+        q[0, 1, 3, 0] = float("nan")  # a NaN row: its lens must not look like an empty row
+        cases[f"nan-in-q-{tag}"] = (q, k, v, {"window": (2, 1)})
+        q, k, v = base(dt)
+        k[0, 0, 5, 2] = float("nan")  # every row that sees key 5 is NaN; rows that cannot see it are exact
+        cases[f"nan-in-k-causal-{tag}"] = (q, k, v, {"causal": True})
+        q, k, v = base(dt)
+        fm = torch.tensor(rng.standard_normal((6, 7)), dtype=dt)
+        fm[1, 3] = float("nan")
+        fm[4, :] = float("-inf")  # masked row: empty, whatever it holds
+        cases[f"nan-in-float-mask-{tag}"] = (q, k, v, {"mask": fm})
+    return cases
+
+
+def _same(a, e, what, tol):
+    a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
+    assert a.shape == e.shape, what
+    assert np.array_equal(np.isnan(a), np.isnan(e)), f"{what}: NaN positions differ"
+    assert np.array_equal(np.isneginf(a), np.isneginf(e)), f"{what}: -inf positions differ"
+    fin = np.isfinite(e)
+    np.testing.assert_allclose(a[fin], e[fin], atol=tol, rtol=tol, err_msg=what)
+
+
+@pytest.mark.parametrize("path", ["native", "eager"])
+def test_torch_backend_follows_the_nan_inf_rule_on_every_field(path, rng, monkeypatch):
+    from attnlens._backends import _native
+
+    if path == "eager":
+        monkeypatch.setattr(_native, "load", lambda: None)
+    for name, (q, k, v, kw) in _nan_cases(rng).items():
+        lens = al.Lens(topk=3, rows="all")
+        out, res = al.attention(q, k, v, backend="torch", lens=lens, **kw)
+        r_out, ref = al.attention(q, k, v, backend="reference", lens=lens, **kw)
+        tol = 1e-5 if q.dtype == torch.float32 else 1e-10
+        _same(out, r_out, f"{name}: out", tol)
+        for f in ("lse", "max_weight", "entropy", "received", "weights", "topk_weights"):
+            _same(getattr(res, f), getattr(ref, f), f"{name}: {f}", tol * 10)
+        assert torch.equal(res.topk_indices, ref.topk_indices), f"{name}: topk_indices"
+        assert torch.isnan(res.lse).any(), f"{name}: the non-finite input reached no row"
+
+
+def test_fused_backends_refuse_non_finite_inputs(rng):
+    q, k, v = (torch.tensor(rng.standard_normal((1, 2, 5, 4)), dtype=torch.float32) for _ in range(3))
+    q[0, 0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        al.attention(q, k, v, backend="sdpa")
+    assert al.attention(q, k, v).isnan().sum() == 4, "auto goes to a backend that confines NaN to its row"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_finite_scores_are_exact_not_masked(dtype):
+    """Finite scores far beyond the old -1e30 sentinel: a row of scores around -1e31 is a row, not an empty one;
+    a row masked everywhere with finfo.min (Hugging Face's convention) averages and has lse near finfo.min."""
+    big = 1e31 if dtype == torch.float32 else 1e200
+    q = torch.tensor([[[[1.0]], [[1.0]]]], dtype=dtype)  # (1, 2, 1, 1)
+    k = torch.tensor([[[[-big], [-2 * big]]]], dtype=dtype)  # scores -big, -2·big (scale 1)
+    v = torch.tensor([[[[1.0], [2.0]]]], dtype=dtype)
+    for backend in ("torch", "reference"):
+        out, res = al.attention(q, k, v, scale=1.0, backend=backend, lens=al.Lens(topk=2))
+        assert torch.equal(out[0, :, 0, 0], torch.ones(2, dtype=dtype)), backend  # all weight on key 0
+        assert res.lse[0, 0, 0].item() == pytest.approx(-big, rel=1e-6), backend
+        assert torch.equal(res.topk_indices[0, 0, 0], torch.tensor([0, -1])), backend
+    fmin = torch.finfo(dtype).min
+    q, k = torch.zeros(1, 1, 3, 2, dtype=dtype), torch.zeros(1, 1, 4, 2, dtype=dtype)
+    v = torch.arange(4, dtype=dtype).reshape(1, 1, 4, 1)
+    mask = torch.zeros(3, 4, dtype=dtype)
+    mask[1] = fmin
+    for backend in ("torch", "reference", "sdpa"):
+        out, res = (al.attention(q, k, v, mask=mask, backend=backend, lens=True) if backend != "sdpa"
+                    else (al.attention(q, k, v, mask=mask, backend=backend), None))
+        assert out[0, 0, 1, 0].item() == pytest.approx(1.5), backend  # averages, as in PyTorch
+        if res is not None:
+            assert res.lse[0, 0, 1].item() == pytest.approx(fmin, rel=1e-6), backend

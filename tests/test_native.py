@@ -93,19 +93,24 @@ def test_kernel_exp_is_accurate_and_masked_keys_are_exactly_zero():
         pytest.skip("no C compiler: the native kernel cannot be built here")
     g = torch.Generator().manual_seed(3)
     s = torch.randn(3, 5, 700, generator=g) * 30
-    s[0, 0, ::2] = torch_chunked.NEG  # masked keys
-    s[1, 2] = torch_chunked.NEG  # a row that sees no key
+    s[0, 0, ::2] = float("-inf")  # masked keys
+    s[1, 2] = float("-inf")  # a row that sees no key
+    s[2, 1, 5] = -1e31  # a finite score far below any other: exact, never read as masked
     x = s.clone()
-    m, l, t, (tv, ti) = _native.rowsoftmax(x, 6, torch_chunked.NEG / 2)
+    m, l, t, (tv, ti) = _native.rowsoftmax(x, 6, float("-inf"))
     m_ref = s.amax(-1, keepdim=True)
-    m_ref = m_ref.masked_fill(m_ref <= torch_chunked.NEG / 2, 0.0)
-    e_ref = torch.exp((s - m_ref).double())  # d = s - m rounds to float32 in any float32 path
+    m_ref = m_ref.masked_fill(torch.isneginf(m_ref), 0.0)
+    d_ref = (s - m_ref).double()  # d = s - m rounds to float32 in any float32 path
+    e_ref = torch.exp(d_ref)
     assert torch.equal(m, m_ref)
     torch.testing.assert_close(x.double(), e_ref, atol=1e-30, rtol=4e-7)
     assert (x[0, 0, ::2] == 0).all() and (x[1, 2] == 0).all() and l[1, 2, 0] == 0
     torch.testing.assert_close(l.double(), e_ref.sum(-1, keepdim=True), rtol=1e-5, atol=0)
+    t_ref = torch.where(e_ref > 0, e_ref * d_ref, 0.0).sum(-1, keepdim=True)  # masked keys left out (no NaN)
+    assert torch.isfinite(t).all()
+    torch.testing.assert_close(t.double(), t_ref, rtol=1e-4, atol=1e-6)
     vals, idx = torch.topk(s, 6)
-    live = (s[..., :1] > -1e29)  # rows with distinct values: the indices agree too
+    live = torch.isfinite(s[..., :1])  # rows with distinct values: the indices agree too
     assert torch.equal(tv, vals)
     assert torch.equal(ti[live.expand_as(ti)], idx[live.expand_as(idx)])
 

@@ -75,8 +75,20 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
         ``(out, LensResult)`` when ``lens`` is given. float16/bfloat16 are computed with
         float32 accumulation. Lens fields carry no gradient.
 
-    A query row with no visible key gets output 0, ``lse = -inf``, entropy 0 and weights 0 —
-    never NaN. NaN or inf in an input propagates to the outputs of the rows it touches only.
+    Empty rows, NaN and inf — one rule on every backend (the float64 reference states it exactly):
+
+    - *Visible* is structural: key j is visible to query i unless causal / window / offset exclude it, a
+      bool mask is False there, or a float mask is ``-inf`` there.
+    - A row with no visible key: output 0, ``lse = -inf``, entropy 0, max_weight 0, weights 0, top-k
+      indices -1 — never NaN, whatever q, k, v hold.
+    - A row with a visible score that is not finite (NaN in q, k or the float mask; ±inf from inf in q
+      or k; overflow of ``q·k·scale + mask`` in the compute dtype) is NaN: its output, lse, entropy,
+      max_weight and top-k weights (indices -1); its weight rows NaN at its visible keys, 0 elsewhere;
+      ``received`` NaN at the keys it sees. Every other row is exact.
+    - NaN/inf in v reach only the rows that give that key a weight > 0.
+    - Numeric range: any finite score is exact (masked keys are ``-inf``, never a finite sentinel),
+      e.g. a float-mask entry of -1e30 or ``finfo.min`` is a score, not a mask. The fused backends
+      (``sdpa``, ``triton``) refuse inputs holding NaN/inf with a reason, so ``auto`` takes ``torch``.
 
     Raises:
         TypeError / ValueError naming the argument, what was seen and what was expected.

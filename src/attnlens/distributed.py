@@ -96,6 +96,10 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str = "contiguous", di
     _check_layout(layout)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    n, parts = x.shape[dim], world if layout == "contiguous" else 2 * world
+    if n < parts:
+        raise ValueError(f"shard: a sequence of {n} positions (x of shape {tuple(x.shape)}, dim {dim}) cannot give each "
+                         f"of {world} ranks a non-empty {layout} shard: it needs at least {parts} positions")
     if layout == "contiguous":
         return torch.tensor_split(x, world, dim=dim)[rank]
     parts = torch.tensor_split(x, 2 * world, dim=dim)
@@ -248,52 +252,40 @@ def _segments(lengths: list, layout: str, what: str, offset: int = 0) -> list:
     return segs
 
 
-def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
-    """Check the local call, exchange its shape with every rank, and agree (or fail on every rank alike)."""
-    _require_group(group)
-    ring = _Ring(group)
-    err, meta, inp = None, None, None
-    try:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"ring_attention: {name} must be a torch.Tensor (NumPy arrays cannot travel the "
-                                f"ring), got {type(t).__name__}")
-        _check_layout(layout)
-        lens = Lens.coerce(lens)
-        if lens is not None and lens.rows is not None:
-            raise ValueError(f"ring_attention: Lens.rows={lens.rows!r} is not supported across ranks (full weight "
-                             f"rows would span every rank's keys); use attnlens.attention on gathered tensors")
-        for name in ("received_from", "at", "pool"):
-            if lens is not None and getattr(lens, name) is not None:
-                raise ValueError(f"ring_attention: Lens.{name} is not supported across ranks yet; use "
-                                 f"attnlens.attention on gathered tensors")
-        inp = validate(q, k, v, causal=causal, window=window, scale=scale)
-        B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
-        # the backend of every pass, chosen on this rank's own block (the diagonal one) with the lens the
-        # blocks need (lse always: blocks merge through it)
-        probe = validate(q, k, v, causal=causal, window=window, scale=scale, lens=_block_lens(lens, Nk))
-        chosen = dispatch.select(probe, backend)
-        if not chosen.capabilities.block:
-            raise ValueError(f"ring_attention: backend {chosen.name!r} has no block primitives (lse, backward into "
-                             f"buffers, column sums); use 'auto', 'torch' or 'triton'")
-        wl, wr = inp.window if inp.window is not None else (None, None)
-        lc, topk = _lens_code(lens)
-        meta = [0, B, Hq, Hkv, Nq, Nk, D, Dv, inp.rank, FLOAT_DTYPES.index(inp.q.dtype), int(inp.causal),
-                LAYOUTS.index(layout), -1 if wl is None else wl, -1 if wr is None else wr,
-                struct.unpack("<q", struct.pack("<d", inp.scale))[0], lc, topk, int(inp.requires_grad)]
-    except (TypeError, ValueError) as e:
-        err = e
-        meta = [1] + [0] * (len(_META) - 1)
-    dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    mine = torch.tensor(meta, dtype=torch.int64, device=dev)
-    every = [torch.empty_like(mine) for _ in range(ring.world)]
-    try:
-        dist.all_gather(every, mine, group=group)
-    except Exception as e:  # noqa: BLE001
-        raise ring._fail("exchange the shapes of the call with every rank (all_gather)", e) from e
-    every = [t.tolist() for t in every]
-    if err is not None:
-        raise err
+def _local_call(q, k, v, *, causal, window, scale, lens, layout, backend):
+    """Check this rank's call: ``(inputs, lens, the backend of every pass, the call's shape as ints for _META)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ring_attention: {name} must be a torch.Tensor (NumPy arrays cannot travel the "
+                            f"ring), got {type(t).__name__}")
+    _check_layout(layout)
+    lens = Lens.coerce(lens)
+    if lens is not None and lens.rows is not None:
+        raise ValueError(f"ring_attention: Lens.rows={lens.rows!r} is not supported across ranks (full weight "
+                         f"rows would span every rank's keys); use attnlens.attention on gathered tensors")
+    for name in ("received_from", "at", "pool"):
+        if lens is not None and getattr(lens, name) is not None:
+            raise ValueError(f"ring_attention: Lens.{name} is not supported across ranks yet; use "
+                             f"attnlens.attention on gathered tensors")
+    inp = validate(q, k, v, causal=causal, window=window, scale=scale)
+    B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
+    # the backend of every pass, chosen on this rank's own block (the diagonal one) with the lens the
+    # blocks need (lse always: blocks merge through it)
+    probe = validate(q, k, v, causal=causal, window=window, scale=scale, lens=_block_lens(lens, Nk))
+    chosen = dispatch.select(probe, backend)
+    if not chosen.capabilities.block:
+        raise ValueError(f"ring_attention: backend {chosen.name!r} has no block primitives (lse, backward into "
+                         f"buffers, column sums); use 'auto', 'torch' or 'triton'")
+    wl, wr = inp.window if inp.window is not None else (None, None)
+    lc, topk = _lens_code(lens)
+    meta = [0, B, Hq, Hkv, Nq, Nk, D, Dv, inp.rank, FLOAT_DTYPES.index(inp.q.dtype), int(inp.causal),
+            LAYOUTS.index(layout), -1 if wl is None else wl, -1 if wr is None else wr,
+            struct.unpack("<q", struct.pack("<d", inp.scale))[0], lc, topk, int(inp.requires_grad)]
+    return inp, lens, chosen, meta
+
+
+def _check_agreement(every: list) -> None:
+    """Every rank's `_META` row: raise the same ValueError on every rank if one rejected its call or they differ."""
     bad = [r for r, m in enumerate(every) if m[0] != 0]
     if bad:
         raise ValueError(f"ring_attention: rank(s) {bad} rejected their inputs (see the error on those ranks); no rank "
@@ -307,12 +299,33 @@ def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
             raise ValueError(f"ring_attention: ranks disagree on {name} ({shown} by rank); every rank must pass "
                              f"shards of one call: q (B, Hq, N_local, D), k and v (B, Hkv, N_local, D|Dv) with the "
                              f"same B, heads, head dims, dtype, causal, window, scale, lens and layout")
-    nq = [m[4] for m in every]
-    nk = [m[5] for m in every]
+
+
+def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
+    """Check the local call, exchange its shape with every rank, and agree (or fail on every rank alike)."""
+    _require_group(group)
+    ring = _Ring(group)
+    err = None
+    try:
+        inp, lens, chosen, meta = _local_call(q, k, v, causal=causal, window=window, scale=scale, lens=lens,
+                                              layout=layout, backend=backend)
+    except (TypeError, ValueError) as e:
+        err, meta = e, [1] + [0] * (len(_META) - 1)
+    dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    mine = torch.tensor(meta, dtype=torch.int64, device=dev)
+    every = [torch.empty_like(mine) for _ in range(ring.world)]
+    try:
+        dist.all_gather(every, mine, group=group)
+    except Exception as e:  # noqa: BLE001
+        raise ring._fail("exchange the shapes of the call with every rank (all_gather)", e) from e
+    if err is not None:
+        raise err
+    every = [t.tolist() for t in every]
+    _check_agreement(every)
+    nq, nk = [m[4] for m in every], [m[5] for m in every]
     if lens is not None and lens.topk > sum(nk):
         raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys N={sum(nk)} (all ranks)")
-    off = sum(nk) - sum(nq)  # bottom-right alignment over the whole sequence
-    qsegs = _segments(nq, layout, "queries", off)
+    qsegs = _segments(nq, layout, "queries", sum(nk) - sum(nq))  # bottom-right over the whole sequence
     ksegs = _segments(nk, layout, "keys")
     B, Hq, Hkv, _, _, D, Dv = inp.shape
     plan = _Plan(ring=ring, causal=inp.causal, window=inp.window, scale=inp.scale, lens=lens, backend=chosen, B=B,

@@ -1,9 +1,11 @@
 /* attnlens: one fused pass per row of a chunk of attention scores (float32).
  *
  * For each row x[0..n) of a contiguous (R, n) block, in place:
- *   m  = max_j x_j                      (rows whose max is <= dead_below see no key: m := 0)
+ *   m  = max_j x_j                      (rows whose max is <= dead_below, i.e. -inf: no key seen, m := 0)
  *   top-k (value, index) of x, largest first, before x is overwritten   (k <= 64)
- *   x_j := e_j = exp(x_j - m) ;  l = sum_j e_j ;  t = sum_j e_j (x_j - m)
+ *   x_j := e_j = exp(x_j - m) ;  l = sum_j e_j ;  t = sum_{j: e_j > 0} e_j (x_j - m)
+ * Masked keys hold -inf (e_j = 0; they are left out of t, where 0 * -inf would be NaN); a NaN score makes
+ * e_j and l NaN (the caller marks such rows).
  * The row is read from memory once; the later loops run while it sits in L1/L2.
  * Built on first use by attnlens/_backends/_native.py with the machine's C compiler. */
 #include <math.h>
@@ -65,7 +67,7 @@ void attnlens_rowsoftmax_f32(float *s, int64_t R, int64_t n, int64_t k, float de
             float e = exp_neg(d);
             x[j] = e;
             l += e;
-            t += e * d;
+            t += e > 0.0f ? e * d : 0.0f;
         }
         m_out[r] = m; l_out[r] = l; t_out[r] = t;
     }

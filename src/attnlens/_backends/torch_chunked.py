@@ -10,6 +10,13 @@ online rescaling) and every lens statistic comes from the same buffer of scores:
     max_weight = 1 / l                                (the max of e is exp(0) = 1)
     received += (1/l)ᵀ @ e                            (column sums, one matrix-vector product)
 
+Masked scores are ``-inf`` (no finite sentinel: any finite score, of any size, is exact); a row whose
+maximum is ``-inf`` sees no key (output 0, lse ``-inf``). The NaN/inf rule of `attnlens.reference`
+holds: when scores can be non-finite (NaN/inf in q, k or a float mask, or ``|q·k·scale| + |mask|``
+that may overflow the compute dtype — `_scores_may_be_nonfinite`, checked once per call), every
+non-finite visible score becomes NaN before masking, and such a row is NaN in its output and every
+lens field (its weights NaN at its visible keys only).
+
 Memory is O(chunk · Nk): the chunk is sized so its few score buffers fit in ``chunk_bytes``
 (`TorchChunkedBackend(chunk_bytes=...)`, default `CHUNK_BYTES`). Keys that no query of a chunk
 may see (causal, window, offset) are skipped, not masked. The backward pass and the column sums
@@ -24,9 +31,8 @@ from ..lens import LensResult
 from ..masks import band_keep, key_range
 from . import Backend, Capabilities, _native, stat_dtype
 
-#: masked scores are set to this finite value: exp(NEG - m) underflows to exactly 0, and unlike
-#: -inf, 0 · NEG = 0 keeps the entropy reduction finite.
-NEG = -1e30
+NAN = float("nan")
+NEG_INF = float("-inf")
 #: default bytes of one chunk's score buffer (B·Hq·rows·Nk elements). Chosen with benchmarks/cpu.py
 #: (``--chunk-bytes``): small enough to stay in cache on CPU, large enough to amortise op overhead.
 CHUNK_BYTES = 16 << 20
@@ -42,10 +48,11 @@ def chunk_rows(inp: AttnInputs, chunk_bytes: int = CHUNK_BYTES) -> int:
 class _Chunk:
     """Scores of query rows [i0, i1) against keys [lo, hi), masked, in (B, Hkv, G·c, nk) layout.
 
-    ``buf`` (optional) is a flat workspace reused across chunks for the score buffer.
+    ``buf`` (optional) is a flat workspace reused across chunks for the score buffer. ``check``: scores may be
+    non-finite (see the module docstring): every non-finite score a row can see becomes NaN.
     """
 
-    def __init__(self, inp: AttnInputs, qs, kc, i0: int, i1: int, buf=None):
+    def __init__(self, inp: AttnInputs, qs, kc, i0: int, i1: int, buf=None, check: bool = False):
         B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
         G = Hq // Hkv
         self.i0, self.i1, self.c = i0, i1, i1 - i0
@@ -59,19 +66,20 @@ class _Chunk:
         s = None if buf is None else buf[: B * Hkv * G * self.c * nk].view(shape)
         s = torch.matmul(self.qc, kc[:, :, self.lo:self.hi].transpose(-1, -2), out=s)  # (B, Hkv, G·c, nk)
         s5 = s.view(B, Hkv, G, self.c, nk)
+        m5 = None
         if inp.mask is not None:
             m = inp.mask
             m = m[:, :, i0:i1] if m.shape[2] == Nq else m
             m = m[..., self.lo:self.hi] if m.shape[3] == Nk else m
             m5 = m.reshape(m.shape[0], Hkv, G, m.shape[2], m.shape[3]) if m.shape[1] == Hq else m.unsqueeze(2)
-            if m5.dtype == torch.bool:
-                s5.masked_fill_(~m5, NEG)
-            else:
-                # finite entries are scores (HF's finfo.min included: kept above the dead-row line
-                # so an all-finfo.min row averages, as in PyTorch); -inf entries mask the key
-                mf = m5.to(s.dtype)
-                s5.add_(mf).clamp_(min=NEG / 4).masked_fill_(torch.isneginf(mf), NEG)
-        # causal / window (after the user mask, whose clamp must not lift NEG): keys [lo_last, hi_first) are seen by every row of the chunk; mask only the
+            if m5.dtype != torch.bool:  # finite entries are scores (HF's finfo.min too); -inf masks the key
+                m5 = m5.detach().to(s.dtype)
+                s5.add_(m5)
+        if check:  # a score that is not finite (NaN, ±inf from inf in q/k, overflow) marks its row, if visible
+            s.masked_fill_(~torch.isfinite(s), NAN)
+        if m5 is not None and (check or m5.dtype == torch.bool):
+            s5.masked_fill_(~m5 if m5.dtype == torch.bool else torch.isneginf(m5), NEG_INF)
+        # causal / window: keys [lo_last, hi_first) are seen by every row of the chunk; mask only the
         # columns outside it (for causal, just the diagonal block)
         lo_last = key_range(i1 - 1, i1, Nk, off, inp.causal, inp.window)[0]
         hi_first = key_range(i0, i0 + 1, Nk, off, inp.causal, inp.window)[1]
@@ -83,7 +91,7 @@ class _Chunk:
         for c0, c1 in ((self.lo, a), (b, self.hi)):
             if c1 > c0:
                 keep = band_keep(rows, torch.arange(c0, c1, device=dev), off, inp.causal, inp.window)
-                s5[..., c0 - self.lo:c1 - self.lo].masked_fill_(~keep, NEG)
+                s5[..., c0 - self.lo:c1 - self.lo].masked_fill_(~keep, NEG_INF)
         self.s = s
 
 
@@ -198,36 +206,47 @@ class _Outputs:
         if self.rows is not None:
             self.wrows, self.runs = new(len(self.rows), Nk), _row_runs(self.rows)
 
-    def write(self, ch: _Chunk, e, m, l, t, top, o):
+    def write(self, ch: _Chunk, e, m, l, t, top, o, bad=None):
         """Chunk results: ``e = exp(s - m)`` ``(B, Hkv, G·c, nk)``, ``m, l, t`` ``(B, Hkv, G·c, 1)``
-        (``t = Σ e·(s - m)``), ``top`` = (raw scores, key indices) of the top-k, ``o`` unnormalised output."""
+        (``t = Σ e·(s - m)``), ``top`` = (raw scores, key indices) of the top-k, ``o`` unnormalised output;
+        ``bad`` (or None): rows with a non-finite visible score, whose ``e`` already holds their weights (NaN at
+        their visible keys): every statistic of theirs is NaN."""
         B, Hkv, G = self.lead
         i0, i1, c, nk = ch.i0, ch.i1, ch.c, ch.nk
         zero = torch.zeros((), dtype=e.dtype, device=e.device)
-        rl = torch.where(l > 0, 1.0 / l, zero)  # 1/l, 0 for dead rows
+        rl = torch.where(l == 0, zero, 1.0 / l)  # 1/l, 0 for dead rows
+        stat_nan = None
+        if bad is not None:
+            stat_nan = torch.where(bad, torch.full((), NAN, dtype=e.dtype, device=e.device), zero)  # NaN or 0
+            rl = torch.where(bad, torch.ones((), dtype=e.dtype, device=e.device), rl)  # p = e on those rows
 
         def put(buf, val):
             buf[:, :, :, i0:i1] = val.view(B, Hkv, G, c, *buf.shape[4:])
 
+        def row_stat(val):  # NaN on the rows with a non-finite visible score
+            return val if stat_nan is None else val + stat_nan
+
         put(self.out, o.mul_(rl))  # out_i = Σ_j p_ij v_j
-        put(self.lse, m + torch.log(l))
+        put(self.lse, row_stat(m + torch.log(l)))
         if self.maxw is not None:
-            put(self.maxw, rl)  # max_j e_ij = exp(0) = 1
+            put(self.maxw, row_stat(rl))  # max_j e_ij = exp(0) = 1
         if self.ent is not None:  # -Σ p log p = log l - Σ e·(s - m) / l
-            put(self.ent, torch.where(l > 0, torch.log(l) - t * rl, zero).clamp_(min=0))
+            put(self.ent, row_stat(torch.where(l == 0, zero, torch.log(l) - t * rl).clamp_(min=0)))
         if self.rec is not None:
             self.rec[..., ch.lo:ch.hi] += torch.matmul(rl.view(B, Hkv, G, 1, c), e.view(B, Hkv, G, c, nk)).view(
                 B, Hkv, G, nk)
         if self.topk:
-            self._write_topk(ch, top, m, rl)
+            self._write_topk(ch, top, m, rl, stat_nan)
         if self.rows is not None:
             self._write_rows(ch, e, rl)
 
-    def _write_topk(self, ch: _Chunk, top, m, rl):
+    def _write_topk(self, ch: _Chunk, top, m, rl, stat_nan=None):
         B, Hkv, G = self.lead
         vals, idx = top  # largest raw scores of each row
         kk = vals.shape[-1]
         w = torch.exp(vals - m).mul_(rl)
+        if stat_nan is not None:
+            w = w + stat_nan  # weights NaN, indices -1 on rows with a non-finite visible score
         idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=idx.device))
         self.tk_w[:, :, :, ch.i0:ch.i1, :kk] = w.view(B, Hkv, G, ch.c, kk)
         self.tk_i[:, :, :, ch.i0:ch.i1, :kk] = idx.view(B, Hkv, G, ch.c, kk)
@@ -264,17 +283,43 @@ class _Outputs:
 
 def _softmax_stats(s, topk: int, want_t: bool, native: bool, ebuf):
     """One chunk's row statistics from its masked scores ``s`` (overwritten): ``e = exp(s - m)`` and
-    ``m, l = Σ e, t = Σ e·(s - m)`` (``None`` unless ``want_t``), ``top`` (raw scores, indices) or None."""
+    ``m, l = Σ e, t = Σ e·(s - m)`` (``None`` unless ``want_t``), ``top`` (raw scores, indices) or None.
+    A row that sees no key (max ``-inf``) gets ``m = 0``, so its ``e`` and ``l`` are exactly 0."""
     if native:  # one fused pass per row (rowsoftmax.c): s becomes e in place
-        m, l, t, top = _native.rowsoftmax(s, topk, NEG / 2)
+        m, l, t, top = _native.rowsoftmax(s, topk, NEG_INF)
         return s, m, l, t, top
     m, top = _rowmax_and_topk(s, topk)  # m: (..., 1)
-    m.masked_fill_(m <= NEG / 2, 0.0)  # rows that see no key: e becomes exactly 0
+    m.masked_fill_(torch.isneginf(m), 0.0)  # rows that see no key: e becomes exactly 0
     s.sub_(m)
     e = torch.exp(s, out=ebuf[: s.numel()].view(s.shape)) if want_t else s.exp_()
     l = e.sum(dim=-1, keepdim=True)
-    t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1) if want_t else None  # s holds s - m
+    t = None
+    if want_t:  # s holds s - m: -inf at masked keys, where e = 0 (0 · -inf would be NaN)
+        torch.nan_to_num(s, nan=NAN, neginf=0.0, out=s)
+        t = torch.einsum("...j,...j->...", e, s).unsqueeze(-1)
     return e, m, l, t, top
+
+
+def _scores_may_be_nonfinite(inp: AttnInputs) -> bool:
+    """Whether a score ``q·k·scale + mask`` of this call can be non-finite in the compute dtype: NaN/inf in q or k,
+    NaN/+inf in a float mask, or magnitudes whose score may overflow (a bound: max|q| · max|k| · D · |scale| +
+    max|finite mask|). False for every ordinary call, which then skips the per-chunk NaN marking."""
+    cdt = stat_dtype(inp.q.dtype)
+    qa = float(torch.linalg.vector_norm(inp.q.detach(), float("inf"), dtype=cdt))
+    ka = float(torch.linalg.vector_norm(inp.k.detach(), float("inf"), dtype=cdt))
+    bound = qa * ka * inp.shape[5] * abs(inp.scale)
+    m = inp.mask
+    if m is not None and m.dtype != torch.bool:
+        mf = m.detach()
+        bound += float(torch.linalg.vector_norm(mf.masked_fill(torch.isneginf(mf), 0.0), float("inf"), dtype=cdt))
+    return not bound < torch.finfo(cdt).max / 4  # NaN bound (NaN input) compares False: checked
+
+
+def _mark_nonfinite_rows(e, vis, rowbad):
+    """Rows with a non-finite visible score: weights NaN at their visible keys, 0 at the others (the reference's
+    rule); ``e`` is returned with those rows replaced."""
+    return torch.where(rowbad, torch.where(vis, torch.full((), NAN, dtype=e.dtype, device=e.device),
+                                           torch.zeros((), dtype=e.dtype, device=e.device)), e)
 
 
 def forward(inp: AttnInputs, rows_per_chunk: int):
@@ -285,18 +330,26 @@ def forward(inp: AttnInputs, rows_per_chunk: int):
     outs = _Outputs(inp, cdt)
     want_t = outs.ent is not None
     vbad = _nonfinite_keys(vc)
+    check = _scores_may_be_nonfinite(inp)
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # workspaces reused by every chunk
     native = dev.type == "cpu" and cdt == torch.float32 and outs.topk <= _native.MAX_TOPK and _native.load() is not None
     ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_t and not native else None
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
-        ch = _Chunk(inp, qs, kc, i0, min(Nq, i0 + rows_per_chunk), sbuf)
+        ch = _Chunk(inp, qs, kc, i0, min(Nq, i0 + rows_per_chunk), sbuf, check)
         if ch.nk == 0:
             continue  # no query in this chunk sees a key: zeros, lse -inf
+        bad = vis = None
+        if check:  # rows with a non-finite visible score (NaN after _Chunk's marking)
+            bad = torch.isnan(ch.s).any(dim=-1, keepdim=True)
+            vis = ~torch.isneginf(ch.s) if bool(bad.any()) else None
+            bad = bad if vis is not None else None
         e, m, l, t, top = _softmax_stats(ch.s, min(outs.topk, ch.nk), want_t, native, ebuf)
+        if bad is not None:
+            e = _mark_nonfinite_rows(e, vis, bad)
         pv = e * _dropout_keep(inp, ci, e.shape, cdt) if inp.dropout_p > 0 else e
         o = _weighted_values(pv, vc, vbad, ch.lo, ch.hi)  # (B, Hkv, G·c, Dv), unnormalised
-        outs.write(ch, e, m, l, t, top, o)
+        outs.write(ch, e, m, l, t, top, o, bad)
     return outs.result()
 
 

@@ -13,6 +13,10 @@ on checked `AttnInputs` (rank-4 torch views):
     column_sums(inp, lse, weights=None)        -> Σ_i exp(s_ij - lse_i) · W_i: (B, Hq, Nk) for W = 1
                                                   (``received``), (B, Hq, Nk, T) for W (B, Hq, Nq, T)
 
+The lens fields that follow from the lse — ``received_from`` (``Pᵀ W``), ``weights_at`` (``P`` at chosen keys)
+and ``pooled`` (block sums of ``P``) — a backend may compute in its pass (reference, torch) or leave ``None``:
+`finish_lens` fills them from ``column_sums`` and `attnlens._scores.pair_weights` after the forward (triton).
+
 With the block's own lse these give its own statistics and gradients; ring attention and split-KV
 pass the *global* lse of queries that also saw other keys, and get the block's share of the global
 weights — which is what lets every integration run on whichever backend serves the call.

@@ -88,11 +88,13 @@ def tokenize(text: str, model, tokenizer, *, truncate: bool = False):
 
 
 def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
-            on_layer: Optional[Callable[[int], None]] = None) -> ReportData:
+            on_layer: Optional[Callable[[int], None]] = None,
+            on_analysis: Optional[Callable[[int, int], None]] = None) -> ReportData:
     """Run ``model`` on ``text`` under `attnlens.hf.capture` and compute the analyses, exactly, in linear memory
     unless the full weights fit in ``FULL_BYTES``.
 
-    ``on_layer(i)`` is called as each attention layer finishes (for a progress bar).
+    ``on_layer(i)`` is called as each attention layer finishes, ``on_analysis(done, total)`` as each analysis step
+    (a layer's head scores, a layer of the rollout) finishes (for progress bars).
     """
     import torch
 
@@ -125,15 +127,24 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         n_layers=len(recs), n_heads=entropy.shape[1], entropy=entropy,
         max_weight=stack(lambda r: r.result.max_weight), received=stack(lambda r: r.result.received),
         topk_idx=stack(lambda r: r.result.topk_indices), topk_w=stack(lambda r: r.result.topk_weights),
-        summaries=[analysis.head_summary(r, ids) for r in recs], rollout=None, rollout_coverage=1.0,
-        warnings=warnings)
+        summaries=[], rollout=None, rollout_coverage=1.0, warnings=warnings)
+    done, total = [0], len(recs) * (1 if full else 2)
+
+    def tick(*_):
+        done[0] += 1
+        if on_analysis is not None:
+            on_analysis(done[0], total)
+
+    for r in recs:
+        data.summaries.append(analysis.head_summary(r, ids))
+        tick()
     if full:
         data.rollout = analysis.rollout(recs)
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)
         data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
-        data.rollout = pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n))
+        data.rollout = pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n), on_layer=tick)
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
         data.thumbs = (stack(lambda r: r.result.pooled) / np.outer(sizes, sizes)).astype(np.float32)  # block means
         data.warnings.append(f"{n} tokens: full weights were not kept; the token view shows each query's top "
@@ -141,7 +152,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     return data
 
 
-def pooled_rollout(recs, n: int, t: int) -> np.ndarray:
+def pooled_rollout(recs, n: int, t: int, on_layer=None) -> np.ndarray:
     """The rollout ``(N, N)`` pooled to ``(t, t)`` block means (html._pool's blocks), exactly, in linear memory:
     the block means of its rows are carried through the layers (``analysis.rollout(rows=...)``), then the
     columns are averaged by blocks."""
@@ -152,5 +163,5 @@ def pooled_rollout(recs, n: int, t: int) -> np.ndarray:
     blocks = np.searchsorted(edges, np.arange(n), side="right") - 1  # (N,): each token's block
     start = np.zeros((t, n))
     start[blocks, np.arange(n)] = 1.0 / counts[blocks]  # row b: the mean of block b's rows
-    R = analysis.rollout(recs, rows=start)  # (t, N)
+    R = analysis.rollout(recs, rows=start, on_layer=on_layer)  # (t, N)
     return np.add.reduceat(R, edges, axis=-1) / counts[None, :]

@@ -302,7 +302,9 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
             tensors the layer made, kept alive: ``B · N · (Hq + 2 · Hkv) · D`` elements per layer in the
             model's dtype (24 MiB per layer at 32k tokens with 8 query and 2 key/value heads of D = 16 in
             float32), plus the mask the model built, if any (transformers builds a dense
-            ``(B, 1, N, N)`` bool mask only for padding or windows). ``False`` keeps none.
+            ``(B, 1, N, N)`` bool mask only for padding or windows). In generation each step's record keeps
+            the keys and values of the cache so far, which adds up over long generations: pass
+            ``keep_inputs=False`` there. ``False`` keeps none.
 
     Yields:
         an `HFCapture`; ``cap.results`` lists `HFRecord` in call order.

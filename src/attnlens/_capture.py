@@ -123,8 +123,8 @@ class AttnCall:
 
     def received_from(self, W: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,
                       backend="auto") -> torch.Tensor:
-        """``Pᵀ W`` ``(B, Hq, Nk, T)`` for query weights ``W`` broadcastable to ``(B, Hq, Nq, T)``: ``Lens(received_from=W)``
-        for this call, from its ``lse`` (else one lse-only pass) by the serving backend's column-sum primitive —
+        """``Pᵀ W`` ``(B, Hq, Nk, T)`` for query weights ``W`` broadcastable to ``(B, Hq, Nq, T)``:
+        ``Lens(received_from=W)`` for this call, from its ``lse`` (else one lse-only pass) by the serving backend's column-sum primitive —
         one pass over only the queries from the first to the last whose row of ``W`` is not zero."""
         call = self if batch is None else self.select(batch)
         lse = call.lse() if lse is None else lse

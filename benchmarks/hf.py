@@ -40,7 +40,7 @@ def explain_runs(n: int) -> list[float]:
     with tempfile.TemporaryDirectory() as d:
         for _ in range(n):
             t0 = time.perf_counter()
-            p = subprocess.run([*cmd, "explain", SENTENCE, "--out", os.path.join(d, "r.html")], capture_output=True,
+            p = subprocess.run([*cmd, "explain", SENTENCE, "--out", os.path.join(d, "r.html"), "--force"], capture_output=True,
                                text=True)
             times.append(time.perf_counter() - t0)
             if p.returncode != 0:

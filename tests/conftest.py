@@ -238,3 +238,11 @@ def check_topk(res, ref, *, atol):
 
 __all__ = ["make_inputs", "make_mask", "reference", "reference_with_full", "visible", "assert_close", "check_topk",
            "np64", "requires_cuda", "DEVICES", "HAS_CUDA", "HAS_TRITON", "seed_for"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium driver (see tests/_browser.py); skipped without chromium and chromedriver."""
+    from _browser import chrome
+
+    yield from chrome()

@@ -17,7 +17,8 @@ from attnlens import cli
 from attnlens import walkthrough as wt
 
 STEPS = ["Step 1 · Embeddings", "Step 2 · Dot products", "Step 3 · Softmax", "Step 4 · Row view",
-         "Step 5 · Column view", "Cross-checks"]
+         "Step 5 · Column view", "Step 6 · Received attention", "Cross-checks"]
+N_CHECKS = 7
 
 
 def run(capsys, *argv):
@@ -65,10 +66,11 @@ def test_walkthrough_prints_every_step_and_passes_its_checks(capsys):
     assert code == 0 and err == ""
     pos = [out.index(s) for s in STEPS]
     assert pos == sorted(pos), "steps out of order"
-    assert "✗" not in out and out.count("✓") == 5
+    assert "✗" not in out and out.count("✓") == N_CHECKS
     # the seeds' ideas are spelled out
     for phrase in ["dot product of query i with key j", "convex combination", "sum to 1",
-                   "copy of its own V row", "received", "entropy", "1/√d"]:
+                   "copy of its own V row", "received", "entropy", "1/√d", "combination of the columns of P",
+                   "Three readings, one matrix"]:
         assert phrase in out, phrase
     assert "Traceback" not in out
 
@@ -103,11 +105,42 @@ def test_printed_numbers_are_attnlens_numbers(capsys):
         vec = [float(x) for x in line.rsplit("= [", 1)[1].rstrip("]").split(",")]
         np.testing.assert_allclose(vec, ref_out[i], atol=5e-4 + 1e-12)
 
-    # the column view
+    # the received attention
     _, labels, rec = table(out, "received = column sums", ncols=1)
     assert labels == list(ex.labels)
     np.testing.assert_allclose(rec[:, 0], res.received, atol=5e-4 + 1e-12)
     np.testing.assert_allclose(rec[:, 0].sum(), n, atol=5e-3)
+
+
+@pytest.mark.parametrize("argv, dim", [((), 2), (("--dim", "3", "--seed", "1", "--causal"), 3)])
+def test_column_view_numbers_are_p_times_v_columns(capsys, argv, dim):
+    """Step 5 prints, for each output column c, the columns of P scaled by V[j, c] (headers show V[j, c])
+    and their row sums; these equal P and V's products and the output, and the three readings of one
+    entry print the same number."""
+    code, out, _ = run(capsys, "walkthrough", *argv)
+    assert code == 0
+    ex, ref_out, res = attnlens_result(dim=dim, seed=1 if argv else wt.DEFAULT_SEED, causal=bool(argv))
+    n = len(ex.labels)
+    P, V = res.weights, ex.V
+    for c in range(min(dim, wt.TABLE_COLUMNS)):
+        header, labels, got = table(out, f"out[:, {c}] column by column")
+        assert labels == list(ex.labels) and " ".join(header).endswith(f"= out[:, {c}]")
+        heads = [h for h in header if "×" in h]
+        assert [h.split("×")[0] for h in heads] == list(ex.labels)
+        np.testing.assert_allclose([float(h.split("×")[1]) for h in heads], V[:, c], atol=5e-4 + 1e-12)
+        np.testing.assert_allclose(got[:, :n], P * V[:, c], atol=5e-4 + 1e-12)  # column j of P times V[j, c]
+        np.testing.assert_allclose(got[:, n], ref_out[:, c], atol=5e-4 + 1e-12)  # adds up to output column c
+    lines = out.splitlines()
+    for c in range(dim):  # every column's formula lists V[j, c] for each key
+        line = next(ln for ln in lines if ln.startswith(f"out[:, {c}] = Σ_j V[j, {c}] · P[:, j] = "))
+        coefs = [float(t.split(")·P")[0].lstrip("( +")) for t in line.split(" = ", 2)[2].split(" + ")]
+        np.testing.assert_allclose(coefs, V[:, c], atol=5e-4 + 1e-12)
+    i = min(1, n - 1)
+    readings = [float(ln.rsplit("= ", 1)[1]) for ln in lines
+                if ln.strip().startswith(("dot product:", "row view:", "column view:"))]
+    assert len(readings) == 3
+    np.testing.assert_allclose(readings, [ref_out[i, 0]] * 3, atol=5e-4 + 1e-12)
+    assert out.index("Step 5 · Column view") < out.index("Three readings") < out.index("Step 6 · Received")
 
 
 def test_same_seed_reproduces_and_other_seed_changes_numbers(capsys):
@@ -172,7 +205,7 @@ def test_lesson_is_data_with_attnlens_numbers():
     ex, ref_out, res = attnlens_result("a b a c", seed=2, causal=True)
     les = wt.build_lesson(ex, causal=True, backend="reference")
     assert len(les.steps) == len(STEPS) and all(s.title.startswith(p) for s, p in zip(les.steps, STEPS))
-    assert les.ok and sum(isinstance(i, wt.Check) for s in les.steps for i in s.items) == 5
+    assert les.ok and sum(isinstance(i, wt.Check) for s in les.steps for i in s.items) == N_CHECKS
     np.testing.assert_allclose(les.out, ref_out, atol=1e-12)
     mats = {i.title: i for s in les.steps for i in s.items if isinstance(i, wt.Matrix)}
     P = next(m for t, m in mats.items() if t.startswith("P = softmax"))
@@ -291,6 +324,17 @@ def test_explain_writes_report_and_summary(capsys, tmp_path):
     assert "fox" in text and "[CLS]" in text  # tokens printed literally (rich markup off)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["heads.png", "layer0_headmean.png", "received.png",
                                                                       "rollout.png"]
+
+
+@needs_hf
+def test_explain_sentence_pair_marks_the_segments(capsys, tmp_path):
+    out = tmp_path / "r.html"
+    code, text, err = run(capsys, "explain", "A man is playing.", "--pair", "Someone plays.", "--out", str(out))
+    assert code == 0, err
+    page = out.read_text(encoding="utf-8")
+    assert '"segments":[0,0,0,0,0,0,0,1,1,1,1]' in page  # [CLS] a man is playing . [SEP] | someone plays . [SEP]
+    code, _, err = run(capsys, "explain", "A man.", "--pair", "  ", "--out", str(out))
+    assert code == 2 and "--pair: expected a second text" in err
 
 
 @needs_hf
@@ -481,3 +525,61 @@ def test_run_sh_keeps_the_callers_folder(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"cwd={caller} args=explain hi --out r.html"
     assert (repo / "setup-ran-in").read_text().strip() == str(repo)
+
+
+@pytest.fixture(scope="module")
+def seq2seq_folders(tmp_path_factory):
+    """Small random BART and T5 models saved with MiniLM's tokenizer: local encoder-decoder folders."""
+    import torch
+    import transformers
+
+    from attnlens import hf
+
+    _, tok = hf.load_default()
+    root = tmp_path_factory.mktemp("seq2seq")
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=0, eos_token_id=102)
+    cfgs = {"bart": transformers.BartModel(transformers.BartConfig(
+                vocab_size=tok.vocab_size, d_model=16, encoder_layers=2, decoder_layers=3, encoder_attention_heads=2,
+                decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                bos_token_id=101, decoder_start_token_id=102, **ids)),
+            "t5": transformers.T5Model(transformers.T5Config(
+                vocab_size=tok.vocab_size, d_model=16, d_kv=8, num_heads=2, num_layers=2, d_ff=32,
+                decoder_start_token_id=0, **ids))}
+    for name, model in cfgs.items():
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+@needs_hf
+@pytest.mark.parametrize("kind", ["bart", "t5"])
+def test_explain_encoder_decoder_shows_cross_attention(capsys, tmp_path, seq2seq_folders, kind):
+    """Any local seq2seq folder: the report holds the encoder's self-attention and the decoder's
+    cross-attention (decoder tokens × encoder tokens), equal to the model's own eager weights."""
+    import base64
+    import json
+    import re
+
+    import torch
+    import transformers
+
+    folder, out = seq2seq_folders / kind, tmp_path / "r.html"
+    code, text, err = run(capsys, "explain", "the cat sat on the mat", "--pair", "a cat sat", "--model", str(folder),
+                          "--out", str(out))
+    assert code == 0, err
+    blob = json.loads(re.search(r'id="attnlens-data">(.*?)</script>', out.read_text(encoding="utf-8"), re.S).group(1))
+    x = blob["cross"]
+    ref = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tok("the cat sat on the mat", return_tensors="pt")
+    dec_ids = tok("a cat sat", return_tensors="pt")["input_ids"]
+    dec_ids = torch.cat([torch.full((1, 1), ref.config.decoder_start_token_id), dec_ids[:, :-1]], 1)
+    with torch.no_grad():
+        o = ref(**enc, decoder_input_ids=dec_ids, output_attentions=True)
+    want = torch.stack(o.cross_attentions)[:, 0].numpy()  # (L_dec, H, N_dec, N_enc)
+    assert blob["N"] == enc["input_ids"].shape[1] == want.shape[-1] and x["Nq"] == dec_ids.shape[1] == want.shape[2]
+    assert (x["L"], x["H"]) == want.shape[:2] and x["tokens"] == tok.convert_ids_to_tokens(dec_ids[0].tolist())
+    got = np.frombuffer(base64.b64decode(x["w"]), dtype=np.uint8).reshape(want.shape) / 255
+    np.testing.assert_allclose(got, want, atol=0.5 / 255 + 1e-5)
+    assert blob["L"] == len(o.encoder_attentions)  # the page's self-attention is the encoder's

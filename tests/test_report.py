@@ -6,8 +6,6 @@ import base64
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -21,7 +19,8 @@ EVIL = ['</script><script>window.pwned=1</script>', '"quo\'te"', '<img src=x one
 
 
 def synthetic(tokens, L=2, H=3, k=3, *, seed=0, full=True) -> ReportData:
-    """A ReportData from random softmax weights (no model needed)."""
+    """A ReportData from random softmax weights (no model needed); ``data.norms (L, H, N)`` are the
+    value norms behind ``contrib``."""
     rng = np.random.default_rng(seed)
     n = len(tokens)
     s = rng.standard_normal((L, H, n, n)) * 2
@@ -34,14 +33,17 @@ def synthetic(tokens, L=2, H=3, k=3, *, seed=0, full=True) -> ReportData:
                           topk_weights=tw[li], weights=w[li] if full else None, rows=tuple(range(n)) if full else None)
                for li in range(L)]
     roll, cov = analysis.rollout(results, allow_topk=True, return_coverage=True)
-    return ReportData(text=" ".join(tokens), tokens=list(tokens), model_name="<b>model</b>", n_layers=L, n_heads=H,
+    norms = 0.5 + 2 * rng.random((L, H, n))
+    data = ReportData(text=" ".join(tokens), tokens=list(tokens), model_name="<b>model</b>", n_layers=L, n_heads=H,
                       entropy=ent, max_weight=w.max(-1), received=w.sum(-2), topk_idx=idx, topk_w=tw,
                       summaries=[analysis.head_summary(LensResult(entropy=ent[li], max_weight=w[li].max(-1),
                                                                   weights=w[li], rows=tuple(range(n))))
                                  for li in range(L)], rollout=roll, rollout_coverage=cov,
                       weights=w.astype(np.float32) if full else None,
-                      contrib=(w * rng.random((L, H, 1, n))).astype(np.float32) if full else None,
+                      contrib=(w * norms[:, :, None, :]).astype(np.float32) if full else None,
                       contrib_kind="‖α v W_O‖" if full else "", warnings=["<warn> & \"x\""])
+    data.norms = norms
+    return data
 
 
 def _blob(page: str) -> dict:
@@ -144,6 +146,10 @@ def test_full_view_round_trips_the_weights():
     np.testing.assert_allclose(w, data.weights, atol=0.5 / 255 + 1e-7)
     rec = np.frombuffer(base64.b64decode(blob["received"]), dtype="<u2").reshape(2, 3, 7) / 65535
     np.testing.assert_allclose(rec, data.received / 7, atol=1e-4)
+    # the value norms behind the contributions travel as float32; the page multiplies them by the weights
+    norms = np.frombuffer(base64.b64decode(blob["norms"]), dtype="<f4").reshape(2, 3, 7)
+    np.testing.assert_allclose(norms, data.norms, rtol=1e-5)
+    assert blob["norm_kind"] == "‖v W_O‖" and "contrib" not in blob["views"] and blob["segments"] is None
 
 
 def test_long_input_embeds_topk_not_n_squared(monkeypatch):
@@ -164,7 +170,7 @@ def test_long_input_embeds_topk_not_n_squared(monkeypatch):
 def test_report_without_full_weights_uses_topk():
     data = synthetic([f"t{i}" for i in range(9)], full=False)
     blob = html.payload(data)
-    assert blob["views"]["weights"]["mode"] == "topk" and "contrib" not in blob["views"]
+    assert blob["views"]["weights"]["mode"] == "topk" and blob["norms"] is None
     assert 0 < blob["rollout"]["coverage"] < 1
 
 
@@ -228,39 +234,17 @@ def test_collect_refuses_too_long_text_without_truncate(minilm):
 
 # ---------------------------------------------------------------- headless Chromium
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    required = os.environ.get("ATTNLENS_CI") == "1"  # CI installs all of it: a skip would hide a failure
-    if not (CHROMIUM and CHROMEDRIVER):
-        msg = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-        pytest.fail(msg) if required else pytest.skip(msg)
-    if required:
-        import selenium.webdriver as webdriver
-    else:
-        webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the browser extra)")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="attnlens-chromium-")
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
-              f"--user-data-dir={profile}"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    yield drv
-    drv.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
 
 def _open(drv, path):
-    drv.get("file://" + os.path.abspath(path))
-    assert drv.find_element("tag name", "body").get_attribute("data-ready") == "1", "the page script did not finish"
+    from _browser import open_page
+
+    open_page(drv, path)
+
+
+def _assert_not_blank(path):
+    from _browser import assert_not_blank
+
+    assert_not_blank(path)
 
 
 @pytest.mark.browser
@@ -318,11 +302,124 @@ def test_minilm_report_in_chromium(browser, minilm, tmp_path):
     _assert_not_blank(shot)
 
 
-def _assert_not_blank(path):
-    from PIL import Image
+def _mix_table(drv) -> list:
+    """The row-view table as text cells, header first."""
+    return drv.execute_script(
+        "return Array.from(document.querySelectorAll('#mix table tr')).map("
+        "r => Array.from(r.children).map(c => c.textContent))")
 
-    img = np.asarray(Image.open(path).convert("RGB"))
-    assert img.shape[0] > 500 and img.shape[1] > 800
-    colours = len(np.unique(img.reshape(-1, 3), axis=0))
-    assert colours > 50, f"screenshot looks blank ({colours} colours)"
-    assert (img < 200).any(axis=-1).mean() > 0.02  # some dark pixels: text and heatmaps were drawn
+
+def _q(w):
+    return np.rint(np.asarray(w, dtype=np.float64) * 255) / 255  # what the page holds: 1-byte weights
+
+
+@pytest.mark.browser
+def test_page_row_view_per_head_heatmap_and_titles(browser, tmp_path):
+    """Hover and pin show the hovered token's weights, value norms, contributions ‖P v W_O‖ and shares
+    (the page's numbers = the data's); one bar per head per key; a labelled heatmap whose colours are
+    linear in the weight, with a legend; every panel's title names the layer and head."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import Select
+
+    from _browser import console_errors, screenshot
+
+    toks = ["The", "cat", "sat", "on", "the", "mat", "because", "warm", "<b>"]
+    data = synthetic(toks, L=3, H=4)
+    n, (li, h, i) = len(toks), (1, 2, 3)
+    html.write(data, tmp_path / "r.html")
+    _open(browser, tmp_path / "r.html")
+    browser.find_element("css selector", f'#grid canvas[data-l="{li}"][data-h="{h}"]').click()
+    spans = browser.find_elements("css selector", "#tokens .tok")
+    ActionChains(browser).move_to_element(spans[i]).perform()
+    for pid in ("mix-title", "heat-title", "rec-title", "tok-title"):
+        assert f"layer {li}, head {h}" in browser.find_element("id", pid).text, pid
+    assert f"“on” #{i}" in browser.find_element("id", "mix-title").text
+    assert f"layer {li}, all 4 heads" in browser.find_element("id", "heads-title").text
+
+    # the row view: top keys by weight, each with its weight, value norm, ‖P v W_O‖ and share
+    w, nv = _q(data.weights[li, h, i]), data.norms[li, h]
+    c = w * nv
+    head, *rows = _mix_table(browser)
+    assert head[:6] == ["key", "#", "weight Pᵢⱼ", "‖vⱼ W_O‖", "‖Pᵢⱼ vⱼ W_O‖", "share of output"]
+    keys = [int(r[1]) for r in rows]
+    assert keys == [j for j in sorted(range(n), key=lambda j: -w[j]) if w[j] > 0]  # every key with a weight
+    assert len(keys) >= n - 2 and [r[0] for r in rows] == [toks[j] for j in keys]
+    got = np.array([[float(x.rstrip("%")) for x in r[2:6]] for r in rows])
+    np.testing.assert_allclose(got[:, 0], w[keys], atol=6e-4)
+    np.testing.assert_allclose(got[:, 1], nv[keys], atol=6e-3)
+    np.testing.assert_allclose(got[:, 2], c[keys], atol=6e-4)
+    np.testing.assert_allclose(got[:, 3], 100 * c[keys] / c.sum(), atol=0.06)
+
+    # one bar per head per key: 4 heads × min(8, n) keys, each titled with its head's weight
+    bars = browser.execute_script("return Array.from(document.querySelectorAll('#perhead .phb')).map(b => b.title)")
+    per_head = _q(data.weights[li, :, i])  # (H, N)
+    j0 = int(np.argmax(per_head.mean(0)))  # the first key listed: largest mean over heads
+    assert len(bars) == 4 * 8 and bars[:4] == [f"head {hh}: {per_head[hh, j0]:.3f}" for hh in range(4)]
+
+    # pinned: hovering elsewhere keeps the pinned token's row view
+    spans[5].click()
+    ActionChains(browser).move_to_element(spans[1]).perform()
+    assert "“mat” #5" in browser.find_element("id", "mix-title").text
+    head, *rows = _mix_table(browser)
+    np.testing.assert_allclose(float(rows[0][2]), _q(data.weights[li, h, 5]).max(), atol=6e-4)
+
+    # the heatmap: token labels on both axes, a legend, colours linear in weight / largest weight
+    for axis in ("xl", "yl"):
+        assert browser.execute_script(f"return Array.from(document.querySelectorAll('#heat .{axis} span'))"
+                                      ".map(s => s.textContent)") == toks, axis
+    W = _q(data.weights[li, h])
+    legend = browser.find_element("css selector", "#heat .legend").text
+    assert f"{W.max():.3f}" in legend and "linear" in legend
+    px = browser.execute_script("var c = document.querySelector('#heat .hm canvas');"
+                                "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)")
+    rgb = np.array(px).reshape(n, n, 4)[..., :3]
+    x = W / W.max()
+    want = np.rint(np.stack([255 - 208 * x, 255 - 144 * x, 255 - 33 * x], -1))
+    np.testing.assert_allclose(rgb, want, atol=1.01)  # linear: no gamma
+    assert len(browser.find_elements("css selector", "#rollout .xl span")) == n  # the rollout has axes too
+    assert browser.find_element("css selector", "#gridlegend .legend").text.startswith("0")
+
+    # the value-norm view: every panel switches to contributions
+    Select(browser.find_element("id", "view")).select_by_value("contrib")
+    assert browser.find_element("id", "heat-title").text.startswith("Contribution shares — layer 1, head 2")
+    assert browser.find_element("id", "rec-title").text.startswith("Received contribution")
+    assert "takes its output from" in browser.find_element("id", "info").text
+    head, *rows = _mix_table(browser)
+    c5 = _q(data.weights[li, h, 5]) * nv
+    by_contrib = [j for j in sorted(range(n), key=lambda j: -c5[j]) if c5[j] > 0]
+    assert [int(r[1]) for r in rows] == by_contrib  # ordered by contribution now
+    errors = console_errors(browser)
+    assert errors == [], errors
+    screenshot(browser, tmp_path / "synthetic-full.png", full_page=True)
+
+
+@pytest.mark.browser
+def test_page_cross_attention_heatmap(browser, tmp_path):
+    """An encoder-decoder report: decoder tokens label the rows, encoder tokens the columns, the colours
+    are the chosen decoder layer's weights (linear), and the title names the layer and head."""
+    from selenium.webdriver.support.ui import Select
+
+    from _browser import console_errors
+
+    toks, dec = ["a", "b", "c", "d", "e"], ["<s>", "x", "y"]
+    data = synthetic(toks, L=2, H=3)
+    rng = np.random.default_rng(1)
+    w = rng.random((3, 3, 3, 5))
+    data.cross = {"tokens": dec, "weights": (w / w.sum(-1, keepdims=True)).astype(np.float32)}
+    html.write(data, tmp_path / "r.html")
+    _open(browser, tmp_path / "r.html")
+    Select(browser.find_element("id", "head")).select_by_value("1")
+    Select(browser.find_element("id", "xlayer")).select_by_value("2")
+    assert browser.find_element("id", "cross-title").text.endswith("decoder layer 2, head 1")
+    labels = browser.execute_script(
+        "return [Array.from(document.querySelectorAll('#cross .xl span')).map(s => s.textContent),"
+        " Array.from(document.querySelectorAll('#cross .yl span')).map(s => s.textContent)]")
+    assert labels == [toks, dec]
+    px = browser.execute_script("var c = document.querySelector('#cross canvas'); return [c.width, c.height,"
+                                " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]")
+    assert px[:2] == [5, 3]
+    W = _q(data.cross["weights"][2, 1])
+    x = W / W.max()
+    want = np.rint(np.stack([255 - 208 * x, 255 - 144 * x, 255 - 33 * x], -1))
+    np.testing.assert_allclose(np.array(px[2]).reshape(3, 5, 4)[..., :3], want, atol=1.01)
+    assert console_errors(browser) == []

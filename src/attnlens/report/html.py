@@ -11,10 +11,16 @@ The page itself is three package files next to this module, read with `importlib
 
 Size (what is embedded, and why it stays small at 512 tokens):
 
-- token view: weight and contribution shares quantised to one byte (``round(255·w)``); the full
-  ``(L, H, N, N)`` when it has at most ``FULL_CELLS`` cells (N ≲ 150 for 6 × 12 heads), else each
-  query's top ``PAGE_TOPK`` keys per head (2-byte index + 1-byte weight): 6 × 12 × 512 × 8 × 3 B
-  = 0.9 MB per view before base64;
+- token view: the weights quantised to one byte (``round(255·w)``); the full ``(L, H, N, N)``
+  when it has at most ``FULL_CELLS`` cells (N ≲ 150 for 6 × 12 heads), else each query's top
+  ``PAGE_TOPK`` keys per head (2-byte index + 1-byte weight): 6 × 12 × 512 × 8 × 3 B = 0.9 MB
+  before base64;
+- value norms ``‖v_j W_O^h‖`` (or ``‖v_j‖``) ``(L, H, N)`` as float32: the page computes each
+  contribution ``‖P_ij v_j W_O^h‖ = P_ij · ‖v_j W_O^h‖`` (and its share) from the weights, so the
+  row view, the heatmap and the received panel all show the same numbers;
+- segments: the segment (0 or 1) of each token of a sentence pair, else ``null``;
+- cross: an encoder-decoder model's cross-attention ``(L_dec, H, N_dec, N)``, 1 byte per weight,
+  with the decoder's tokens, else ``null``;
 - layer × head grid: each head's map pooled (block mean) to at most ``THUMB`` × ``THUMB``, 1 byte;
 - rollout: pooled to at most ``ROLLOUT_MAX`` × ``ROLLOUT_MAX``, 1 byte;
 - received: ``(L, H, N)`` as 2-byte fixed point.
@@ -30,7 +36,7 @@ import numpy as np
 
 from ._files import write_atomic
 
-__all__ = ["render", "write", "FULL_CELLS", "PAGE_TOPK", "THUMB", "ROLLOUT_MAX"]
+__all__ = ["render", "write", "payload", "value_norms", "FULL_CELLS", "PAGE_TOPK", "THUMB", "ROLLOUT_MAX"]
 
 FULL_CELLS = 2_000_000
 PAGE_TOPK = 8
@@ -70,9 +76,18 @@ def _pool_topk(idx: np.ndarray, w: np.ndarray, n: int, t: int) -> np.ndarray:
     return out.reshape(L, H, t, t) / (counts[:, None] * counts[None, :])
 
 
-def _rows_share(c: np.ndarray) -> np.ndarray:
-    s = c.sum(-1, keepdims=True)
-    return np.divide(c, s, out=np.zeros_like(c), where=s > 0)
+def value_norms(data):
+    """``‖v_j W_O^h‖`` (or ``‖v_j‖``) ``(L, H, N)`` behind ``data.contrib``, or ``None`` without it.
+
+    ``contrib[..., i, j] = P_ij · norm_j``, so summing over the queries gives
+    ``norm_j · Σ_i P_ij``: the norm is the contributions' column sum over the weights' (0 for a key
+    that no query sees).
+    """
+    if data.contrib is None or data.weights is None:
+        return None
+    c = data.contrib.astype(np.float64).sum(-2)
+    w = data.weights.astype(np.float64).sum(-2)  # (L, H, N): received
+    return np.divide(c, w, out=np.zeros_like(c), where=w > 0)
 
 
 def _sparse(vals: np.ndarray, k: int):
@@ -92,8 +107,6 @@ def payload(data) -> dict:
     views = {}
     if data.weights is not None and L * H * N * N <= FULL_CELLS:
         views["weights"] = {"mode": "full", "w": _b64(_q8(data.weights))}
-        if data.contrib is not None:
-            views["contrib"] = {"mode": "full", "w": _b64(_q8(_rows_share(data.contrib)))}
     else:
         if data.weights is not None:
             i, w = _sparse(data.weights, PAGE_TOPK)
@@ -102,9 +115,7 @@ def payload(data) -> dict:
             i = np.where(data.topk_idx[..., :k] >= 0, data.topk_idx[..., :k], 0).astype("<u2")
             w = _q8(data.topk_w[..., :k])
         views["weights"] = {"mode": "topk", "k": int(i.shape[-1]), "idx": _b64(i), "w": _b64(w)}
-        if data.contrib is not None:
-            i, w = _sparse(_rows_share(data.contrib), PAGE_TOPK)
-            views["contrib"] = {"mode": "topk", "k": int(i.shape[-1]), "idx": _b64(i), "w": _b64(w)}
+    norms = value_norms(data)
     t = min(THUMB, N)
     if data.weights is not None:
         thumbs = _pool(data.weights.astype(np.float64), t)
@@ -127,12 +138,25 @@ def payload(data) -> dict:
                             "self": round(float(s.self[h]), 4), "self_hi": round(float(s.self_hi[h]), 4),
                             "exact": bool(s.exact)})
     return {"version": 1, "text": data.text, "tokens": list(data.tokens), "model": data.model_name,
-            "L": L, "H": H, "N": N, "views": views, "contrib_kind": data.contrib_kind,
+            "L": L, "H": H, "N": N, "views": views,
+            "norms": None if norms is None else _b64(norms.astype("<f4")),
+            "norm_kind": data.contrib_kind.replace("α ", "") if norms is not None else "",
+            "segments": None if getattr(data, "segments", None) is None else [int(x) for x in data.segments],
+            "cross": _cross(getattr(data, "cross", None)),
             "thumb": {"t": t, "w": _b64(_q8(thumbs))}, "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))),
                                                                  "max": float(roll.max()),
                                                                  "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec), "summary": summary, "warnings": list(data.warnings),
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
+
+
+def _cross(cross):
+    """The cross-attention part of the payload (see the module docstring), or ``None``."""
+    if cross is None:
+        return None
+    w = np.asarray(cross["weights"])  # (Ld, H, Nd, Ne)
+    return {"tokens": [str(t) for t in cross["tokens"]], "L": int(w.shape[0]), "H": int(w.shape[1]),
+            "Nq": int(w.shape[2]), "w": _b64(_q8(w))}
 
 
 def json_for_script(obj) -> str:

@@ -2,9 +2,9 @@
 
 ``write_pngs(data, folder, layer=, head=)`` writes
 
-- ``rollout.png``: the attention rollout ``(N, N)``;
+- ``rollout.png``: the attention rollout ``(N, N)``, with a colour bar (linear, from 0);
 - ``heads.png``: the layer × head grid, each head's weights (or top-k) pooled to at most 64 × 64;
-- ``layer{L}_head{H}.png``: one head's weights (``head=-1``: the mean of the heads);
+- ``layer{L}_head{H}.png``: one head's weights (``head=-1``: the mean of the heads), with a colour bar;
 - ``received.png``: mean received attention per token, per layer (heads averaged).
 
 Each file is written atomically, never through a symbolic link or over a file unless asked.
@@ -95,7 +95,8 @@ def _size(data) -> float:
 
 def _rollout(plt, data):
     fig, ax = plt.subplots(figsize=(_size(data), _size(data)))
-    ax.imshow(data.rollout, cmap="Blues", interpolation="nearest")
+    im = ax.imshow(data.rollout, cmap="Blues", interpolation="nearest", vmin=0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title("attention rollout (row: top-layer token, column: input token)", fontsize=9)
     _labels(ax, list(data.tokens))
     fig.tight_layout()
@@ -125,7 +126,8 @@ def _heads(plt, data):
 
 def _one_head(plt, data, layer: int, head: int):
     fig, ax = plt.subplots(figsize=(_size(data), _size(data)))
-    ax.imshow(_head_map(data, layer, head), cmap="Blues", interpolation="nearest", vmin=0)
+    im = ax.imshow(_head_map(data, layer, head), cmap="Blues", interpolation="nearest", vmin=0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_title(f"layer {layer}, {'mean of heads' if head < 0 else f'head {head}'} (row: query, column: key)",
                  fontsize=9)
     _labels(ax, list(data.tokens))

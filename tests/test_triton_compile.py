@@ -41,6 +41,10 @@ CALLS = {
     "ampere-fp16-window": dict(arch=80, dtype="float16", n=1000, nk=1500, d=64, window=[128, 0],
                                lens=dict(topk=16), backward=True),
     "fp32-d256": dict(arch=90, dtype="float32", n=512, d=256, causal=True, backward=True),
+    # softcap, sinks and ALiBi compiled in, with the lens and the backward
+    "hopper-bf16-score-mods": dict(arch=90, dtype="bfloat16", heads=4, kv_heads=2, n=1024, d=64, causal=True,
+                                   lens=dict(topk=8, rows=[0, 5]), backward=True, softcap=30.0, sinks=True,
+                                   alibi=True),
 }
 
 _SCRIPT = """
@@ -100,6 +104,14 @@ def test_hopper_plain_forward_uses_the_wide_tile(builds):
     (fwd,) = builds["hopper-plain-fwd"]
     assert fwd.kernel == "attn_fwd_kernel" and fwd.constants["BLOCK_M"] == 128 and fwd.constants["TOPK"] == 0
     _check([fwd], 90, "wgmma")
+
+
+def test_score_modifications_compile_on_tensor_cores_without_spills(builds):
+    bs = builds["hopper-bf16-score-mods"]
+    assert {b.kernel for b in bs} == LENS_KERNELS | BWD_KERNELS
+    assert all(b.constants["HAS_SOFTCAP"] and b.constants["HAS_ALIBI"] for b in bs if "HAS_SOFTCAP" in b.constants)
+    assert [b.constants["HAS_SINKS"] for b in bs if b.kernel == "attn_fwd_kernel"] == [True]
+    _check(bs, 90, "wgmma")
 
 
 def test_ampere_fp16_window_compiles(builds):

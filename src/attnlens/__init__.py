@@ -28,7 +28,7 @@ def backends() -> list[BackendInfo]:
 
 
 #: the columns of `info`'s table
-INFO_COLUMNS = ("name", "lens", "grad", "dropout", "dtypes", "devices", "masks", "memory")
+INFO_COLUMNS = ("name", "lens", "grad", "dropout", "dtypes", "devices", "masks", "score mods", "memory")
 
 
 def info() -> str:

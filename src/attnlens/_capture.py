@@ -46,7 +46,8 @@ class AttnCall:
     """The inputs of one attention call of ``module``, as `attnlens.attention` got them (detached).
 
     ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``; ``mask``, ``causal``,
-    ``window``, ``scale`` and ``dropout_p`` as passed to `attnlens.attention`.
+    ``window``, ``scale``, ``softcap``, ``sinks``, ``alibi_slopes`` and ``dropout_p`` as passed to
+    `attnlens.attention`.
     """
 
     module: Any
@@ -58,10 +59,15 @@ class AttnCall:
     window: Any = None
     scale: Optional[float] = None
     dropout_p: float = 0.0
+    softcap: Optional[float] = None
+    sinks: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
 
     def options(self) -> dict:
-        """The keyword arguments that recompute this call's weights: mask, causal, window, scale."""
-        return dict(mask=self.mask, causal=self.causal, window=self.window, scale=self.scale)
+        """The keyword arguments that recompute this call's weights: mask, causal, window, scale and the score
+        modifications (softcap, sinks, alibi_slopes)."""
+        return dict(mask=self.mask, causal=self.causal, window=self.window, scale=self.scale, softcap=self.softcap,
+                    sinks=self.sinks, alibi_slopes=self.alibi_slopes)
 
     def select(self, batch: int) -> "AttnCall":
         """The call restricted to sequence ``batch`` (batch dim kept, of size 1; a broadcast mask stays as is)."""
@@ -209,7 +215,7 @@ def activate(recorder: Recorder):
 
 
 def attend(module, q, k, v, *, lens: Optional[Lens] = None, mask=None, causal: bool = False, window=None,
-           scale=None, dropout_p: float = 0.0):
+           scale=None, dropout_p: float = 0.0, softcap=None, sinks=None, alibi_slopes=None):
     """`attnlens.attention` for ``module``, recorded by every active capture that watches it.
 
     ``lens`` is the caller's own request (an `attnlens.Lens` or None). Returns ``(out, first)``:
@@ -221,15 +227,16 @@ def attend(module, q, k, v, *, lens: Optional[Lens] = None, mask=None, causal: b
     for c in caps:
         if c.lens not in lenses:
             lenses.append(c.lens)
-    kw = dict(mask=mask, causal=causal, window=window, scale=scale)
+    kw = dict(mask=mask, causal=causal, window=window, scale=scale, softcap=softcap, sinks=sinks,
+              alibi_slopes=alibi_slopes)
     if not lenses:
         return attention(q, k, v, dropout_p=dropout_p, **kw), None
     out, first = attention(q, k, v, dropout_p=dropout_p, lens=lenses[0], **kw)
     q, k, v = q.detach(), k.detach(), v.detach()
+    kw = {n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}  # learned (T5 bias, sinks)
     results = [first] + [attention(q, k, v, dropout_p=0.0, lens=extra, **kw)[1] for extra in lenses[1:]]
     if caps:
-        mask = mask.detach() if isinstance(mask, torch.Tensor) else mask  # a learned bias (T5) may carry a grad
-        call = AttnCall(module, q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p)
+        call = AttnCall(module, q, k, v, dropout_p=dropout_p, **kw)
         for c in caps:
             c._record(call, results[lenses.index(c.lens)])
     return out, first

@@ -39,6 +39,13 @@ class AttnInputs:
     #: seed of the dropout masks (drawn from torch's generator when ``dropout_p > 0``), so a backward pass
     #: regenerates the forward's masks
     seed: int = 0
+    #: logit soft-capping ``s = c·tanh(s / c)`` after scaling, before ALiBi and masks (Gemma 2); None = off
+    softcap: Optional[float] = None
+    #: one extra logit per row with no value (gpt-oss), ``(B|1, Hq)`` (a view of the caller's tensor, so
+    #: gradients reach it); None = off
+    sinks: Optional[torch.Tensor] = None
+    #: ALiBi slopes ``(B|1, Hq)`` in the statistics dtype: scores ``-= slope·|i + offset - j|``; None = off
+    alibi_slopes: Optional[torch.Tensor] = None
     #: ``Lens.received_from`` as a rank-4 tensor ``(B|1, Hq|1, Nq, T)`` on q's device (stat dtype), or None
     received_from: Optional[torch.Tensor] = None
     #: ``Lens.at`` as a rank-4 int64 tensor ``(B|1, Hq|1, Nq|1, m)`` on q's device, or None
@@ -52,9 +59,15 @@ class AttnInputs:
 
     @property
     def requires_grad(self) -> bool:
-        """Some input (q, k, v, or a float mask) needs a gradient."""
-        ts = (self.q, self.k, self.v) if self.mask is None else (self.q, self.k, self.v, self.mask)
+        """Some input (q, k, v, a float mask, or sinks) needs a gradient."""
+        ts = [t for t in (self.q, self.k, self.v, self.mask, self.sinks) if t is not None]
         return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+    @property
+    def score_mods(self) -> frozenset:
+        """The score modifications this call uses: a subset of ``{"softcap", "sinks", "alibi"}``."""
+        on = (("softcap", self.softcap), ("sinks", self.sinks), ("alibi", self.alibi_slopes))
+        return frozenset(name for name, val in on if val is not None)
 
     @property
     def all_finite(self) -> bool:
@@ -137,8 +150,36 @@ def check_offset(offset, nq: int, nk: int) -> int:
 MAX_OFFSET = 2**53
 
 
+def check_softcap(softcap) -> Optional[float]:
+    """``None`` or a finite real ``c > 0``, else a TypeError/ValueError naming ``softcap``."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a finite real number > 0 or None, got {type(softcap).__name__} {softcap!r}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite real number > 0 (scores become c·tanh(s/c)), got {softcap}")
+    return float(softcap)
+
+
+def _per_head(x, name: str, numpy_io: bool, q: torch.Tensor, B: int, Hq: int, shapes: str, allowed) -> torch.Tensor:
+    """``sinks`` / ``alibi_slopes`` as a rank-2 ``(B|1, Hq)`` torch view, checked: same kind and device as ``q``,
+    a floating dtype, a shape in ``allowed`` (a predicate on the shape)."""
+    kind = _kind(x, name)
+    if (kind == "numpy") != numpy_io:
+        raise TypeError(f"{name} must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), "
+                        f"got {type(x).__name__}")
+    t = _as_torch(x, name)
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    shape = tuple(t.shape)
+    if not allowed(shape):
+        raise ValueError(f"{name} of shape {shape} does not fit q of shape (B={B}, Hq={Hq}, ...): expected {shapes}")
+    t2 = t.reshape((1,) * (2 - t.ndim) + shape)
+    return t2.expand(t2.shape[0], Hq)
+
+
 def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None,
-             offset=None) -> AttnInputs:
+             offset=None, softcap=None, sinks=None, alibi_slopes=None) -> AttnInputs:
     kinds = {name: _kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) != 1:
         raise TypeError(f"q, k, v must all be torch tensors or all NumPy arrays, got {kinds}")
@@ -206,6 +247,18 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     offset = check_offset(offset, Nq, Nk)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
 
+    softcap = check_softcap(softcap)
+    if sinks is not None:
+        sinks = _per_head(sinks, "sinks", numpy_io, q, B, Hq, f"({Hq},) or a shape broadcastable to ({B}, {Hq})",
+                          lambda s: len(s) <= 2 and all(a in (1, b) for a, b in zip(s[::-1], (B, Hq)[::-1])))
+    if alibi_slopes is not None:
+        alibi_slopes = _per_head(alibi_slopes, "alibi_slopes", numpy_io, q, B, Hq, f"({Hq},) or ({B}, {Hq})",
+                                 lambda s: s in ((Hq,), (B, Hq), (1, Hq)))
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes requires a gradient, which attnlens does not compute (slopes are fixed); "
+                             "pass alibi_slopes.detach()")
+        alibi_slopes = alibi_slopes.to(stat_dtype(q.dtype))
+
     lens = Lens.coerce(lens)
     rows = rf = at = None
     if lens is not None:
@@ -220,7 +273,8 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
 
     return AttnInputs(q=q4, k=k4, v=v4, mask=m4, causal=bool(causal), window=win, scale=float(scale),
                       dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io,
-                      offset=offset, seed=seed, received_from=rf, at=at)
+                      offset=offset, seed=seed, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                      received_from=rf, at=at)
 
 
 def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, rank: int):

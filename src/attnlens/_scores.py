@@ -2,8 +2,9 @@
 own kernels where a score is formed.
 
 Any single weight is ``P[i, j] = exp(s_ij - lse_i)``: with the lse of a pass, chosen weights cost O(1) each
-(``Lens(at=...)``, exact head scores) — no scores matrix. Every rule that shapes a score (scale, float mask,
-causal / window / offset, bool mask) is applied here exactly as the backends apply it.
+(``Lens(at=...)``, exact head scores) — no scores matrix. Every rule that shapes a score (scale, softcap, ALiBi,
+float mask, causal / window / offset, bool mask) is applied here exactly as the backends apply it, in that order.
+With sinks, the pass's lse includes the sink, so ``exp(s - lse)`` is already the weight of a real key.
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def pair_scores(inp: AttnInputs, idx: torch.Tensor) -> torch.Tensor:
     row = (torch.arange(B, device=j.device)[:, None] * Hkv + head[None, :])[:, :, None, None] * Nk + j  # (B,Hq,Nq,m)
     kg = inp.k.detach().reshape(B * Hkv * Nk, D).to(cdt)[row]  # (B, Hq, Nq, m, D)
     s = torch.einsum("bhid,bhimd->bhim", inp.q.detach().to(cdt), kg) * inp.scale
+    pos = (torch.arange(Nq, device=j.device) + inp.offset)[:, None]  # (Nq, 1): each query's key position
+    slopes = None if inp.alibi_slopes is None else inp.alibi_slopes[:, :, None, None]
+    s = score_mods(s, inp.softcap, slopes, (pos - j).abs())
     keep = valid
     left, right = band(inp.causal, inp.window)
-    pos = (torch.arange(Nq, device=j.device) + inp.offset)[:, None]  # (Nq, 1): each query's key position
     if right is not None:
         keep = keep & (j <= pos + right)
     if left is not None:
@@ -46,6 +49,17 @@ def pair_scores(inp: AttnInputs, idx: torch.Tensor) -> torch.Tensor:
             keep = keep & (mk != float("-inf"))
             s = s + mk
     return s.masked_fill(~keep, float("-inf"))
+
+
+def score_mods(s: torch.Tensor, softcap, slopes, dist) -> torch.Tensor:
+    """Softcap then ALiBi on scaled scores ``s``, in place (detached tensors): ``s = c·tanh(s/c)``, then
+    ``s -= slope·dist`` with ``slopes`` and ``dist = |i + offset - j|`` shaped by the caller to broadcast against
+    ``s``. The torch backend forms its chunks' scores with this too."""
+    if softcap is not None:
+        s.div_(softcap).tanh_().mul_(softcap)
+    if slopes is not None:
+        s.addcmul_(slopes.to(s.dtype), dist.to(s.dtype), value=-1.0)
+    return s
 
 
 def pair_weights(inp: AttnInputs, idx: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

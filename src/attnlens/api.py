@@ -10,8 +10,8 @@ from ._inputs import AttnInputs, stat_dtype, validate
 from .lens import ARRAY_FIELDS, Lens, LensResult, Merger
 
 
-def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offset=None, dropout_p=0.0,
-              backend="auto", lens=None):
+def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offset=None, softcap=None, sinks=None,
+              alibi_slopes=None, dropout_p=0.0, backend="auto", lens=None):
     """Exact scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, and what it does.
 
     Each output row is a convex combination of the rows of ``v``: row i of the output is
@@ -45,6 +45,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             sees keys ``p - left <= j <= p + right``; ``None`` on a side = unbounded; an int w
             = ``(w, w)``. Combines with ``causal`` (then ``right`` is 0) and with ``mask``.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
+
+            The scores are formed in this order: ``s = (q_i · k_j) · scale``; ``softcap``; ``alibi_slopes``;
+            then ``mask`` (float: added; bool: hides), ``causal`` and ``window`` hide keys.
         offset: query i sits at key position ``i + offset`` for ``causal`` and ``window``; default
             ``Nk - Nq`` (bottom-right). Any int: a block of a longer sequence whose first query sits
             at key position ``offset`` of the block's keys (ring attention, split-KV), e.g.
@@ -56,6 +59,19 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
                 q0   x  x  .  .         q0   x  .  .  .         q0   .  .  .  .
                 q1   x  x  x  .         q1   x  x  .  .         q1   .  .  .  .
                 q2   x  x  x  x         q2   x  x  x  .         q2   x  .  .  .
+        softcap: logit soft-capping (Gemma 2): ``s = softcap · tanh(s / softcap)`` after scaling, before
+            ALiBi and any mask; a real number > 0, or ``None`` (off). Gradients flow through the tanh.
+        sinks: attention sinks (gpt-oss): one logit per query head, shape ``(Hq,)`` or broadcastable to
+            ``(B, Hq)`` (torch or NumPy, as ``q``). Each row's softmax gets one more entry with that logit and
+            no value::
+
+                lse_i = log(Σ_j exp(s_ij) + exp(sink))     P[i, j] = exp(s_ij - lse_i)
+
+            so row i's weights on the keys sum to ``1 - sink_weight_i`` (``LensResult.sink_weight``). A row
+            that sees no key puts all its weight on the sink: output 0, ``lse = sink``. ``sinks`` gets a
+            gradient when it requires one (it is a trained parameter).
+        alibi_slopes: ALiBi (BLOOM, MPT): slopes ``(Hq,)`` or ``(B, Hq)``; the score of query i on key j
+            gets ``- slope · |i + offset - j|`` (FlashAttention's convention; ``offset`` as below). No gradient.
         dropout_p: probability of dropping a weight (kept weights scaled by ``1/(1-p)``), in
             ``[0, 1)``. Applied whenever ``dropout_p > 0``, as in PyTorch's functional form
             (pass 0.0 at evaluation). The lens describes the weights before dropout.
@@ -94,10 +110,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
         TypeError / ValueError naming the argument, what was seen and what was expected.
     """
     inp = validate(q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p, lens=lens,
-                   offset=offset)
+                   offset=offset, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     be = dispatch.select(inp, backend)
     if inp.requires_grad and be.capabilities.block:
-        out, _, res = differentiable(_BlockCall(be, inp), inp.q, inp.k, inp.v)
+        out, _, res = differentiable(_BlockCall(be, inp), inp.q, inp.k, inp.v, sinks=inp.sinks)
     else:
         out, _, res = _BlockCall(be, inp).forward()  # sdpa: PyTorch's own autograd
     return _finish(inp, out, res)
@@ -138,20 +154,22 @@ class _BlockCall:
     def backward(self, out, lse, dout):
         inp = self.inp
         cdt = stat_dtype(inp.q.dtype)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=cdt, device=t.device) for t in (inp.q, inp.k, inp.v))
-        self.backend.backward(inp, out, lse, dout, dq, dk, dv)
-        return dq.to(inp.q.dtype), dk.to(inp.k.dtype), dv.to(inp.v.dtype)
+        ts = (inp.q, inp.k, inp.v) if inp.sinks is None else (inp.q, inp.k, inp.v, inp.sinks)
+        grads = [torch.zeros(t.shape, dtype=cdt, device=t.device) for t in ts]
+        self.backend.backward(inp, out, lse, dout, *grads[:3], dsinks=grads[3] if len(grads) > 3 else None)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, ts))
 
 
 class _Differentiable(torch.autograd.Function):
-    """Forward: ``op.forward() -> (out, lse, LensResult | None)``; backward: ``op.backward(out, lse, dout)``.
-    The lens fields are returned as non-differentiable outputs."""
+    """Forward: ``op.forward() -> (out, lse, LensResult | None)``; backward: ``op.backward(out, lse, dout)`` ->
+    ``(dq, dk, dv)``, or ``(dq, dk, dv, dsinks)`` when ``sinks`` is given. The lens fields are returned as
+    non-differentiable outputs."""
 
     @staticmethod
-    def forward(ctx, op, q, k, v):
+    def forward(ctx, op, q, k, v, sinks):
         out, lse, res = op.forward()
         stats = [None if res is None else getattr(res, f) for f in ARRAY_FIELDS]
-        ctx.op = op
+        ctx.op, ctx.has_sinks = op, sinks is not None
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse, *[s for s in stats if s is not None])
         return (out, lse, res is not None, None if res is None else res.rows, *stats)
@@ -160,15 +178,16 @@ class _Differentiable(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, *_):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.op.backward(out, lse, dout.contiguous())
-        return None, dq, dk, dv
+        grads = ctx.op.backward(out, lse, dout.contiguous())
+        return (None, *grads) if ctx.has_sinks else (None, *grads, None)
 
 
-def differentiable(op, q, k, v):
-    """Run ``op`` (``forward() -> (out, lse, LensResult | None)``, ``backward(out, lse, dout) -> (dq, dk, dv)``)
-    under autograd with respect to ``q, k, v``: ``(out, lse, LensResult | None)``. Used by `attention` for every
-    backend with block primitives, and by ring attention."""
-    out, lse, has_res, rows, *stats = _Differentiable.apply(op, q, k, v)
+def differentiable(op, q, k, v, sinks=None):
+    """Run ``op`` (``forward() -> (out, lse, LensResult | None)``, ``backward(out, lse, dout) -> (dq, dk, dv)``, with
+    ``dsinks`` last when ``sinks`` is given) under autograd with respect to ``q, k, v`` (and ``sinks``):
+    ``(out, lse, LensResult | None)``. Used by `attention` for every backend with block primitives, and by ring
+    attention."""
+    out, lse, has_res, rows, *stats = _Differentiable.apply(op, q, k, v, sinks)
     res = LensResult(**dict(zip(ARRAY_FIELDS, stats)), rows=rows) if has_res else None
     return out, lse, res
 
@@ -215,6 +234,9 @@ def merge(parts, *, key_offsets=None):
     outs, results = zip(*[(_as_torch(o), r.map_arrays(_as_torch)) for o, r in parts])
     if any(r.lse is None for r in results):
         raise ValueError("merge: every part needs its lse (compute each with Lens(lse=True))")
+    if any(r.sink_weight is not None for r in results):
+        raise ValueError("merge: parts computed with sinks cannot be merged (each part's lse counts the sink once, so "
+                         "the merged lse would count it once per part); compute the parts without sinks")
     shape = outs[0].shape
     for i, (o, r) in enumerate(zip(outs, results)):
         if o.shape != shape or r.lse.shape != shape[:-1]:

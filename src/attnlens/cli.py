@@ -334,6 +334,11 @@ def explain_summary(console, data, *, layer=None, head=None):
 
     n, toks = data.n, list(data.tokens)
     console.print(Text(f"{data.model_name}: {n} tokens, {data.n_layers} layers × {data.n_heads} heads"))
+    if data.sink_weight is not None:
+        sw = data.sink_weight  # (L, H)
+        li, h = np.unravel_index(int(np.argmax(sw)), sw.shape)
+        console.print(Text(f"attention sinks: a query puts {sw.mean():.3f} of its weight on its sink on average "
+                           f"(most: L{li} h{h}, {sw[li, h]:.3f})"))
     rec = data.received.mean(axis=(0, 1)) / n  # (N,) mean weight a query puts on each token
     order = np.argsort(-rec, kind="stable")[:5]
     t = _table("Most received attention (mean weight from a query, all layers and heads)")

@@ -73,6 +73,12 @@ def describe(inp: AttnInputs) -> str:
         parts.append(f"window={inp.window}")
     if inp.offset != Nk - Nq:
         parts.append(f"offset={inp.offset}")
+    if inp.softcap is not None:
+        parts.append(f"softcap={inp.softcap}")
+    if inp.sinks is not None:
+        parts.append(f"sinks {tuple(inp.sinks.shape)}")
+    if inp.alibi_slopes is not None:
+        parts.append(f"alibi_slopes {tuple(inp.alibi_slopes.shape)}")
     if inp.dropout_p:
         parts.append(f"dropout_p={inp.dropout_p}")
     if inp.lens is not None:

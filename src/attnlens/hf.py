@@ -189,15 +189,16 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     ``attention_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
     ``(B, Hq, Nq, Nk)``, or ``None``. With no mask, ``is_causal`` (else ``module.is_causal``, default
     True) decides, as in transformers' ``sdpa`` integration: causal when ``Nq > 1``, bottom-right
-    aligned. A T5-style ``position_bias`` is added to the scores on top of either.
+    aligned. A T5-style ``position_bias`` is added to the scores on top of either. Gemma 2's ``softcap``
+    (logit soft-capping) and gpt-oss's ``s_aux`` (one sink logit per head; also accepted as ``sinks``)
+    become `attnlens.attention`'s ``softcap`` and ``sinks``.
 
     Returns ``(out (B, Nq, Hq, Dv), weights)``; ``weights (B, Hq, Nq, Nk)`` only when a capture
     asked for every row (``Lens(rows="all")``), else ``None``.
     """
-    for name in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"attn_implementation={IMPLEMENTATION!r} does not support {name!r} (this model uses it); "
-                             f"use the model's own implementation")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
     # causality comes from the model's own mask, before any position bias joins it: no mask means the
     # mask function left causality to us (default True, as transformers' sdpa integration has it)
     causal = False
@@ -215,7 +216,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     Nq = query.shape[2]
     # one attention() call; the captures watching this module record its lens (and any other lens they ask)
     out, res = attend(module, query, key, value, mask=mask, causal=causal and Nq > 1, scale=scaling,
-                      dropout_p=float(dropout))  # (B, Hq, Nq, Dv)
+                      dropout_p=float(dropout), softcap=kwargs.get("softcap"), sinks=sinks)  # (B, Hq, Nq, Dv)
     weights = None
     if res is not None and res.weights is not None and res.rows == tuple(range(Nq)):
         weights = res.weights.to(query.dtype)

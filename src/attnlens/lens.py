@@ -20,12 +20,14 @@ class Lens:
     """A request for attention statistics, computed inside the attention pass in linear memory.
 
     Args:
-        lse: natural log-sum-exp of each query's scaled, masked scores ``(B, Hq, Nq)``.
-            ``softmax`` row i is ``exp(s_i - lse_i)``.
+        lse: natural log-sum-exp of each query's scaled, masked scores ``(B, Hq, Nq)``, the sink's
+            logit included when the call has ``sinks``. ``softmax`` row i is ``exp(s_i - lse_i)``.
         max_weight: the largest weight of each query ``(B, Hq, Nq)``: 1 means the query copies
             one value row, ``1/Nk`` means it averages all of them.
         entropy: Shannon entropy of each query's weights in nats ``(B, Hq, Nq)``, in
-            ``[0, log(number of visible keys)]``: low = focused, high = spread out.
+            ``[0, log(number of visible keys)]``: low = focused, high = spread out. With ``sinks``, the
+            entropy of the full distribution, the sink's weight included (``LensResult.sink_weight``, which
+            every lens request gets when the call has sinks).
         received: column sums of the weights ``(B, Hq, Nk)``: how much attention key j receives
             from all queries together (the column view; heavy-hitter KV-cache eviction uses it).
             Summed over keys it equals the number of queries that see at least one key.
@@ -204,6 +206,11 @@ class LensResult:
         weights_at ``(B, Hq, Nq, m)``: ``P[i, at[..., i, m]]`` for ``Lens(at=...)`` (0 where the index is -1).
         pooled ``(B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉)``: block sums of ``P`` for ``Lens(pool=(bq, bk))``.
         rows: the query indices of ``weights`` (non-negative), or ``None``.
+        sink_weight ``(B, Hq, Nq)``: with ``attention(..., sinks=...)``, the weight of each row's sink,
+            ``exp(sink - lse)`` (1 for a row that sees no key); ``None`` without sinks. The other fields
+            then read as follows: ``lse`` includes the sink; ``max_weight``, ``received``, top-k and
+            ``weights`` are over the real keys (a row sums to ``1 - sink_weight``); ``entropy`` is that of
+            the full distribution, sink included.
     """
 
     lse: Any = None
@@ -217,6 +224,7 @@ class LensResult:
     weights_at: Any = None
     pooled: Any = None
     rows: tuple[int, ...] | None = None
+    sink_weight: Any = None
 
     def map_arrays(self, fn) -> "LensResult":
         """A new result with ``fn`` applied to every array field that is present."""
@@ -240,8 +248,8 @@ class LensResult:
 
 
 #: the array fields of a `LensResult` (``rows`` is a tuple of ints)
-ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights", "received_from",
-                "weights_at", "pooled")
+ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights", "sink_weight",
+                "received_from", "weights_at", "pooled")
 
 
 class Merger:

@@ -124,3 +124,17 @@ def padding_mask(lengths, n: int, *, device=None):
     if bool((lengths < 0).any()) or bool((lengths > n).any()):
         raise ValueError(f"lengths must lie in [0, {n}], got {lengths.tolist()}")
     return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def alibi_slopes(num_heads: int, *, device=None):
+    """The standard ALiBi slopes ``(num_heads,)`` float32 (Press et al. 2022; BLOOM's and MPT's formula): for
+    ``n`` a power of two, ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``; otherwise those of the largest power of two
+    ``c < n``, then every other slope of ``2c``. Pass them as ``attention(..., alibi_slopes=...)``."""
+    import torch
+
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    c = 1 << (int(num_heads).bit_length() - 1)  # largest power of two <= n
+    slopes = [2.0 ** (-8.0 * (i + 1) / c) for i in range(c)]
+    slopes += [2.0 ** (-4.0 * (2 * i + 1) / c) for i in range(num_heads - c)]  # every other slope of 2c
+    return torch.tensor(slopes, dtype=torch.float32, device=device)

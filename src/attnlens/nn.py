@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from ._capture import Record, Recorder, activate, attend
-from ._inputs import check_dropout
+from ._inputs import check_dropout, check_softcap
 from .lens import Lens
-from .masks import normalize_window
+from .masks import alibi_slopes, normalize_window
 
 __all__ = ["MultiHeadAttention", "TransformerBlock", "AdditiveAttention", "capture", "Capture", "CaptureRecord"]
 
@@ -68,12 +68,17 @@ class MultiHeadAttention(nn.Module):
         window: sliding window ``(left, right)`` or int w, as in `attnlens.attention`.
         batch_first: inputs and outputs are ``(B, N, E)`` (default); False means ``(N, B, E)``.
             Lens fields are always ``(B, H, ...)``.
+        softcap: logit soft-capping ``c·tanh(s/c)`` of the scores (Gemma 2), or None.
+        sinks: ``True`` creates a learned parameter ``self.sinks (H,)`` (zeros): one sink logit per head,
+            as in gpt-oss (see `attnlens.attention`); the lens then has ``sink_weight``.
+        alibi: ``True`` adds ALiBi biases with the standard slopes (`attnlens.masks.alibi_slopes`, a buffer
+            ``self.alibi_slopes``); or a tensor of ``H`` slopes.
 
     Projections use ``nn.Linear``'s default initialisation.
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None, bias=True, dropout=0.0,
-                 causal=False, window=None, batch_first=True):
+                 causal=False, window=None, batch_first=True, softcap=None, sinks=False, alibi=False):
         super().__init__()
         embed_dim = _check_int("embed_dim", embed_dim)
         num_heads = _check_int("num_heads", num_heads)
@@ -95,6 +100,19 @@ class MultiHeadAttention(nn.Module):
         self.causal = causal
         self.window = normalize_window(window)
         self.batch_first = bool(batch_first)
+        self.softcap = check_softcap(softcap)
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be a bool (True creates a learned sink logit per head), got "
+                            f"{type(sinks).__name__} {sinks!r}")
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
+        if isinstance(alibi, bool):
+            slopes = alibi_slopes(num_heads) if alibi else None
+        elif isinstance(alibi, torch.Tensor) and alibi.shape == (num_heads,) and alibi.is_floating_point():
+            slopes = alibi.detach().clone()
+        else:
+            raise TypeError(f"alibi must be a bool or a float tensor of shape ({num_heads},) (one slope per head), got "
+                            f"{type(alibi).__name__} {getattr(alibi, 'shape', alibi)!r}")
+        self.register_buffer("alibi_slopes", slopes)
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(kdim, kv_dim, bias=bias)
@@ -113,6 +131,12 @@ class MultiHeadAttention(nn.Module):
             s += f", window={self.window}"
         if not self.batch_first:
             s += ", batch_first=False"
+        if self.softcap is not None:
+            s += f", softcap={self.softcap}"
+        if self.sinks is not None:
+            s += ", sinks=True"
+        if self.alibi_slopes is not None:
+            s += ", alibi=True"
         return s
 
     def forward(self, query, key=None, value=None, *, key_padding_mask=None, attn_mask=None, lens=None):
@@ -150,7 +174,8 @@ class MultiHeadAttention(nn.Module):
         want = Lens.coerce(lens)
         # the caller's lens first, then those of the captures that watch this module (one attention() call)
         y, res = attend(self, q, k, v, lens=want, mask=mask, causal=self.causal, window=self.window,
-                        dropout_p=self.dropout if self.training else 0.0)  # (B, H, Nq, hd)
+                        dropout_p=self.dropout if self.training else 0.0, softcap=self.softcap, sinks=self.sinks,
+                        alibi_slopes=self.alibi_slopes)  # (B, H, Nq, hd)
 
         y = y.transpose(1, 2).reshape(B, Nq, H * hd)  # (B, Nq, E): heads side by side
         out = self.out_proj(y)

@@ -11,14 +11,21 @@ from .masks import band_keep
 __all__ = ["reference_attention", "reference_lens", "reference_backward"]
 
 
-def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=None, offset=None):
+def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=None, offset=None, softcap=None,
+                        sinks=None, alibi_slopes=None):
     """softmax(q kᵀ · scale + mask) v in float64, with the weights and log-sum-exp.
 
     Args: rank-4 arrays ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``;
         ``mask`` bool or float broadcastable to ``(B, Hq, Nq, Nk)``; ``window`` as
         ``masks.normalize_window`` returns it; ``offset``: query i sits at key position ``i + offset``
-        (default ``Nk - Nq``).
+        (default ``Nk - Nq``); ``softcap`` c > 0 or None; ``sinks`` and ``alibi_slopes`` broadcastable
+        to ``(B, Hq)`` or None.
     Returns: ``out (B, Hq, Nq, Dv)``, ``weights (B, Hq, Nq, Nk)``, ``lse (B, Hq, Nq)`` (float64).
+
+    Score order: ``s = (q_i · k_j) · scale``; ``s = c · tanh(s / c)`` (softcap); ``s -= slope · |i + offset - j|``
+    (ALiBi); ``s += mask`` (float) — then bool mask, causal, window. A sink is one more entry of every row's
+    softmax, with logit ``sinks[b, h]`` and no value: it is in ``lse``, and the weights of the real keys then
+    sum to ``1 - exp(sink - lse)``. A row with no visible key but a finite sink has out 0, lse = sink.
 
     The NaN/inf rule (what every backend must match):
 
@@ -44,8 +51,13 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
 
     with np.errstate(all="ignore"):  # inf/NaN inputs are handled by the rule above
         s = (q @ np.swapaxes(k, -1, -2)) * scale  # (B, Hq, Nq, Nk)
-        keep = np.ones(s.shape, dtype=bool)  # visible (structural)
+        if softcap is not None:
+            s = softcap * np.tanh(s / softcap)
         offset = Nk - Nq if offset is None else offset
+        if alibi_slopes is not None:
+            dist = np.abs(np.arange(Nq)[:, None] + offset - np.arange(Nk)[None, :])  # (Nq, Nk)
+            s = s - np.broadcast_to(np.asarray(alibi_slopes, np.float64), (B, Hq))[:, :, None, None] * dist
+        keep = np.ones(s.shape, dtype=bool)  # visible (structural)
         band = band_keep(np.arange(Nq), np.arange(Nk), offset, causal, window)
         if band is not None:
             keep &= band
@@ -56,6 +68,11 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
             else:
                 s = s + mask.astype(np.float64)
                 keep &= mask != -np.inf  # NaN in the mask is visible (and makes the row NaN)
+        if sinks is not None:  # the sink: one more column, visible unless its logit is -inf
+            sk = np.broadcast_to(np.asarray(sinks, np.float64), (B, Hq))[:, :, None, None]
+            s = np.concatenate([s, np.broadcast_to(sk, (B, Hq, Nq, 1))], axis=-1)
+            keep = np.concatenate([keep, np.broadcast_to(sk != -np.inf, (B, Hq, Nq, 1))], axis=-1)
+            v = np.concatenate([v, np.zeros((B, Hq, 1, v.shape[-1]))], axis=2)  # the sink has no value
         bad = (keep & ~np.isfinite(s)).any(axis=-1, keepdims=True)  # a non-finite visible score
         ok = keep & ~bad
         s = np.where(ok, s, -np.inf)
@@ -72,11 +89,12 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
         out = w @ np.where(fin, v, 0.0)  # a key of weight 0 contributes 0, even if its value is NaN/inf
         for b, h, j, d in zip(*np.nonzero(~fin)):
             out[b, h, :, d] += np.where(w[b, h, :, j] > 0, w[b, h, :, j] * v[b, h, j, d], 0.0)
-    return out, w, lse
+    return out, w[..., :Nk], lse
 
 
-def reference_lens(weights, lse, topk=0, rows=None, received_from=None, at=None, pool=None):
-    """Every lens statistic from the dense float64 weights (see `attnlens.LensResult`).
+def reference_lens(weights, lse, topk=0, rows=None, sinks=None, received_from=None, at=None, pool=None):
+    """Every lens statistic from the dense float64 weights (see `attnlens.LensResult`); with ``sinks``
+    (broadcastable to ``(B, Hq)``) also ``sink_weight = exp(sink - lse)``, and the entropy counts the sink.
 
     ``received_from``: query weights broadcastable to ``(B, Hq, Nq, T)`` → ``Pᵀ W``; ``at``: key indices
     broadcastable to ``(B, Hq, Nq, m)`` (-1 = none) → ``P[i, at]``; ``pool=(bq, bk)`` → block sums of ``P``."""
@@ -84,10 +102,18 @@ def reference_lens(weights, lse, topk=0, rows=None, received_from=None, at=None,
 
     w = weights
     bad = np.isnan(w).any(axis=-1)  # non-finite rows (see reference_attention): NaN statistics
+    full = w
+    if sinks is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            sk = np.broadcast_to(np.asarray(sinks, np.float64), lse.shape[:2])[..., None]
+            sw = np.where(np.isneginf(lse), 0.0, np.exp(sk - np.where(np.isneginf(lse), 0.0, lse)))
+        full = np.concatenate([w, sw[..., None]], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(w > 0, w * np.log(w), 0.0)
+        plogp = np.where(full > 0, full * np.log(full), 0.0)
     entropy = np.where(bad, np.nan, -plogp.sum(axis=-1))
     res = LensResult(lse=lse, max_weight=w.max(axis=-1), entropy=entropy, received=w.sum(axis=-2))
+    if sinks is not None:
+        res.sink_weight = sw
     if topk:
         idx = np.argsort(-w, axis=-1, kind="stable")[..., :topk]
         tw = np.where(bad[..., None], np.nan, np.take_along_axis(w, idx, axis=-1))
@@ -108,11 +134,14 @@ def reference_lens(weights, lse, topk=0, rows=None, received_from=None, at=None,
     return res
 
 
-def reference_backward(q, k, v, weights, dout, scale=None):
+def reference_backward(q, k, v, weights, dout, scale=None, softcap=None):
     """Gradients ``(dq, dk, dv)`` of ``out = P v`` given the float64 weights ``P (B, Hq, Nq, Nk)``:
 
         dv = Pᵀ dO            dP = dO vᵀ            dS = P ∘ (dP - rowsum(dP ∘ P))
         dq = dS k · scale     dk = dSᵀ q · scale     (GQA: dk, dv summed over each kv head's query heads)
+
+    With ``softcap`` c, ``dS`` is multiplied by ``1 - tanh²(q kᵀ · scale / c)``. With sinks, ``P`` holds the
+    real keys' weights only (the sink's weight is what they miss) and the formulas are the same.
     """
     q, k, v, p, do = (np.asarray(x, dtype=np.float64) for x in (q, k, v, weights, dout))
     B, Hq, Nq, D = q.shape
@@ -122,6 +151,8 @@ def reference_backward(q, k, v, weights, dout, scale=None):
     kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (B, Hq, Nk, ·)
     dp = do @ np.swapaxes(vr, -1, -2)  # (B, Hq, Nq, Nk)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    if softcap is not None:
+        ds = ds * (1.0 - np.tanh(q @ np.swapaxes(kr, -1, -2) * scale / softcap) ** 2)
     dq = ds @ kr * scale
     dk = (np.swapaxes(ds, -1, -2) @ q * scale).reshape(B, Hkv, group, -1, D).sum(2)
     dv = (np.swapaxes(p, -1, -2) @ do).reshape(B, Hkv, group, -1, v.shape[-1]).sum(2)

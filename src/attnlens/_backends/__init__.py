@@ -40,6 +40,10 @@ LENS_FIELDS = ("lse", "max_weight", "entropy", "received", "topk", "rows", "rece
 #: mask features: "bool", "float" (additive), "query" (varies along the queries: not a key mask),
 #: "float_grad" (a gradient with respect to a float mask)
 MASK_FEATURES = ("bool", "float", "query", "float_grad")
+#: score modifications (``AttnInputs.score_mods``): logit soft-capping, attention sinks, ALiBi
+SCORE_MODS = ("softcap", "sinks", "alibi")
+_SCORE_MOD_NAMES = {"softcap": "logit soft-capping (softcap)", "sinks": "attention sinks (sinks)",
+                    "alibi": "ALiBi (alibi_slopes)"}
 
 
 def requested_fields(inp: AttnInputs) -> list[str]:
@@ -115,6 +119,7 @@ class Capabilities:
         lens: the lens fields (`LENS_FIELDS`) it computes inside its pass; empty: output only.
         max_topk: largest ``Lens.topk`` (``None``: any).
         masks: the mask features (`MASK_FEATURES`) it takes.
+        score_mods: the score modifications (`SCORE_MODS`) it applies.
         dropout: applies dropout.
         backward: gradients (through the block primitive, or PyTorch's own autograd when ``block`` is False).
         block: implements the block primitives (forward with lse, backward into buffers, column sums).
@@ -131,6 +136,7 @@ class Capabilities:
     lens: frozenset = frozenset(LENS_FIELDS)
     max_topk: Optional[int] = None
     masks: frozenset = frozenset(MASK_FEATURES)
+    score_mods: frozenset = frozenset(SCORE_MODS)
     dropout: bool = True
     backward: bool = True
     block: bool = True
@@ -147,6 +153,7 @@ class Capabilities:
                 "dtypes": ", ".join(dts[d] for d in FLOAT_DTYPES if d in self.dtypes),
                 "devices": "any" if self.devices is None else ", ".join(sorted(self.devices)),
                 "masks": ", ".join(m for m in MASK_FEATURES if m in self.masks) or "none",
+                "score mods": ", ".join(m for m in SCORE_MODS if m in self.score_mods) or "none",
                 "head dims": "any" if self.max_head_dim is None else f"<= {self.max_head_dim}",
                 "memory": self.memory}
 
@@ -174,6 +181,8 @@ class Backend:
         if c.max_head_dim is not None and max(D, Dv) > c.max_head_dim:
             reasons.append(f"head dim D={D}, Dv={Dv}: takes head dims up to {c.max_head_dim}")
         reasons += self._mask_reasons(inp)
+        reasons += [f"{_SCORE_MOD_NAMES[m]} is not supported" for m in SCORE_MODS
+                    if m in inp.score_mods and m not in c.score_mods]
         if inp.dropout_p > 0 and not c.dropout:
             reasons.append(f"dropout_p={inp.dropout_p}: no dropout")
         missing = [f for f in requested_fields(inp) if f not in c.lens]
@@ -228,9 +237,10 @@ class Backend:
         """``(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) or None, LensResult or None)``; no autograd."""
         raise NotImplementedError
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
         """Add the gradients of the block into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``,
-        recomputing the weights ``exp(s - lse)`` from ``lse``; ``D_i = rowsum(dout ∘ out)`` from ``out``."""
+        recomputing the weights ``exp(s - lse)`` from ``lse``; ``D_i = rowsum(dout ∘ out)`` from ``out``; and,
+        with sinks, into ``dsinks`` (the shape of ``inp.sinks``) through `add_sink_grad`."""
         raise NotImplementedError(f"backend {self.name!r} has no backward primitive")
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
@@ -240,3 +250,24 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<attnlens backend {self.name!r}>"
+
+
+def add_sink_grad(inp: AttnInputs, out, lse, dout, dsinks) -> None:
+    """Add the gradient of the sink logits into ``dsinks`` (``inp.sinks``' shape ``(B|1, Hq)``), for every backend.
+
+    The sink is one more softmax entry with no value, so with ``P_sink,i = exp(sink - lse_i)`` and
+    ``D_i = rowsum(dO ∘ O)_i`` (the softmax Jacobian's row term, as in the backward of the scores)::
+
+        d sink = Σ_i P_sink,i · (0 - D_i)        summed over the batch where sinks are (1, Hq)
+
+    q, k and v's gradients need nothing new: their weights ``exp(s - lse)`` already use the lse with the sink.
+    """
+    if dsinks is None or inp.sinks is None:
+        return
+    cdt = stat_dtype(inp.q.dtype)
+    lse = lse.to(cdt)
+    sink = inp.sinks.detach().to(cdt)[..., None]  # (B|1, Hq, 1)
+    p = torch.where(torch.isneginf(lse), torch.zeros((), dtype=cdt, device=lse.device), torch.exp(sink - lse))
+    di = torch.einsum("bhid,bhid->bhi", dout.to(cdt), out.to(cdt))  # (B, Hq, Nq)
+    g = -(p * di).sum(-1)  # (B, Hq)
+    dsinks += g.sum(0, keepdim=True).to(dsinks.dtype) if dsinks.shape[0] == 1 else g.to(dsinks.dtype)

@@ -10,18 +10,18 @@ import torch
 
 from .._inputs import AttnInputs
 from ..reference import reference_attention, reference_backward, reference_lens
-from . import Backend, Capabilities, stat_dtype
+from . import Backend, Capabilities, add_sink_grad, stat_dtype
 
 
 def _np64(t):
-    return t.detach().cpu().to(torch.bool if t.dtype == torch.bool else torch.float64).numpy()
+    return None if t is None else t.detach().cpu().to(torch.bool if t.dtype == torch.bool else torch.float64).numpy()
 
 
 def _dense(inp: AttnInputs):
     """``out, weights, lse`` in float64 NumPy."""
-    mask = None if inp.mask is None else _np64(inp.mask)
-    return reference_attention(_np64(inp.q), _np64(inp.k), _np64(inp.v), mask=mask, causal=inp.causal,
-                               window=inp.window, scale=inp.scale, offset=inp.offset)
+    return reference_attention(_np64(inp.q), _np64(inp.k), _np64(inp.v), mask=_np64(inp.mask), causal=inp.causal,
+                               window=inp.window, scale=inp.scale, offset=inp.offset, softcap=inp.softcap,
+                               sinks=_np64(inp.sinks), alibi_slopes=_np64(inp.alibi_slopes))
 
 
 class ReferenceBackend(Backend):
@@ -41,7 +41,7 @@ class ReferenceBackend(Backend):
         extra = None if inp.received_from is None else _np64(inp.received_from)
         at = None if inp.at is None else inp.at.cpu().numpy()
         res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows, received_from=extra, at=at,
-                             pool=inp.lens.pool)
+                             pool=inp.lens.pool, sinks=_np64(inp.sinks))
         for name in ("lse", "max_weight", "entropy", "received"):  # drop what was not asked for
             if not getattr(inp.lens, name):
                 setattr(res, name, None)
@@ -51,11 +51,13 @@ class ReferenceBackend(Backend):
             res.topk_indices = res.topk_indices.masked_fill(res.topk_weights == 0, -1)
         return out_t, lse_t, res
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
         w = _weights(inp, lse)
-        grads = reference_backward(_np64(inp.q), _np64(inp.k), _np64(inp.v), w, _np64(dout), scale=inp.scale)
+        grads = reference_backward(_np64(inp.q), _np64(inp.k), _np64(inp.v), w, _np64(dout), scale=inp.scale,
+                                   softcap=inp.softcap)
         for buf, g in zip((dq, dk, dv), grads):
             buf += torch.from_numpy(g).to(device=buf.device, dtype=buf.dtype)
+        add_sink_grad(inp, out, lse, dout, dsinks)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         w = _weights(inp, lse)  # (B, Hq, Nq, Nk)

@@ -11,6 +11,11 @@ online rescaling) and every lens statistic comes from the same buffer of scores:
     received += (1/l)ᵀ @ e                            (column sums, one matrix-vector product)
     received_from += pᵀ W ;  pooled += block sums of p   (Lens(received_from=W), Lens(pool=...))
 
+Score modifications: softcap and ALiBi change the scores right after ``q kᵀ`` (`_scores.score_mods`, before any
+mask); a sink is one more entry of the row's softmax folded into ``m, l, t`` once the row's keys are done
+(`_Outputs.write`): ``m' = max(m, σ)``, ``a = exp(m - m')``, ``l' = a l + exp(σ - m')``, and the keys' weights
+are ``a e / l'``. The backward needs only the softcap's derivative ``1 - tanh²``; the lse includes the sink.
+
 Masked scores are ``-inf`` (no finite sentinel: any finite score, of any size, is exact); a row whose
 maximum is ``-inf`` sees no key (output 0, lse ``-inf``). The NaN/inf rule of `attnlens.reference`
 holds: when scores can be non-finite (NaN/inf in q, k or a float mask, or ``|q·k·scale| + |mask|``
@@ -28,9 +33,10 @@ from __future__ import annotations
 import torch
 
 from .._inputs import AttnInputs
+from .._scores import score_mods
 from ..lens import LensResult
 from ..masks import band_keep, key_range
-from . import Backend, Capabilities, _native, stat_dtype
+from . import Backend, Capabilities, _native, add_sink_grad, stat_dtype
 
 NAN = float("nan")
 NEG_INF = float("-inf")
@@ -50,10 +56,12 @@ class _Chunk:
     """Scores of query rows [i0, i1) against keys [lo, hi), masked, in (B, Hkv, G·c, nk) layout.
 
     ``buf`` (optional) is a flat workspace reused across chunks for the score buffer. ``check``: scores may be
-    non-finite (see the module docstring): every non-finite score a row can see becomes NaN.
+    non-finite (see the module docstring): every non-finite score a row can see becomes NaN. ``want_dcap``: keep
+    the softcap's derivative ``1 - tanh²`` as ``dcap`` (the backward's), else ``dcap`` is None.
     """
 
-    def __init__(self, inp: AttnInputs, qs, kc, i0: int, i1: int, buf=None, check: bool = False):
+    def __init__(self, inp: AttnInputs, qs, kc, i0: int, i1: int, buf=None, check: bool = False,
+                 want_dcap: bool = False):
         B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
         G = Hq // Hkv
         self.i0, self.i1, self.c = i0, i1, i1 - i0
@@ -64,9 +72,24 @@ class _Chunk:
             return
         self.qc = qs[:, :, :, i0:i1].reshape(B, Hkv, G * self.c, D)  # (B, Hkv, G·c, D), scale folded in
         shape = (B, Hkv, G * self.c, nk)
-        s = None if buf is None else buf[: B * Hkv * G * self.c * nk].view(shape)
-        s = torch.matmul(self.qc, kc[:, :, self.lo:self.hi].transpose(-1, -2), out=s)  # (B, Hkv, G·c, nk)
+        s = torch.empty(shape, dtype=qs.dtype, device=qs.device) if buf is None else buf[: B * Hkv * G * self.c * nk].view(shape)
+        kt = kc[:, :, self.lo:self.hi].transpose(-1, -2)
+        self.dcap = None
+        if inp.softcap is None:
+            torch.matmul(self.qc, kt, out=s)  # (B, Hkv, G·c, nk)
+        else:  # c·tanh(s/c), before ALiBi and masks, as `_scores.score_mods`: the 1/c rides in the product
+            s3 = s.view(B * Hkv, G * self.c, nk)
+            torch.baddbmm(s3, self.qc.reshape(B * Hkv, G * self.c, D), kt.reshape(B * Hkv, D, nk), beta=0.0,
+                          alpha=1.0 / inp.softcap, out=s3)
+            s.tanh_()
+            if want_dcap:
+                self.dcap = torch.square(s).neg_().add_(1.0)  # 1 - tanh²
+            s.mul_(inp.softcap)
         s5 = s.view(B, Hkv, G, self.c, nk)
+        if inp.alibi_slopes is not None:  # - slope·|i + offset - j|
+            pos = torch.arange(i0, i1, device=s.device) + off
+            dist = (pos[:, None] - torch.arange(self.lo, self.hi, device=s.device)[None, :]).abs()  # (c, nk)
+            score_mods(s5, None, inp.alibi_slopes.reshape(-1, Hkv, G, 1, 1), dist)
         m5 = None
         if inp.mask is not None:
             m = inp.mask
@@ -214,6 +237,8 @@ class _Outputs:
         self.pool = lens.pool if lens is not None else None
         if self.pool is not None:
             self.pooled = new(-(-Nq // self.pool[0]), -(-Nk // self.pool[1]))
+        self.sinks = None if inp.sinks is None else inp.sinks.detach().to(cdt).reshape(-1, Hkv, G, 1, 1)
+        self.sinkw = new(Nq) if lens is not None and self.sinks is not None else None
 
     def write(self, ch: _Chunk, e, m, l, t, top, o, bad=None):
         """Chunk results: ``e = exp(s - m)`` ``(B, Hkv, G·c, nk)``, ``m, l, t`` ``(B, Hkv, G·c, 1)``
@@ -223,7 +248,18 @@ class _Outputs:
         B, Hkv, G = self.lead
         i0, i1, c, nk = ch.i0, ch.i1, ch.c, ch.nk
         zero = torch.zeros((), dtype=e.dtype, device=e.device)
-        rl = torch.where(l == 0, zero, 1.0 / l)  # 1/l, 0 for dead rows
+        m_keys = m  # e = exp(s - m_keys)
+        a = None
+        if self.sinks is not None:  # one more entry per row, logit σ, no value
+            sk = self.sinks.expand(-1, Hkv, G, c, 1).reshape(-1, Hkv, G * c, 1)
+            m2 = torch.where((l == 0) & (sk > float("-inf")), sk, torch.maximum(m, sk))  # no key: exactly 1 on σ
+            a, es = torch.exp(m - m2), torch.exp(sk - m2)  # es = 0 for σ = -inf
+            if t is not None:
+                t = a * (t + l * (m - m2)) + torch.where(es > 0, es * (sk - m2), zero)
+            a = torch.where(l == 0, zero, a)  # rows that see no key: their keys' weights stay 0
+            l, m = l * a + es, m2
+        inv = torch.where(l == 0, zero, 1.0 / l)  # 1/l, 0 for dead rows
+        rl = inv if a is None else a * inv  # the keys' weights are rl · e
         stat_nan = None
         if bad is not None:
             stat_nan = torch.where(bad, torch.full((), NAN, dtype=e.dtype, device=e.device), zero)  # NaN or 0
@@ -239,13 +275,15 @@ class _Outputs:
         put(self.lse, row_stat(m + torch.log(l)))
         if self.maxw is not None:
             put(self.maxw, row_stat(rl))  # max_j e_ij = exp(0) = 1
-        if self.ent is not None:  # -Σ p log p = log l - Σ e·(s - m) / l
-            put(self.ent, row_stat(torch.where(l == 0, zero, torch.log(l) - t * rl).clamp_(min=0)))
+        if self.ent is not None:  # -Σ p log p = log l - Σ e·(s - m) / l (the sink's term included)
+            put(self.ent, row_stat(torch.where(l == 0, zero, torch.log(l) - t * inv).clamp_(min=0)))
+        if self.sinkw is not None:
+            put(self.sinkw, row_stat(es * inv))
         if self.rec is not None:
             self.rec[..., ch.lo:ch.hi] += torch.matmul(rl.view(B, Hkv, G, 1, c), e.view(B, Hkv, G, c, nk)).view(
                 B, Hkv, G, nk)
         if self.topk:
-            self._write_topk(ch, top, m, rl, stat_nan)
+            self._write_topk(ch, top, m_keys, rl, stat_nan)
         if self.rows is not None:
             self._write_rows(ch, e, rl)
         if self.rf is not None or self.pooled is not None:
@@ -304,6 +342,7 @@ class _Outputs:
             if self.rows is not None:
                 res.weights, res.rows = flat(self.wrows), self.rows
             res.received_from, res.pooled = flat(self.rf), flat(self.pooled)
+            res.sink_weight = flat(self.sinkw)
         return flat(self.out).to(self.inp.q.dtype), lse, res
 
 
@@ -385,9 +424,10 @@ def _lse_inf(lse, B, Hkv, G, Nq, cdt):
     return torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
 
 
-def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int) -> None:
+def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, dsinks=None) -> None:
     """Add the gradients into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` (any float
-    dtype, strided views allowed), recomputing each chunk's weights from ``lse``; O(chunk · Nk) memory."""
+    dtype, strided views allowed), and ``dsinks`` (`add_sink_grad`), recomputing each chunk's weights from ``lse``;
+    O(chunk · Nk) memory."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     G = Hq // Hkv
     cdt, qs, kc, vc = _prepare(inp)
@@ -402,7 +442,7 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int) -
     dpbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # dP workspace
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
         i1 = min(Nq, i0 + rows_per_chunk)
-        ch = _Chunk(inp, qs, kc, i0, i1, sbuf)
+        ch = _Chunk(inp, qs, kc, i0, i1, sbuf, want_dcap=True)
         if ch.nk == 0:
             continue
         c, lo, hi = ch.c, ch.lo, ch.hi
@@ -416,8 +456,11 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int) -
         if keep is not None:
             dp.mul_(keep)
         ds = dp.sub_(di[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).mul_(p)  # p ∘ (dp - di)
+        if ch.dcap is not None:
+            ds.mul_(ch.dcap)  # through c·tanh(s/c)
         dq5[:, :, :, i0:i1] += torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale).view(B, Hkv, G, c, D)
         dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc)
+    add_sink_grad(inp, out, lse, dout, dsinks)
 
 
 def _pt_w(p5, w5):
@@ -469,8 +512,8 @@ class TorchChunkedBackend(Backend):
     def forward(self, inp: AttnInputs):
         return forward(inp, chunk_rows(inp, self.chunk_bytes))
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
-        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes))
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
+        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes), dsinks)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         return column_sums(inp, lse, weights, chunk_rows(inp, self.chunk_bytes))

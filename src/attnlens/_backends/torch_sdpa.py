@@ -27,7 +27,7 @@ def _dense_band(inp: AttnInputs) -> bool:
 class SdpaBackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (fused; output only)"
-    capabilities = Capabilities(lens=frozenset(), block=False, column_weights=False,
+    capabilities = Capabilities(lens=frozenset(), block=False, column_weights=False, score_mods=frozenset(),
                                 memory="O(N); O(Nq·Nk) with a band mask",
                                 notes="a dense (Nq, Nk) mask for windows, offsets other than 0 with causal, or "
                                       "causal with a mask")

@@ -38,6 +38,8 @@ class ReportData:
     ``weights (L, H, N, N)`` and ``contrib (L, H, N, N)`` (value-norm contributions
     ``‖α_ij v_j W_O^h‖``, or ``‖α_ij v_j‖`` without an output projection) are ``None`` when
     the weights were not kept; ``topk_idx`` / ``topk_w (L, H, N, k)`` always hold the top-k.
+    ``sink_weight (L, H)``: for a model with attention sinks (gpt-oss), the mean weight a query of each
+    layer and head puts on its sink (its rows then sum to ``1 - sink weight``); ``None`` without sinks.
     """
 
     text: str
@@ -60,6 +62,7 @@ class ReportData:
     thumbs: Optional[np.ndarray] = None  # (L, H, t, t) block means of each head's weights when weights were not kept
     segments: Optional[list] = None  # (N,) segment of each token (0, 1) for a sentence pair, else None
     cross: Optional[dict] = None  # encoder-decoder models: {"tokens": decoder tokens, "weights": (Ld, H, Nd, N)}
+    sink_weight: Optional[np.ndarray] = None
 
     @property
     def n(self) -> int:
@@ -149,6 +152,8 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         data.summaries.append(analysis.head_summary(r, ids))
         tick()
     data.segments = _segments(enc) if pair is not None else None
+    if all(r.result.sink_weight is not None for r in recs):
+        data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
     if full:
         data.rollout = analysis.rollout(recs)
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)

@@ -161,14 +161,16 @@ def compile_launches(arch: int = 90):
 def compile_attention(*, arch: int = 90, dtype: torch.dtype = torch.bfloat16, batch: int = 1, heads: int = 4,
                       kv_heads: Optional[int] = None, n: int = 2048, nk: Optional[int] = None, d: int = 64,
                       dv: Optional[int] = None, causal: bool = False, window=None, key_padding: bool = False,
-                      lens: Optional[Lens] = None, backward: bool = False, config: str = "") -> list[KernelBuild]:
+                      lens: Optional[Lens] = None, backward: bool = False, config: str = "",
+                      softcap: Optional[float] = None, sinks: bool = False, alibi: bool = False) -> list[KernelBuild]:
     """Compile, for ``sm_<arch>``, every kernel one `attnlens.attention` call with these arguments launches
     (the lens' column pass when ``lens`` asks for received/rows; the three backward kernels with ``backward``).
 
     Shapes matter through what Triton specialises on (divisibility by 16 of sizes and strides; a GQA group of
     1, i.e. ``kv_heads == heads``, compiles the dK/dV kernel's loop over query heads away) and through the block
     sizes `ops._config` picks from the head dims, dtype, architecture and group (``config``: overrides, as
-    `ops.parse_config` reads them). Raises the backend's ValueError if it would refuse the call on a GPU.
+    `ops.parse_config` reads them). ``softcap``, ``sinks`` and ``alibi`` compile the score modifications in.
+    Raises the backend's ValueError if it would refuse the call on a GPU.
     """
     from ...api import attention  # tooling above the backend: compiles what a real call launches
 
@@ -179,13 +181,15 @@ def compile_attention(*, arch: int = 90, dtype: torch.dtype = torch.bfloat16, ba
     k = torch.zeros(batch, kv_heads, nk, d, dtype=dtype, requires_grad=backward)
     v = torch.zeros(batch, kv_heads, nk, dv, dtype=dtype, requires_grad=backward)
     mask = torch.ones(batch, 1, 1, nk, dtype=torch.bool) if key_padding else None
+    mods = dict(softcap=softcap, sinks=torch.zeros(heads, requires_grad=backward) if sinks else None,
+                alibi_slopes=torch.ones(heads) if alibi else None)
     with compile_launches(arch) as builds:
-        inp = validate(q, k, v, mask=mask, causal=causal, window=window, lens=lens)
+        inp = validate(q, k, v, mask=mask, causal=causal, window=window, lens=lens, **mods)
         backend = ops.TritonBackend(config=config)
         reasons = backend.not_supported_reasons(inp)
         if reasons:
             raise ValueError("the triton backend would refuse this call: " + "; ".join(reasons))
-        out = attention(q, k, v, mask=mask, causal=causal, window=window, lens=lens, backend=backend)
+        out = attention(q, k, v, mask=mask, causal=causal, window=window, lens=lens, backend=backend, **mods)
         out = out[0] if lens is not None else out
         if backward:
             out.backward(torch.zeros_like(out))

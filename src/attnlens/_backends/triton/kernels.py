@@ -18,6 +18,13 @@ Math (scores in log2 units, ``s2 = log2(e) · (scale · q kᵀ + bias)``, masked
 ``t`` is ``Σ p·s`` taken relative to the running max, so ``H = lse - Σ p·s / l`` never subtracts
 two numbers of the size of the scores (scores of ±1e4 keep full precision).
 
+Score modifications (`_score_mods`, in `_scores` / `_scores_t`, so every kernel forms the same scores):
+softcap ``c·tanh(scale·q kᵀ / c)`` before everything else, then ALiBi ``- slope·|i + OFFSET - j|``, then the
+key bias and the band. Sinks enter the forward's epilogue as one more entry of the online softmax
+(``m' = max(m, sink2)``, ``l' = α l + 2^(sink2 - m')``, the same for ``t`` and ``acc``); the other kernels
+need nothing for them, as the saved lse includes the sink. The backward multiplies ``dS`` by the softcap's
+derivative ``1 - tanh²`` (``dcap``).
+
 Band (causal and sliding window folded into ``(LEFT, RIGHT)`` by `masks.band`): query i at key
 position ``p = i + OFFSET`` (a runtime argument; ``NK - NQ`` is bottom-right) sees key j iff
 ``p - LEFT <= j <= p + RIGHT``. Each program
@@ -142,28 +149,67 @@ def _load_lse2(LSE_BASE, rows, rmask):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (no tanh in every Triton version): ``1 - 2 / (e^(2x) + 1)``, exact to fp32 rounding; ±1 at
+    the ends (e^(2x) = inf gives 1, 0 gives -1)."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI: tl.constexpr):
+    """The ALiBi slope of (batch, head) in log2 units (0.0 without ALiBi)."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(SLOPES + off_b * stride_slb + off_h * stride_slh).to(tl.float32) * LOG2E
+    return slope2
+
+
+@triton.jit
+def _score_mods(x, delta, qk_scale, cap_in, cap_out, slope2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw dot products ``x = q·k`` to log2-unit scores: ``log2(e)·scale·x``; with HAS_SOFTCAP
+    ``log2(e)·c·tanh(scale·x / c)`` (``cap_in = scale / c``, ``cap_out = c·log2(e)``); then with HAS_ALIBI
+    ``- slope2·|delta|`` (``delta = i + offset - j``). Also returns ``dcap = 1 - tanh²``, the softcap's
+    derivative (1.0 without softcap), for the backward."""
+    if HAS_SOFTCAP:
+        th = _tanh(x * cap_in)
+        s = th * cap_out
+        dcap = 1.0 - th * th
+    else:
+        s = x * qk_scale
+        dcap = 1.0
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(delta).to(tl.float32)
+    return s, dcap
+
+
+@triton.jit
 def _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED: tl.constexpr,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """s2 = log2(e)·(scale·q kᵀ + bias) of shape (BLOCK_M, BLOCK_N); -inf outside the band on MASKED tiles."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
+    """s2 = log2(e)·(scale·q kᵀ, softcapped, minus ALiBi, + bias) of shape (BLOCK_M, BLOCK_N); -inf outside the
+    band on MASKED tiles. Returns ``(s2, dcap)`` (see `_score_mods`)."""
+    s, dcap = _score_mods(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), rows[:, None] + OFFSET - cols[None, :],
+                          qk_scale, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         s = s + _key_bias2(BIAS_BASE, cols, stride_bn, NK)[None, :]
     if MASKED:
         s = tl.where(_band_mask(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), s, float("-inf"))
-    return s
+    return s, dcap
 
 
 @triton.jit
 def _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """The transpose of `_scores`, (BLOCK_N, BLOCK_M), for kernels that hold a key tile; ``bias2`` is the key
     tile's bias already in log2 units."""
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+    st, dcap = _score_mods(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), rows[None, :] + OFFSET - cols[:, None],
+                           qk_scale, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI)
     if HAS_BIAS:
         st = st + bias2[:, None]
     if MASKED:
         st = tl.where(_band_mask_t(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT), st, float("-inf"))
-    return st
+    return st, dcap
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,15 +263,18 @@ def _topk_merge(tk, thr, s, cols):
 def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride_kn, stride_kd, stride_vn,
                stride_vd, stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_BIAS: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """Online softmax over key tiles [start, end): the tutorial's inner loop, plus t (entropy) and top-k."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
-        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
-                    HAS_RIGHT, HAS_BIAS, DOT_PREC)
+        s, dcap = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED,
+        HAS_LEFT,
+                    HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_ij)
         p = tl.math.exp2(s - m_ij[:, None])
@@ -246,20 +295,24 @@ def _fwd_inner(acc, l_i, m_i, t_i, tk, thr, q, K_BASE, V_BASE, BIAS_BASE, stride
 
 
 @triton.jit
-def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
+def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SINKW, stride_sib, stride_sih,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                     stride_ob, stride_oh, stride_om, stride_od,
-                    HQ, GROUP, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+                    HQ, GROUP, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in,
+                    cap_out,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    WANT_ENT: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    HAS_SINKS: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
     """One program = BLOCK_M queries of one (batch, query head); K/V of head ``h // GROUP`` by index."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // HQ).to(tl.int64)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
+    slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_kh * stride_kh
     v_base = V + off_b * stride_vb + off_kh * stride_vh
@@ -283,16 +336,31 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, WANT_ENT, TOPK, DOT_PREC)
+        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK,
+        DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, WANT_ENT, TOPK, DOT_PREC)
+        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT,
+        TOPK, DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, WANT_ENT, TOPK, DOT_PREC)
+        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK,
+        DOT_PREC)
 
+    # the sink: one more softmax entry with logit sink2 and no value, folded in like one more key
+    top_e = l_i * 0.0 + 1.0  # 2^(row max - m): the largest key's e (1 until the sink raises m)
+    if HAS_SINKS:
+        sink2 = tl.load(SINKS + off_b * stride_sib + off_h * stride_sih).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m_i, sink2)
+        alpha = tl.math.exp2(m_i - m_new)  # 0 for a row with no key (m_i = NEG)
+        e_sink = tl.math.exp2(sink2 - m_new)  # 0 for a sink of -inf
+        t_i = alpha * (t_i + l_i * (m_i - m_new)) + tl.where(e_sink > 0.0, e_sink * (sink2 - m_new), 0.0)
+        acc = acc * alpha[:, None]
+        top_e = tl.where(l_i > 0.0, alpha, 0.0)
+        l_i = l_i * alpha + e_sink
+        m_i = m_new
     # epilogue: rows that saw no key (l = 0) get out 0, lse -inf, max_weight 0, entropy 0
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -303,7 +371,9 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
     stat = off_bh.to(tl.int64) * NQ + rows  # (B, HQ, NQ) contiguous
     log2l = tl.math.log2(l_safe)
     tl.store(LSE + stat, tl.where(dead, float("-inf"), (m_i + log2l) * LN2), mask=rmask)
-    tl.store(MAXW + stat, tl.where(dead, 0.0, 1.0 / l_safe), mask=rmask)
+    tl.store(MAXW + stat, tl.where(dead, 0.0, top_e / l_safe), mask=rmask)
+    if HAS_SINKS:
+        tl.store(SINKW + stat, tl.where(dead, 0.0, e_sink / l_safe), mask=rmask)
     if WANT_ENT:
         tl.store(ENT + stat, tl.where(dead, 0.0, tl.maximum((log2l - t_i / l_safe) * LN2, 0.0)), mask=rmask)
     if TOPK > 0:
@@ -327,6 +397,8 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W,
 def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_qd, stride_wm, stride_wt, cols,
                     offs_d, offs_t, start, end, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    cap_in, cap_out, slope2,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -334,8 +406,9 @@ def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_q
         rmask = rows < NQ
         q = _load_tile(Q_BASE, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
         lse2 = _load_lse2(LSE_BASE, rows, rmask)
-        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
-                       HAS_BIAS, DOT_PREC)
+        st, dcap = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
+        HAS_RIGHT,
+                       HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         pt = tl.math.exp2(st - lse2[None, :])  # P^T (BLOCK_N, BLOCK_M)
         if WEIGHTED:  # rec (BLOCK_N, BLOCK_T) += P^T W
             w = _load_tile(W_BASE, rows, offs_t, stride_wm, stride_wt, NQ, T, True)
@@ -349,9 +422,11 @@ def _received_inner(rec, k, bias2, Q_BASE, LSE_BASE, W_BASE, stride_qm, stride_q
 def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_bb, stride_bh, stride_bn, stride_wb, stride_wh, stride_wm, stride_wt,
-                         HQ, GROUP, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT,
+                         HQ, GROUP, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
+                         cap_in, cap_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
     """REC[b, h, j] = Σ_i 2^(s2_ij - lse2_i), or with WEIGHTED, REC[b, h, j, t] = Σ_i 2^(s2_ij - lse2_i) W[b, h, i, t]
     (``Pᵀ W``): one program per key tile loops over query tiles (no atomics)."""
@@ -360,6 +435,7 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
     off_b = (off_bh // HQ).to(tl.int64)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
+    slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
     col0 = start_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -378,13 +454,13 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
     lo, fl, fh, hi = _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
                           offs_d, offs_t, lo, fl, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
-                          HAS_RIGHT, HAS_BIAS, WEIGHTED, DOT_PREC)
+                          HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
                           offs_d, offs_t, fl, fh, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, False, HAS_LEFT,
-                          HAS_RIGHT, HAS_BIAS, WEIGHTED, DOT_PREC)
+                          HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
                           offs_d, offs_t, fh, hi, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
-                          HAS_RIGHT, HAS_BIAS, WEIGHTED, DOT_PREC)
+                          HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
     if WEIGHTED:
         r_ptrs = REC + (off_bh.to(tl.int64) * NK + cols[:, None]) * T + offs_t[None, :]
         tl.store(r_ptrs, rec, mask=(cols[:, None] < NK) & (offs_t[None, :] < T))
@@ -396,9 +472,11 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
 def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_bb, stride_bh, stride_bn,
-                        HQ, GROUP, NQ, NK, D, R, qk_scale, OFFSET, LEFT, RIGHT,
+                        HQ, GROUP, NQ, NK, D, R, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
+                        cap_in, cap_out,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                         DOT_PREC: tl.constexpr):
     """W[b, h, r, j] = weight of query ROWS[r] on key j, from the final lse (one (row block, key tile) each)."""
     start_r = tl.program_id(0)
@@ -407,6 +485,7 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
     off_b = (off_bh // HQ).to(tl.int64)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
+    slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
     slots = start_r * BLOCK_M + tl.arange(0, BLOCK_M)
     smask = slots < R
     rows = tl.load(ROWS + slots, mask=smask, other=0)
@@ -416,8 +495,9 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
     k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
     lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, smask)
-    s = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET,
-                LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+    s, _ = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET,
+                LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                DOT_PREC)
     p = tl.math.exp2(s - lse2[:, None])  # 0 outside the band (s = -inf) and on dead rows (lse2 = +inf)
     w_ptrs = W + (off_bh.to(tl.int64) * R + slots[:, None]) * NK + cols[None, :]
     tl.store(w_ptrs, p, mask=smask[:, None] & (cols[None, :] < NK))
@@ -447,9 +527,11 @@ def attn_bwd_preprocess_kernel(OUT, DO, DELTA, stride_ob, stride_oh, stride_om, 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, stride_qm, stride_qd,
-                    stride_dm, stride_dd, cols, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+                    stride_dm, stride_dd, cols, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT,
+                    RIGHT,
                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -458,12 +540,15 @@ def _bwd_dkdv_inner(dk, dv, k, v, bias2, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, 
         do = _load_tile(DO_BASE, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
         lse2 = _load_lse2(LSE_BASE, rows, rmask)
         delta = tl.load(DELTA_BASE + rows, mask=rmask, other=0.0)
-        st = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT, HAS_RIGHT,
-                       HAS_BIAS, DOT_PREC)
+        st, dcap = _scores_t(k, q, bias2, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
+        HAS_RIGHT,
+                       HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         pt = tl.math.exp2(st - lse2[None, :])  # P^T, recomputed from the saved lse
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * dcap  # through c·tanh(x/c)
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
@@ -474,9 +559,11 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
                          stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT,
+                         HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb,
+                         stride_slh, cap_in, cap_out,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                          DOT_PREC: tl.constexpr):
     """One program = one key tile of one (batch, kv head); sums over the GROUP query heads that share it."""
     start_n = tl.program_id(0)
@@ -495,6 +582,7 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
     lo, fl, fh, hi = _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(0, GROUP):
         off_h = off_kh * GROUP + g
+        slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
         off_bh = off_b * HQ + off_h
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_db + off_h * stride_dh
@@ -505,18 +593,22 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
             bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET,
-                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
+                                 HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET,
-                                 LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                                 LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
+                                 HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
                                  stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET,
-                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                                 LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
+                                 HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
     dk = dk * scale  # added into the caller's buffers: a ring accumulates its blocks without copies
     dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dk_mask = cmask[:, None] & (offs_d[None, :] < D)
     tl.store(dk_ptrs, (tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk).to(DK.dtype.element_ty), mask=dk_mask)
-    dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    dv_ptrs = DV_ + off_b * stride_dvb + off_kh * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None,
+    :] * stride_dvd
     dv_mask = cmask[:, None] & (offs_dv[None, :] < DV)
     tl.store(dv_ptrs, (tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv).to(DV_.dtype.element_ty), mask=dv_mask)
 
@@ -525,18 +617,22 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
 def _bwd_dq_inner(dq, q, do, lse2, delta, K_BASE, V_BASE, BIAS_BASE, stride_kn, stride_kd, stride_vn, stride_vd,
                   stride_bn, rows, offs_d, offs_dv, start, end, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, cap_in, cap_out, slope2,
+                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = _load_tile(K_BASE, cols, offs_d, stride_kn, stride_kd, NK, D, MASKED)
         v = _load_tile(V_BASE, cols, offs_dv, stride_vn, stride_vd, NK, DV, MASKED)
-        s = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED, HAS_LEFT,
-                    HAS_RIGHT, HAS_BIAS, DOT_PREC)
+        s, dcap = _scores(q, k, BIAS_BASE, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET, LEFT, RIGHT, MASKED,
+        HAS_LEFT,
+                    HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * dcap  # through c·tanh(x/c)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
@@ -546,15 +642,18 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                        stride_db, stride_dh, stride_dm, stride_dd, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                       HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT,
+                       HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
+                       cap_in, cap_out,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                        DOT_PREC: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // HQ).to(tl.int64)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
+    slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
     row0 = start_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < NQ
@@ -572,13 +671,16 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     lo, fl, fh, hi = _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                       DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-                       BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                       BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                       DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
-                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, DOT_PREC)
+                       BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
+                       DOT_PREC)
     dq = dq * scale
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     dq_mask = rmask[:, None] & (offs_d[None, :] < D)

@@ -4,9 +4,10 @@ Four ops, each a thin launcher of the kernels in `kernels` (imported lazily, so 
 never needs triton or CUDA, and ``TRITON_INTERPRET`` is read only at first use) — the backend's
 block primitives:
 
-    attnlens::triton_attention(q, k, v, bias?, scale, offset, left, right, entropy, topk, config)
+    attnlens::triton_attention(q, k, v, bias?, scale, offset, left, right, entropy, topk, config, softcap,
+                               slopes?, sinks?)
         -> out (B,Hq,Nq,Dv), lse, max_weight (B,Hq,Nq), entropy (B,Hq,Nq) | (0,),
-           topk_indices, topk_weights (B,Hq,Nq,k) | (0,)
+           topk_indices, topk_weights (B,Hq,Nq,k) | (0,), sink_weight (B,Hq,Nq) | (0,)
     attnlens::triton_attention_backward(dout, q, k, v, bias?, out, lse, scale, offset, left, right, dq, dk, dv,
                                         config) -> ()   adds the gradients into dq, dk, dv (mutated)
     attnlens::triton_column_sums(q, k, bias?, lse, weights?, scale, offset, left, right, config)
@@ -20,7 +21,9 @@ calls the backward op — as for every backend with block primitives.
 ``bias`` is a key mask turned into a float32 ``(B, Hq, Nk)`` additive bias (bool False → -inf),
 usually an expanded view with zero strides; ``left``/``right`` are the band of `masks.band`
 (causal folded in), -1 meaning unbounded; ``offset``: query i sits at key position ``i + offset``.
-``config``: block-size overrides as `parse_config` reads them ("" = the table of `_config`).
+``config``: block-size overrides as `parse_config` reads them ("" = the table of `_config`). Every op also takes
+the score modifications: ``softcap`` (0.0 = off) and ALiBi ``slopes (B|1, Hq)`` (float32, or None); the forward
+takes ``sinks (B|1, Hq)``. The other ops need no sinks: the saved lse includes them.
 
 Precision: fp16/bf16 inputs use the tensor-core dot with fp32 accumulation and fp32 softmax;
 ``P`` is rounded to the input dtype before ``P @ V`` (as FlashAttention). fp32 inputs use IEEE
@@ -42,7 +45,7 @@ from torch import Tensor
 from ..._inputs import AttnInputs
 from ...lens import LensResult
 from ...masks import band
-from .. import Backend, Capabilities
+from .. import Backend, Capabilities, add_sink_grad
 
 #: head dims (of q/k and of v) the kernels take; padded to a power of two >= 16 with masked loads
 MAX_HEAD_DIM = 256
@@ -266,6 +269,20 @@ def _bias_args(bias: Optional[Tensor], dummy: Tensor):
     return bias, tuple(bias.stride()), True
 
 
+def _head_strides(t: Tensor) -> tuple:
+    """Strides of a ``(B|1, Hq)`` tensor, 0 along a dim of size 1 (read at every batch index)."""
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+
+
+def _mod_args(scale: float, softcap: float, slopes: Optional[Tensor], dummy: Tensor) -> tuple:
+    """The score-modification arguments of every kernel: ``SLOPES, stride_slb, stride_slh, cap_in, cap_out`` and the
+    ``HAS_SOFTCAP`` / ``HAS_ALIBI`` flags (``softcap`` 0.0 = off; ``slopes (B|1, Hq)`` or None)."""
+    sl, sls = (dummy, (0, 0)) if slopes is None else (slopes, _head_strides(slopes))
+    cap = softcap > 0
+    args = (sl, *sls, scale / softcap if cap else 0.0, softcap * LOG2E if cap else 0.0)
+    return args, dict(HAS_SOFTCAP=cap, HAS_ALIBI=slopes is not None)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -277,7 +294,7 @@ LOG2E = 1.4426950408889634
 # launchers
 
 
-def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config):
+def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap, slopes, sinks):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -287,28 +304,34 @@ def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, conf
     ent = torch.empty((B, Hq, Nq) if entropy else (0,), **f32)
     tk_i = torch.empty((B, Hq, Nq, topk) if topk else (0,), dtype=torch.int64, device=q.device)
     tk_w = torch.empty((B, Hq, Nq, topk) if topk else (0,), **f32)
+    sinkw = torch.empty((B, Hq, Nq) if sinks is not None else (0,), **f32)
     cfg = _config("fwd", D, Dv, q.dtype, topk, _arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
+    sk, sks = (lse, (0, 0)) if sinks is None else (sinks, _head_strides(sinks))
     grid = (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
     with _device_ctx(q):
         _launch("attn_fwd_kernel", grid,
             q, k, v, bias_t, out, lse, maxw, ent if entropy else lse, tk_i if topk else lse, tk_w if topk else lse,
+            sk, sinkw if sinks is not None else lse, *sks,
             *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(),
-            Hq, Hq // Hkv, Nq, Nk, D, Dv, scale * LOG2E, offset, L, R,
+            Hq, Hq // Hkv, Nq, Nk, D, Dv, scale * LOG2E, offset, L, R, *mods,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
-            HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, WANT_ENT=entropy, TOPK=topk,
+            HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, **mod_flags, HAS_SINKS=sinks is not None,
+            WANT_ENT=entropy, TOPK=topk,
             TOPK_P=1 << max(1, (topk - 1).bit_length()),  # list width: next power of two >= max(k, 2)
             DOT_PREC=_dot_prec(q.dtype), **_launch_opts(cfg))
-    return out, lse, maxw, ent, tk_i, tk_w
+    return out, lse, maxw, ent, tk_i, tk_w, sinkw
 
 
-def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config):
+def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config, softcap, slopes):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     cfg = _config("cols", D, D, q.dtype, arch=_arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
     T = 0 if weights is None else weights.shape[-1]
     rec = torch.empty((B, Hq, Nk, T) if T else (B, Hq, Nk), dtype=torch.float32, device=q.device)
     if weights is None:
@@ -319,38 +342,40 @@ def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, conf
     with _device_ctx(q):
         _launch("attn_received_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
             q, k, bias_t, lse, w_t, rec, *q.stride(), *k.stride(), *sb, *sw,
-            Hq, Hq // Hkv, Nq, Nk, D, max(T, 1), scale * LOG2E, offset, L, R,
+            Hq, Hq // Hkv, Nq, Nk, D, max(T, 1), scale * LOG2E, offset, L, R, *mods,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), BLOCK_T=_pow2(max(T, 1)),
-            HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, WEIGHTED=T > 0, DOT_PREC=_dot_prec(q.dtype),
+            HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, **mod_flags, WEIGHTED=T > 0, DOT_PREC=_dot_prec(q.dtype),
             **_launch_opts(cfg))
     return rec
 
 
-def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config):
+def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config, softcap, slopes):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     cfg = _config("cols", D, D, q.dtype, arch=_arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
     nr = rows.numel()
     w = torch.empty((B, Hq, nr, Nk), dtype=torch.float32, device=q.device)
     if nr:
         with _device_ctx(q):
             _launch("attn_weights_kernel", (_cdiv(nr, cfg["BLOCK_M"]), _cdiv(Nk, cfg["BLOCK_N"]), B * Hq),
                 q, k, bias_t, lse, rows, w, *q.stride(), *k.stride(), *sb,
-                Hq, Hq // Hkv, Nq, Nk, D, nr, scale * LOG2E, offset, L, R,
+                Hq, Hq // Hkv, Nq, Nk, D, nr, scale * LOG2E, offset, L, R, *mods,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=_pow2(D), HAS_LEFT=has_l, HAS_RIGHT=has_r,
-                HAS_BIAS=has_b, DOT_PREC=_dot_prec(q.dtype), **_launch_opts(cfg))
+                HAS_BIAS=has_b, **mod_flags, DOT_PREC=_dot_prec(q.dtype), **_launch_opts(cfg))
     return w
 
 
-def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config):
+def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)  # D_i = rowsum(dO ∘ O)
-    flags = dict(BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b,
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
+    flags = dict(BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, **mod_flags,
                  DOT_PREC=_dot_prec(q.dtype))
     with _device_ctx(q):
         pre = 64
@@ -359,12 +384,12 @@ def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq
         cfg = _config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config)
         _launch("attn_bwd_dkdv_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv),
             q, k, v, bias_t, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
-            *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R,
+            *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R, *mods,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags, **_launch_opts(cfg))
         cfg = _config("dq", D, Dv, q.dtype, arch=_arch(q), override=config)
         _launch("attn_bwd_dq_kernel", (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq),
             q, k, v, bias_t, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
-            *dq.stride(), Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R,
+            *dq.stride(), Hq, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R, *mods,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **flags, **_launch_opts(cfg))
 
 
@@ -374,41 +399,46 @@ def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq
 
 @torch.library.custom_op("attnlens::triton_attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, offset: int, left: int,
-                 right: int, entropy: bool, topk: int, config: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                              Tensor]:
-    return _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config)
+                 right: int, entropy: bool, topk: int, config: str, softcap: float = 0.0,
+                 slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap, slopes, sinks)
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, bias, scale, offset, left, right, entropy, topk, config):
+def _attention_fake(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap=0.0, slopes=None,
+                    sinks=None):
     B, Hq, Nq, _ = q.shape
     st = dict(dtype=torch.float32, device=q.device)
     return (q.new_empty((B, Hq, Nq, v.shape[3])), q.new_empty((B, Hq, Nq), **st), q.new_empty((B, Hq, Nq), **st),
             q.new_empty((B, Hq, Nq) if entropy else (0,), **st),
             q.new_empty((B, Hq, Nq, topk) if topk else (0,), dtype=torch.int64),
-            q.new_empty((B, Hq, Nq, topk) if topk else (0,), **st))
+            q.new_empty((B, Hq, Nq, topk) if topk else (0,), **st),
+            q.new_empty((B, Hq, Nq) if sinks is not None else (0,), **st))
 
 
 @torch.library.custom_op("attnlens::triton_attention_backward", mutates_args=("dq", "dk", "dv"))
 def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
                           lse: Tensor, scale: float, offset: int, left: int, right: int, dq: Tensor, dk: Tensor,
-                          dv: Tensor, config: str) -> None:
-    _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config)
+                          dv: Tensor, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None) -> None:
+    _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes)
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config):
+def _attention_backward_fake(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config,
+                             softcap=0.0, slopes=None):
     return None
 
 
 @torch.library.custom_op("attnlens::triton_column_sums", mutates_args=())
 def column_sums_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, weights: Optional[Tensor], scale: float,
-                   offset: int, left: int, right: int, config: str) -> Tensor:
-    return _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config)
+                   offset: int, left: int, right: int, config: str, softcap: float = 0.0,
+                   slopes: Optional[Tensor] = None) -> Tensor:
+    return _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config, softcap, slopes)
 
 
 @column_sums_op.register_fake
-def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, config):
+def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, config, softcap=0.0, slopes=None):
     B, Hq, Nk = q.shape[0], q.shape[1], k.shape[2]
     shape = (B, Hq, Nk) if weights is None else (B, Hq, Nk, weights.shape[-1])
     return q.new_empty(shape, dtype=torch.float32)
@@ -416,12 +446,12 @@ def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, conf
 
 @torch.library.custom_op("attnlens::triton_weight_rows", mutates_args=())
 def weight_rows_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, rows: Tensor, scale: float, offset: int,
-                   left: int, right: int, config: str) -> Tensor:
-    return _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config)
+                   left: int, right: int, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None) -> Tensor:
+    return _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config, softcap, slopes)
 
 
 @weight_rows_op.register_fake
-def _weight_rows_fake(q, k, bias, lse, rows, scale, offset, left, right, config):
+def _weight_rows_fake(q, k, bias, lse, rows, scale, offset, left, right, config, softcap=0.0, slopes=None):
     return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], k.shape[2]), dtype=torch.float32)
 
 
@@ -452,6 +482,12 @@ def _device_type(t: Tensor) -> str:
 
 def _capability(t: Tensor) -> tuple[int, int]:
     return torch.cuda.get_device_capability(t.device)
+
+
+def _mods(inp: AttnInputs) -> tuple:
+    """``(softcap, slopes)`` as the ops take them: 0.0 = no softcap; float32 ``(B|1, Hq)`` slopes or None."""
+    slopes = None if inp.alibi_slopes is None else inp.alibi_slopes.to(torch.float32)
+    return (0.0 if inp.softcap is None else inp.softcap), slopes
 
 
 def _band(inp: AttnInputs) -> tuple[int, int]:
@@ -512,33 +548,36 @@ class TritonBackend(Backend):
         want_ent = bool(lens is not None and lens.entropy)
         topk = lens.topk if lens is not None else 0
         q, k, v = inp.q.detach(), inp.k.detach(), inp.v.detach()
-        out, lse, maxw, ent, tk_i, tk_w = attention_op(q, k, v, bias, inp.scale, inp.offset, left, right, want_ent,
-                                                       topk, self.config)
+        sinks = None if inp.sinks is None else inp.sinks.detach().to(torch.float32)
+        out, lse, maxw, ent, tk_i, tk_w, sinkw = attention_op(q, k, v, bias, inp.scale, inp.offset, left, right,
+                                                              want_ent, topk, self.config, *_mods(inp), sinks)
         if lens is None:
             return out, lse, None
         res = LensResult(lse=lse if lens.lse else None, max_weight=maxw if lens.max_weight else None,
-                         entropy=ent if want_ent else None)
+                         entropy=ent if want_ent else None, sink_weight=None if sinks is None else sinkw)
         if topk:
             res.topk_indices, res.topk_weights = tk_i, tk_w
         if lens.received:
             res.received = self.column_sums(inp, lse)
         if inp.rows is not None:
             rows = torch.tensor(inp.rows, dtype=torch.int32, device=q.device)
-            res.weights = weight_rows_op(q, k, bias, lse, rows, inp.scale, inp.offset, left, right, self.config)
+            res.weights = weight_rows_op(q, k, bias, lse, rows, inp.scale, inp.offset, left, right, self.config,
+                                         *_mods(inp))
             res.rows = inp.rows
         return out, lse, res  # received_from, weights_at, pooled: `finish_lens` (column-sum kernel, pair weights)
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv) -> None:
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
         left, right = _band(inp)
         bufs = [b if b.dtype == torch.float32 else b.float() for b in (dq, dk, dv)]  # the kernels add in fp32
         attention_backward_op(dout.contiguous(), inp.q.detach(), inp.k.detach(), inp.v.detach(), key_bias(inp),
                               out.detach(), lse.to(torch.float32).contiguous(), inp.scale, inp.offset, left, right,
-                              *bufs, self.config)
+                              *bufs, self.config, *_mods(inp))
         for b, f in zip((dq, dk, dv), bufs):
             if f is not b:
                 b.copy_(f)
+        add_sink_grad(inp, out, lse, dout, dsinks)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         left, right = _band(inp)
         return column_sums_op(inp.q.detach(), inp.k.detach(), key_bias(inp), lse.to(torch.float32).contiguous(),
-                              weights, inp.scale, inp.offset, left, right, self.config)
+                              weights, inp.scale, inp.offset, left, right, self.config, *_mods(inp))

@@ -36,7 +36,9 @@ def synthetic(tokens, L=2, H=3, k=3, *, seed=0, full=True) -> ReportData:
     norms = 0.5 + 2 * rng.random((L, H, n))
     data = ReportData(text=" ".join(tokens), tokens=list(tokens), model_name="<b>model</b>", n_layers=L, n_heads=H,
                       entropy=ent, max_weight=w.max(-1), received=w.sum(-2), topk_idx=idx, topk_w=tw,
-                      summaries=[analysis.head_summary(r) for r in results], rollout=roll, rollout_coverage=cov,
+                      summaries=[analysis.head_summary(LensResult(entropy=ent[li], max_weight=w[li].max(-1),
+                                                                  weights=w[li], rows=tuple(range(n))))
+                                 for li in range(L)], rollout=roll, rollout_coverage=cov,
                       weights=w.astype(np.float32) if full else None,
                       contrib=(w * norms[:, :, None, :]).astype(np.float32) if full else None,
                       contrib_kind="‖α v W_O‖" if full else "", warnings=["<warn> & \"x\""])

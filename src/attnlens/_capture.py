@@ -29,10 +29,16 @@ from typing import Any, Optional
 
 import torch
 
+from ._inputs import validate
+from ._scores import pair_weights
+from . import dispatch
 from .api import attention
 from .lens import Lens, LensResult
 
 __all__ = ["AttnCall", "Record", "Recorder", "attend", "activate", "active"]
+
+#: elements of the gathered keys one chunk of `AttnCall.weights_at` may hold (64 MiB of float32)
+PAIR_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,109 @@ class AttnCall:
         return dict(mask=self.mask, causal=self.causal, window=self.window, scale=self.scale, softcap=self.softcap,
                     sinks=self.sinks, alibi_slopes=self.alibi_slopes)
 
+    def select(self, batch: int) -> "AttnCall":
+        """The call restricted to sequence ``batch`` (batch dim kept, of size 1; a broadcast mask stays as is)."""
+        B = self.q.shape[0]
+        if not -B <= batch < B:
+            raise ValueError(f"batch={batch} is out of range for a call of batch size {B}")
+        sl = slice(batch % B, batch % B + 1)
+        mask = self.mask
+        if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[0] > 1:
+            mask = mask[sl]
+        return AttnCall(self.module, self.q[sl], self.k[sl], self.v[sl], mask=mask, causal=self.causal,
+                        window=self.window, scale=self.scale, dropout_p=self.dropout_p)
+
+    def ask(self, lens: Lens, *, batch: Optional[int] = None, backend="auto") -> LensResult:
+        """This call's attention again, without dropout, with ``lens``: its `LensResult` (rank-4 torch)."""
+        call = self if batch is None else self.select(batch)
+        lens = Lens.coerce(lens)
+        if lens is None:
+            raise TypeError("ask: lens must be True or an attnlens.Lens")
+        with torch.no_grad():
+            return attention(call.q, call.k, call.v, lens=lens, backend=backend, **call.options())[1]
+
+    def rows_inputs(self, a: int, b: int, lens: Optional[Lens] = None):
+        """Checked inputs (`AttnInputs`) of queries ``[a, b)`` alone: same keys, mask rows, flags; ``offset`` moved
+        so each query keeps its key position."""
+        Nq, Nk = self.q.shape[2], self.k.shape[2]
+        mask = self.mask
+        if isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[-2] == Nq:
+            mask = mask[..., a:b, :]  # a mask that varies along the queries
+        return validate(self.q[:, :, a:b], self.k, self.v, mask=mask, causal=self.causal, window=self.window,
+                        scale=self.scale, offset=Nk - Nq + a, lens=lens)
+
+    def lse(self) -> torch.Tensor:
+        """``(B, Hq, Nq)``: the call's log-sum-exp (one lse-only pass)."""
+        return self.ask(Lens(max_weight=False, entropy=False, received=False)).lse
+
+    def weights_at(self, idx: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,
+                   max_elems: int = PAIR_ELEMS) -> torch.Tensor:
+        """``P[i, idx[..., i, m]]`` ``(B, Hq, Nq, m)``, exact: ``Lens(at=idx)`` for this call, computed in query chunks
+        so that the gathered keys (``chunk · m · Hq · D`` elements) stay under ``max_elems`` — linear memory for
+        any ``m``. ``lse (B, Hq, Nq)``: the call's lse if known (else one lse-only pass). ``-1`` = none."""
+        call = self if batch is None else self.select(batch)
+        lse = call.lse() if lse is None else lse
+        B, Hq, Nq, D = call.q.shape
+        m = idx.shape[-1]
+        idx4 = idx.reshape((1,) * (4 - idx.ndim) + tuple(idx.shape)).to(call.q.device)
+        step = max(1, max_elems // max(1, B * Hq * m * D))
+        parts = []
+        for a in range(0, Nq, step):
+            b = min(Nq, a + step)
+            sub = idx4[:, :, a:b] if idx4.shape[2] == Nq else idx4
+            used = torch.nonzero((sub >= 0).flatten(0, 2).any(0))  # columns some query of the chunk uses
+            mc = int(used[-1]) + 1 if used.numel() else 0  # rows padded with -1 at the end: skip the padding
+            w = torch.zeros(B, Hq, b - a, m, dtype=lse.dtype, device=lse.device)
+            if mc:
+                w[..., :mc] = pair_weights(call.rows_inputs(a, b), sub[..., :mc], lse[..., a:b])
+            parts.append(w)
+        return torch.cat(parts, dim=2)
+
+    def received_from(self, W: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,
+                      backend="auto") -> torch.Tensor:
+        """``Pᵀ W`` ``(B, Hq, Nk, T)`` for query weights ``W`` broadcastable to ``(B, Hq, Nq, T)``:
+        ``Lens(received_from=W)`` for this call, from its ``lse`` (else one lse-only pass) by the serving backend's column-sum primitive —
+        one pass over only the queries from the first to the last whose row of ``W`` is not zero."""
+        call = self if batch is None else self.select(batch)
+        lse = call.lse() if lse is None else lse
+        W = W.to(call.q.device)
+        W = W[:, None] if W.ndim == 1 else W  # a (Nq,) vector: T = 1
+        W4 = W.reshape((1,) * (4 - W.ndim) + tuple(W.shape))
+        live = torch.nonzero((W4 != 0).transpose(2, 3).flatten(0, 2).any(0)).flatten()
+        B, Hq, Nq, _ = call.q.shape
+        if live.numel() == 0:
+            return torch.zeros(B, Hq, call.k.shape[2], W4.shape[-1], dtype=lse.dtype, device=lse.device)
+        a, b = int(live[0]), int(live[-1]) + 1
+        inp = call.rows_inputs(a, b, Lens(lse=False, max_weight=False, entropy=False, received=False,
+                                          received_from=W4[:, :, a:b]))
+        return dispatch.select(inp, backend).column_sums(inp, lse[..., a:b], inp.received_from)
+
 
 @dataclass(frozen=True)
 class Record:
     """One attention call seen by a capture: the module's qualified ``name``, the call ``index``
-    (0, 1, ... in call order) and its ``result``."""
+    (0, 1, ... in call order), its ``result`` and, unless the capture was made with ``keep_inputs=False``,
+    the ``call``'s inputs (`AttnCall`), which `ask` recomputes."""
 
     name: str
     index: int
     result: LensResult
+    call: Optional[AttnCall] = field(default=None, repr=False, compare=False)
+
+    def ask(self, lens, *, batch: Optional[int] = None, backend="auto") -> LensResult:
+        """Ask this layer again: its attention recomputed with a new `attnlens.Lens` (same q, k, v, mask, causal,
+        window, scale and offset; no dropout), exact, in the layer's own memory (one attention pass, linear
+        memory on the lens backends). ``batch``: only that sequence (the result keeps a batch dim of 1).
+
+        >>> rec.ask(attnlens.Lens(received_from=w))      # what each key receives from the queries weighted by w
+        >>> rec.ask(attnlens.Lens(rows=[5]))             # row 5 of the weights, at any length
+
+        Needs the call's inputs: a capture made with ``keep_inputs=False`` raises ``ValueError``.
+        """
+        if self.call is None:
+            raise ValueError(f"record {self.name!r} (call {self.index}) kept no inputs: capture with "
+                             f"keep_inputs=True (the default) to ask it again")
+        return self.call.ask(lens, batch=batch, backend=backend)
 
 
 @dataclass
@@ -81,6 +181,7 @@ class Recorder:
 
     lens: Lens
     results: list = field(default_factory=list)
+    keep_inputs: bool = True
     _names: dict = field(default_factory=dict, repr=False)
 
     def watches(self, module) -> bool:
@@ -88,6 +189,10 @@ class Recorder:
 
     def _record(self, call: AttnCall, result: LensResult) -> None:
         raise NotImplementedError
+
+    def _kept(self, call: AttnCall) -> Optional[AttnCall]:
+        """What a record keeps of the call: the call itself, or None with ``keep_inputs=False``."""
+        return call if self.keep_inputs else None
 
 
 #: the captures active in this context (innermost last); a thread or task has its own

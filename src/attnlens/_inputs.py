@@ -46,6 +46,10 @@ class AttnInputs:
     sinks: Optional[torch.Tensor] = None
     #: ALiBi slopes ``(B|1, Hq)`` in the statistics dtype: scores ``-= slope·|i + offset - j|``; None = off
     alibi_slopes: Optional[torch.Tensor] = None
+    #: ``Lens.received_from`` as a rank-4 tensor ``(B|1, Hq|1, Nq, T)`` on q's device (stat dtype), or None
+    received_from: Optional[torch.Tensor] = None
+    #: ``Lens.at`` as a rank-4 int64 tensor ``(B|1, Hq|1, Nq|1, m)`` on q's device, or None
+    at: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -256,12 +260,46 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
         alibi_slopes = alibi_slopes.to(stat_dtype(q.dtype))
 
     lens = Lens.coerce(lens)
-    rows = None
+    rows = rf = at = None
     if lens is not None:
         if lens.topk > Nk:
             raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys Nk={Nk}")
         rows = lens.resolve_rows(Nq)
+        rf = _lens_array(lens.received_from, "received_from", numpy_io, q4, (B, Hq, Nq), rank)
+        at = _lens_array(lens.at, "at", numpy_io, q4, (B, Hq, Nq), rank)
+        if at is not None and at.numel() and (int(at.min()) < -1 or int(at.max()) >= Nk):
+            raise ValueError(f"Lens.at: key indices must lie in [0, Nk={Nk}) or be -1 (none), got values in "
+                             f"[{int(at.min())}, {int(at.max())}]")
 
     return AttnInputs(q=q4, k=k4, v=v4, mask=m4, causal=bool(causal), window=win, scale=float(scale),
                       dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io,
-                      offset=offset, seed=seed, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+                      offset=offset, seed=seed, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                      received_from=rf, at=at)
+
+
+def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, rank: int):
+    """``Lens.received_from`` (``(..., Nq, T)`` or a ``(Nq,)`` vector) or ``Lens.at`` (``(..., Nq|1, m)``) as a
+    rank-4 torch tensor on q's device, checked against ``lead = (B, Hq, Nq)`` for an input of rank ``rank``."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray) != numpy_io:
+        raise TypeError(f"Lens.{name} must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), "
+                        f"got {type(a).__name__}")
+    t = _from_numpy(a) if isinstance(a, np.ndarray) else a.detach()
+    if name == "received_from":
+        t = t.to(device=q4.device, dtype=stat_dtype(q4.dtype))
+        if t.ndim == 1:
+            t = t[:, None]  # a (Nq,) vector: T = 1
+        what = "(B, Hq, Nq, T) or a (Nq,) vector"
+    else:
+        t = t.to(device=q4.device, dtype=torch.int64)
+        what = "(B, Hq, Nq, m)"
+    target = lead[4 - rank:]  # (B, Hq, Nq) less the dims the input does not have
+    dims = tuple(t.shape[:-1])
+    ok = len(dims) <= len(target) and all(d in (1, n) for d, n in zip(dims[::-1], target[::-1]))
+    if name == "received_from" and ok:
+        ok = len(dims) >= 1 and dims[-1] == lead[2]  # every query needs its own weight row
+    if not ok:
+        raise ValueError(f"Lens.{name} of shape {tuple(a.shape)} does not broadcast to {what} for q of "
+                         f"(B={lead[0]}, Hq={lead[1]}, Nq={lead[2]}) at rank {rank}")
+    return t.reshape((1,) * (4 - t.ndim) + tuple(t.shape))

@@ -9,26 +9,29 @@ Everything here works on one sequence at a time (``batch=`` picks it) from what 
 - `contributions` (Kobayashi et al. 2020, "Attention is not only a weight"): ``‖α_ij v_j‖`` — a
   large weight on a tiny value vector moves little; with the output projection,
   ``‖α_ij v_j W_O^h‖`` (what head h actually adds to the residual stream).
-- `head_summary`: per head, mean entropy, and how much each head attends to the first token
-  (attention sinks), to the previous token and to itself.
+- `layer_contributions`: the same through all heads together, ``‖Σ_h α^h_ij v_j W_O^h‖`` — the figure the
+  paper reports (the per-head sum is only an upper bound) — for chosen query rows.
+- `head_summary`: per head, mean entropy and max weight, and how much each head attends to the first
+  token (attention sinks), itself, the previous token, earlier copies of the current token (duplicate-token
+  heads) and the token after them (induction heads), or a pattern of your own.
 
-At lengths where the full weights were not kept (``Lens(rows=None)``), what the lens statistics
-determine is answered from them: mean entropy and max weight exactly from ``entropy`` /
-``max_weight``; attention to the first token exactly from ``received`` (column 0 summed over
-queries, divided by their number); attention to self / the previous token as an interval from
-top-k (exact where that key is among a row's top k; otherwise between 0 and the row's k-th
-weight); `rollout` approximately, from the top-k weights only (the mass outside the top k is
-dropped before re-normalising; ``coverage`` says how much was kept).
+All of it is exact at any length, in linear memory, without full weights: a record of `hf.capture` /
+`nn.capture` keeps its layer's inputs (``keep_inputs=True``, the default), and ``record.ask(lens)``
+recomputes the layer with what an analysis needs — ``Lens(received_from=W)`` (``Pᵀ W``: rollout rows carried
+down through the layers) or the weights at chosen keys (``P[i, j] = exp(s_ij − lse_i)``: head scores). Full
+weights (``Lens(rows="all")``), when kept, are used directly. Only ``rollout(allow_topk=True)`` approximates
+(top-k weights only), and only when asked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
-__all__ = ["as_numpy", "layer_weights", "rollout", "contributions", "head_summary", "HeadSummary",
-           "top_received", "topk_dense"]
+__all__ = ["as_numpy", "layer_weights", "rollout", "contributions", "layer_contributions", "head_summary",
+           "HeadSummary", "weights_at", "earlier_same_token", "top_received", "topk_dense"]
 
 
 def as_numpy(x) -> Optional[np.ndarray]:
@@ -109,8 +112,8 @@ def layer_weights(records: Sequence, *, batch: int = 0, allow_topk: bool = False
     return mats, float(np.mean(kept)) if kept else 1.0
 
 
-def rollout(layers: Sequence, *, residual: float = 0.5, batch: int = 0, allow_topk: bool = False,
-            return_coverage: bool = False):
+def rollout(layers: Sequence, *, residual: float = 0.5, batch: int = 0, rows=None, allow_topk: bool = False,
+            return_coverage: bool = False, on_layer: Optional[Callable[[int], None]] = None):
     """Attention rollout (Abnar & Zuidema 2020) through the layers, bottom to top.
 
     ::
@@ -119,22 +122,37 @@ def rollout(layers: Sequence, *, residual: float = 0.5, batch: int = 0, allow_to
         Â_l = rownorm(residual · I + (1 - residual) · Ā_l)  the residual connection as identity
         R   = Â_L · … · Â_2 · Â_1                           R[i, j]: top-layer token i ← input token j
 
+    With ``rows``, only those rows of ``R``, exactly and in linear memory at any length, without full weights:
+    each row vector is carried down from the top layer, ``w ← Â_lᵀ w = r·(w/d) + (1 − r)·mean_h P_hᵀ (w/d)``
+    (``d`` = the row sums that ``rownorm`` divides by), the product ``Pᵀ W`` coming from
+    ``record.ask(Lens(received_from=W))`` — one attention pass per layer for all the rows together.
+
     Args:
-        layers: per layer, weights ``(H, N, N)`` / ``(N, N)`` / ``(B, H, N, N)`` (arrays or
-            tensors), or capture records / `LensResult`s (their full weights, or top-k with
-            ``allow_topk``). Self-attention only (``Nq == Nk``).
+        layers: per layer, weights ``(H, N, N)`` / ``(N, N)`` / ``(B, H, N, N)`` (arrays or tensors), or capture
+            records / `LensResult`s: their full weights (``Lens(rows="all")``) or, with ``rows``, the records'
+            kept inputs (``hf.capture`` / ``nn.capture``, ``keep_inputs=True``). Self-attention only (Nq == Nk).
         residual: the identity's share (0.5 in the paper; 0 = plain product of the head means).
         batch: which sequence, for inputs with a batch dimension.
-        allow_topk: approximate a layer without full weights from its top-k weights.
+        rows: the rows of ``R`` to return (ints, negative from the end), or a ``(T, N)`` float array of row
+            combinations (``c R`` for each row ``c``, e.g. block means for a pooled rollout); ``None`` = all
+            (needs full weights).
+        allow_topk: an *approximation* for records with neither full weights nor kept inputs: each layer's
+            top-k weights only, re-normalised. Measured (issue 10, all-MiniLM-L6-v2, 512 tokens, k = 8): rows
+            ~54% off in total variation. Never the default; prefer ``rows=`` (exact).
         return_coverage: also return the mean fraction of attention weight kept (1.0 = exact).
+        on_layer: called with the number of layers done (a progress bar), with ``rows``.
 
     Returns:
-        ``R (N, N)`` float64, rows summing to 1 (and the coverage if asked).
+        ``R (N, N)`` float64, rows summing to 1 — or ``(len(rows), N)`` with ``rows`` — (and the coverage if
+        asked).
     """
     if not 0.0 <= residual <= 1.0:
         raise ValueError(f"residual must be in [0, 1], got {residual}")
     if len(layers) == 0:
         raise ValueError("rollout: expected at least one layer, got none")
+    if rows is not None:
+        R = _rollout_rows(list(layers), rows, residual, batch, on_layer)
+        return (R, 1.0) if return_coverage else R
     coverage = 1.0
     if hasattr(_result_of(layers[0]), "received") and not isinstance(layers[0], np.ndarray) \
             and not _is_tensor(layers[0]):
@@ -159,6 +177,75 @@ def rollout(layers: Sequence, *, residual: float = 0.5, batch: int = 0, allow_to
             raise ValueError(f"rollout: layers have different lengths {R.shape} and {a.shape}")
         R = a if R is None else a @ R
     return (R, coverage) if return_coverage else R
+
+
+def _dense_layer(layer, batch: int) -> Optional[np.ndarray]:
+    """One layer's weights ``(H, N, N)`` for sequence ``batch`` when they are at hand (an array, or full weights)."""
+    if isinstance(layer, np.ndarray) or _is_tensor(layer):
+        w = as_numpy(layer)
+        w = w[batch] if w.ndim == 4 else w
+        return w if w.ndim == 3 else w[None]
+    return _dense_of(_result_of(layer), batch)
+
+
+def _row_mass(layer, dense, batch: int) -> np.ndarray:
+    """``(N,)``: mean over heads of each row's weight sum (1 for a query that sees a key, 0 otherwise)."""
+    if dense is not None:
+        return dense.sum(-1).mean(0)
+    lse = _stats_of(layer, batch)[0]
+    return np.isfinite(lse).mean(0)
+
+
+def _carry(layer, dense, x: np.ndarray, batch: int) -> np.ndarray:
+    """``mean_h P_hᵀ x`` ``(N, T)`` for ``x (N, T)``: from the dense weights, else the record's call
+    (``Lens(received_from=x)`` from the layer's lse: one column-sum pass, `AttnCall.received_from`)."""
+    if dense is not None:
+        return np.einsum("hit,hij->jt", np.broadcast_to(x, (dense.shape[0],) + x.shape), dense) / dense.shape[0]
+    if getattr(layer, "call", None) is None:
+        raise ValueError("rollout(rows=...): a layer has neither full weights nor kept inputs; capture with "
+                         "keep_inputs=True (the default) or Lens(rows='all')")
+    res = _result_of(layer)
+    lse = None if res.lse is None else res.lse[batch][None]
+    rf = layer.call.received_from(torch.from_numpy(x), lse=lse, batch=batch)  # (1, Hq, N, T): Pᵀ x, one pass
+    return as_numpy(rf)[0].mean(0)  # (N, T)
+
+
+def _start_rows(rows, n: int) -> np.ndarray:
+    """``(N, T)``: column t selects row ``rows[t]`` (ints), or is row t of a ``(T, N)`` float array of combinations."""
+    arr = np.asarray(as_numpy(rows))
+    if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
+        if arr.shape[1] != n:
+            raise ValueError(f"rollout: rows as combinations must be (T, N={n}), got {arr.shape}")
+        return arr.T.astype(np.float64)
+    picked = [int(r) for r in np.atleast_1d(arr)]
+    if any(not -n <= r < n for r in picked):
+        raise ValueError(f"rollout: rows {picked} out of range for N={n}")
+    u = np.zeros((n, len(picked)))
+    u[[r % n for r in picked], np.arange(len(picked))] = 1.0
+    return u
+
+
+def _rollout_rows(layers: list, rows, residual: float, batch: int, on_layer) -> np.ndarray:
+    """Rows of the rollout, carried from the top layer down (see `rollout`)."""
+    n = None
+    for li, layer in enumerate(reversed(layers)):
+        dense = _dense_layer(layer, batch)
+        mass = _row_mass(layer, dense, batch)  # (N,)
+        if n is None:
+            n = mass.shape[0]
+            u = _start_rows(rows, n)
+        if mass.shape[0] != n:
+            raise ValueError(f"rollout: layers have different lengths {n} and {mass.shape[0]}")
+        d = (residual + (1.0 - residual) * mass)[:, None]
+        x = np.divide(u, d, out=np.zeros_like(u), where=d > 0)
+        carried = _carry(layer, dense, x, batch)
+        if carried.shape != x.shape:
+            raise ValueError(f"rollout: needs self-attention (Nq == Nk), got {x.shape[0]} queries and "
+                             f"{carried.shape[0]} keys")
+        u = residual * x + (1.0 - residual) * carried
+        if on_layer is not None:
+            on_layer(li + 1)
+    return u.T.copy()
 
 
 def _is_tensor(x) -> bool:
@@ -209,81 +296,276 @@ def contributions(weights, norms=None, *, batch: int = 0, use_output_projection:
     return w * nv[:, None, :]
 
 
+def layer_contributions(rec, rows, *, batch: int = 0, use_output_projection: bool = True,
+                        key_chunk: Optional[int] = None) -> np.ndarray:
+    """Layer-level value-norm contributions (Kobayashi et al. 2020) for chosen query rows, exact, linear memory:
+
+        C[i, j] = ‖Σ_h P_h[i, j] · f_h(v_j)‖      f_h(v) = v_hᵀ W_O^h (head h's slice of the output projection)
+
+    — the norm of what token j adds, through all heads together, to query i's attention output: the figure
+    the paper reports. The per-head sum ``contributions(...).sum(0)`` is only an upper bound of it (triangle
+    inequality). Without an output projection (or ``use_output_projection=False``), ``f_h(v) = v_h`` placed
+    in head h's slice of the concatenation, so ``C[i, j] = sqrt(Σ_h P_h[i, j]² ‖v_h,j‖²)``.
+
+    Args:
+        rec: a record of `attnlens.hf.capture` (its kept inputs and output projection) or `attnlens.nn.capture`
+            (no projection).
+        rows: query rows (ints).
+        batch: which sequence.
+        key_chunk: keys per step (bounds the ``(len(rows), chunk, E)`` temporary).
+
+    Returns:
+        ``C (len(rows), Nk)`` float64. Cost: one pass for the weight rows, then ``O(Nk · H · Dv · E)`` for the
+        projected values (in key chunks).
+    """
+    from .lens import Lens
+
+    call = getattr(rec, "call", None)
+    if call is None:
+        raise ValueError("layer_contributions: needs a record with kept inputs (capture with keep_inputs=True)")
+    rows = [int(r) for r in np.atleast_1d(rows)]
+    P = rec.ask(Lens(lse=False, max_weight=False, entropy=False, received=False, rows=rows), batch=batch).weights[0]
+    Hq, R, Nk = P.shape
+    v = call.select(batch).v[0].to(P.dtype)  # (Hkv, Nk, Dv)
+    v = v.repeat_interleave(Hq // v.shape[0], dim=0)  # (Hq, Nk, Dv)
+    proj = getattr(rec, "out_proj", None) if use_output_projection else None
+    wo = None if proj is None else _head_slices(proj, Hq, v.shape[-1])
+    if wo is None:
+        sq = torch.einsum("hrn,hn->rn", P.square(), v.square().sum(-1))
+        return as_numpy(sq.clamp_(min=0).sqrt_())
+    wo = wo.to(device=P.device, dtype=P.dtype)  # (Hq, Dv, E)
+    step = key_chunk or max(1, (1 << 24) // max(1, R * wo.shape[-1]))
+    out = torch.empty(R, Nk, dtype=P.dtype, device=P.device)
+    for a in range(0, Nk, step):
+        f = torch.einsum("hnd,hde->hne", v[:, a:a + step], wo)  # (Hq, c, E): each head's value, projected
+        out[:, a:a + step] = torch.linalg.vector_norm(torch.einsum("hrn,hne->rne", P[..., a:a + step], f), dim=-1)
+    return as_numpy(out)
+
+
+def _head_slices(proj, Hq: int, Dv: int) -> Optional[torch.Tensor]:
+    """``W_O`` as ``(Hq, Dv, E)`` head slices (``y = x W``), or None when its input is not ``Hq · Dv`` wide."""
+    w = proj.weight.detach().float()
+    w = w.t() if isinstance(proj, torch.nn.Linear) else w  # GPT-2's Conv1D stores (in, out)
+    if w.shape[0] != Hq * Dv:
+        return None
+    return w.reshape(Hq, Dv, w.shape[1])
+
+
 @dataclass
 class HeadSummary:
-    """Per-head statistics of one layer for one sequence; arrays of shape ``(H,)``.
+    """Per-head statistics of one layer for one sequence; arrays of shape ``(H,)``, every one exact.
 
-    ``first``, ``entropy`` and ``max_weight`` are exact. ``self`` / ``prev`` are exact when
-    ``exact`` (full weights were kept); otherwise they lie in ``[self_lo, self_hi]`` /
-    ``[prev_lo, prev_hi]``, from top-k, and ``self`` / ``prev`` hold the lower bounds.
+    Each is a mean over the *live* queries (padded queries and queries that see no key are left out; see
+    `head_summary`) of a sum of weights ``P[i, j]`` over a set of keys ``S_i``, taken over the live queries
+    whose set is not empty. ``duplicate`` / ``induction`` are ``None`` without ``input_ids``, ``custom``
+    without a ``pattern``. ``self_lo`` … ``prev_hi`` equal ``self`` / ``prev`` (kept for readers of the older
+    bounds; ``exact`` is always True).
     """
 
     entropy: np.ndarray  # mean entropy of the query rows, nats
     max_weight: np.ndarray  # mean largest weight of the query rows
-    first: np.ndarray  # mean weight on key 0 (the first token; attention sinks)
-    self: np.ndarray  # mean weight on the query's own position
-    prev: np.ndarray  # mean weight on the previous position (queries that have one)
+    first: np.ndarray  # mean P[i, 0] (the first token; attention sinks)
+    self: np.ndarray  # mean P[i, pos(i)]
+    prev: np.ndarray  # mean P[i, pos(i) - 1] over queries with pos(i) >= 1
     self_lo: np.ndarray
     self_hi: np.ndarray
     prev_lo: np.ndarray
     prev_hi: np.ndarray
-    exact: bool
+    exact: bool = True
+    duplicate: Optional[np.ndarray] = None  # Σ P[i, j] over earlier j with the same token as pos(i)
+    induction: Optional[np.ndarray] = None  # Σ P[i, j + 1] over those j
+    custom: Optional[np.ndarray] = None  # Σ P[i, j] over the pattern's keys
 
 
-def head_summary(rec, *, batch: int = 0, q_offset: Optional[int] = None) -> HeadSummary:
-    """Summaries of each head of one captured call (a record or a `LensResult`).
-
-    Needs ``entropy``, ``max_weight`` and ``received`` in the lens, and either full weight rows
-    (``rows="all"``, exact) or ``topk`` (bounds for self / previous token).
-    ``q_offset``: position of the first query among the keys (``Nk - Nq``; default from the record).
-    """
-    res = _result_of(rec)
+def _positions(rec, res, nq: int, nk: int, q_offset) -> np.ndarray:
+    """Each query's own key position ``i + q_offset`` (default ``Nk - Nq``, or the record's ``q_offset``)."""
     if q_offset is None:
         q_offset = getattr(rec, "q_offset", None)
-    for name in ("entropy", "max_weight", "received"):
-        if getattr(res, name) is None:
-            raise ValueError(f"head_summary: the lens has no {name}; capture with Lens({name}=True)")
-    ent = _pick(res.entropy, batch, 2)  # (H, Nq)
-    mw = _pick(res.max_weight, batch, 2)
-    rec_ = _pick(res.received, batch, 2)  # (H, Nk)
-    H, nq = ent.shape
-    nk = rec_.shape[-1]
-    off = nk - nq if q_offset is None else q_offset
-    pos = np.arange(nq) + off  # each query's own key position
-    has_self = (pos >= 0) & (pos < nk)  # queries whose own position is a key (never wrap to the end)
-    has_prev = (pos >= 1) & (pos - 1 < nk)
-    first = rec_[:, 0] / nq  # Σ_i P[i, 0] / Nq, exact from the column view
-    if _has_full(res):
-        w = _pick(res.weights, batch, 3)  # (H, Nq, Nk)
-        rows = np.arange(nq)
-        s = w[:, rows[has_self], pos[has_self]].mean(-1) if has_self.any() else np.zeros(H)
-        p = w[:, np.arange(nq)[has_prev], pos[has_prev] - 1].mean(-1) if has_prev.any() else np.zeros(H)
-        return HeadSummary(entropy=ent.mean(-1), max_weight=mw.mean(-1), first=first, self=s, prev=p, self_lo=s,
-                           self_hi=s, prev_lo=p, prev_hi=p, exact=True)
-    if res.topk_indices is None:
-        raise ValueError("head_summary: needs full weights (Lens(rows='all')) or top-k (Lens(topk=k))")
-    ti = _pick(res.topk_indices, batch, 3)  # (H, Nq, k)
-    tw = _pick(res.topk_weights, batch, 3)
-    kth = tw[..., -1]  # a key outside the top k has at most this weight
+    return np.arange(nq) + (nk - nq if q_offset is None else q_offset)
 
-    def bounds(target, rows):
-        hit = ti[:, rows] == target[rows][None, :, None]  # (H, r, k)
-        found = hit.any(-1)
-        lo = np.where(hit, tw[:, rows], 0.0).sum(-1)
-        hi = np.where(found, lo, kth[:, rows])
-        return lo.mean(-1), hi.mean(-1)
 
-    all_rows = np.arange(nq)
-    if has_self.any():
-        s_lo, s_hi = bounds(pos, all_rows[has_self])
-    else:
-        s_lo = s_hi = np.zeros(H)
-    if has_prev.any():
-        p_lo, p_hi = bounds(pos - 1, all_rows[has_prev])
-    else:
-        p_lo = p_hi = np.zeros(H)
-    return HeadSummary(entropy=ent.mean(-1), max_weight=mw.mean(-1), first=first, self=s_lo, prev=p_lo,
-                       self_lo=s_lo, self_hi=s_hi, prev_lo=p_lo, prev_hi=p_hi, exact=False)
+def _dense_of(res, batch: int):
+    """The full weights ``(H, Nq, Nk)`` of one sequence when every row was kept, else None."""
+    return _pick(res.weights, batch, 3) if _has_full(res) else None
+
+
+def _stats_of(rec, batch: int):
+    """``(lse, entropy, max_weight)``, each ``(H, Nq)`` float64 for sequence ``batch``: from the record's
+    result, or asked again (``record.ask``) when the capture's lens did not have them."""
+    res = _result_of(rec)
+    have = [getattr(res, f) is not None for f in ("lse", "entropy", "max_weight")]
+    if all(have[1:]) and (have[0] or _has_full(res)):
+        dense = _dense_of(res, batch)
+        lse = _pick(res.lse, batch, 2) if have[0] else np.where(dense.sum(-1) > 0, 0.0, -np.inf)  # live rows only
+        return lse, _pick(res.entropy, batch, 2), _pick(res.max_weight, batch, 2)
+    if getattr(rec, "call", None) is None:
+        raise ValueError("head_summary: the result lacks lse/entropy/max_weight and the record kept no inputs to "
+                         "ask again; capture with the default Lens() and keep_inputs=True")
+    from .lens import Lens
+
+    again = rec.ask(Lens(received=False), batch=batch)
+    return tuple(as_numpy(getattr(again, f))[0] for f in ("lse", "entropy", "max_weight"))
+
+
+def weights_at(rec, idx, *, batch: int = 0) -> np.ndarray:
+    """``P[i, idx[i, m]]`` ``(H, Nq, m)`` float64 for one sequence, exact: from the full weights when the record
+    kept them, else from the record's call (`attnlens._capture.AttnCall.weights_at`: the pass's lse and the
+    chosen pairs' dot products, in query chunks, linear memory). ``idx (Nq, m)`` int, ``-1`` = none (weight 0)."""
+    res = _result_of(rec)
+    idx = np.asarray(idx, dtype=np.int64)
+    dense = _dense_of(res, batch)
+    if dense is not None:
+        got = np.take_along_axis(dense, np.maximum(idx, 0)[None], axis=-1)
+        return np.where(idx[None] >= 0, got, 0.0)
+    call = getattr(rec, "call", None)
+    if call is None:
+        raise ValueError("needs the full weights (Lens(rows='all')) or a record that kept its inputs "
+                         "(hf.capture / nn.capture with keep_inputs=True, the default)")
+    lse = None if res.lse is None else res.lse[batch][None]
+    return as_numpy(call.weights_at(torch.from_numpy(idx), lse=lse, batch=batch))[0]
+
+
+def _live_queries(rec, res, lse: np.ndarray, pos: np.ndarray, batch: int, live) -> np.ndarray:
+    """Queries that count: they see a key (finite lse in some head) and their own position is not padding — per
+    ``live`` (key positions, ``(B, Nk)`` / ``(Nk,)``) when given, else a key no query may see (from the call's
+    bool mask; with full weights only, a key of weight 0 everywhere)."""
+    ok = np.isfinite(lse).any(0)
+    seen = None
+    call = getattr(rec, "call", None)
+    if live is not None:
+        seen = np.asarray(as_numpy(live)).astype(bool)
+        seen = seen[batch] if seen.ndim == 2 else seen
+    elif call is not None and call.mask is not None and call.mask.dtype == torch.bool:
+        m = call.mask[batch] if call.mask.shape[0] > 1 else call.mask[0]
+        seen = as_numpy(m.reshape(-1, m.shape[-1]).any(0)).astype(bool)  # (Nk,)
+    elif call is None and _has_full(res):
+        seen = (_dense_of(res, batch) > 0).any((0, 1))
+    if seen is not None:
+        inside = (pos >= 0) & (pos < seen.shape[0])
+        ok &= ~inside | seen[np.clip(pos, 0, seen.shape[0] - 1)]
+    return ok
+
+
+def earlier_same_token(tokens) -> np.ndarray:
+    """``(N, m)`` int64: row p lists the earlier positions j < p with ``tokens[j] == tokens[p]`` (ascending),
+    padded with -1; ``m`` = the most earlier occurrences of any position (at least 1)."""
+    tok = np.asarray(tokens).reshape(-1)
+    n = tok.shape[0]
+    order = np.lexsort((np.arange(n), tok))  # by token, then position
+    st = tok[order]
+    start = np.r_[0, np.flatnonzero(st[1:] != st[:-1]) + 1]  # first slot of each token's group
+    first = np.repeat(start, np.diff(np.r_[start, n]))  # (n,) group start of each sorted slot
+    rank = np.arange(n) - first  # earlier occurrences of each sorted slot
+    m = max(1, int(rank.max()) if n else 1)
+    cols = np.arange(m)
+    src = np.minimum(first[:, None] + cols, n - 1)
+    rows = np.where(cols < rank[:, None], order[src], -1)  # (n, m) in sorted order
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+def _pattern_index(pattern, pos: np.ndarray, nk: int) -> np.ndarray:
+    """A user pattern as ``(Nq, m)`` key indices: a function of the query positions ``pos (Nq,)`` returning
+    ``(Nq, m)`` indices, or an index map ``(Nq, m)`` itself; -1 = none."""
+    idx = pattern(pos.copy()) if callable(pattern) else pattern
+    idx = np.asarray(as_numpy(idx))
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"pattern: expected integer key indices, got dtype {idx.dtype}")
+    idx = idx.reshape(pos.shape[0], -1) if idx.ndim == 1 else idx
+    if idx.ndim != 2 or idx.shape[0] != pos.shape[0] or (idx.size and (idx.min() < -1 or idx.max() >= nk)):
+        raise ValueError(f"pattern: expected (Nq={pos.shape[0]}, m) key indices in [-1, {nk}), got shape "
+                         f"{idx.shape}")
+    return idx.astype(np.int64)
+
+
+def _score(rec, idx: np.ndarray, live: np.ndarray, batch: int, exclude_first: bool, H: int) -> np.ndarray:
+    """Mean over live queries with a non-empty key set of ``Σ_m P[i, idx[i, m]]`` ``(H,)``."""
+    if exclude_first:
+        idx = np.where(idx == 0, -1, idx)
+    has = live & (idx >= 0).any(-1)
+    if not has.any():
+        return np.zeros(H)
+    idx = -np.sort(-np.where(has[:, None], idx, -1), axis=-1)  # each row's keys first, its -1 padding last
+    w = weights_at(rec, idx, batch=batch)  # (H, Nq, m)
+    return w[:, has].sum(-1).mean(-1)
+
+
+def head_summary(rec, input_ids=None, *, batch: int = 0, q_offset: Optional[int] = None, exclude_first: bool = False,
+                 pattern=None, live=None) -> HeadSummary:
+    """Exact summaries of each head of one captured call (a record of `hf.capture` / `nn.capture`, or a
+    `LensResult` with full weights), at any length: no full weights needed (the weights at the chosen keys
+    come from the record's inputs and lse, `weights_at`).
+
+    With ``pos(i) = i + q_offset`` the key position of query i (``Nk - Nq`` by default: a generation step's
+    query sits after the cache), every figure is a mean over the live queries with a non-empty key set::
+
+        first     = mean P[i, 0]
+        self      = mean P[i, pos(i)]
+        prev      = mean over queries with pos(i) >= 1 of P[i, pos(i) - 1]             (previous-token heads)
+        duplicate = mean over queries whose token occurred before, of Σ P[i, j] over the earlier positions j
+                    with the same token                                                (duplicate-token heads)
+        induction = mean over the same queries of Σ P[i, j + 1] over those j (j + 1 <= pos(i)): attention to
+                    the token that followed the earlier occurrence                     (induction heads)
+        custom    = mean of Σ P[i, j] over the keys j the ``pattern`` gives query i
+        entropy, max_weight: means of the rows' entropy (nats) and largest weight.
+
+    Args:
+        input_ids: the token ids of the keys ``(B, Nk)`` / ``(Nk,)`` (tensor or array); enables ``duplicate`` and
+            ``induction``.
+        batch: which sequence.
+        q_offset: the position of the first query among the keys; default from the record (``Nk - Nq``).
+        exclude_first: drop key 0 from every key set (TransformerLens's ``exclude_bos``): a query left with an
+            empty set does not count.
+        pattern: a user pattern: a function of the query positions ``pos (Nq,)`` returning key indices
+            ``(Nq, m)`` (-1 = none), or such an index map; gives ``custom``.
+        live: which key positions hold real tokens ``(B, Nk)`` / ``(Nk,)`` bool (e.g. the attention mask); by
+            default a query counts unless it sees no key or its own position is a key no query may see
+            (key padding in the call's bool mask).
+
+    Cost: one weight per query and key set member (O(Nq · m) dot products, in query chunks), plus
+    ``entropy``/``max_weight``/``lse`` from the record (or one more pass when its lens lacked them).
+    """
+    res = _result_of(rec)
+    lse, ent, mw = _stats_of(rec, batch)
+    H, nq = lse.shape
+    nk = _nk_of(rec, res, batch)
+    pos = _positions(rec, res, nq, nk, q_offset)
+    ok = _live_queries(rec, res, lse, pos, batch, live)
+    inside = (pos >= 0) & (pos < nk)
+    own = np.where(inside, pos, -1)[:, None]
+    prev = np.where(inside & (pos >= 1), pos - 1, -1)[:, None]
+    sets = {"first": np.zeros((nq, 1), dtype=np.int64), "self": own, "prev": prev}
+    if input_ids is not None:
+        dup = _duplicates(input_ids, batch, nk, pos)
+        sets.update(duplicate=dup, induction=np.where(dup >= 0, dup + 1, -1))
+    if pattern is not None:
+        sets["custom"] = _pattern_index(pattern, pos, nk)
+    hs = {name: _score(rec, idx, ok, batch, exclude_first and name != "first", H) for name, idx in sets.items()}
+    n = max(int(ok.sum()), 1)
+    return HeadSummary(entropy=np.where(ok, ent, 0).sum(-1) / n, max_weight=np.where(ok, mw, 0).sum(-1) / n,
+                       self_lo=hs["self"], self_hi=hs["self"], prev_lo=hs["prev"], prev_hi=hs["prev"], **hs)
+
+
+def _nk_of(rec, res, batch: int) -> int:
+    for a in (res.received, res.weights):
+        if a is not None:
+            return a.shape[-1]
+    call = getattr(rec, "call", None)
+    if call is None:
+        raise ValueError("head_summary: cannot tell the number of keys (no received, weights or call)")
+    return call.k.shape[2]
+
+
+def _duplicates(input_ids, batch: int, nk: int, pos: np.ndarray) -> np.ndarray:
+    """``(Nq, m)``: for each query, the earlier key positions with its token (``earlier_same_token``)."""
+    ids = as_numpy(input_ids)
+    ids = ids[batch] if ids.ndim == 2 else ids
+    if ids.shape[-1] != nk:
+        raise ValueError(f"input_ids: expected one token id per key position ({nk}), got shape {ids.shape}")
+    table = earlier_same_token(ids)  # (Nk, m)
+    inside = (pos >= 0) & (pos < nk)
+    return np.where(inside[:, None], table[np.clip(pos, 0, nk - 1)], -1)
 
 
 def top_received(rec, k: int = 5, *, batch: int = 0, heads=None):

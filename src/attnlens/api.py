@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from . import dispatch
-from ._backends import Backend
+from ._backends import Backend, finish_lens
 from ._inputs import AttnInputs, stat_dtype, validate
 from .lens import ARRAY_FIELDS, Lens, LensResult, Merger
 
@@ -115,7 +115,7 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
     if inp.requires_grad and be.capabilities.block:
         out, _, res = differentiable(_BlockCall(be, inp), inp.q, inp.k, inp.v, sinks=inp.sinks)
     else:
-        out, _, res = be.forward(inp)  # sdpa: PyTorch's own autograd
+        out, _, res = _BlockCall(be, inp).forward()  # sdpa: PyTorch's own autograd
     return _finish(inp, out, res)
 
 
@@ -145,7 +145,11 @@ class _BlockCall:
         self.backend, self.inp = backend, inp
 
     def forward(self):
-        return self.backend.forward(self.inp)
+        """The backend's forward; then the lens fields its pass left to the block primitives (`finish_lens`)."""
+        out, lse, res = self.backend.forward(self.inp)
+        if res is not None and self.backend.capabilities.block:
+            res = finish_lens(self.backend, self.inp, lse, res)
+        return out, lse, res
 
     def backward(self, out, lse, dout):
         inp = self.inp

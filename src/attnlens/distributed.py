@@ -263,6 +263,10 @@ def _local_call(q, k, v, *, causal, window, scale, lens, layout, backend):
     if lens is not None and lens.rows is not None:
         raise ValueError(f"ring_attention: Lens.rows={lens.rows!r} is not supported across ranks (full weight "
                          f"rows would span every rank's keys); use attnlens.attention on gathered tensors")
+    for name in ("received_from", "at", "pool"):
+        if lens is not None and getattr(lens, name) is not None:
+            raise ValueError(f"ring_attention: Lens.{name} is not supported across ranks yet; use "
+                             f"attnlens.attention on gathered tensors")
     inp = validate(q, k, v, causal=causal, window=window, scale=scale)
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     # the backend of every pass, chosen on this rank's own block (the diagonal one) with the lens the

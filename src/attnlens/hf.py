@@ -109,12 +109,16 @@ class HFRecord(Record):
             recognises (see `output_projection`).
         q_offset: ``Nk - Nq``: the position of the first query among the keys (the cache length
             in a generation step, 0 otherwise).
+        call: the call's inputs (`attnlens._capture.AttnCall`: post-rotary q and k, v, mask, flags) unless
+            captured with ``keep_inputs=False``; ``ask(lens)`` recomputes the layer with another lens.
+        out_proj: the attention module's output projection (`output_projection`), or ``None``.
     """
 
     layer: int
     value_norms: Optional[torch.Tensor] = None
     out_norms: Optional[torch.Tensor] = None
     q_offset: int = 0
+    out_proj: Optional[nn.Module] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(kw_only=True)
@@ -163,9 +167,10 @@ class HFCapture(Recorder):
     def _record(self, call, result):
         module, Hq = call.module, call.q.shape[1]
         norms, out_norms = self._value_stats(module, call.v, Hq) if self.values else (None, None)
-        rec = HFRecord(layer=self._layer_of(module), index=len(self.results), name=self._names.get(module, ""),
-                       result=result, value_norms=norms, out_norms=out_norms,
-                       q_offset=call.k.shape[2] - call.q.shape[2])
+        name = self._names.get(module, "")
+        rec = HFRecord(layer=self._layer_of(module), index=len(self.results), name=name,
+                       result=result, call=self._kept(call), value_norms=norms, out_norms=out_norms,
+                       q_offset=call.k.shape[2] - call.q.shape[2], out_proj=output_projection(self.model, module, name))
         self.results.append(rec)
         if self.on_record is not None:
             self.on_record(rec)
@@ -274,7 +279,7 @@ def _impl_of(model) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def capture(model, *, lens=None, values: bool = True, on_record=None):
+def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True):
     """Within the block, every attention call inside ``model`` runs through `attnlens.attention`
     and records an `HFRecord`.
 
@@ -292,6 +297,15 @@ def capture(model, *, lens=None, values: bool = True, on_record=None):
         values: also record ``‖v_j‖`` and ``‖v_j W_O^h‖`` per head (for
             `attnlens.analysis.contributions`).
         on_record: called with each `HFRecord` as it is recorded (e.g. to advance a progress bar).
+        keep_inputs: keep each call's inputs — the post-rotary q and k, v, the mask — so that
+            ``record.ask(lens)`` recomputes that layer with a new `attnlens.Lens` (exact rollout rows,
+            head scores, weights at chosen keys; see `attnlens.analysis`). Cost: references to the
+            tensors the layer made, kept alive: ``B · N · (Hq + 2 · Hkv) · D`` elements per layer in the
+            model's dtype (24 MiB per layer at 32k tokens with 8 query and 2 key/value heads of D = 16 in
+            float32), plus the mask the model built, if any (transformers builds a dense
+            ``(B, 1, N, N)`` bool mask only for padding or windows). In generation each step's record keeps
+            the keys and values of the cache so far, which adds up over long generations: pass
+            ``keep_inputs=False`` there. ``False`` keeps none.
 
     Yields:
         an `HFCapture`; ``cap.results`` lists `HFRecord` in call order.
@@ -305,7 +319,7 @@ def capture(model, *, lens=None, values: bool = True, on_record=None):
     lens = Lens.coerce(True if lens is None else lens)
     if lens is None:
         raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
-    cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record)
+    cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
     cap._names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
     previous = _impl_of(model)
     switched = previous != IMPLEMENTATION

@@ -7,7 +7,7 @@ rank-3 input drop ``B``, for rank-2 input drop ``B`` and ``Hq``.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence, Union
 
 import torch
@@ -37,6 +37,20 @@ class Lens:
         rows: query rows whose full weight rows to return, ``weights (B, Hq, len(rows), Nk)``:
             a list of ints (negative counts from the end), a ``slice``/``range``, or ``"all"``
             (the whole n × n matrix — only ask for it when it fits in memory).
+        received_from: query weights ``W`` (NumPy array or torch tensor, the call's kind) broadcastable
+            to ``(B, Hq, Nq, T)``, or a ``(Nq,)`` vector (T = 1): returns ``received_from (B, Hq, Nk, T)``
+            ``= Pᵀ W``, what each key receives from the queries weighted by ``W`` (``W = 1`` gives
+            ``received``; a one-hot column gives one row of ``P``; a rollout row carried backwards through
+            a layer is ``Pᵀ w``). Computed in the pass, like the backward's ``dV = Pᵀ dO``.
+        at: integer key indices broadcastable to ``(B, Hq, Nq, m)`` (a ``(m,)`` vector: the same keys for
+            every query): returns ``weights_at (B, Hq, Nq, m)`` ``= P[i, at[..., i, m]]``; ``-1`` means none
+            (weight 0). Exact from the row's lse and the chosen pairs' dot products, O(Nq · m).
+        pool: ``(bq, bk)`` block sizes: returns ``pooled (B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉)``, the sums of ``P`` over
+            blocks of ``bq`` queries × ``bk`` keys (the last blocks may be shorter) — a thumbnail of the
+            weights at any length. An int b means ``(b, b)``.
+
+    ``received_from`` and ``at`` compare by identity (two lenses are equal when they hold the same
+    array objects), so a `Lens` stays hashable.
     """
 
     lse: bool = True
@@ -45,8 +59,28 @@ class Lens:
     received: bool = True
     topk: int = 0
     rows: RowsSpec = None
+    received_from: Any = field(default=None, compare=False)
+    at: Any = field(default=None, compare=False)
+    pool: Any = None
+
+    def __eq__(self, other):
+        if not isinstance(other, Lens):
+            return NotImplemented
+        same = all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.compare)
+        return same and self.received_from is other.received_from and self.at is other.at
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            val = getattr(self, f.name)
+            if f.default is not None and val == f.default or val is None:
+                continue
+            shown = f"<{type(val).__name__} {tuple(val.shape)}>" if hasattr(val, "shape") else repr(val)
+            parts.append(f"{f.name}={shown}")
+        return "Lens(" + ", ".join(parts) + ")"
 
     def __post_init__(self):
+        self._check_arrays()
         for name in ("lse", "max_weight", "entropy", "received"):
             val = getattr(self, name)
             if not isinstance(val, bool):
@@ -58,6 +92,9 @@ class Lens:
         rows = self.rows
         if rows is None or isinstance(rows, (slice, range)):
             return
+        self._check_rows(rows)
+
+    def _check_rows(self, rows):
         if isinstance(rows, str):
             if rows != "all":
                 raise ValueError(f"Lens.rows must be a list of ints, a slice, or 'all'; got the string {rows!r}")
@@ -70,6 +107,33 @@ class Lens:
             if isinstance(r, bool) or not isinstance(r, numbers.Integral):
                 raise TypeError(f"Lens.rows must hold ints, got {type(r).__name__} {r!r}")
         object.__setattr__(self, "rows", tuple(int(r) for r in items))
+
+    def _check_arrays(self):
+        """``received_from`` float, ``at`` integer (NumPy or torch); ``pool`` as a pair of ints >= 1."""
+        for name, want in (("received_from", "floating"), ("at", "integer")):
+            a = getattr(self, name)
+            if a is None:
+                continue
+            if not hasattr(a, "dtype") or not hasattr(a, "shape") or isinstance(a, (bool, numbers.Number)):
+                raise TypeError(f"Lens.{name} must be a NumPy array or torch tensor, got {type(a).__name__}")
+            kind = _dtype_kind(a)
+            if kind != want:
+                raise TypeError(f"Lens.{name} must have a {want} dtype, got {a.dtype}")
+            if not 1 <= len(a.shape) <= 4:
+                raise ValueError(f"Lens.{name} must have 1 to 4 dims, got shape {tuple(a.shape)}")
+        pool = self.pool
+        if pool is None:
+            return
+        pair = (pool, pool) if isinstance(pool, numbers.Integral) and not isinstance(pool, bool) else pool
+        try:
+            pair = tuple(pair)
+        except TypeError:
+            raise TypeError(f"Lens.pool must be an int or a pair (bq, bk) of ints >= 1, got {pool!r}") from None
+        if len(pair) != 2 or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in pair):
+            raise TypeError(f"Lens.pool must be an int or a pair (bq, bk) of ints >= 1, got {pool!r}")
+        if min(pair) < 1:
+            raise ValueError(f"Lens.pool block sizes must be >= 1, got {pool!r}")
+        object.__setattr__(self, "pool", (int(pair[0]), int(pair[1])))
 
     @classmethod
     def coerce(cls, lens) -> "Lens | None":
@@ -103,7 +167,22 @@ class Lens:
 
     @property
     def needs_any(self) -> bool:
-        return any((self.lse, self.max_weight, self.entropy, self.received, self.topk, self.rows is not None))
+        return any((self.lse, self.max_weight, self.entropy, self.received, self.topk, self.rows is not None,
+                    self.received_from is not None, self.at is not None, self.pool is not None))
+
+
+def _dtype_kind(a) -> str:
+    """``"floating"``, ``"integer"`` or ``"other"`` for a NumPy array or torch tensor's dtype."""
+    dt = a.dtype
+    if isinstance(dt, torch.dtype):
+        if dt.is_floating_point:
+            return "floating"
+        return "integer" if dt != torch.bool and not dt.is_complex else "other"
+    import numpy as np
+
+    if np.issubdtype(dt, np.floating):
+        return "floating"
+    return "integer" if np.issubdtype(dt, np.integer) else "other"
 
 
 @dataclass
@@ -123,6 +202,9 @@ class LensResult:
         topk_indices, topk_weights ``(B, Hq, Nq, k)``: most attended keys, largest first;
             index -1 where the weight is 0.
         weights ``(B, Hq, len(rows), Nk)``: full weight rows for ``rows``.
+        received_from ``(B, Hq, Nk, T)``: ``Pᵀ W`` for ``Lens(received_from=W)``.
+        weights_at ``(B, Hq, Nq, m)``: ``P[i, at[..., i, m]]`` for ``Lens(at=...)`` (0 where the index is -1).
+        pooled ``(B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉)``: block sums of ``P`` for ``Lens(pool=(bq, bk))``.
         rows: the query indices of ``weights`` (non-negative), or ``None``.
         sink_weight ``(B, Hq, Nq)``: with ``attention(..., sinks=...)``, the weight of each row's sink,
             ``exp(sink - lse)`` (1 for a row that sees no key); ``None`` without sinks. The other fields
@@ -138,6 +220,9 @@ class LensResult:
     topk_indices: Any = None
     topk_weights: Any = None
     weights: Any = None
+    received_from: Any = None
+    weights_at: Any = None
+    pooled: Any = None
     rows: tuple[int, ...] | None = None
     sink_weight: Any = None
 
@@ -163,7 +248,8 @@ class LensResult:
 
 
 #: the array fields of a `LensResult` (``rows`` is a tuple of ints)
-ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights", "sink_weight")
+ARRAY_FIELDS = ("lse", "max_weight", "entropy", "received", "topk_indices", "topk_weights", "weights", "sink_weight",
+                "received_from", "weights_at", "pooled")
 
 
 class Merger:

@@ -385,11 +385,11 @@ class Capture(Recorder):
     """What a `capture` block records: ``results``, a list of `CaptureRecord` in call order."""
 
     def _record(self, call, result):
-        self.results.append(CaptureRecord(self._names[call.module], len(self.results), result))
+        self.results.append(CaptureRecord(self._names[call.module], len(self.results), result, self._kept(call)))
 
 
 @contextlib.contextmanager
-def capture(module, *, lens=None):
+def capture(module, *, lens=None, keep_inputs: bool = True):
     """Within the block, every call of a `MultiHeadAttention` inside ``module`` records a `LensResult`.
 
     >>> with attnlens.nn.capture(model, lens=attnlens.Lens(topk=4)) as cap:
@@ -400,10 +400,13 @@ def capture(module, *, lens=None):
     Args:
         module: any ``nn.Module`` tree containing `MultiHeadAttention` instances.
         lens: the statistics to record; ``None`` or ``True`` = ``Lens()`` (the defaults).
+        keep_inputs: keep each call's q, k, v (detached references to the tensors the layer made, so they
+            stay alive: O(N · D) per layer, the size of its q, k and v) and mask, so ``record.ask(lens)``
+            can recompute it with another lens. ``False`` frees them with the forward pass.
 
     Yields:
         a `Capture`; ``cap.results`` is a list of `CaptureRecord` (``.name``, ``.index``,
-        ``.result``) in call order. The model's outputs are the same as outside the block
+        ``.result``, ``.ask(lens)``) in call order. The model's outputs are the same as outside the block
         up to rounding (the lens needs the ``"torch"`` backend instead of ``"sdpa"``; in
         training mode with dropout, the random dropout masks differ too).
 
@@ -416,7 +419,7 @@ def capture(module, *, lens=None):
     lens = Lens.coerce(True if lens is None else lens)
     if lens is None:
         raise TypeError("lens must be None, True, or an attnlens.Lens, got False")
-    cap = Capture(lens=lens)
+    cap = Capture(lens=lens, keep_inputs=bool(keep_inputs))
     cap._names = {m: name for name, m in module.named_modules() if isinstance(m, MultiHeadAttention)}
     if not cap._names:
         raise ValueError(f"module ({type(module).__name__}) contains no attnlens.nn.MultiHeadAttention to capture")

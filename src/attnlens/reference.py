@@ -92,9 +92,12 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
     return out, w[..., :Nk], lse
 
 
-def reference_lens(weights, lse, topk=0, rows=None, sinks=None):
+def reference_lens(weights, lse, topk=0, rows=None, sinks=None, received_from=None, at=None, pool=None):
     """Every lens statistic from the dense float64 weights (see `attnlens.LensResult`); with ``sinks``
-    (broadcastable to ``(B, Hq)``) also ``sink_weight = exp(sink - lse)``, and the entropy counts the sink."""
+    (broadcastable to ``(B, Hq)``) also ``sink_weight = exp(sink - lse)``, and the entropy counts the sink.
+
+    ``received_from``: query weights broadcastable to ``(B, Hq, Nq, T)`` → ``Pᵀ W``; ``at``: key indices
+    broadcastable to ``(B, Hq, Nq, m)`` (-1 = none) → ``P[i, at]``; ``pool=(bq, bk)`` → block sums of ``P``."""
     from .lens import LensResult
 
     w = weights
@@ -119,6 +122,15 @@ def reference_lens(weights, lse, topk=0, rows=None, sinks=None):
     if rows is not None:
         res.rows = tuple(rows)
         res.weights = w[..., list(rows), :]
+    if received_from is not None:
+        res.received_from = np.swapaxes(w, -1, -2) @ np.asarray(received_from, dtype=np.float64)
+    if at is not None:
+        idx = np.broadcast_to(np.asarray(at), w.shape[:-1] + (np.shape(at)[-1],))
+        res.weights_at = np.where(idx >= 0, np.take_along_axis(w, np.maximum(idx, 0), axis=-1), 0.0)
+    if pool is not None:
+        bq, bk = pool
+        pooled = np.add.reduceat(w, np.arange(0, w.shape[-2], bq), axis=-2)
+        res.pooled = np.add.reduceat(pooled, np.arange(0, w.shape[-1], bk), axis=-1)
     return res
 
 

@@ -13,6 +13,10 @@ on checked `AttnInputs` (rank-4 torch views):
     column_sums(inp, lse, weights=None)        -> Σ_i exp(s_ij - lse_i) · W_i: (B, Hq, Nk) for W = 1
                                                   (``received``), (B, Hq, Nk, T) for W (B, Hq, Nq, T)
 
+The lens fields that follow from the lse — ``received_from`` (``Pᵀ W``), ``weights_at`` (``P`` at chosen keys)
+and ``pooled`` (block sums of ``P``) — a backend may compute in its pass (reference, torch) or leave ``None``:
+`finish_lens` fills them from ``column_sums`` and `attnlens._scores.pair_weights` after the forward (triton).
+
 With the block's own lse these give its own statistics and gradients; ring attention and split-KV
 pass the *global* lse of queries that also saw other keys, and get the block's share of the global
 weights — which is what lets every integration run on whichever backend serves the call.
@@ -28,10 +32,11 @@ from typing import Optional
 
 import torch
 
-from .._inputs import FLOAT_DTYPES, AttnInputs, stat_dtype  # noqa: F401 (stat_dtype: for the backends)
+from .._inputs import FLOAT_DTYPES, AttnInputs, stat_dtype
+from .._scores import pair_weights
 
-#: lens fields a request may ask for (`Lens` flags and the top-k / rows options)
-LENS_FIELDS = ("lse", "max_weight", "entropy", "received", "topk", "rows")
+#: lens fields a request may ask for (`Lens` flags and the top-k / rows / received_from / at / pool options)
+LENS_FIELDS = ("lse", "max_weight", "entropy", "received", "topk", "rows", "received_from", "at", "pool")
 #: mask features: "bool", "float" (additive), "query" (varies along the queries: not a key mask),
 #: "float_grad" (a gradient with respect to a float mask)
 MASK_FEATURES = ("bool", "float", "query", "float_grad")
@@ -49,9 +54,58 @@ def requested_fields(inp: AttnInputs) -> list[str]:
     want = [f for f in ("lse", "max_weight", "entropy", "received") if getattr(lens, f)]
     if lens.topk:
         want.append("topk")
-    if lens.rows is not None:
-        want.append("rows")
+    want += [f for f in ("rows", "received_from", "at", "pool") if getattr(lens, f) is not None]
     return want
+
+
+def finish_lens(backend: "Backend", inp: AttnInputs, lse, res):
+    """Fill the fields of ``res`` the backend's own pass did not, from the block primitives and the pass's ``lse``:
+
+    - ``weights_at`` = ``exp(s_i,idx - lse_i)`` from `attnlens._scores.pair_weights` (every backend: one path,
+      O(Nq · m), exact);
+    - ``received_from`` = ``backend.column_sums(inp, lse, W)`` (``Pᵀ W``);
+    - ``pooled`` = block sums of ``P`` through ``column_sums`` with ``W`` = one-hot of the query blocks, summed
+      over key blocks (`pooled_from_columns`). Linear memory, exact.
+    """
+    if res is None:
+        return None
+    if inp.at is not None and res.weights_at is None:
+        res.weights_at = pair_weights(inp, inp.at, lse)
+    if inp.received_from is not None and res.received_from is None:
+        res.received_from = backend.column_sums(inp, lse, inp.received_from)
+    if inp.lens.pool is not None and res.pooled is None:
+        res.pooled = pooled_from_columns(backend, inp, lse)
+    return res
+
+
+#: query blocks per column-sum pass of `pooled_from_columns` (bounds its (B, Hq, Nk, T) buffer)
+POOL_COLUMNS = 32
+
+
+def block_sums(x: torch.Tensor, b: int, dim: int) -> torch.Tensor:
+    """Sums of ``x`` over consecutive blocks of ``b`` along ``dim`` (the last block may be shorter)."""
+    n = x.shape[dim]
+    nb = -(-n // b)
+    x = x.movedim(dim, -1)
+    if nb * b != n:
+        x = torch.nn.functional.pad(x, (0, nb * b - n))
+    return x.unflatten(-1, (nb, b)).sum(-1).movedim(-1, dim)
+
+
+def pooled_from_columns(backend: "Backend", inp: AttnInputs, lse) -> torch.Tensor:
+    """``pooled (B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉)`` = block sums of ``P``, from ``column_sums`` with ``W`` the one-hot
+    of the query blocks (``POOL_COLUMNS`` blocks per pass), then sums over key blocks."""
+    B, Hq, _, Nq, Nk, _, _ = inp.shape
+    bq, bk = inp.lens.pool
+    nbq = -(-Nq // bq)
+    blk = torch.arange(Nq, device=inp.q.device) // bq  # (Nq,): each query's block
+    parts = []
+    for c0 in range(0, nbq, POOL_COLUMNS):
+        cols = torch.arange(c0, min(nbq, c0 + POOL_COLUMNS), device=blk.device)
+        w = (blk[:, None] == cols[None, :]).to(stat_dtype(inp.q.dtype))[None, None]  # (1, 1, Nq, T)
+        cs = backend.column_sums(inp, lse, w)  # (B, Hq, Nk, T)
+        parts.append(block_sums(cs, bk, 2).transpose(-1, -2))  # (B, Hq, T, nbk)
+    return torch.cat(parts, dim=2)
 
 
 @dataclass(frozen=True)

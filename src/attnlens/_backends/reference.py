@@ -38,7 +38,10 @@ class ReferenceBackend(Backend):
         lse_t = torch.from_numpy(lse).to(device=dev, dtype=sd)
         if inp.lens is None:
             return out_t, lse_t, None
-        res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows, sinks=_np64(inp.sinks))
+        extra = None if inp.received_from is None else _np64(inp.received_from)
+        at = None if inp.at is None else inp.at.cpu().numpy()
+        res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows, received_from=extra, at=at,
+                             pool=inp.lens.pool, sinks=_np64(inp.sinks))
         for name in ("lse", "max_weight", "entropy", "received"):  # drop what was not asked for
             if not getattr(inp.lens, name):
                 setattr(res, name, None)

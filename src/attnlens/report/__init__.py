@@ -7,8 +7,10 @@
 - `attnlens.report.plots.write_pngs(data, folder)` → matplotlib heatmaps.
 
 Full weight rows are captured when all layers' ``(H, N, N)`` fit in ``FULL_BYTES`` (always for
-MiniLM's 512 tokens: 75 MB); beyond that, only the lens statistics and top-k are captured and the
-weight views come from top-k (rollout approximately; the page says so).
+MiniLM's 512 tokens: 75 MB); beyond that, nothing ``N × N`` is ever held: the capture keeps the lens
+statistics, top-k (the token view), pooled maps (``Lens(pool=...)``: the layer × head grid) and each
+layer's inputs, and the rollout (pooled to the page's size: block means of its rows, carried through the
+layers with ``Pᵀ W``) and the head scores are computed exactly from them (`attnlens.analysis`).
 """
 from __future__ import annotations
 
@@ -17,12 +19,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["ReportData", "collect", "from_records", "model_max_length", "FULL_BYTES", "DEFAULT_TOPK"]
+__all__ = ["ReportData", "collect", "from_records", "pooled_rollout", "model_max_length", "FULL_BYTES",
+           "DEFAULT_TOPK", "ROLLOUT_BLOCKS"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
 FULL_BYTES = 512 << 20
 #: top-k kept per query and head for the terminal summary and long inputs
 DEFAULT_TOPK = 8
+#: without full weights, the rollout is carried as this many block means of its rows (each costs one column of
+#: P^T W per layer: at 256 the column passes cost ~8 forward passes; benchmarks/analysis.py measures explain)
+ROLLOUT_BLOCKS = 64
 
 
 @dataclass
@@ -46,13 +52,14 @@ class ReportData:
     received: np.ndarray  # (L, H, N) column sums
     topk_idx: np.ndarray  # (L, H, N, k) int64
     topk_w: np.ndarray  # (L, H, N, k)
-    summaries: list  # one analysis.HeadSummary per layer
-    rollout: np.ndarray  # (N, N)
-    rollout_coverage: float
+    summaries: list  # one analysis.HeadSummary per layer (exact; duplicate / induction from the token ids)
+    rollout: np.ndarray  # (N, N), or (t, t) block means of it (html._pool's blocks) when weights were not kept
+    rollout_coverage: float  # 1.0: the rollout is exact
     weights: Optional[np.ndarray] = None
     contrib: Optional[np.ndarray] = None
     contrib_kind: str = ""
     warnings: list = field(default_factory=list)
+    thumbs: Optional[np.ndarray] = None  # (L, H, t, t) block means of each head's weights when weights were not kept
     segments: Optional[list] = None  # (N,) segment of each token (0, 1) for a sentence pair, else None
     cross: Optional[dict] = None  # encoder-decoder models: {"tokens": decoder tokens, "weights": (Ld, H, Nd, N)}
     sink_weight: Optional[np.ndarray] = None
@@ -94,25 +101,29 @@ def tokenize(text: str, model, tokenizer, *, truncate: bool = False, pair: Optio
 
 
 def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
-            on_layer: Optional[Callable[[int], None]] = None, pair: Optional[str] = None) -> ReportData:
-    """Run ``model`` on ``text`` (and ``pair``, a second sentence) under `attnlens.hf.capture` and
-    compute the analyses.
+            on_layer: Optional[Callable[[int], None]] = None, pair: Optional[str] = None,
+            on_analysis: Optional[Callable[[int, int], None]] = None) -> ReportData:
+    """Run ``model`` on ``text`` (and ``pair``, a second sentence) under `attnlens.hf.capture` and compute the
+    analyses, exactly, in linear memory unless the full weights fit in ``FULL_BYTES``.
 
-    ``on_layer(i)`` is called as each attention layer finishes (for a progress bar).
+    ``on_layer(i)`` is called as each attention layer finishes, ``on_analysis(done, total)`` as each analysis step
+    (a layer's head scores, a layer of the rollout) finishes (for progress bars).
     """
     import torch
 
     from .. import analysis, hf
     from ..lens import Lens
+    from .html import ROLLOUT_MAX, THUMB
 
     enc, warnings = tokenize(text, model, tokenizer, truncate=truncate, pair=pair)
     n = enc["input_ids"].shape[1]
     L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
     H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
     full = L * H * n * n * 4 <= FULL_BYTES if L and H else n <= 512
-    lens = Lens(topk=min(topk, n), rows="all" if full else None)
+    blk = -(-n // min(THUMB, n))  # thumbnail blocks of blk × blk tokens
+    lens = Lens(topk=min(topk, n), rows="all" if full else None, pool=None if full else (blk, blk))
     cb = (lambda rec: on_layer(rec.index)) if on_layer is not None else None
-    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb) as cap:
+    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb, keep_inputs=not full) as cap:
         model(**enc)
     recs = cap.layers()
     if not recs:
@@ -122,26 +133,54 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         return np.stack([analysis.as_numpy(get(r))[0] for r in recs])
 
     entropy = stack(lambda r: r.result.entropy)
+    ids = enc["input_ids"]
     data = ReportData(
-        text=text, tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())],
+        text=text, tokens=[str(t) for t in tokenizer.convert_ids_to_tokens(ids[0].tolist())],
         model_name=str(getattr(model.config, "name_or_path", "") or type(model).__name__),
         n_layers=len(recs), n_heads=entropy.shape[1], entropy=entropy,
         max_weight=stack(lambda r: r.result.max_weight), received=stack(lambda r: r.result.received),
         topk_idx=stack(lambda r: r.result.topk_indices), topk_w=stack(lambda r: r.result.topk_weights),
-        summaries=[analysis.head_summary(r) for r in recs], rollout=None, rollout_coverage=1.0,
-        warnings=warnings)
+        summaries=[], rollout=None, rollout_coverage=1.0, warnings=warnings)
+    done, total = [0], len(recs) * (1 if full else 2)
+
+    def tick(*_):
+        done[0] += 1
+        if on_analysis is not None:
+            on_analysis(done[0], total)
+
+    for r in recs:
+        data.summaries.append(analysis.head_summary(r, ids))
+        tick()
     data.segments = _segments(enc) if pair is not None else None
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
-    data.rollout, data.rollout_coverage = analysis.rollout(recs, allow_topk=True, return_coverage=True)
     if full:
+        data.rollout = analysis.rollout(recs)
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)
         data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
-        data.warnings.append(f"{n} tokens: full weights were not kept; views use each query's top {lens.topk} "
-                             f"keys (rollout approximate, {data.rollout_coverage:.0%} of the weight kept)")
+        data.rollout = pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n), on_layer=tick)
+        sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
+        data.thumbs = (stack(lambda r: r.result.pooled) / np.outer(sizes, sizes)).astype(np.float32)  # block means
+        data.warnings.append(f"{n} tokens: full weights were not kept; the token view shows each query's top "
+                             f"{lens.topk} keys (rollout, head scores and the head grid are exact)")
     return data
+
+
+def pooled_rollout(recs, n: int, t: int, on_layer=None, batch: int = 0) -> np.ndarray:
+    """The rollout ``(N, N)`` pooled to ``(t, t)`` block means (html._pool's blocks), exactly, in linear memory:
+    the block means of its rows are carried through the layers (``analysis.rollout(rows=...)``), then the
+    columns are averaged by blocks."""
+    from .. import analysis
+
+    edges = (np.arange(t) * n) // t
+    counts = np.diff(np.append(edges, n))
+    blocks = np.searchsorted(edges, np.arange(n), side="right") - 1  # (N,): each token's block
+    start = np.zeros((t, n))
+    start[blocks, np.arange(n)] = 1.0 / counts[blocks]  # row b: the mean of block b's rows
+    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t, N)
+    return np.add.reduceat(R, edges, axis=-1) / counts[None, :]
 
 
 def _segments(enc) -> list:
@@ -199,10 +238,16 @@ def from_records(records, tokens, *, text: str = "", model_name: str = "", batch
                       model_name=model_name, n_layers=len(recs), n_heads=entropy.shape[1], entropy=entropy,
                       max_weight=per_layer("max_weight"), received=per_layer("received"),
                       topk_idx=per_layer("topk_indices"), topk_w=per_layer("topk_weights"),
-                      summaries=[analysis.head_summary(r, batch=batch) for r in recs], rollout=None,
-                      rollout_coverage=1.0, warnings=list(warnings))
-    data.rollout, data.rollout_coverage = analysis.rollout(recs, allow_topk=True, batch=batch, return_coverage=True)
-    if all(analysis._has_full(getattr(r, "result", r)) for r in recs):
+                      summaries=[], rollout=None, rollout_coverage=1.0, warnings=list(warnings))
+    full = all(analysis._has_full(getattr(r, "result", r)) for r in recs)
+    if full or all(getattr(r, "call", None) is not None for r in recs):  # exact: full weights or kept inputs
+        data.summaries = [analysis.head_summary(r, batch=batch) for r in recs]
+        data.rollout = analysis.rollout(recs, batch=batch) if full else \
+            pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, n), batch=batch)
+    else:
+        raise ValueError("records: exact head scores and rollout need every weight (Lens(rows='all')) or the "
+                         "records' inputs (capture with keep_inputs=True, the default)")
+    if full:
         data.weights = per_layer("weights").astype(np.float32)
         if all(getattr(r, "value_norms", None) is not None for r in recs):
             data.contrib = np.stack([analysis.contributions(r, batch=batch).astype(np.float32) for r in recs])

@@ -119,6 +119,9 @@ def payload(data) -> dict:
     t = min(THUMB, N)
     if data.weights is not None:
         thumbs = _pool(data.weights.astype(np.float64), t)
+    elif getattr(data, "thumbs", None) is not None:  # pooled in the attention pass (Lens(pool=...)), exact
+        thumbs = data.thumbs.astype(np.float64)
+        t = thumbs.shape[-1]
     else:
         thumbs = _pool_topk(data.topk_idx, data.topk_w, N, t)
     mx = thumbs.reshape(L, H, -1).max(-1)[..., None, None]

@@ -50,6 +50,8 @@ def _labels(ax, tokens, x=True, y=True):
 def _head_map(data, layer: int, head: int) -> np.ndarray:
     if data.weights is not None:
         w = data.weights[layer]
+    elif getattr(data, "thumbs", None) is not None:  # long inputs: the exact pooled maps, never N × N
+        w = data.thumbs[layer]
     else:
         from ..analysis import topk_dense
 

@@ -576,7 +576,7 @@ class TritonBackend(Backend):
             res.weights = weight_rows_op(q, k, bias, lse, rows, inp.scale, inp.offset, left, right, self.config,
                                          *_mods(inp))
             res.rows = inp.rows
-        return out, lse, res
+        return out, lse, res  # received_from, weights_at, pooled: `finish_lens` (column-sum kernel, pair weights)
 
     def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
         left, right = _band(inp)

@@ -180,65 +180,15 @@ def _per_head(x, name: str, numpy_io: bool, q: torch.Tensor, B: int, Hq: int, sh
 
 def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None,
              offset=None, softcap=None, sinks=None, alibi_slopes=None) -> AttnInputs:
-    kinds = {name: _kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
-    if len(set(kinds.values())) != 1:
-        raise TypeError(f"q, k, v must all be torch tensors or all NumPy arrays, got {kinds}")
-    numpy_io = kinds["q"] == "numpy"
-    q, k, v = _as_torch(q, "q"), _as_torch(k, "k"), _as_torch(v, "v")
-
-    ranks = (q.ndim, k.ndim, v.ndim)
-    if not all(2 <= r <= 4 for r in ranks):
-        raise ValueError(f"q, k, v must have rank 2 (N, D), 3 (H, N, D) or 4 (B, H, N, D); got shapes "
-                         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if len(set(ranks)) != 1:
-        raise ValueError(f"q, k, v must have the same rank, got q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if len({q.dtype, k.dtype, v.dtype}) != 1:
-        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if len({q.device, k.device, v.device}) != 1:
-        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if q.is_meta:
-        raise ValueError(f"q, k, v are meta tensors (shapes q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}, "
-                         f"no data); attention needs tensors with values (cpu, cuda, ...)")
-    rank = q.ndim
-    q4, k4, v4 = _to4(q), _to4(k), _to4(v)
+    """Check one `attnlens.attention` call (see its docstring) into a frozen `AttnInputs`; TypeError / ValueError
+    naming the argument otherwise."""
+    q4, k4, v4, rank, numpy_io = _check_qkv(q, k, v)
     B, Hq, Nq, D = q4.shape
-    Bk, Hkv, Nk, Dk = k4.shape
-    Bv, Hv, Nv, Dv = v4.shape
-    layout = _DIM_NAMES[rank]
-    if Dk != D:
-        raise ValueError(f"head dims disagree: q{tuple(q.shape)} has D={D} but k{tuple(k.shape)} has D={Dk} (layout {layout})")
-    if (Bk, Hkv, Nk) != (Bv, Hv, Nv):
-        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree on all but the last dim (layout {layout})")
-    if Bk != B:
-        raise ValueError(f"batch sizes disagree: q{tuple(q.shape)} has B={B}, k{tuple(k.shape)} has B={Bk}")
-    if Hkv == 0 or Nq == 0 or Nk == 0 or D == 0:
-        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query, key and feature), got "
-                         f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)} (layout {layout})")
-    if Hq % Hkv != 0:
-        raise ValueError(f"query heads must be a multiple of key/value heads (grouped-query attention): "
-                         f"q{tuple(q.shape)} has Hq={Hq}, k{tuple(k.shape)} has Hkv={Hkv}")
-
-    m4 = None
-    if mask is not None:
-        mkind = _kind(mask, "mask")
-        if (mkind == "numpy") != numpy_io:
-            raise TypeError(f"mask must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), got {type(mask).__name__}")
-        mt = _from_numpy(mask) if mkind == "numpy" else mask
-        _check_dense(mt, "mask")
-        if mt.dtype != torch.bool and mt.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), got {mt.dtype}")
-        if mt.device != q.device:
-            raise ValueError(f"mask must be on q's device {q.device}, got {mt.device}")
-        target = (B, Hq, Nq, Nk)[4 - rank:]
-        if mt.ndim > rank or any(m not in (1, t) for m, t in zip(tuple(mt.shape)[::-1], target[::-1])):
-            raise ValueError(f"mask of shape {tuple(mt.shape)} does not broadcast to the scores' shape {target} "
-                             f"(each dim must be 1 or equal, at most {rank} dims)")
-        m4 = mt.reshape((1,) * (4 - mt.ndim) + tuple(mt.shape))
-
+    Nk = k4.shape[2]
+    m4 = None if mask is None else _check_mask(mask, numpy_io, q4, (B, Hq, Nq, Nk), rank)
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     win = normalize_window(window)
-
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -246,35 +196,104 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     dropout_p = check_dropout(dropout_p)
     offset = check_offset(offset, Nq, Nk)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-
     softcap = check_softcap(softcap)
-    if sinks is not None:
-        sinks = _per_head(sinks, "sinks", numpy_io, q, B, Hq, f"({Hq},) or a shape broadcastable to ({B}, {Hq})",
-                          lambda s: len(s) <= 2 and all(a in (1, b) for a, b in zip(s[::-1], (B, Hq)[::-1])))
-    if alibi_slopes is not None:
-        alibi_slopes = _per_head(alibi_slopes, "alibi_slopes", numpy_io, q, B, Hq, f"({Hq},) or ({B}, {Hq})",
-                                 lambda s: s in ((Hq,), (B, Hq), (1, Hq)))
-        if alibi_slopes.requires_grad and torch.is_grad_enabled():
-            raise ValueError("alibi_slopes requires a gradient, which attnlens does not compute (slopes are fixed); "
-                             "pass alibi_slopes.detach()")
-        alibi_slopes = alibi_slopes.to(stat_dtype(q.dtype))
-
+    sinks, alibi_slopes = _check_per_head(sinks, alibi_slopes, numpy_io, q4, B, Hq)
     lens = Lens.coerce(lens)
     rows = rf = at = None
     if lens is not None:
-        if lens.topk > Nk:
-            raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys Nk={Nk}")
-        rows = lens.resolve_rows(Nq)
-        rf = _lens_array(lens.received_from, "received_from", numpy_io, q4, (B, Hq, Nq), rank)
-        at = _lens_array(lens.at, "at", numpy_io, q4, (B, Hq, Nq), rank)
-        if at is not None and at.numel() and (int(at.min()) < -1 or int(at.max()) >= Nk):
-            raise ValueError(f"Lens.at: key indices must lie in [0, Nk={Nk}) or be -1 (none), got values in "
-                             f"[{int(at.min())}, {int(at.max())}]")
-
+        rows, rf, at = _check_lens(lens, numpy_io, q4, Nk, rank)
     return AttnInputs(q=q4, k=k4, v=v4, mask=m4, causal=bool(causal), window=win, scale=float(scale),
                       dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io,
                       offset=offset, seed=seed, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
                       received_from=rf, at=at)
+
+
+def _check_qkv(q, k, v):
+    """``(q4, k4, v4, rank, numpy_io)``: rank-4 torch views of one kind, dtype and device, with agreeing shapes."""
+    kinds = {name: _kind(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(kinds.values())) != 1:
+        raise TypeError(f"q, k, v must all be torch tensors or all NumPy arrays, got {kinds}")
+    numpy_io = kinds["q"] == "numpy"
+    q, k, v = _as_torch(q, "q"), _as_torch(k, "k"), _as_torch(v, "v")
+    shapes = f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+    ranks = (q.ndim, k.ndim, v.ndim)
+    if not all(2 <= r <= 4 for r in ranks):
+        raise ValueError(f"q, k, v must have rank 2 (N, D), 3 (H, N, D) or 4 (B, H, N, D); got shapes {shapes}")
+    if len(set(ranks)) != 1:
+        raise ValueError(f"q, k, v must have the same rank, got {shapes}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if q.is_meta:
+        raise ValueError(f"q, k, v are meta tensors (shapes {shapes}, no data); attention needs tensors with values "
+                         f"(cpu, cuda, ...)")
+    rank = q.ndim
+    q4, k4, v4 = _to4(q), _to4(k), _to4(v)
+    B, Hq, Nq, D = q4.shape
+    Bk, Hkv, Nk, Dk = k4.shape
+    layout = _DIM_NAMES[rank]
+    if Dk != D:
+        raise ValueError(f"head dims disagree: q{tuple(q.shape)} has D={D} but k{tuple(k.shape)} has D={Dk} (layout {layout})")
+    if (Bk, Hkv, Nk) != tuple(v4.shape[:3]):
+        raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree on all but the last dim (layout {layout})")
+    if Bk != B:
+        raise ValueError(f"batch sizes disagree: q{tuple(q.shape)} has B={B}, k{tuple(k.shape)} has B={Bk}")
+    if Hkv == 0 or Nq == 0 or Nk == 0 or D == 0:
+        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query, key and feature), got "
+                         f"{shapes} (layout {layout})")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of key/value heads (grouped-query attention): "
+                         f"q{tuple(q.shape)} has Hq={Hq}, k{tuple(k.shape)} has Hkv={Hkv}")
+    return q4, k4, v4, rank, numpy_io
+
+
+def _check_mask(mask, numpy_io: bool, q4: torch.Tensor, scores: tuple, rank: int) -> torch.Tensor:
+    """The mask as a rank-4 torch tensor broadcastable to the ``scores`` shape ``(B, Hq, Nq, Nk)``."""
+    mkind = _kind(mask, "mask")
+    if (mkind == "numpy") != numpy_io:
+        raise TypeError(f"mask must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), got "
+                        f"{type(mask).__name__}")
+    mt = _from_numpy(mask) if mkind == "numpy" else mask
+    _check_dense(mt, "mask")
+    if mt.dtype != torch.bool and mt.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), got {mt.dtype}")
+    if mt.device != q4.device:
+        raise ValueError(f"mask must be on q's device {q4.device}, got {mt.device}")
+    target = scores[4 - rank:]
+    if mt.ndim > rank or any(m not in (1, t) for m, t in zip(tuple(mt.shape)[::-1], target[::-1])):
+        raise ValueError(f"mask of shape {tuple(mt.shape)} does not broadcast to the scores' shape {target} "
+                         f"(each dim must be 1 or equal, at most {rank} dims)")
+    return mt.reshape((1,) * (4 - mt.ndim) + tuple(mt.shape))
+
+
+def _check_per_head(sinks, alibi_slopes, numpy_io: bool, q4: torch.Tensor, B: int, Hq: int):
+    """``sinks`` and ``alibi_slopes`` as rank-2 ``(B|1, Hq)`` torch tensors (or None)."""
+    if sinks is not None:
+        sinks = _per_head(sinks, "sinks", numpy_io, q4, B, Hq, f"({Hq},) or a shape broadcastable to ({B}, {Hq})",
+                          lambda s: len(s) <= 2 and all(a in (1, b) for a, b in zip(s[::-1], (B, Hq)[::-1])))
+    if alibi_slopes is not None:
+        alibi_slopes = _per_head(alibi_slopes, "alibi_slopes", numpy_io, q4, B, Hq, f"({Hq},) or ({B}, {Hq})",
+                                 lambda s: s in ((Hq,), (B, Hq), (1, Hq)))
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes requires a gradient, which attnlens does not compute (slopes are fixed); "
+                             "pass alibi_slopes.detach()")
+        alibi_slopes = alibi_slopes.to(stat_dtype(q4.dtype))
+    return sinks, alibi_slopes
+
+
+def _check_lens(lens: Lens, numpy_io: bool, q4: torch.Tensor, Nk: int, rank: int):
+    """``(rows, received_from, at)`` of a `Lens`, checked against the call's shapes."""
+    B, Hq, Nq, _ = q4.shape
+    if lens.topk > Nk:
+        raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys Nk={Nk}")
+    rows = lens.resolve_rows(Nq)
+    rf = _lens_array(lens.received_from, "received_from", numpy_io, q4, (B, Hq, Nq), rank)
+    at = _lens_array(lens.at, "at", numpy_io, q4, (B, Hq, Nq), rank)
+    if at is not None and at.numel() and (int(at.min()) < -1 or int(at.max()) >= Nk):
+        raise ValueError(f"Lens.at: key indices must lie in [0, Nk={Nk}) or be -1 (none), got values in "
+                         f"[{int(at.min())}, {int(at.max())}]")
+    return rows, rf, at
 
 
 def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, rank: int):

@@ -329,7 +329,7 @@ def layer_contributions(rec, rows, *, batch: int = 0, use_output_projection: boo
     v = call.select(batch).v[0].to(P.dtype)  # (Hkv, Nk, Dv)
     v = v.repeat_interleave(Hq // v.shape[0], dim=0)  # (Hq, Nk, Dv)
     proj = getattr(rec, "out_proj", None) if use_output_projection else None
-    wo = None if proj is None else _head_slices(proj, Hq, v.shape[-1])
+    wo = None if proj is None else head_slices(proj, Hq, v.shape[-1])
     if wo is None:
         sq = torch.einsum("hrn,hn->rn", P.square(), v.square().sum(-1))
         return as_numpy(sq.clamp_(min=0).sqrt_())
@@ -342,8 +342,9 @@ def layer_contributions(rec, rows, *, batch: int = 0, use_output_projection: boo
     return as_numpy(out)
 
 
-def _head_slices(proj, Hq: int, Dv: int) -> Optional[torch.Tensor]:
-    """``W_O`` as ``(Hq, Dv, E)`` head slices (``y = x W``), or None when its input is not ``Hq · Dv`` wide."""
+def head_slices(proj, Hq: int, Dv: int) -> Optional[torch.Tensor]:
+    """``W_O`` as ``(Hq, Dv, E)`` head slices (``y = x W``), or None when its input is not ``Hq · Dv`` wide: the one
+    place that cuts an output projection (``nn.Linear`` or GPT-2's ``Conv1D``) by head."""
     w = proj.weight.detach().float()
     w = w.t() if isinstance(proj, torch.nn.Linear) else w  # GPT-2's Conv1D stores (in, out)
     if w.shape[0] != Hq * Dv:

@@ -262,9 +262,11 @@ def _cmd_explain(args, console) -> int:
         model, tok = _load_model(args, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
         run = progress.add_task("running the model", total=L or None)
+        ana = progress.add_task("exact head scores and rollout", total=None, visible=False)
         try:
             data = collect_any(args.text, model, tok, topk=args.topk, truncate=args.truncate, pair=args.pair,
-                               on_layer=lambda i: progress.update(run, completed=i + 1))
+                               on_layer=lambda i: progress.update(run, completed=i + 1),
+                               on_analysis=lambda d, t: progress.update(ana, completed=d, total=t, visible=True))
         except ValueError as e:
             raise CLIError(str(e))
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)

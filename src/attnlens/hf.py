@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ._capture import Record, Recorder, activate, attend
+from .analysis import head_slices
 from .lens import Lens
 
 try:  # the `hf` extra
@@ -258,14 +259,11 @@ def output_projection(model: nn.Module, module: nn.Module, name: str = "") -> Op
 
 
 def _head_grams(proj: Optional[nn.Module], Hq: int, Dv: int, device) -> Optional[torch.Tensor]:
-    """``W_O^h W_O^hᵀ`` ``(Hq, Dv, Dv)`` for each head's slice of the output projection."""
-    if proj is None:
+    """``W_O^h W_O^hᵀ`` ``(Hq, Dv, Dv)`` for each head's slice of the output projection (`analysis.head_slices`)."""
+    wh = None if proj is None else head_slices(proj, Hq, Dv)  # (Hq, Dv, E)
+    if wh is None:
         return None
-    w = proj.weight.detach().float()
-    w = w.t() if isinstance(proj, nn.Linear) else w  # (in = Hq·Dv, out = E): y = x w
-    if w.shape[0] != Hq * Dv:
-        return None
-    wh = w.reshape(Hq, Dv, w.shape[1]).to(device)  # (Hq, Dv, E)
+    wh = wh.to(device)
     return wh @ wh.transpose(1, 2)
 
 

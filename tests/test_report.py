@@ -144,7 +144,8 @@ def test_full_view_round_trips_the_weights():
     assert v["mode"] == "full"
     w = np.frombuffer(base64.b64decode(v["w"]), dtype=np.uint8).reshape(2, 3, 7, 7) / 255
     np.testing.assert_allclose(w, data.weights, atol=0.5 / 255 + 1e-7)
-    rec = np.frombuffer(base64.b64decode(blob["received"]), dtype="<u2").reshape(2, 3, 7) / 65535
+    rec = np.frombuffer(base64.b64decode(blob["received"]), dtype="<u2").reshape(2, 3, 7) / 65535 \
+        * np.array(blob["received_max"]).reshape(2, 3, 1)
     np.testing.assert_allclose(rec, data.received / 7, atol=1e-4)
     # the value norms behind the contributions travel as float32; the page multiplies them by the weights
     norms = np.frombuffer(base64.b64decode(blob["norms"]), dtype="<f4").reshape(2, 3, 7)
@@ -160,9 +161,9 @@ def test_long_input_embeds_topk_not_n_squared(monkeypatch):
     v = blob["views"]["weights"]
     assert v["mode"] == "topk" and v["k"] == html.PAGE_TOPK
     idx = np.frombuffer(base64.b64decode(v["idx"]), dtype="<u2").reshape(2, 3, n, -1)
-    w = np.frombuffer(base64.b64decode(v["w"]), dtype=np.uint8).reshape(2, 3, n, -1) / 255
+    w = np.frombuffer(base64.b64decode(v["w"]), dtype="<f2").reshape(2, 3, n, -1).astype(np.float64)
     ref = -np.sort(-data.weights, axis=-1)[..., :html.PAGE_TOPK]
-    np.testing.assert_allclose(w, ref, atol=0.5 / 255 + 1e-7)
+    np.testing.assert_allclose(w, ref, rtol=2 ** -11, atol=2 ** -24)  # float16: 3 significant digits, any size
     np.testing.assert_allclose(np.take_along_axis(data.weights, idx.astype(np.int64), -1), ref, atol=1e-6)
     assert blob["thumb"]["t"] == min(html.THUMB, n)
 

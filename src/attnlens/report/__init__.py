@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["ReportData", "collect", "from_records", "pooled_rollout", "model_max_length", "FULL_BYTES",
-           "DEFAULT_TOPK", "ROLLOUT_BLOCKS"]
+__all__ = ["ReportData", "collect", "from_records", "pooled_rollout", "rollout_views", "default_rollout_rows",
+           "model_max_length", "FULL_BYTES", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
 FULL_BYTES = 512 << 20
@@ -29,6 +29,8 @@ DEFAULT_TOPK = 8
 #: without full weights, the rollout is carried as this many block means of its rows (each costs one column of
 #: P^T W per layer: at 256 the column passes cost ~8 forward passes; benchmarks/analysis.py measures explain)
 ROLLOUT_BLOCKS = 64
+#: rows of the rollout the report holds exactly (default: evenly spaced, the first and the last token among them)
+ROLLOUT_ROWS = 8
 
 
 @dataclass
@@ -38,6 +40,8 @@ class ReportData:
     ``weights (L, H, N, N)`` and ``contrib (L, H, N, N)`` (value-norm contributions
     ``‖α_ij v_j W_O^h‖``, or ``‖α_ij v_j‖`` without an output projection) are ``None`` when
     the weights were not kept; ``topk_idx`` / ``topk_w (L, H, N, k)`` always hold the top-k.
+    ``rollout_rows (r, N)``: rows ``rollout_row_ids`` of the rollout, exact at any length (``rollout`` itself is
+    pooled beyond the full-weight limit).
     ``sink_weight (L, H)``: for a model with attention sinks (gpt-oss), the mean weight a query of each
     layer and head puts on its sink (its rows then sum to ``1 - sink weight``); ``None`` without sinks.
     """
@@ -63,6 +67,8 @@ class ReportData:
     segments: Optional[list] = None  # (N,) segment of each token (0, 1) for a sentence pair, else None
     cross: Optional[dict] = None  # encoder-decoder models: {"tokens": decoder tokens, "weights": (Ld, H, Nd, N)}
     sink_weight: Optional[np.ndarray] = None
+    rollout_rows: Optional[np.ndarray] = None  # (r, N): exact rows of the rollout (every length), float64
+    rollout_row_ids: Optional[list] = None  # (r,): the top-layer tokens those rows belong to
 
     @property
     def n(self) -> int:
@@ -102,12 +108,13 @@ def tokenize(text: str, model, tokenizer, *, truncate: bool = False, pair: Optio
 
 def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
             on_layer: Optional[Callable[[int], None]] = None, pair: Optional[str] = None,
-            on_analysis: Optional[Callable[[int, int], None]] = None) -> ReportData:
+            on_analysis: Optional[Callable[[int, int], None]] = None, rollout_rows=None) -> ReportData:
     """Run ``model`` on ``text`` (and ``pair``, a second sentence) under `attnlens.hf.capture` and compute the
     analyses, exactly, in linear memory unless the full weights fit in ``FULL_BYTES``.
 
     ``on_layer(i)`` is called as each attention layer finishes, ``on_analysis(done, total)`` as each analysis step
-    (a layer's head scores, a layer of the rollout) finishes (for progress bars).
+    (a layer's head scores, a layer of the rollout) finishes (for progress bars). ``rollout_rows``: the tokens
+    whose rollout rows the report holds exactly (ints, negative from the end; default `default_rollout_rows`).
     """
     import torch
 
@@ -117,6 +124,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
 
     enc, warnings = tokenize(text, model, tokenizer, truncate=truncate, pair=pair)
     n = enc["input_ids"].shape[1]
+    chosen = _row_ids(rollout_rows, n)
     L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
     H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
     full = L * H * n * n * 4 <= FULL_BYTES if L and H else n <= 512
@@ -154,13 +162,16 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     data.segments = _segments(enc) if pair is not None else None
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
+    data.rollout_row_ids = chosen
     if full:
         data.rollout = analysis.rollout(recs)
+        data.rollout_rows = data.rollout[chosen]
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)
         data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
-        data.rollout = pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n), on_layer=tick)
+        data.rollout, data.rollout_rows = rollout_views(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n), chosen,
+                                                        on_layer=tick)
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
         data.thumbs = (stack(lambda r: r.result.pooled) / np.outer(sizes, sizes)).astype(np.float32)  # block means
         data.warnings.append(f"{n} tokens: full weights were not kept; the token view shows each query's top "
@@ -168,19 +179,45 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     return data
 
 
-def pooled_rollout(recs, n: int, t: int, on_layer=None, batch: int = 0) -> np.ndarray:
-    """The rollout ``(N, N)`` pooled to ``(t, t)`` block means (html._pool's blocks), exactly, in linear memory:
-    the block means of its rows are carried through the layers (``analysis.rollout(rows=...)``), then the
-    columns are averaged by blocks."""
+def default_rollout_rows(n: int) -> list:
+    """Up to `ROLLOUT_ROWS` evenly spaced tokens, the first and the last among them."""
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(ROLLOUT_ROWS, n))})
+
+
+def _row_ids(rows, n: int) -> list:
+    """``rows`` (ints, negative from the end) as sorted distinct positions in ``[0, n)``; ``None``: the default."""
+    if rows is None:
+        return default_rollout_rows(n)
+    try:
+        picked = [int(r) for r in np.atleast_1d(np.asarray(rows)).tolist()]
+    except (TypeError, ValueError):
+        raise TypeError(f"rollout_rows: expected token positions (ints), got {rows!r}") from None
+    bad = [r for r in picked if not -n <= r < n]
+    if bad or not picked:
+        raise ValueError(f"rollout_rows: expected 1 or more positions in [-{n}, {n}) for {n} tokens, got {picked}")
+    return sorted({r % n for r in picked})
+
+
+def rollout_views(recs, n: int, t: int, rows=(), on_layer=None, batch: int = 0):
+    """``(pooled (t, t), exact rows (len(rows), N))`` of the rollout, exactly, in linear memory, in one carry
+    through the layers (``analysis.rollout(rows=...)``): the block means of its rows (html._pool's blocks), whose
+    columns are then averaged by blocks, and the rows of the tokens ``rows``."""
     from .. import analysis
 
     edges = (np.arange(t) * n) // t
     counts = np.diff(np.append(edges, n))
     blocks = np.searchsorted(edges, np.arange(n), side="right") - 1  # (N,): each token's block
-    start = np.zeros((t, n))
+    start = np.zeros((t + len(rows), n))
     start[blocks, np.arange(n)] = 1.0 / counts[blocks]  # row b: the mean of block b's rows
-    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t, N)
-    return np.add.reduceat(R, edges, axis=-1) / counts[None, :]
+    start[t + np.arange(len(rows)), list(rows)] = 1.0  # then one row per chosen token
+    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t + r, N)
+    return np.add.reduceat(R[:t], edges, axis=-1) / counts[None, :], R[t:]
+
+
+def pooled_rollout(recs, n: int, t: int, on_layer=None, batch: int = 0) -> np.ndarray:
+    """The rollout ``(N, N)`` pooled to ``(t, t)`` block means (html._pool's blocks), exactly, in linear memory
+    (`rollout_views` without chosen rows)."""
+    return rollout_views(recs, n, t, (), on_layer=on_layer, batch=batch)[0]
 
 
 def _segments(enc) -> list:
@@ -242,8 +279,13 @@ def from_records(records, tokens, *, text: str = "", model_name: str = "", batch
     full = all(analysis._has_full(getattr(r, "result", r)) for r in recs)
     if full or all(getattr(r, "call", None) is not None for r in recs):  # exact: full weights or kept inputs
         data.summaries = [analysis.head_summary(r, batch=batch) for r in recs]
-        data.rollout = analysis.rollout(recs, batch=batch) if full else \
-            pooled_rollout(recs, n, min(ROLLOUT_BLOCKS, n), batch=batch)
+        data.rollout_row_ids = _row_ids(None, n)
+        if full:
+            data.rollout = analysis.rollout(recs, batch=batch)
+            data.rollout_rows = data.rollout[data.rollout_row_ids]
+        else:
+            data.rollout, data.rollout_rows = rollout_views(recs, n, min(ROLLOUT_BLOCKS, n), data.rollout_row_ids,
+                                                            batch=batch)
     else:
         raise ValueError("records: exact head scores and rollout need every weight (Lens(rows='all')) or the "
                          "records' inputs (capture with keep_inputs=True, the default)")

@@ -13,8 +13,9 @@ Size (what is embedded, and why it stays small at 512 tokens):
 
 - token view: the weights quantised to one byte (``round(255·w)``); the full ``(L, H, N, N)``
   when it has at most ``FULL_CELLS`` cells (N ≲ 150 for 6 × 12 heads), else each query's top
-  ``PAGE_TOPK`` keys per head (2-byte index + 1-byte weight): 6 × 12 × 512 × 8 × 3 B = 0.9 MB
-  before base64;
+  ``k`` keys per head (2-byte index + float16 weight, so that the small weights of a long input keep 3
+  significant digits): 6 × 12 × 512 × 8 × 4 B = 1.2 MB before base64. ``k`` is ``PAGE_TOPK``, lowered (to 1 at least, with a warning on the page) so that
+  this part stays under ``TOKEN_VIEW_BYTES``;
 - value norms ``‖v_j W_O^h‖`` (or ``‖v_j‖``) ``(L, H, N)`` as float32: the page computes each
   contribution ``‖P_ij v_j W_O^h‖ = P_ij · ‖v_j W_O^h‖`` (and its share) from the weights, so the
   row view, the heatmap and the received panel all show the same numbers;
@@ -23,7 +24,15 @@ Size (what is embedded, and why it stays small at 512 tokens):
   with the decoder's tokens, else ``null``;
 - layer × head grid: each head's map pooled (block mean) to at most ``THUMB`` × ``THUMB``, 1 byte;
 - rollout: pooled to at most ``ROLLOUT_MAX`` × ``ROLLOUT_MAX``, 1 byte;
-- received: ``(L, H, N)`` as 2-byte fixed point.
+- received: ``(L, H, N)`` as 2-byte fixed point relative to each head's largest (``received_max``);
+- rollout rows: the exact rows ``ReportData.rollout_row_ids`` (at most ``ROLLOUT_ROWS``) ``(r, N)``, 2 bytes each,
+  each row scaled to its own largest value.
+
+The bound: everything but the token view is linear in N with small constants (received 2·L·H·N bytes, value
+norms 4·L·H·N when the weights were kept, rollout rows 2·r·N, the tokens' text) or fixed (grid ≤ L·H·THUMB²,
+rollout map ≤ ROLLOUT_MAX²); the token view is at most ``TOKEN_VIEW_BYTES`` unless even ``k = 1`` exceeds it
+(L·H·N > 2.3 M). Base64 adds a third. Measured: 8,192 tokens of a 2-layer, 4-head model → see
+benchmarks/results/report-*.md.
 """
 from __future__ import annotations
 
@@ -36,12 +45,19 @@ import numpy as np
 
 from ._files import write_atomic
 
-__all__ = ["render", "write", "payload", "value_norms", "FULL_CELLS", "PAGE_TOPK", "THUMB", "ROLLOUT_MAX"]
+__all__ = ["render", "write", "payload", "value_norms", "FULL_CELLS", "PAGE_TOPK", "TOKEN_VIEW_BYTES", "THUMB",
+           "ROLLOUT_MAX", "HEAT_MAX", "PAGE_TOKENS"]
 
 FULL_CELLS = 2_000_000
 PAGE_TOPK = 8
+#: the token view's top-k part is kept under this many bytes (before base64) by lowering k
+TOKEN_VIEW_BYTES = 9 << 20
 THUMB = 48
 ROLLOUT_MAX = 256
+#: above this many tokens the page's heatmap shows the pooled map and the received panel the top tokens
+HEAT_MAX = 512
+#: the token view shows this many tokens per page (with search and jump) above it
+PAGE_TOKENS = 500
 
 
 def _b64(a: np.ndarray) -> str:
@@ -91,12 +107,12 @@ def value_norms(data):
 
 
 def _sparse(vals: np.ndarray, k: int):
-    """Top-``k`` of each row of ``(L, H, N, N)``: (uint16 indices, uint8 shares)."""
+    """Top-``k`` of each row of ``(L, H, N, N)``: (uint16 indices, float16 values)."""
     k = min(k, vals.shape[-1])
     idx = np.argpartition(-vals, k - 1, axis=-1)[..., :k]
     v = np.take_along_axis(vals, idx, -1)
     order = np.argsort(-v, axis=-1, kind="stable")
-    return np.take_along_axis(idx, order, -1).astype("<u2"), _q8(np.take_along_axis(v, order, -1))
+    return np.take_along_axis(idx, order, -1).astype("<u2"), np.take_along_axis(v, order, -1).astype("<f2")
 
 
 def payload(data) -> dict:
@@ -108,12 +124,12 @@ def payload(data) -> dict:
     if data.weights is not None and L * H * N * N <= FULL_CELLS:
         views["weights"] = {"mode": "full", "w": _b64(_q8(data.weights))}
     else:
+        k = _page_topk(data)
         if data.weights is not None:
-            i, w = _sparse(data.weights, PAGE_TOPK)
+            i, w = _sparse(data.weights, k)
         else:
-            k = min(PAGE_TOPK, data.topk_idx.shape[-1])
             i = np.where(data.topk_idx[..., :k] >= 0, data.topk_idx[..., :k], 0).astype("<u2")
-            w = _q8(data.topk_w[..., :k])
+            w = np.where(data.topk_idx[..., :k] >= 0, data.topk_w[..., :k], 0).astype("<f2")
         views["weights"] = {"mode": "topk", "k": int(i.shape[-1]), "idx": _b64(i), "w": _b64(w)}
     norms = value_norms(data)
     t = min(THUMB, N)
@@ -125,10 +141,12 @@ def payload(data) -> dict:
     else:
         thumbs = _pool_topk(data.topk_idx, data.topk_w, N, t)
     mx = thumbs.reshape(L, H, -1).max(-1)[..., None, None]
-    thumbs = np.divide(thumbs, mx, out=np.zeros_like(thumbs), where=mx > 0)  # each map to its own max
-    tr = min(ROLLOUT_MAX, N)
+    thumbs = np.divide(thumbs, mx, out=np.zeros_like(thumbs), where=mx > 0)  # each map to its own max (in "max")
+    tr = min(ROLLOUT_MAX, data.rollout.shape[-1])  # the rollout may come pooled already (collect, long inputs)
     roll = _pool(data.rollout, tr)
-    rec = np.clip(np.rint(data.received / max(N, 1) * 65535), 0, 65535).astype("<u2")  # mean weight per query
+    rmean = data.received / max(N, 1)  # mean weight a query puts on each key
+    rmax = rmean.max(-1, keepdims=True)
+    rec = np.clip(np.rint(np.divide(rmean, rmax, out=np.zeros_like(rmean), where=rmax > 0) * 65535), 0, 65535)
     summary = []
     for li, s in enumerate(data.summaries):
         for h in range(H):
@@ -143,11 +161,44 @@ def payload(data) -> dict:
             "norm_kind": data.contrib_kind.replace("α ", "") if norms is not None else "",
             "segments": None if getattr(data, "segments", None) is None else [int(x) for x in data.segments],
             "cross": _cross(getattr(data, "cross", None)),
-            "thumb": {"t": t, "w": _b64(_q8(thumbs))}, "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))),
+            "thumb": {"t": t, "w": _b64(_q8(thumbs)), "max": [float(m) for m in mx.ravel()],
+                      "pooled": bool(t < N)}, "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))),
                                                                  "max": float(roll.max()),
                                                                  "coverage": round(float(data.rollout_coverage), 4)},
-            "received": _b64(rec), "summary": summary, "warnings": list(data.warnings),
+            "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()], "summary": summary, "warnings": list(data.warnings) + _size_warnings(data),
+            "rows": _rollout_rows(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
+
+
+def _page_topk(data) -> int:
+    """The keys per query the token view embeds: `PAGE_TOPK` (or fewer kept), lowered to fit `TOKEN_VIEW_BYTES`."""
+    kept = data.weights.shape[-1] if data.weights is not None else data.topk_idx.shape[-1]
+    cells = data.n_layers * data.n_heads * data.n * 4  # bytes per key kept for every query
+    return max(1, min(PAGE_TOPK, kept, TOKEN_VIEW_BYTES // cells))
+
+
+def _size_warnings(data) -> list:
+    L, H, N = data.n_layers, data.n_heads, data.n
+    if data.weights is not None and L * H * N * N <= FULL_CELLS:
+        return []
+    kept = data.weights.shape[-1] if data.weights is not None else data.topk_idx.shape[-1]
+    k = _page_topk(data)
+    if k >= min(PAGE_TOPK, kept):
+        return []
+    return [f"to keep the page small, the token view embeds each query's top {k} keys (not {min(PAGE_TOPK, kept)}): "
+            f"{L} layers × {H} heads × {N} tokens"]
+
+
+def _rollout_rows(data):
+    """The exact rollout rows of the payload (see the module docstring), or ``None``."""
+    R = getattr(data, "rollout_rows", None)
+    if R is None or len(R) == 0:
+        return None
+    R = np.asarray(R, dtype=np.float64)
+    mx = R.max(-1)
+    scaled = np.divide(R, mx[:, None], out=np.zeros_like(R), where=mx[:, None] > 0)
+    return {"ids": [int(i) for i in data.rollout_row_ids], "max": [float(m) for m in mx],
+            "w": _b64(np.clip(np.rint(scaled * 65535), 0, 65535).astype("<u2"))}
 
 
 def _cross(cross):

@@ -5,6 +5,9 @@ var L = D.L, H = D.H, N = D.N;
 function el(tag, text, cls){ var e = document.createElement(tag); if (text !== undefined && text !== null) e.textContent = String(text); if (cls) e.className = cls; return e; }
 function b64(s){ var bin = atob(s), a = new Uint8Array(bin.length); for (var i = 0; i < bin.length; i++) a[i] = bin.charCodeAt(i); return a; }
 function u16(s){ var b = b64(s); return new Uint16Array(b.buffer, b.byteOffset, b.length >> 1); }
+var F16 = (function(){ var t = new Float32Array(65536); for (var h = 0; h < 65536; h++){ var e = (h >> 10) & 31, m = h & 1023;
+  var v = e === 0 ? m * Math.pow(2, -24) : e === 31 ? (m ? NaN : Infinity) : (1 + m / 1024) * Math.pow(2, e - 15); t[h] = h & 0x8000 ? -v : v; } return t; })();
+function f16(s){ var u = u16(s), out = new Float32Array(u.length); for (var i = 0; i < u.length; i++) out[i] = F16[u[i]]; return out; }
 function f32(s){ var b = b64(s); return new Float32Array(b.buffer, b.byteOffset, b.length >> 2); }
 function fmt(x){ return x < 0.0005 && x > 0 ? "<0.001" : x.toFixed(3); }
 function byId(id){ return document.getElementById(id); }
@@ -14,7 +17,7 @@ D.warnings.forEach(function(w){ byId("warnings").appendChild(el("div", "⚠ " + 
 
 // ---- data: the weights (full, or each query's top k keys) and the value norms, decoded once
 var Wv = D.views.weights;
-var wts = Wv.mode === "full" ? {mode: "full", w: b64(Wv.w)} : {mode: "topk", k: Wv.k, idx: u16(Wv.idx), w: b64(Wv.w)};
+var wts = Wv.mode === "full" ? {mode: "full", w: b64(Wv.w)} : {mode: "topk", k: Wv.k, idx: u16(Wv.idx), w: f16(Wv.w)};
 var norms = D.norms ? f32(D.norms) : null;  // (L, H, N): ‖v_j W_O^h‖ (or ‖v_j‖)
 var NK = D.norm_kind || "‖v‖";
 var viewSel = byId("view");
@@ -32,7 +35,7 @@ function viewNote(){
 function wrow(l, h, i){
   var out = new Float32Array(N), j;
   if (wts.mode === "full"){ var base = ((l * H + h) * N + i) * N; for (j = 0; j < N; j++) out[j] = wts.w[base + j] / 255; }
-  else { var b = ((l * H + h) * N + i) * wts.k; for (var t = 0; t < wts.k; t++){ var v = wts.w[b + t]; if (v) out[wts.idx[b + t]] = v / 255; } }
+  else { var b = ((l * H + h) * N + i) * wts.k; for (var t = 0; t < wts.k; t++){ var v = wts.w[b + t]; if (v > 0) out[wts.idx[b + t]] = v; } }
   return out;
 }
 // ‖P_ij v_j W_O^h‖ for every key j
@@ -96,38 +99,95 @@ function heatmap(box, vals, t, labels, vmax, hover, info, onclick, c, rowLabels)
 }
 function segClass(k){ return D.segments && D.segments[k] ? "seg1" : ""; }
 
-// ---- token view
-var tokBox = byId("tokens"), info = byId("info");
-var spans = D.tokens.map(function(t, i){
-  if (D.segments && i > 0 && D.segments[i] !== D.segments[i - 1]) tokBox.appendChild(el("span", "¦ segment " + "AB".charAt(D.segments[i]) + ":", "segmark"));
-  var s = el("span", t, "tok " + segClass(i)); s.setAttribute("data-i", i); s.title = "#" + i; tokBox.appendChild(s); tokBox.appendChild(document.createTextNode(" ")); return s;
-});
+// ---- token view: every token up to D.limits.page_tokens, else one page at a time (find and the key links reach any)
+var tokBox = byId("tokens"), info = byId("info"), PT = D.limits.page_tokens, paged = N > PT, pages = Math.ceil(N / PT);
+var pageSel = byId("page"), colourSel = byId("colour"), page = 0, spans = {}, pinned = -1, shown = -1;
+function tokIndex(t){ return t && t.classList && t.classList.contains("tok") ? +t.getAttribute("data-i") : -1; }
+function drawTokens(){
+  tokBox.textContent = ""; spans = {};
+  var a = paged ? page * PT : 0, b = paged ? Math.min(N, a + PT) : N;
+  for (var i = a; i < b; i++){
+    if (D.segments && i > 0 && D.segments[i] !== D.segments[i - 1]) tokBox.appendChild(el("span", "¦ segment " + "AB".charAt(D.segments[i]) + ":", "segmark"));
+    var s = el("span", D.tokens[i], "tok " + segClass(i)); s.setAttribute("data-i", i); s.title = "#" + i;
+    if (i === pinned) s.classList.add("pinned");
+    tokBox.appendChild(s); tokBox.appendChild(document.createTextNode(" ")); spans[i] = s;
+  }
+}
+function setPage(p){ if (!paged || p === page) return; page = p; pageSel.value = p; drawTokens(); show(pinned >= 0 ? pinned : -1); }
+if (paged){
+  byId("pager").hidden = false;
+  for (var pg = 0; pg < pages; pg++){ var po = el("option", "tokens " + pg * PT + "–" + (Math.min(N, (pg + 1) * PT) - 1) + " of " + N); po.value = pg; pageSel.appendChild(po); }
+  pageSel.addEventListener("change", function(){ setPage(+pageSel.value); });
+  byId("page-prev").addEventListener("click", function(){ setPage(Math.max(0, page - 1)); });
+  byId("page-next").addEventListener("click", function(){ setPage(Math.min(pages - 1, page + 1)); });
+  byId("tok-note").appendChild(document.createTextNode(" " + N + " tokens, " + PT + " to a page: find one by its text or #index, or follow a key's link."));
+}
+drawTokens();
 if (D.segments) byId("segnote").textContent = " A sentence pair: segment B (after ¦) is underlined.";
-var pinned = -1, shown = -1;
-function clearHi(){ spans.forEach(function(s){ s.style.backgroundColor = ""; s.classList.remove("q"); }); }
-function topKeys(r, k){ return Array.from(r.keys()).filter(function(j){ return r[j] > 0; }).sort(function(a, b){ return r[b] - r[a]; }).slice(0, k); }
+// bring token i into view (its page, scrolled to, outlined for a moment)
+function goTo(i){
+  setPage(Math.floor(i / PT));
+  var s = spans[i]; if (!s) return;
+  s.scrollIntoView({block: "nearest"}); s.classList.add("flash");
+  setTimeout(function(){ s.classList.remove("flash"); }, 1200);
+}
+function jumpLink(j, text){ var a = el("a", text, "jump"); a.addEventListener("click", function(ev){ ev.stopPropagation(); goTo(j); }); return a; }
+function clearHi(){ Object.keys(spans).forEach(function(k){ spans[k].style.backgroundColor = ""; spans[k].classList.remove("q"); }); }
+function topKeys(r, k){
+  var out = [];  // the k largest positive entries, largest first (one pass: r may have 65,536 entries)
+  for (var j = 0; j < r.length; j++){
+    if (!(r[j] > 0) || (out.length === k && r[j] <= r[out[k - 1]])) continue;
+    var p = out.length < k ? out.length : k - 1;
+    while (p > 0 && r[out[p - 1]] < r[j]){ out[p] = out[p - 1]; p--; }
+    out[p] = j;
+  }
+  return out;
+}
+function shade(vals){  // colour the page's tokens by vals, relative to the largest over all N
+  var mx = 0, j; for (j = 0; j < vals.length; j++) mx = Math.max(mx, vals[j]);
+  Object.keys(spans).forEach(function(k){ var v = vals[k]; if (v > 0) spans[k].style.backgroundColor = "rgba(47,111,222," + (0.08 + 0.85 * v / (mx || 1)).toFixed(3) + ")"; });
+}
 function show(i){
   shown = i; clearHi(); drawMix(i); drawPerHead(i);
-  if (i < 0){ info.textContent = "Hover or click a token."; return; }
-  var c = cur(), r = row(c.l, c.h, i), mx = 0;
-  for (var j = 0; j < N; j++) mx = Math.max(mx, r[j]);
-  for (j = 0; j < N; j++){ if (r[j] > 0) spans[j].style.backgroundColor = "rgba(47,111,222," + (0.08 + 0.85 * r[j] / (mx || 1)).toFixed(3) + ")"; }
-  spans[i].classList.add("q");
+  var c = cur(), byReceived = colourSel.value === "received";
+  if (byReceived) shade(receivedRow(c));
+  if (i < 0){ info.textContent = byReceived ? "Tokens shaded by the attention they receive (" + where(c) + "). Hover or click a token." : "Hover or click a token."; return; }
+  var r = row(c.l, c.h, i);
+  if (!byReceived) shade(r);
+  if (spans[i]) spans[i].classList.add("q");
   info.textContent = "";
   info.appendChild(el("b", D.tokens[i]));
-  info.appendChild(document.createTextNode(" (#" + i + ", " + where(c) + ") " + (contribView() ? "takes its output from: " : "draws on: ") +
-    topKeys(r, 5).map(function(j){ return D.tokens[j] + " #" + j + " " + fmt(r[j]); }).join(" · ")));
+  info.appendChild(document.createTextNode(" (#" + i + ", " + where(c) + ") " + (contribView() ? "takes its output from: " : "draws on: ")));
+  topKeys(r, 5).forEach(function(j, n){ if (n) info.appendChild(document.createTextNode(" · ")); info.appendChild(jumpLink(j, D.tokens[j] + " #" + j)); info.appendChild(document.createTextNode(" " + fmt(r[j]))); });
 }
 function pin(i){
-  if (pinned >= 0) spans[pinned].classList.remove("pinned");
+  if (pinned >= 0 && spans[pinned]) spans[pinned].classList.remove("pinned");
   pinned = pinned === i ? -1 : i;
-  if (pinned >= 0){ spans[pinned].classList.add("pinned"); show(pinned); }
+  if (pinned >= 0){ if (spans[pinned]) spans[pinned].classList.add("pinned"); show(pinned); selectRollRow(pinned); }
 }
-spans.forEach(function(s, i){
-  s.addEventListener("mouseenter", function(){ if (pinned < 0) show(i); });
-  s.addEventListener("click", function(){ pin(i); });
-});
+tokBox.addEventListener("mouseover", function(ev){ var i = tokIndex(ev.target); if (i >= 0 && pinned < 0 && i !== shown) show(i); });
+tokBox.addEventListener("click", function(ev){ var i = tokIndex(ev.target); if (i >= 0) pin(i); });
 tokBox.addEventListener("mouseleave", function(){ if (pinned < 0) show(-1); });
+colourSel.addEventListener("change", function(){ show(pinned >= 0 ? pinned : shown); });
+
+// ---- find: a word (case-insensitive, anywhere in the token; subword marks ignored) or #index; Enter / "next" = next hit
+var searchBox = byId("search"), searchNote = byId("searchnote"), lastHit = -1;
+function plain(t){ return String(t).toLowerCase().replace(/^(##|Ġ|▁|Ċ)/, ""); }
+function find(){
+  var q = searchBox.value.trim(), m = /^#?(\d+)$/.exec(q), hits = [];
+  if (!q){ searchNote.textContent = ""; return; }
+  if (m){ hits = +m[1] < N ? [+m[1]] : []; }
+  else { q = plain(q); for (var i = 0; i < N; i++) if (plain(D.tokens[i]).indexOf(q) >= 0) hits.push(i); }
+  if (!hits.length){ searchNote.textContent = m ? "no token #" + m[1] + " (0.." + (N - 1) + ")" : "no token contains “" + searchBox.value.trim() + "”"; return; }
+  var k = 0; while (k < hits.length && hits[k] <= lastHit) k++;
+  if (k === hits.length) k = 0;
+  lastHit = hits[k];
+  searchNote.textContent = "#" + lastHit + " — hit " + (k + 1) + " of " + hits.length;
+  goTo(lastHit); if (pinned !== lastHit) pin(lastHit);
+}
+searchBox.addEventListener("keydown", function(ev){ if (ev.key === "Enter"){ ev.preventDefault(); find(); } });
+searchBox.addEventListener("input", function(){ lastHit = -1; searchNote.textContent = ""; });
+byId("search-go").addEventListener("click", find);
 
 // ---- the row view of one query: weights, value norms, contributions, shares
 function cell(tr, text, cls){ var td = el("td", text, cls); tr.appendChild(td); return td; }
@@ -190,18 +250,36 @@ function drawPerHead(i){
   box.appendChild(keyl);
 }
 
-// ---- the selected head as a labelled heatmap
+// ---- the selected head as a labelled heatmap: every weight up to D.limits.heat_max tokens, else the pooled map
+var HM = D.limits.heat_max, thumbs = b64(D.thumb.w), T = D.thumb.t;
+function range(b, t){ var a = Math.floor(b * N / t), z = Math.floor((b + 1) * N / t) - 1; return a === z ? D.tokens[a] + " #" + a : "#" + a + "–#" + z + " (" + D.tokens[a] + " … " + D.tokens[z] + ")"; }
+function pooledHead(c){  // (T, T) block means of the head's weights (mean of heads for h = -1), absolute
+  var heads = c.h < 0 ? H : 1, h0 = c.h < 0 ? 0 : c.h, vals = new Float32Array(T * T);
+  for (var hh = h0; hh < h0 + heads; hh++){ var k = c.l * H + hh, m = D.thumb.max[k] / 255 / heads; for (var p = 0; p < T * T; p++) vals[p] += thumbs[k * T * T + p] * m; }
+  return vals;
+}
 function drawHeat(){
-  var c = cur(), vals = new Float32Array(N * N), vmax = 0;
+  var c = cur(), vmax = 0, p;
+  if (N > HM){
+    var pv = pooledHead(c);
+    for (p = 0; p < T * T; p++) vmax = Math.max(vmax, pv[p]);
+    byId("heat-title").textContent = "Weights, pooled to " + T + "×" + T + " — " + where(c);
+    heatmap(byId("heat"), pv, T, null, vmax, function(i, j, v){ return range(i, T) + " ← " + range(j, T) + ": mean weight " + fmt(v); },
+            byId("heatinfo"), function(i){ goTo(Math.floor(i * N / T)); });
+    byId("heat").appendChild(el("div", "Each cell: the mean weight from the queries of a block of ~" + Math.round(N / T) + " tokens to the keys of another (exact block means from the attention pass" +
+      (contribView() ? "; the pooled map shows weights, not contributions" : "") + "). Click a row to go to its tokens.", "note"));
+    return;
+  }
+  var vals = new Float32Array(N * N);
   for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); vals.set(r, i * N); }
-  for (var p = 0; p < N * N; p++) vmax = Math.max(vmax, vals[p]);
+  for (p = 0; p < N * N; p++) vmax = Math.max(vmax, vals[p]);
   byId("heat-title").textContent = (contribView() ? "Contribution shares" : "Weights") + " — " + where(c);
   heatmap(byId("heat"), vals, N, D.tokens, vmax, function(i, j, v){ return D.tokens[i] + " #" + i + " ← " + D.tokens[j] + " #" + j + ": " + fmt(v); },
           byId("heatinfo"), function(i){ pin(i); });
 }
 
 // ---- grid of heads (always the weights)
-var thumbs = b64(D.thumb.w), T = D.thumb.t, grid = byId("grid"), canv = [];
+var grid = byId("grid"), canv = [];
 var hr0 = el("tr"); hr0.appendChild(el("th", "")); for (h = 0; h < H; h++) hr0.appendChild(el("th", "h" + h)); grid.appendChild(hr0);
 for (l = 0; l < L; l++){
   var tr = el("tr"); tr.appendChild(el("th", "L" + l)); canv.push([]);
@@ -216,34 +294,87 @@ for (l = 0; l < L; l++){
 }
 legend(byId("gridlegend"), "0", "max", "linear, each head to its own largest weight" + (T < N ? "; pooled to " + T + "×" + T + " (block means)" : ""));
 
-// ---- received
+// ---- received: one bar per token up to D.limits.heat_max tokens, else the top tokens and a strip over all positions
 var rec = u16(D.received), recBox = byId("received");
+function receivedRow(c){  // (N,): mean weight (or contribution share) a token receives from a query
+  var vals = new Float32Array(N), j;
+  if (contribView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
+  else { var heads = c.h < 0 ? H : 1, h0 = c.h < 0 ? 0 : c.h; for (var hh = h0; hh < h0 + heads; hh++) { var m = D.received_max[c.l * H + hh] / 65535 / heads; for (j = 0; j < N; j++) vals[j] += rec[(c.l * H + hh) * N + j] * m; } }
+  return vals;
+}
+function strip(box, vals, onclick, hover, infoEl){  // the maximum of each bin of positions, linear colour, full width = N tokens
+  var w = Math.min(N, 600), bins = new Float32Array(w), mx = 0, cv = document.createElement("canvas");
+  for (var j = 0; j < N; j++){ var b = Math.floor(j * w / N); bins[b] = Math.max(bins[b], vals[j]); mx = Math.max(mx, vals[j]); }
+  paint(cv, bins, 1, mx, w); cv.className = "strip"; box.appendChild(cv);
+  var at = function(ev){ var r = cv.getBoundingClientRect(); return Math.min(N - 1, Math.floor((ev.clientX - r.left) / r.width * N)); };
+  cv.addEventListener("click", function(ev){ onclick(at(ev)); });
+  cv.addEventListener("mousemove", function(ev){ infoEl.textContent = hover(at(ev)); });
+  return mx;
+}
+function recBar(j, v, mx){
+  var b = el("div", null, "bar"), lab = el("span", null, "lab " + segClass(j));
+  lab.appendChild(N > HM ? jumpLink(j, D.tokens[j]) : document.createTextNode(D.tokens[j])); b.appendChild(lab);
+  var f = el("span", null, "fill"); f.style.width = Math.max(1, 180 * v / (mx || 1)).toFixed(1) + "px"; b.appendChild(f);
+  b.appendChild(el("span", fmt(v) + (N > HM ? "  #" + j : ""))); return b;
+}
 function drawReceived(){
-  var c = cur(), vals = new Float32Array(N), mx = 0, j;
+  var c = cur(), vals = receivedRow(c), mx = 0, j;
   recBox.textContent = "";
   byId("rec-title").textContent = "Received " + (contribView() ? "contribution" : "attention") + " — " + where(c);
-  byId("rec-note").textContent = contribView() ? "Mean contribution share each token gives a query (the column means of the shares)." :
-    "Mean weight each token receives from a query (column sums of P / N) in this layer and head. (The terminal's table averages all layers and heads.)";
-  if (contribView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
-  else { var heads = c.h < 0 ? H : 1, h0 = c.h < 0 ? 0 : c.h; for (var hh = h0; hh < h0 + heads; hh++) for (j = 0; j < N; j++) vals[j] += rec[(c.l * H + hh) * N + j] / 65535 / heads; }
+  byId("rec-note").textContent = (contribView() ? "Mean contribution share each token gives a query (the column means of the shares)." :
+    "Mean weight each token receives from a query (column sums of P / N) in this layer and head. (The terminal's table averages all layers and heads.)") +
+    (N > HM ? " The strip spans all " + N + " tokens (each pixel: the largest in its bin; click to go there); below, the 30 tokens that receive most." : "");
   for (j = 0; j < N; j++) mx = Math.max(mx, vals[j]);
-  for (j = 0; j < N; j++){
-    var b = el("div", null, "bar"); b.appendChild(el("span", D.tokens[j], "lab " + segClass(j)));
-    var f = el("span", null, "fill"); f.style.width = Math.max(1, 180 * vals[j] / (mx || 1)).toFixed(1) + "px"; b.appendChild(f);
-    b.appendChild(el("span", fmt(vals[j]))); recBox.appendChild(b);
+  if (N > HM){
+    var hov = el("div", null, "hminfo");
+    strip(recBox, vals, goTo, function(k){ return D.tokens[k] + " #" + k + ": " + fmt(vals[k]); }, hov); recBox.appendChild(hov);
+    topKeys(vals, 30).forEach(function(k){ recBox.appendChild(recBar(k, vals[k], mx)); });
+    return;
   }
+  for (j = 0; j < N; j++) recBox.appendChild(recBar(j, vals[j], mx));
 }
 
-// ---- rollout
+// ---- rollout: the map (exact, or exact block means beyond ROLLOUT_MAX tokens) and the exact rows
+var RR = D.rows, rrw = RR ? u16(RR.w) : null, rollSel = byId("rollrow");
 (function(){
   var roll = b64(D.rollout.w), RT = D.rollout.t, vals = new Float32Array(RT * RT);
   for (var p = 0; p < RT * RT; p++) vals[p] = roll[p] / 255 * D.rollout.max;
   byId("rollnote").textContent = "Abnar & Zuidema (2020): head mean + identity, rows renormalised, multiplied through the layers. Row i: how much top-layer token i draws on input token j" +
-    (RT < N ? " (pooled to " + RT + "×" + RT + ")" : "") + (D.rollout.coverage < 0.9995 ? "; approximate, from top-k (" + (100 * D.rollout.coverage).toFixed(0) + "% of the weight)" : "") + ".";
+    (RT < N ? " (exact block means, pooled to " + RT + "×" + RT + ")" : "") + (D.rollout.coverage < 0.9995 ? "; approximate, from top-k (" + (100 * D.rollout.coverage).toFixed(0) + "% of the weight)" : "") + ".";
   heatmap(byId("rollout"), vals, RT, RT === N ? D.tokens : null, D.rollout.max, function(ci, cj, v){
-    var ti = Math.floor(ci * N / RT), tj = Math.floor(cj * N / RT);
-    return (RT < N ? "block of " : "") + D.tokens[ti] + " #" + ti + " ← " + D.tokens[tj] + " #" + tj + ": " + fmt(v);
+    return RT < N ? range(ci, RT) + " ← " + range(cj, RT) + ": " + fmt(v) : D.tokens[ci] + " #" + ci + " ← " + D.tokens[cj] + " #" + cj + ": " + fmt(v);
   }, byId("rollinfo"));
+})();
+if (RR){
+  RR.ids.forEach(function(i, k){ var o = el("option", D.tokens[i] + " #" + i); o.value = k; rollSel.appendChild(o); });
+  rollSel.addEventListener("change", drawRollRow);
+} else { byId("rows-title").hidden = true; rollSel.parentNode.hidden = true; }
+function selectRollRow(i){ if (!RR) return; var k = RR.ids.indexOf(i); if (k >= 0 && +rollSel.value !== k){ rollSel.value = k; drawRollRow(); } }
+function drawRollRow(){
+  if (!RR) return;
+  var box = byId("rollrows"), k = +rollSel.value, i = RR.ids[k], r = new Float32Array(N), mx = RR.max[k];
+  for (var j = 0; j < N; j++) r[j] = rrw[k * N + j] / 65535 * mx;
+  box.textContent = "";
+  byId("rows-note").textContent = "Row #" + i + " of the rollout, exact (2-byte precision relative to its largest entry): the input tokens that top-layer token “" + D.tokens[i] + "” draws on through all layers. " +
+    "The page holds " + RR.ids.length + " rows (pass rollout_rows= / pin a token listed here); the strip spans all " + N + " input tokens.";
+  var hov = el("div", null, "hminfo");
+  strip(box, r, goTo, function(q){ return D.tokens[q] + " #" + q + ": " + fmt(r[q]); }, hov); box.appendChild(hov);
+  topKeys(r, 12).forEach(function(q){ box.appendChild(recBar(q, r[q], mx)); });
+}
+drawRollRow();
+
+// ---- what is exact and what is pooled
+(function(){
+  var ul = byId("exactness"), k = wts.mode === "full" ? 0 : wts.k;
+  [(k ? "Token view, row view, per-head bars: each query's top " + k + " keys per head (their exact weights, 1-byte precision); the other keys are not embedded, so a row's shown weights may sum to less than 1."
+       : "Token view, row view, per-head bars: every weight (1-byte precision)."),
+   N > HM ? "Heatmap: exact block means of the selected head's weights, pooled to " + T + "×" + T + " (computed in the attention pass; nothing N×N was stored)." : "Heatmap: " + (k ? "the embedded top keys of every query." : "every weight."),
+   "Received: exact column sums of every weight (2-byte precision relative to each head's largest)" + (N > HM ? "; the panel lists the top 30 tokens and a strip of all " + N + "." : "."),
+   "Layer × head grid: " + (D.thumb.pooled ? "exact block means pooled to " + T + "×" + T + "." : "every weight."),
+   "Rollout map: " + (D.rollout.t < N ? "exact block means pooled to " + D.rollout.t + "×" + D.rollout.t + "; " : "exact; ") + (RR ? RR.ids.length + " rows exact (below it)." : "no exact rows."),
+   "Head summary: exact means over every query (from the inputs, not from the top keys).",
+   "Size: linear in the number of tokens (the token view's top keys, received, the exact rollout rows) plus fixed-size pooled maps."
+  ].forEach(function(t){ ul.appendChild(el("li", t)); });
 })();
 
 // ---- summary table
@@ -286,5 +417,6 @@ function refresh(){
 }
 [layerSel, headSel, viewSel].forEach(function(s){ s.addEventListener("change", refresh); });
 refresh();
+document.body.setAttribute("data-ready-ms", String(Math.round(performance.now())));  // since navigation start
 document.body.setAttribute("data-ready", "1");
 })();

@@ -6,6 +6,7 @@ rebuilt with `walkthrough.build_example`; the lesson itself is data (`walkthroug
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -338,6 +339,15 @@ def test_explain_sentence_pair_marks_the_segments(capsys, tmp_path):
 
 
 @needs_hf
+def test_explain_rollout_rows_are_the_ones_asked_for(capsys, tmp_path):
+    out = tmp_path / "r.html"
+    code, _, err = run(capsys, "explain", SENTENCE, "--out", str(out), "--rollout-rows", "3,-1,3")
+    assert code == 0, err
+    m = re.search(r'"rows":\{"ids":\[([0-9,]*)\]', out.read_text(encoding="utf-8"))
+    assert m and m.group(1) == "3,14"  # 15 tokens: [CLS], 12 words, ".", [SEP]; sorted, distinct
+
+
+@needs_hf
 def test_explain_layer_and_head_focus_the_summary(capsys, tmp_path):
     code, text, err = run(capsys, "explain", SENTENCE, "--out", str(tmp_path / "r.html"), "--layer", "2", "--head", "9")
     assert code == 0, err
@@ -362,6 +372,8 @@ def test_explain_truncates_only_when_asked_with_a_warning(capsys, tmp_path):
     (["explain", "hi", "--layer", "-1"], "--layer"),
     (["explain", "hi", "--head", "-3"], "--head"),
     (["explain", "hi", "--out", "/nonexistent-dir/r.html"], "--out"),
+    (["explain", "hi", "--rollout-rows", "1,x"], "--rollout-rows"),
+    (["explain", "hi", "--rollout-rows", ","], "--rollout-rows"),
 ])
 def test_explain_bad_input_before_loading(capsys, argv, message):
     _one_line_error(capsys, argv, message)
@@ -372,6 +384,7 @@ def test_explain_bad_input_before_loading(capsys, argv, message):
     (["--layer", "6"], "--layer: the model has 6 layers"),
     (["--head", "12"], "--head: the model has 12 heads"),
     (["--model", "/nonexistent/model"], "--model"),
+    (["--rollout-rows", "0,4"], "--rollout-rows: expected 1 or more positions in [-4, 4) for 4 tokens"),
 ])
 def test_explain_bad_input_after_loading(capsys, tmp_path, extra, message):
     _one_line_error(capsys, ["explain", "hello world", "--out", str(tmp_path / "r.html"), *extra], message)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from attnlens import analysis
 from attnlens.report import html
 
 N_LONG = 8192

@@ -265,10 +265,11 @@ def _cmd_explain(args, console) -> int:
         ana = progress.add_task("exact head scores and rollout", total=None, visible=False)
         try:
             data = collect_any(args.text, model, tok, topk=args.topk, truncate=args.truncate, pair=args.pair,
+                               rollout_rows=args.rollout_rows,
                                on_layer=lambda i: progress.update(run, completed=i + 1),
                                on_analysis=lambda d, t: progress.update(ana, completed=d, total=t, visible=True))
         except ValueError as e:
-            raise CLIError(str(e))
+            raise CLIError(str(e).replace("rollout_rows:", "--rollout-rows:", 1))
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
         data.initial_layer = args.layer if args.layer is not None else 0
         data.initial_head = args.head if args.head is not None else -1
@@ -473,10 +474,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--head", type=int, default=None, help="head to show first and to summarise (0-based; "
                                                           "default: the mean of the heads)")
     e.add_argument("--topk", type=int, default=8, help="keys kept per query and head for the summary (default: 8)")
+    e.add_argument("--rollout-rows", default=None, type=_positions, metavar="I,J,...",
+                   help="tokens (0-based positions, negative from the end) whose rollout rows the report holds "
+                        "exactly at any length (default: 8 evenly spaced, the first and the last among them)")
     e.add_argument("--truncate", action="store_true", help="keep the first tokens of a text longer than the "
                                                            "model's maximum (with a warning) instead of refusing it")
     e.set_defaults(func=_cmd_explain)
     return parser
+
+
+def _positions(text: str) -> list:
+    """``"0,5,-1"`` → ``[0, 5, -1]`` (argparse type of --rollout-rows)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token positions separated by commas (e.g. 0,5,-1), got {text!r}")
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one token position (e.g. 0,5,-1)")
+    return out
 
 
 def _console():

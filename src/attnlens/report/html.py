@@ -161,11 +161,11 @@ def payload(data) -> dict:
             "norm_kind": data.contrib_kind.replace("α ", "") if norms is not None else "",
             "segments": None if getattr(data, "segments", None) is None else [int(x) for x in data.segments],
             "cross": _cross(getattr(data, "cross", None)),
-            "thumb": {"t": t, "w": _b64(_q8(thumbs)), "max": [float(m) for m in mx.ravel()],
-                      "pooled": bool(t < N)}, "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))),
-                                                                 "max": float(roll.max()),
-                                                                 "coverage": round(float(data.rollout_coverage), 4)},
-            "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()], "summary": summary, "warnings": list(data.warnings) + _size_warnings(data),
+            "thumb": {"t": t, "w": _b64(_q8(thumbs)), "max": [float(m) for m in mx.ravel()], "pooled": bool(t < N)},
+            "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))), "max": float(roll.max()),
+                        "coverage": round(float(data.rollout_coverage), 4)},
+            "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
+            "summary": summary, "warnings": list(data.warnings) + _size_warnings(data),
             "rows": _rollout_rows(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
 

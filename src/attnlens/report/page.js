@@ -217,11 +217,11 @@ function drawMix(i){
     t.appendChild(tr);
   });
   box.appendChild(t);
-  var restW = sum(m.w) - order.reduce(function(s, j){ return s + m.w[j]; }, 0);
+  var restW = (wts.mode === "full" ? sum(m.w) : 1) - order.reduce(function(s, j){ return s + m.w[j]; }, 0);  // rows sum to 1
   var restC = m.total > 0 ? 1 - order.reduce(function(s, j){ return s + m.c[j]; }, 0) / m.total : 0;
   var lines = [(order.length < N ? "Other " + (N - order.length) + " keys: weight " + fmt(Math.max(0, restW)) +
     (norms ? ", share " + (100 * Math.max(0, restC)).toFixed(1) + "%" : "") + ". " : "") +
-    "The weights of a row sum to 1" + (wts.mode === "full" ? "" : " (here only each query's top " + wts.k + " keys are embedded)") + "."];
+    "The weights of a row sum to 1" + (wts.mode === "full" ? "" : " (only each query's top " + wts.k + " keys are embedded: the other keys' weight is 1 minus the shown)") + "."];
   if (norms) lines.push((one ? "" : "Heads add their terms: the contributions of all heads are summed (their sum's norm is at most this). ") +
     "A large weight on a short value vector moves the output little: compare the weight and share columns.");
   else lines.push("Value norms were not recorded for this report, so only the weights are shown.");
@@ -366,7 +366,7 @@ drawRollRow();
 // ---- what is exact and what is pooled
 (function(){
   var ul = byId("exactness"), k = wts.mode === "full" ? 0 : wts.k;
-  [(k ? "Token view, row view, per-head bars: each query's top " + k + " keys per head (their exact weights, 1-byte precision); the other keys are not embedded, so a row's shown weights may sum to less than 1."
+  [(k ? "Token view, row view, per-head bars: each query's top " + k + " keys per head (their exact weights to 3 significant digits); the other keys are not embedded, so a row's shown weights may sum to less than 1."
        : "Token view, row view, per-head bars: every weight (1-byte precision)."),
    N > HM ? "Heatmap: exact block means of the selected head's weights, pooled to " + T + "×" + T + " (computed in the attention pass; nothing N×N was stored)." : "Heatmap: " + (k ? "the embedded top keys of every query." : "every weight."),
    "Received: exact column sums of every weight (2-byte precision relative to each head's largest)" + (N > HM ? "; the panel lists the top 30 tokens and a strip of all " + N + "." : "."),

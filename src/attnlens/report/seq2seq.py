@@ -42,16 +42,16 @@ def _decoder_ids(model, tokenizer, target: str):
 
 
 def collect_any(text: str, model, tokenizer, *, pair: Optional[str] = None, topk: int = 8, truncate: bool = False,
-                on_layer=None, on_analysis=None):
+                on_layer=None, on_analysis=None, rollout_rows=None):
     """`collect_seq2seq` for an encoder-decoder model (``pair``: the decoder's text), else
     `attnlens.report.collect` (``pair``: the second sentence of a pair; ``on_analysis(done, total)`` reports its
-    exact head scores and rollout as they go)."""
+    exact head scores and rollout as they go; ``rollout_rows``: the tokens whose rollout rows it holds exactly)."""
     from . import collect
 
     if is_encoder_decoder(model):
         return collect_seq2seq(text, model, tokenizer, target=pair, topk=topk, truncate=truncate, on_layer=on_layer)
     return collect(text, model, tokenizer, pair=pair, topk=topk, truncate=truncate, on_layer=on_layer,
-                   on_analysis=on_analysis)
+                   on_analysis=on_analysis, rollout_rows=rollout_rows)
 
 
 def collect_seq2seq(text: str, model, tokenizer, *, target: Optional[str] = None, topk: int = 8,

@@ -75,7 +75,7 @@ def explain(folder: Path, text: str, out: Path) -> float:
     return time.perf_counter() - t
 
 
-def open_times(page: Path, opens: int, needle: str) -> list[dict]:
+def open_times(page: Path, opens: int, needle: str, shot=None) -> list[dict]:
     sys.path.insert(0, str(ROOT / "tests"))
     import _browser
     from selenium.webdriver.common.keys import Keys
@@ -108,6 +108,10 @@ def open_times(page: Path, opens: int, needle: str) -> list[dict]:
             errors = _browser.console_errors(drv)
             assert not errors, errors
             rows.append({"ready": ready, "wall": wall, "search": search, "layer": relayer})
+        if shot:  # the found token, pinned (the README's picture of a long report)
+            Select(drv.find_element("id", "layer")).select_by_value("0")
+            drv.execute_script("window.scrollTo(0, 0)")
+            drv.save_screenshot(str(shot))
     finally:
         gen.close()
     return rows
@@ -118,6 +122,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--opens", type=int, default=5)
     ap.add_argument("--out", default=None, help="write OUT.md (default: print only)")
+    ap.add_argument("--screenshot", default=None, metavar="PNG", help="save the page after the last search")
     args = ap.parse_args()
     from attnlens import hf
 
@@ -130,7 +135,7 @@ def main() -> None:
         page = Path(d) / "report.html"
         secs = explain(folder, text, page)
         size = page.stat().st_size
-        rows = open_times(page, args.opens, "attention")
+        rows = open_times(page, args.opens, "attention", args.screenshot)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     lines = [f"# The report at {n} tokens — {datetime.date.today()}", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -320,7 +320,7 @@ def test_explain_writes_report_and_summary(capsys, tmp_path):
     assert "Traceback" not in err
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "attnlens-data" in page
-    assert "Most received attention" in text and "most focused heads" in text
+    assert "Most received attention" in text and "Heads by kind" in text and "Informative links" in text
     assert f"report: {out}" in text
     assert "fox" in text and "[CLS]" in text  # tokens printed literally (rich markup off)
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["heads.png", "layer0_headmean.png", "received.png",

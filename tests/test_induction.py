@@ -80,3 +80,41 @@ def test_head_scores_name_the_previous_token_and_induction_heads(trained, L):
     assert prev.max() > 0.5, f"no previous-token head in layer 0: prev = {prev}"
     assert ind.max() > 0.5, f"no induction head in layer 1: induction = {ind}"
     assert ind.max() > 2 * ind0.max(), "layer 0 cannot do induction (it has no previous-token information yet)"
+
+
+def test_head_kinds_and_the_terminal_summary_name_the_circuit(trained):
+    """`report.from_records(..., input_ids=)` carries the token ids to the head scores, `analysis.head_kinds` labels
+    the layer-0 previous-token head and exactly the layer-1 heads with an induction score past the threshold, and
+    `explain_summary` prints them in its kinds table."""
+    import io
+
+    from rich.console import Console
+
+    from attnlens import Lens, report
+    from attnlens.cli import explain_summary
+
+    model, gen = trained
+    ids, _ = batch(gen, 2, [9])
+    with torch.no_grad(), alnn.capture(model, lens=Lens(topk=4)) as cap:
+        model(ids)
+    b = 1
+    toks = [str(t) for t in ids[b].tolist()]
+    data = report.from_records(cap.results, toks, batch=b, input_ids=ids[b], model_name="induction toy")
+    kinds = [analysis.head_kinds(s, data.n) for s in data.summaries]
+    named = {kind: {(li, h) for li, row in enumerate(kinds) for h, (k, _) in enumerate(row) if k == kind}
+             for kind in analysis.HEAD_KINDS}
+    ind = data.summaries[1].induction  # (H,)
+    assert ind.max() > 0.5 and (1, int(np.argmax(ind))) in named["induction"]
+    assert named["induction"] == {(1, h) for h in range(HEADS) if ind[h] >= analysis.KIND_SCORE}
+    prev0 = int(np.argmax(data.summaries[0].prev))
+    assert (0, prev0) in named["previous-token"] and named["previous-token"] <= {(0, h) for h in range(HEADS)}
+    plain = report.from_records(cap.results, toks, batch=b)  # no ids: no induction scores, so no induction heads
+    assert not any(k == "induction" for s in plain.summaries for k, _ in analysis.head_kinds(s, plain.n))
+
+    out = io.StringIO()
+    explain_summary(Console(file=out, width=200), data)
+    rows = {line.split()[0]: line for line in out.getvalue().split("Heads by kind")[1].splitlines()
+            if line.strip().startswith(("induction", "previous-token"))}
+    assert all(f"L{li} h{h} " in rows["induction"] for li, h in named["induction"])
+    assert f"L0 h{prev0} " in rows["previous-token"]
+    assert rows["induction"].split()[2] == str(len(named["induction"]))  # the count column

@@ -11,7 +11,13 @@ and received attention) with the numbers that ``attnlens.attention`` returns; th
 text, checks) is data built by `attnlens.walkthrough`, and this module only renders it with rich.
 ``info`` prints versions and the backend table.
 ``explain`` runs a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on a text
-through `attnlens.hf.capture`, prints a short summary and writes a self-contained HTML report.
+through `attnlens.hf.capture`, prints a short summary and writes a self-contained HTML report. The summary
+(`explain_summary`): the tokens that receive the most attention; what kind of head each head is
+(`attnlens.analysis.head_kinds`: previous-token, first-token sink, self, duplicate, induction, broad, mixed) as a
+layer × head grid of letters and a table of the strongest heads of each kind; and the informative links, the
+strongest query → key weights between real tokens in the heads that are not sinks, previous-token or self heads
+(``it → tired 0.71 L2 h1``). ``--layer`` / ``--head`` narrow the links to those heads and add each token's most
+attended token in them.
 """
 from __future__ import annotations
 
@@ -162,9 +168,23 @@ def walkthrough(console, ex, *, causal: bool = False, backend: str = "auto"):
 
 # ---------------------------------------------------------------- explain
 
-#: terminal summary: tokens listed with their most attended tokens, and heads called "focused"
+#: terminal summary: tokens listed with their most attended tokens (--layer / --head), in this many heads
 SUMMARY_TOKENS = 24
 FOCUSED_HEADS = 3
+#: informative links: this many query → key pairs, of weight at least LINK_MIN, each with up to LINK_ALSO more heads
+LINKS = 8
+LINK_MIN = 0.2
+LINK_ALSO = 2
+#: heads kinds that need no reading: their links are left out unless --layer / --head asks for them
+ROUTINE_KINDS = ("first-token sink", "previous-token", "self")
+#: one letter per head kind in the layer × head grid (shown up to GRID_LAYERS × GRID_HEADS), and the strongest
+#: KIND_TOP heads of each kind in the table
+KIND_CODES = {"previous-token": "P", "first-token sink": "F", "self": "S", "duplicate": "D", "induction": "I",
+              "broad": "B", "mixed": "·"}
+KIND_STYLES = {"previous-token": "cyan", "first-token sink": "dim", "self": "blue", "duplicate": "magenta",
+               "induction": "bold magenta", "broad": "green"}
+GRID_LAYERS, GRID_HEADS = 48, 32
+KIND_TOP = 3
 DEFAULT_MODEL_LABEL = "all-MiniLM-L6-v2"
 DEFAULT_OUT = "report.html"
 
@@ -332,40 +352,180 @@ def _write_report(args, data, out, overwrite):
 
 
 def explain_summary(console, data, *, layer=None, head=None):
-    """The terminal summary of a `ReportData`: most received tokens, focused heads, per-token targets."""
+    """The terminal summary of a `ReportData`: the tokens that receive the most attention; the kind of every
+    head (`attnlens.analysis.head_kinds` on ``data.summaries``: previous-token, first-token sink, induction,
+    broad, ...) as a layer × head grid and a table of the strongest heads of each kind; and the informative
+    links: the strongest query → key weights between real tokens (`_informative_links`). With ``layer`` /
+    ``head`` (--layer / --head), the links are those heads' and a table shows each token's most attended token
+    in them."""
     from rich.text import Text
 
-    n, toks = data.n, list(data.tokens)
+    from .analysis import head_kinds
+
+    n = data.n
     console.print(Text(f"{data.model_name}: {n} tokens, {data.n_layers} layers × {data.n_heads} heads"))
     if data.sink_weight is not None:
         sw = data.sink_weight  # (L, H)
         li, h = np.unravel_index(int(np.argmax(sw)), sw.shape)
         console.print(Text(f"attention sinks: a query puts {sw.mean():.3f} of its weight on its sink on average "
                            f"(most: L{li} h{h}, {sw[li, h]:.3f})"))
-    rec = data.received.mean(axis=(0, 1)) / n  # (N,) mean weight a query puts on each token
-    order = np.argsort(-rec, kind="stable")[:5]
+    _received_table(console, data)
+    kinds = [head_kinds(s, n) for s in data.summaries] if data.summaries else None
+    if kinds is not None:
+        _kinds_grid(console, kinds)
+        _kinds_table(console, kinds, data.summaries[0].induction is not None)
+    links = _informative_links(data, kinds, layer=layer, head=head)
+    _links_table(console, data, links, focus=layer is not None or head is not None)
+    if layer is not None or head is not None:
+        _targets_table(console, data, _focus_heads(data, kinds, layer, head), kinds)
+
+
+def _received_table(console, data):
+    from rich.text import Text
+
+    rec = data.received.mean(axis=(0, 1)) / data.n  # (N,) mean weight a query puts on each token
     t = _table("Most received attention (mean weight from a query, all layers and heads)")
     t.add_column("token")
     t.add_column("#", justify="right")
     t.add_column("received", justify="right")
-    for j in order:
-        t.add_row(Text(toks[j]), str(j), f"{rec[j]:.3f}")
+    for j in np.argsort(-rec, kind="stable")[:5]:
+        t.add_row(Text(data.tokens[j]), str(j), f"{rec[j]:.3f}")
     _show(console, t)
 
-    ent = data.entropy.mean(-1)  # (L, H)
+
+def _kinds_grid(console, kinds):
+    """Every head's kind as one letter, a line per layer, heads in groups of four (up to GRID_LAYERS × GRID_HEADS:
+    76 columns at 32 × 32)."""
+    from rich.text import Text
+
+    L, H = len(kinds), len(kinds[0])
+    if L > GRID_LAYERS or H > GRID_HEADS:
+        return
+    pad = len(f"L{L - 1}") + 2
+    lines = [Text("Head kinds, layer × head", style="bold"),
+             Text(" " * pad + "".join(f"h{g}".ljust(9) for g in range(0, H, 4)).rstrip(), style="dim")]
+    for li, row in enumerate(kinds):
+        line = Text(f"L{li}".ljust(pad))
+        for h, (kind, _) in enumerate(row):
+            if h:
+                line.append("  " if h % 4 == 0 else " ")
+            line.append(KIND_CODES[kind], style=KIND_STYLES.get(kind, ""))
+        lines.append(line)
+    seen = {kind for row in kinds for kind, _ in row}
+    lines.append(Text("  ".join(f"{c} {k}" for k, c in KIND_CODES.items() if k in seen), style="dim"))
+    console.print(Text("\n").join(lines))
+    console.print()
+
+
+def _kinds_table(console, kinds, has_ids: bool):
+    """Per kind: how many heads, and the strongest (for "broad": the broadest) with their scores."""
+    from rich.text import Text
+
+    from .analysis import HEAD_KINDS
+
+    t = _table("Heads by kind")
+    t.add_column("kind", no_wrap=True)
+    t.add_column("", style="dim", no_wrap=True)
+    t.add_column("heads", justify="right", no_wrap=True)
+    t.add_column("top heads (score)")  # the one column that may wrap on a narrow terminal
+    for kind in HEAD_KINDS:
+        found = [(s, li, h) for li, row in enumerate(kinds) for h, (k, s) in enumerate(row) if k == kind]
+        if not found:
+            continue
+        found.sort(key=lambda f: f[0] if kind == "broad" else -f[0])  # stable: layer, head order on ties
+        top = ", ".join(f"L{li} h{h} {s:.2f}" for s, li, h in found[:KIND_TOP])
+        more = f" +{len(found) - KIND_TOP} more" if len(found) > KIND_TOP else ""
+        t.add_row(Text(kind, style=KIND_STYLES.get(kind, "")), KIND_CODES[kind], str(len(found)), Text(top + more))
+    console.print(t)
+    note = "score: the mean weight a query puts on the kind's keys; for broad and mixed, its mean largest weight"
+    console.print(Text(f"({note}{'' if has_ids else '; duplicate-token and induction heads need the token ids'})",
+                       style="dim"))
+
+
+def _is_special(token: str) -> bool:
+    """A special token: written as ``[...]`` or ``<...>`` ([CLS], [SEP], <s>, </s>, <|endoftext|>)."""
+    t = str(token).strip()
+    return len(t) > 2 and (t[0], t[-1]) in (("[", "]"), ("<", ">"))
+
+
+def _link_mask(data, kinds, layer, head) -> np.ndarray:
+    """``(L, H, N, k)`` bool: the top-k entries that count as informative links: of weight >= LINK_MIN, in the
+    heads of --layer / --head (any kind) or else in the heads not of a ROUTINE_KINDS kind, between a query and a
+    key that are real tokens (not special, not position 0), the key not the query itself nor a neighbour (the
+    token before or after it: positional links, which previous-token heads and next-token heads make)."""
+    idx, w = data.topk_idx, data.topk_w
+    L, H, n = idx.shape[:3]
+    use = np.ones((L, H), dtype=bool)
+    if layer is not None or head is not None:
+        use[:] = False
+        use[slice(None) if layer is None else layer, slice(None) if head is None else head] = True
+    elif kinds is not None:
+        use = np.array([[kind not in ROUTINE_KINDS for kind, _ in row] for row in kinds], dtype=bool)
+    real = np.array([i > 0 and not _is_special(t) for i, t in enumerate(data.tokens)], dtype=bool)
+    q = np.arange(n)[:, None]
+    return (use[:, :, None, None] & real[:, None] & (idx >= 0) & real[np.clip(idx, 0, n - 1)]
+            & (np.abs(idx - q) > 1) & (w >= LINK_MIN))
+
+
+def _informative_links(data, kinds, *, layer=None, head=None) -> list:
+    """The strongest informative links (`_link_mask`): ``[(query i, key j, [(weight, layer, head), ...]), ...]``,
+    up to LINKS distinct pairs, strongest first, each with every head that has it among its top k, by weight."""
+    ok = _link_mask(data, kinds, layer, head)
+    li, h, i, m = np.nonzero(ok)
+    j = data.topk_idx[li, h, i, m]
+    w = data.topk_w[li, h, i, m]
+    order = np.argsort(-w, kind="stable")
+    code = (i * data.n + j)[order]
+    _, first = np.unique(code, return_index=True)  # each pair's strongest entry (in order)
+    links = []
+    for p in np.sort(first)[:LINKS]:
+        e = order[code == code[p]]
+        links.append((int(i[e[0]]), int(j[e[0]]), [(float(w[s]), int(li[s]), int(h[s])) for s in e]))
+    return links
+
+
+def _links_table(console, data, links, *, focus: bool):
+    from rich.text import Text
+
+    where = "in the heads asked for" if focus else "in the heads that are not first-token sinks, previous-token or self"
+    if not links:
+        console.print(Text(f"informative links: none of weight >= {LINK_MIN} {where}"))
+        return
+    toks = data.tokens
+    t = _table("Informative links: where tokens look")
+    for name, just in (("query → key", "left"), ("#", "right"), ("weight", "right"), ("head", "left")):
+        t.add_column(name, justify=just, no_wrap=True)
+    t.add_column("also in")  # the one column that may wrap on a narrow terminal
+    for i, j, heads in links:
+        w, li, h = heads[0]
+        also = ", ".join(f"L{a} h{b} {x:.2f}" for x, a, b in heads[1:1 + LINK_ALSO])
+        more = f" +{len(heads) - 1 - LINK_ALSO} more" if len(heads) - 1 > LINK_ALSO else ""
+        t.add_row(Text(f"{toks[i]} → {toks[j]}"), f"{i} → {j}", f"{w:.2f}", f"L{li} h{h}", Text(also + more))
+    console.print(t)
+    console.print(Text(f"(the top-{data.topk_idx.shape[-1]} weights of each query {where}; left out: special "
+                       f"tokens, the first token, and links to the token itself or a neighbour)", style="dim"))
+
+
+def _focus_heads(data, kinds, layer, head) -> list:
+    """The heads of the per-token table: (layer, head) when both are given; else, among the heads asked for, the
+    FOCUSED_HEADS whose strongest informative link is strongest."""
     if layer is not None and head is not None:
-        heads = [(layer, head)]
-    elif layer is not None:
-        heads = [(layer, int(h)) for h in np.argsort(ent[layer], kind="stable")[:FOCUSED_HEADS]]
-    else:
-        flat = np.argsort(ent.ravel(), kind="stable")[:FOCUSED_HEADS]
-        heads = [(int(i) // data.n_heads, int(i) % data.n_heads) for i in flat]
-        if head is not None:
-            heads = [(int(li), head) for li in np.argsort(ent[:, head], kind="stable")[:FOCUSED_HEADS]]
-    t = _table("Most attended token per token, in the most focused heads (lowest mean entropy)")
+        return [(layer, head)]
+    best = np.where(_link_mask(data, kinds, layer, head), data.topk_w, -np.inf).max(axis=(2, 3))  # (L, H)
+    if layer is not None:
+        return [(layer, int(h)) for h in np.argsort(-best[layer], kind="stable")[:FOCUSED_HEADS]]
+    return [(int(li), head) for li in np.argsort(-best[:, head], kind="stable")[:FOCUSED_HEADS]]
+
+
+def _targets_table(console, data, heads, kinds):
+    """Each token's most attended token in ``heads`` (the first SUMMARY_TOKENS tokens)."""
+    from rich.text import Text
+
+    toks, n = data.tokens, data.n
+    t = _table("Most attended token per token, in the heads asked for (--layer / --head)")
     t.add_column("token")
     for li, h in heads:
-        t.add_column(f"L{li} h{h} ({ent[li, h]:.2f} nats)")
+        t.add_column(f"L{li} h{h}" + (f" ({kinds[li][h][0]})" if kinds is not None else ""))
     for i in range(min(n, SUMMARY_TOKENS)):
         cells = [Text(toks[i])]
         for li, h in heads:

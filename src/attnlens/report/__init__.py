@@ -237,14 +237,18 @@ def _segments(enc) -> list:
 
 
 def from_records(records, tokens, *, text: str = "", model_name: str = "", batch: int = 0,
-                 warnings=()) -> ReportData:
+                 warnings=(), input_ids=None, rollout_rows=None) -> ReportData:
     """A `ReportData` from captured self-attention records, one per layer, bottom to top.
 
     ``records``: `attnlens.hf.HFRecord`s (``cap.layers()``), `attnlens.nn.CaptureRecord`s
     (``cap.results``) or `LensResult`s; each must hold ``entropy``, ``max_weight``, ``received``
     (the `Lens` defaults) and ``topk``; with ``rows="all"`` the report has every weight, and with an
     HF record's value norms the value-norm contributions too. ``tokens``: one label per position
-    (``Nq == Nk == len(tokens)``); ``batch``: which sequence.
+    (``Nq == Nk == len(tokens)``); ``batch``: which sequence. ``input_ids``: the token ids, ``(N,)`` for this
+    sequence or ``(B, N)`` (tensor, array or list of ints); with them the head scores include ``duplicate``
+    and ``induction`` (`attnlens.analysis.head_summary`), so `attnlens.analysis.head_kinds` can name
+    duplicate-token and induction heads. ``rollout_rows``: the tokens whose rollout rows the report holds exactly
+    (as in `collect`).
     """
     from .. import analysis
 
@@ -262,6 +266,12 @@ def from_records(records, tokens, *, text: str = "", model_name: str = "", batch
         if nq != n or nk != n:
             raise ValueError(f"records[{k}]: expected self-attention over the {n} tokens given, got {nq} queries "
                              f"and {nk} keys")
+    ids = None if input_ids is None else analysis.as_numpy(input_ids)
+    if ids is not None and not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
+    if ids is not None and (ids.ndim not in (1, 2) or ids.shape[-1] != n or (ids.ndim == 2 and batch >= ids.shape[0])):
+        raise ValueError(f"input_ids: expected one token id per token, shape ({n},) or (B, {n}) with B > batch "
+                         f"({batch}), got shape {ids.shape}")
 
     def per_layer(name):  # (L, H, ...) for one sequence
         out = []
@@ -278,8 +288,8 @@ def from_records(records, tokens, *, text: str = "", model_name: str = "", batch
                       summaries=[], rollout=None, rollout_coverage=1.0, warnings=list(warnings))
     full = all(analysis._has_full(getattr(r, "result", r)) for r in recs)
     if full or all(getattr(r, "call", None) is not None for r in recs):  # exact: full weights or kept inputs
-        data.summaries = [analysis.head_summary(r, batch=batch) for r in recs]
-        data.rollout_row_ids = _row_ids(None, n)
+        data.summaries = [analysis.head_summary(r, ids, batch=batch) for r in recs]
+        data.rollout_row_ids = _row_ids(rollout_rows, n)
         if full:
             data.rollout = analysis.rollout(recs, batch=batch)
             data.rollout_rows = data.rollout[data.rollout_row_ids]

@@ -49,13 +49,14 @@ def collect_any(text: str, model, tokenizer, *, pair: Optional[str] = None, topk
     from . import collect
 
     if is_encoder_decoder(model):
-        return collect_seq2seq(text, model, tokenizer, target=pair, topk=topk, truncate=truncate, on_layer=on_layer)
+        return collect_seq2seq(text, model, tokenizer, target=pair, topk=topk, truncate=truncate, on_layer=on_layer,
+                               rollout_rows=rollout_rows)
     return collect(text, model, tokenizer, pair=pair, topk=topk, truncate=truncate, on_layer=on_layer,
                    on_analysis=on_analysis, rollout_rows=rollout_rows)
 
 
 def collect_seq2seq(text: str, model, tokenizer, *, target: Optional[str] = None, topk: int = 8,
-                    truncate: bool = False, on_layer=None):
+                    truncate: bool = False, on_layer=None, rollout_rows=None):
     """Run an encoder-decoder ``model`` on ``text`` (decoder input: ``target``, default ``text``) and
     return the `ReportData` of its encoder with the decoder's cross-attention in ``cross``."""
     import torch
@@ -77,7 +78,8 @@ def collect_seq2seq(text: str, model, tokenizer, *, target: Optional[str] = None
         raise ValueError(f"model ({type(model).__name__}): expected encoder self-attention and decoder cross-attention "
                          f"calls, recorded {[r.name for r in cap.results]}")
     tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())]
-    data = from_records(encoder, tokens, text=text, warnings=warnings)
+    data = from_records(encoder, tokens, text=text, warnings=warnings, input_ids=enc["input_ids"][0],
+                        rollout_rows=rollout_rows)
     w = np.stack([r.result.weights[0].float().numpy() for r in cross]).astype(np.float32)  # (Ld, H, Nd, Ne)
     data.cross = {"tokens": [str(t) for t in tokenizer.convert_ids_to_tokens(dec[0].tolist())], "weights": w}
     return data

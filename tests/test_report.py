@@ -296,6 +296,9 @@ def test_minilm_report_in_chromium(browser, minilm, tmp_path):
     assert "draws on" in browser.find_element("id", "info").text
     assert len(browser.find_elements("css selector", "#grid canvas")) == 6 * 12
     assert len(browser.find_elements("css selector", "#summary tr")) == 1 + 6 * 12
+    cells = browser.execute_script("return Array.from(document.querySelectorAll('#summary tr')[3].cells)"
+                                   ".map(c => c.textContent)")  # header, L0 h0, L0 h1, L0 h2
+    assert cells[:3] == ["0", "2", "previous-token"], cells  # named by analysis.head_kinds, as in the terminal
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == [], errors
     shot = tmp_path / "minilm.png"

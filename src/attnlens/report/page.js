@@ -378,13 +378,13 @@ drawRollRow();
 })();
 
 // ---- summary table
-var st = byId("summary"), cols = ["layer", "head", "entropy", "max_weight", "first", "prev", "self"];
-var thr = el("tr"); ["layer", "head", "entropy", "max weight", "→ first", "→ previous", "→ self"].forEach(function(c){ thr.appendChild(el("th", c)); }); st.appendChild(thr);
+var st = byId("summary"), cols = ["layer", "head", "kind", "entropy", "max_weight", "first", "prev", "self"];
+var thr = el("tr"); ["layer", "head", "kind", "entropy", "max weight", "→ first", "→ previous", "→ self"].forEach(function(c){ thr.appendChild(el("th", c)); }); st.appendChild(thr);
 var sumRows = [];
 D.summary.forEach(function(s){
   var tr = el("tr");
   cols.forEach(function(c){
-    var v = s[c], txt = (c === "layer" || c === "head") ? String(v) : v.toFixed(3);
+    var v = s[c], txt = (c === "layer" || c === "head" || c === "kind") ? String(v) : v.toFixed(3);
     if (!s.exact && (c === "prev" || c === "self")) txt = "[" + v.toFixed(3) + ", " + s[c + "_hi"].toFixed(3) + "]";
     tr.appendChild(el("td", txt));
   });

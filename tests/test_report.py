@@ -426,4 +426,11 @@ def test_page_cross_attention_heatmap(browser, tmp_path):
     x = W / W.max()
     want = np.rint(np.stack([255 - 208 * x, 255 - 144 * x, 255 - 33 * x], -1))
     np.testing.assert_allclose(np.array(px[2]).reshape(3, 5, 4)[..., :3], want, atol=1.01)
+    # click decoder row 1: its row view lists the encoder tokens it reads, largest first, with their weights
+    browser.execute_script("var c = document.querySelector('#cross canvas'), r = c.getBoundingClientRect();"
+                           "c.dispatchEvent(new MouseEvent('click', {clientX: r.left + 2, clientY: r.top + r.height * 0.5}))")
+    assert "“x” #1 reads" in browser.find_element("id", "crossrow").text
+    got = browser.execute_script("return Array.from(document.querySelectorAll('#crossrow .bar')).map(b => b.textContent)")
+    order = np.argsort(-W[1], kind="stable")
+    assert [g.split(" ")[0].rstrip("0123456789.") for g in got] == [toks[j] for j in order]
     assert console_errors(browser) == []

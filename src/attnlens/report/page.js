@@ -404,7 +404,17 @@ function drawCross(){
   card.hidden = false;
   byId("cross-title").textContent = "Cross-attention, decoder → encoder — decoder " + where({l: l, h: hsel});
   heatmap(byId("cross"), vals, nq, D.tokens, vmax, function(i, j, v){ return X.tokens[i] + " #" + i + " (decoder) ← " + D.tokens[j] + " #" + j + ": " + fmt(v); },
-          byId("crossinfo"), null, N, X.tokens);
+          byId("crossinfo"), function(i){ crossRow = i; drawCrossRow(vals); }, N, X.tokens);
+  drawCrossRow(vals);
+}
+var crossRow = -1;
+function drawCrossRow(vals){  // the row view of one decoder token: the encoder tokens it reads, largest first
+  var box = byId("crossrow"); box.textContent = "";
+  if (crossRow < 0 || crossRow >= X.Nq){ box.appendChild(el("div", "Click a row of the heatmap to list the encoder tokens that decoder token reads.", "note")); return; }
+  var r = vals.subarray(crossRow * N, (crossRow + 1) * N), mx = 0;
+  for (var j = 0; j < N; j++) mx = Math.max(mx, r[j]);
+  box.appendChild(el("div", "Decoder token “" + X.tokens[crossRow] + "” #" + crossRow + " reads (weights, largest first):", "note"));
+  topKeys(r, 8).forEach(function(j){ box.appendChild(recBar(j, r[j], mx)); });
 }
 
 function refresh(){

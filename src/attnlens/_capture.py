@@ -78,8 +78,12 @@ class AttnCall:
         mask = self.mask
         if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[0] > 1:
             mask = mask[sl]
+        alibi = self.alibi_slopes
+        if isinstance(alibi, torch.Tensor) and alibi.ndim == 2 and alibi.shape[0] > 1:
+            alibi = alibi[sl]  # (B, Hq) slopes: this sequence's
         return AttnCall(self.module, self.q[sl], self.k[sl], self.v[sl], mask=mask, causal=self.causal,
-                        window=self.window, scale=self.scale, dropout_p=self.dropout_p)
+                        window=self.window, scale=self.scale, dropout_p=self.dropout_p, softcap=self.softcap,
+                        sinks=self.sinks, alibi_slopes=alibi)
 
     def ask(self, lens: Lens, *, batch: Optional[int] = None, backend="auto") -> LensResult:
         """This call's attention again, without dropout, with ``lens``: its `LensResult` (rank-4 torch)."""
@@ -91,14 +95,15 @@ class AttnCall:
             return attention(call.q, call.k, call.v, lens=lens, backend=backend, **call.options())[1]
 
     def rows_inputs(self, a: int, b: int, lens: Optional[Lens] = None):
-        """Checked inputs (`AttnInputs`) of queries ``[a, b)`` alone: same keys, mask rows, flags; ``offset`` moved
-        so each query keeps its key position."""
+        """Checked inputs (`AttnInputs`) of queries ``[a, b)`` alone: same keys, mask rows, flags and score
+        modifications (softcap, sinks, ALiBi); ``offset`` moved so each query keeps its key position."""
         Nq, Nk = self.q.shape[2], self.k.shape[2]
         mask = self.mask
         if isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[-2] == Nq:
             mask = mask[..., a:b, :]  # a mask that varies along the queries
         return validate(self.q[:, :, a:b], self.k, self.v, mask=mask, causal=self.causal, window=self.window,
-                        scale=self.scale, offset=Nk - Nq + a, lens=lens)
+                        scale=self.scale, offset=Nk - Nq + a, lens=lens, softcap=self.softcap, sinks=self.sinks,
+                        alibi_slopes=self.alibi_slopes)
 
     def lse(self) -> torch.Tensor:
         """``(B, Hq, Nq)``: the call's log-sum-exp (one lse-only pass)."""

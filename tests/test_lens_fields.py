@@ -12,7 +12,7 @@ from conftest import assert_close, make_inputs, np64
 from test_blocks import BACKENDS, CASES, backend_of, draw, ref_dense, tol_of  # also sets TRITON_INTERPRET
 
 import attnlens as al
-from attnlens.reference import reference_lens
+from attnlens.reference import reference_attention, reference_lens
 
 
 def _request(q, k, rng):
@@ -127,3 +127,44 @@ def test_lens_equality_is_by_identity_of_arrays():
     assert al.Lens(received_from=W) != al.Lens(received_from=W.clone())
     assert hash(al.Lens(pool=2)) == hash(al.Lens(pool=(2, 2)))
     assert "received_from=<Tensor (3, 1)>" in repr(al.Lens(received_from=W))
+
+
+def _block_sums(w, bq, bk):
+    """NumPy block sums of dense weights ``w (..., Nq, Nk)`` over ``bq × bk`` blocks (the last ones partial)."""
+    nq, nk = w.shape[-2:]
+    out = np.zeros(w.shape[:-2] + (-(-nq // bq), -(-nk // bk)))
+    for a in range(out.shape[-2]):
+        for b in range(out.shape[-1]):
+            out[..., a, b] = w[..., a * bq:(a + 1) * bq, b * bk:(b + 1) * bk].sum((-1, -2))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 7, 64])
+@pytest.mark.parametrize("opts", ["causal-window-offset", "keymask-dead-sinks", "nan-row"])
+def test_pool_with_blocks_straddling_chunks(opts, rows_per_chunk, dtype, rng):
+    """``pooled`` of the torch backend with small chunks (query blocks straddle chunk boundaries, key ranges start
+    and end inside blocks) and block sizes that do not divide N equals the block sums of the float64 weights."""
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 29, 37
+    q, k, v = make_inputs(B, Hq, Hkv, Nq, Nk, 8, dtype=dtype, rng=rng)
+    kw = {}
+    if opts == "causal-window-offset":
+        kw = {"causal": True, "window": (int(rng.integers(3, 12)), None), "offset": int(rng.integers(-3, 10))}
+    elif opts == "keymask-dead-sinks":
+        keep = torch.from_numpy(rng.random((B, 1, Nq, Nk)) < 0.6)
+        keep[0, 0, [2, 11]] = False  # rows that see no key
+        kw = {"mask": keep, "sinks": torch.tensor(rng.standard_normal(Hq), dtype=dtype)}
+    else:
+        q[1, 2, 9, 0] = float("nan")  # a row whose weights are all NaN: only its own blocks become NaN
+    be = al.TorchChunkedBackend(chunk_bytes=rows_per_chunk * B * Hq * Nk * (dtype.itemsize))
+    for bq, bk in [(3, 5), (5, 4), (1, 7), (10, 37), (29, 1)]:
+        _, res = al.attention(q, k, v, backend=be, lens=al.Lens(pool=(bq, bk)), **kw)
+        _, w, _ = reference_attention(*(np64(x) for x in (q, k, v)),
+                                      **{n: np64(x) if isinstance(x, torch.Tensor) else x for n, x in kw.items()})
+        want = _block_sums(w, bq, bk)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6 * bq * bk
+        got = np64(res.pooled)
+        assert got.shape == want.shape
+        assert np.isnan(want).any() == (opts == "nan-row")
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=f"pool=({bq}, {bk})")

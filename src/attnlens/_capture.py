@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ._inputs import validate
-from ._scores import pair_weights
+from ._scores import flat_pair_weights
 from . import dispatch
 from .api import attention
 from .lens import Lens, LensResult
@@ -78,8 +78,12 @@ class AttnCall:
         mask = self.mask
         if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[0] > 1:
             mask = mask[sl]
+        alibi = self.alibi_slopes
+        if isinstance(alibi, torch.Tensor) and alibi.ndim == 2 and alibi.shape[0] > 1:
+            alibi = alibi[sl]  # (B, Hq) slopes: this sequence's
         return AttnCall(self.module, self.q[sl], self.k[sl], self.v[sl], mask=mask, causal=self.causal,
-                        window=self.window, scale=self.scale, dropout_p=self.dropout_p)
+                        window=self.window, scale=self.scale, dropout_p=self.dropout_p, softcap=self.softcap,
+                        sinks=self.sinks, alibi_slopes=alibi)
 
     def ask(self, lens: Lens, *, batch: Optional[int] = None, backend="auto") -> LensResult:
         """This call's attention again, without dropout, with ``lens``: its `LensResult` (rank-4 torch)."""
@@ -91,14 +95,15 @@ class AttnCall:
             return attention(call.q, call.k, call.v, lens=lens, backend=backend, **call.options())[1]
 
     def rows_inputs(self, a: int, b: int, lens: Optional[Lens] = None):
-        """Checked inputs (`AttnInputs`) of queries ``[a, b)`` alone: same keys, mask rows, flags; ``offset`` moved
-        so each query keeps its key position."""
+        """Checked inputs (`AttnInputs`) of queries ``[a, b)`` alone: same keys, mask rows, flags and score
+        modifications (softcap, sinks, ALiBi); ``offset`` moved so each query keeps its key position."""
         Nq, Nk = self.q.shape[2], self.k.shape[2]
         mask = self.mask
         if isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[-2] == Nq:
             mask = mask[..., a:b, :]  # a mask that varies along the queries
         return validate(self.q[:, :, a:b], self.k, self.v, mask=mask, causal=self.causal, window=self.window,
-                        scale=self.scale, offset=Nk - Nq + a, lens=lens)
+                        scale=self.scale, offset=Nk - Nq + a, lens=lens, softcap=self.softcap, sinks=self.sinks,
+                        alibi_slopes=self.alibi_slopes)
 
     def lse(self) -> torch.Tensor:
         """``(B, Hq, Nq)``: the call's log-sum-exp (one lse-only pass)."""
@@ -106,26 +111,45 @@ class AttnCall:
 
     def weights_at(self, idx: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,
                    max_elems: int = PAIR_ELEMS) -> torch.Tensor:
-        """``P[i, idx[..., i, m]]`` ``(B, Hq, Nq, m)``, exact: ``Lens(at=idx)`` for this call, computed in query chunks
-        so that the gathered keys (``chunk · m · Hq · D`` elements) stay under ``max_elems`` — linear memory for
-        any ``m``. ``lse (B, Hq, Nq)``: the call's lse if known (else one lse-only pass). ``-1`` = none."""
+        """``P[i, idx[..., i, m]]`` ``(B, Hq, Nq, m)``, exact: ``Lens(at=idx)`` for this call. ``lse (B, Hq, Nq)``: the
+        call's lse if known (else one lse-only pass). ``-1`` = none (weight 0). Only the pairs some head uses are
+        computed (`pairs`: key sets of very different sizes cost the sum of their sizes), in chunks of pairs whose
+        gathered rows (``pairs · B · Hq · D`` elements) stay under ``max_elems``."""
         call = self if batch is None else self.select(batch)
         lse = call.lse() if lse is None else lse
-        B, Hq, Nq, D = call.q.shape
+        B, Hq, Nq, _ = call.q.shape
         m = idx.shape[-1]
-        idx4 = idx.reshape((1,) * (4 - idx.ndim) + tuple(idx.shape)).to(call.q.device)
-        step = max(1, max_elems // max(1, B * Hq * m * D))
-        parts = []
-        for a in range(0, Nq, step):
-            b = min(Nq, a + step)
-            sub = idx4[:, :, a:b] if idx4.shape[2] == Nq else idx4
-            used = torch.nonzero((sub >= 0).flatten(0, 2).any(0))  # columns some query of the chunk uses
-            mc = int(used[-1]) + 1 if used.numel() else 0  # rows padded with -1 at the end: skip the padding
-            w = torch.zeros(B, Hq, b - a, m, dtype=lse.dtype, device=lse.device)
-            if mc:
-                w[..., :mc] = pair_weights(call.rows_inputs(a, b), sub[..., :mc], lse[..., a:b])
-            parts.append(w)
-        return torch.cat(parts, dim=2)
+        w = torch.zeros(B, Hq, Nq, m, dtype=lse.dtype, device=lse.device)
+        for qi, col, wp in call.pairs(idx, lse, max_elems):
+            w[:, :, qi, col] = wp
+        return w
+
+    def weight_sums(self, idx: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,
+                    max_elems: int = PAIR_ELEMS, dtype=torch.float64) -> torch.Tensor:
+        """``Σ_m P[i, idx[..., i, m]]`` ``(B, Hq, Nq)`` in ``dtype``: `weights_at` summed over each query's key set,
+        without the ``(B, Hq, Nq, m)`` array (linear memory in the number of pairs per chunk)."""
+        call = self if batch is None else self.select(batch)
+        lse = call.lse() if lse is None else lse
+        B, Hq, Nq, _ = call.q.shape
+        out = torch.zeros(B, Hq, Nq, dtype=dtype, device=lse.device)
+        for qi, _, wp in call.pairs(idx, lse, max_elems):
+            out.index_add_(2, qi, wp.to(dtype))
+        return out
+
+    def pairs(self, idx: torch.Tensor, lse: torch.Tensor, max_elems: int = PAIR_ELEMS):
+        """Yield ``(qi, col, w)`` chunks over the pairs (query i, slot c) of ``idx`` (broadcastable to
+        ``(B, Hq, Nq, m)``, ``-1`` = none) that some head uses, in query order: ``w (B, Hq, P) = P[qi, idx[.., qi, col]]``
+        (`attnlens._scores.flat_pair_weights`), at most ``max_elems // (B · Hq · D)`` pairs a chunk (one or more)."""
+        B, Hq, Nq, D = self.q.shape
+        idx4 = idx.reshape((1,) * (4 - idx.ndim) + tuple(idx.shape)).to(self.q.device, torch.int64)
+        idx4 = idx4.expand(idx4.shape[0], idx4.shape[1], Nq, idx4.shape[3])
+        qi, col = torch.nonzero((idx4 >= 0).any(0).any(0), as_tuple=True)  # (P,) each: row-major, queries ascending
+        step = max(1, max_elems // max(1, B * Hq * D))
+        for a in range(0, qi.shape[0], step):
+            q_, c_ = qi[a:a + step], col[a:a + step]
+            i0, i1 = int(q_[0]), int(q_[-1]) + 1  # the queries of this chunk: rows [i0, i1)
+            kj = idx4[:, :, q_, c_]  # (B|1, Hq|1, p)
+            yield q_, c_, flat_pair_weights(self.rows_inputs(i0, i1), q_ - i0, kj, lse[..., i0:i1])
 
     def received_from(self, W: torch.Tensor, *, lse: Optional[torch.Tensor] = None, batch: Optional[int] = None,
                       backend="auto") -> torch.Tensor:

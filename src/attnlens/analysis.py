@@ -489,9 +489,20 @@ def _score(rec, idx: np.ndarray, live: np.ndarray, batch: int, exclude_first: bo
     has = live & (idx >= 0).any(-1)
     if not has.any():
         return np.zeros(H)
-    idx = -np.sort(-np.where(has[:, None], idx, -1), axis=-1)  # each row's keys first, its -1 padding last
-    w = weights_at(rec, idx, batch=batch)  # (H, Nq, m)
-    return w[:, has].sum(-1).mean(-1)
+    idx = np.where(has[:, None], idx, -1)
+    return _weight_sums(rec, idx, batch)[:, has].mean(-1)
+
+
+def _weight_sums(rec, idx: np.ndarray, batch: int) -> np.ndarray:
+    """``Σ_m P[i, idx[i, m]]`` ``(H, Nq)`` float64 (``-1`` = none): from the full weights when the record kept them,
+    else from the record's call (`attnlens._capture.AttnCall.weight_sums`: only the pairs that exist, so a few
+    long key sets among many short ones cost the sum of the sizes)."""
+    res = _result_of(rec)
+    call = getattr(rec, "call", None)
+    if _dense_of(res, batch) is not None or call is None:
+        return weights_at(rec, idx, batch=batch).sum(-1)
+    lse = None if res.lse is None else res.lse[batch][None]
+    return as_numpy(call.weight_sums(torch.from_numpy(idx), lse=lse, batch=batch))[0]
 
 
 def head_summary(rec, input_ids=None, *, batch: int = 0, q_offset: Optional[int] = None, exclude_first: bool = False,

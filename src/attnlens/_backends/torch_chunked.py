@@ -207,6 +207,24 @@ def _prepare(inp: AttnInputs):
 
 
 
+def _key_block_sums(x, lo: int, bk: int):
+    """Sums of ``x (..., n)``, whose column 0 is key ``lo``, over the key blocks ``[b·bk, (b + 1)·bk)`` it touches:
+    ``(..., nbk)`` from block ``lo // bk`` on. The whole blocks by a reshape-sum of a view, the partial first and
+    last blocks (a chunk's key range need not start or end on a block boundary) each by a sum."""
+    n = x.shape[-1]
+    hi = lo + n
+    a = min(-(-lo // bk) * bk, hi)  # the first block boundary at or after lo (or hi)
+    b = max(a, hi // bk * bk)  # the last block boundary at or before hi (or a)
+    parts = []
+    if a > lo:
+        parts.append(x[..., : a - lo].sum(-1, keepdim=True))
+    if b > a:
+        parts.append(x[..., a - lo:b - lo].unflatten(-1, ((b - a) // bk, bk)).sum(-1))
+    if hi > b:
+        parts.append(x[..., b - lo:].sum(-1, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 class _Outputs:
     """The forward's output, lse and lens buffers in ``(B, Hkv, G, ...)`` layout, written a chunk at a time."""
 
@@ -286,22 +304,27 @@ class _Outputs:
             self._write_topk(ch, top, m_keys, rl, stat_nan)
         if self.rows is not None:
             self._write_rows(ch, e, rl)
-        if self.rf is not None or self.pooled is not None:
+        if self.rf is not None:
             p5 = (e * rl).view(B, Hkv, G, c, nk)  # the chunk's weights
-            if self.rf is not None:
-                self.rf[..., ch.lo:ch.hi, :] += _pt_w(p5, self.w5[:, :, :, i0:i1])
-            if self.pooled is not None:
-                self._write_pool(ch, p5)
+            self.rf[..., ch.lo:ch.hi, :] += _pt_w(p5, self.w5[:, :, :, i0:i1])
+        if self.pooled is not None:
+            self._write_pool(ch, e, rl)
 
-    def _write_pool(self, ch: _Chunk, p5):
-        """Block sums of the chunk's weights ``p5 (B, Hkv, G, c, nk)`` added into ``pooled``."""
+    def _write_pool(self, ch: _Chunk, e, rl):
+        """Block sums of the chunk's weights ``p = rl · e`` (``e (B, Hkv, G·c, nk)``, ``rl (B, Hkv, G·c, 1)``) added
+        into ``pooled``: ``pooled[a, b] += Σ_{i in query block a} rl_i · Σ_{j in key block b} e_ij``.
+
+        The key blocks are summed on ``e`` itself (`_key_block_sums`: views, no copy of the chunk), then scaled by
+        each row's ``rl`` and added into the query blocks on the small ``(c, nbk)`` sums. Scaling per row keeps a
+        NaN row (a non-finite visible score) to its own query block. Blocks may straddle chunk boundaries and need
+        not divide N."""
+        B, Hkv, G = self.lead
         bq, bk = self.pool
-        k0 = ch.lo // bk * bk  # the first key block the chunk touches starts here
-        nb = -(-(ch.hi - k0) // bk)
-        x = torch.nn.functional.pad(p5, (ch.lo - k0, k0 + nb * bk - ch.hi))
-        x = x.unflatten(-1, (nb, bk)).sum(-1)  # (B, Hkv, G, c, nb)
+        x = _key_block_sums(e.view(B, Hkv, G, ch.c, ch.nk), ch.lo, bk)  # (B, Hkv, G, c, nbk)
+        x.mul_(rl.view(B, Hkv, G, ch.c, 1))
         qb = torch.arange(ch.i0, ch.i1, device=x.device) // bq
-        self.pooled[..., k0 // bk:k0 // bk + nb].index_add_(3, qb, x)
+        kb = ch.lo // bk
+        self.pooled[..., kb:kb + x.shape[-1]].index_add_(3, qb, x)
 
     def _write_topk(self, ch: _Chunk, top, m, rl, stat_nan=None):
         B, Hkv, G = self.lead

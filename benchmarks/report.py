@@ -54,14 +54,15 @@ def build_model(folder: Path, n: int) -> None:
 
 
 def long_text(tok, n: int) -> str:
-    """``n`` tokens (with [CLS] and [SEP]) of English: the README's prose, repeated, cut at a word."""
+    """``n`` tokens (with [CLS] and [SEP]) of English: the README's prose, repeated, cut at a word, then filled up
+    with "." (one token each)."""
     words = (ROOT / "README.md").read_text(encoding="utf-8").split()
     out, count = [], 2
     while True:
         for w in words:
             k = len(tok.tokenize(w))
             if count + k > n:
-                return " ".join(out)
+                return " ".join(out + ["."] * (n - count))
             out.append(w)
             count += k
 
@@ -124,8 +125,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write OUT.md (default: print only)")
     ap.add_argument("--screenshot", default=None, metavar="PNG", help="save the page after the last search")
     args = ap.parse_args()
+    import transformers
+
     from attnlens import hf
 
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "minilm-long"
         build_model(folder, args.tokens)

@@ -174,8 +174,9 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
                                                         on_layer=tick)
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
         data.thumbs = (stack(lambda r: r.result.pooled) / np.outer(sizes, sizes)).astype(np.float32)  # block means
-        data.warnings.append(f"{n} tokens: full weights were not kept; the token view shows each query's top "
-                             f"{lens.topk} keys (rollout, head scores and the head grid are exact)")
+        data.warnings.append(f"{n} tokens: full weights were not kept (kept: each query's top {lens.topk} keys); the "
+                             f"head scores, received attention and the chosen rollout rows are exact, the head grid "
+                             f"and the rollout map exact block means")
     return data
 
 

@@ -217,3 +217,34 @@ def test_report_without_full_weights_is_exact(monkeypatch):
     sums = np.add.reduceat(np.add.reduceat(full.weights.astype(np.float64), edges, -1), edges, -2)
     sizes = np.diff(np.append(edges, n))
     np.testing.assert_allclose(lin.thumbs, sums / np.outer(sizes, sizes), atol=1e-5)
+
+
+def test_rollout_rows_with_attention_sinks_equal_the_dense_rollout():
+    """With sinks a row of P sums to 1 - sink weight over the keys: the rows path must renormalise by that mass,
+    as the dense path's rownorm does (it used to take every live row's mass as 1: 0.03 off)."""
+    import dataclasses
+
+    import attnlens as al
+    from attnlens import nn as alnn
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([alnn.MultiHeadAttention(16, 2, sinks=True) for _ in range(2)])
+    for layer in layers:
+        torch.nn.init.normal_(layer.sinks, std=2.0)
+    x = torch.randn(1, 12, 16)
+
+    def run():
+        h = x
+        for layer in layers:
+            h = h + layer(h)
+
+    with torch.no_grad(), alnn.capture(layers, lens=al.Lens(rows="all")) as dense:
+        run()
+    with torch.no_grad(), alnn.capture(layers) as kept:
+        run()
+    R = analysis.rollout(dense.results)
+    sink = np.stack([analysis.as_numpy(r.result.sink_weight)[0] for r in kept.results])
+    assert sink.mean() > 0.05  # the sinks matter here
+    np.testing.assert_allclose(analysis.rollout(kept.results, rows=[0, 5, 11]), R[[0, 5, 11]], atol=1e-6)
+    bare = [dataclasses.replace(r, result=dataclasses.replace(r.result, sink_weight=None)) for r in kept.results]
+    np.testing.assert_allclose(analysis.rollout(bare, rows=[3]), R[[3]], atol=1e-6)  # asked again from the inputs

@@ -191,11 +191,17 @@ def _dense_layer(layer, batch: int) -> Optional[np.ndarray]:
 
 
 def _row_mass(layer, dense, batch: int) -> np.ndarray:
-    """``(N,)``: mean over heads of each row's weight sum (1 for a query that sees a key, 0 otherwise)."""
+    """``(N,)``: mean over heads of each row's weight sum over the keys: ``1 - sink weight`` for a query that sees
+    a key (1 without attention sinks), 0 otherwise."""
     if dense is not None:
         return dense.sum(-1).mean(0)
     lse = _stats_of(layer, batch)[0]
-    return np.isfinite(lse).mean(0)
+    sink = _pick(_result_of(layer).sink_weight, batch, 2)
+    if sink is None and getattr(getattr(layer, "call", None), "sinks", None) is not None:
+        from .lens import Lens
+
+        sink = as_numpy(layer.ask(Lens(received=False), batch=batch).sink_weight)[0]  # (H, N), one more pass
+    return np.where(np.isfinite(lse), 1.0 - (0.0 if sink is None else sink), 0.0).mean(0)
 
 
 def _carry(layer, dense, x: np.ndarray, batch: int) -> np.ndarray:

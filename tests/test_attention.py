@@ -733,3 +733,43 @@ def test_scale_zero_averages_visible_values(backend, rng):
     out = al.attention(q, k, v, scale=0.0, causal=True, backend=backend)
     expected = torch.cumsum(v, dim=-2) / torch.arange(1, 7, dtype=torch.float64)[:, None]
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_scores_may_be_nonfinite_bound_matches_vector_norm():
+    """`_scores_may_be_nonfinite` takes max|x| by one aminmax pass (`_absmax`): the same decision as the
+    ``linalg.vector_norm(x, inf)`` bound it replaced, on NaN / ±inf / overflowing inputs and masks, strided views,
+    half precision; `_absmax` of an empty tensor is 0 (as vector_norm)."""
+    def old_rule(inp):
+        cdt = torch_chunked.stat_dtype(inp.q.dtype)
+        qa = float(torch.linalg.vector_norm(inp.q, float("inf"), dtype=cdt))
+        ka = float(torch.linalg.vector_norm(inp.k, float("inf"), dtype=cdt))
+        bound = qa * ka * inp.shape[5] * abs(inp.scale)
+        if inp.mask is not None and inp.mask.dtype != torch.bool:
+            bound += float(torch.linalg.vector_norm(inp.mask.masked_fill(torch.isneginf(inp.mask), 0.0),
+                                                    float("inf"), dtype=cdt))
+        return not bound < torch.finfo(cdt).max / 4
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 6, 2, 4, generator=g).transpose(1, 2)  # (1, 2, 6, 4), strided like a transformers view
+    cases = []
+    for fill in (None, float("nan"), float("inf"), -float("inf"), 1e20, -1e20):
+        for where in ("q", "k"):
+            q, k = base.clone(), base.clone() * 0.5
+            if fill is not None:
+                (q if where == "q" else k)[0, 1, 3, 2] = fill
+            cases.append(dict(q=q, k=k, mask=None))
+    for fill in (float("nan"), float("inf"), -float("inf"), 1e38, -1e38, -3.0):
+        mask = torch.zeros(1, 1, 6, 6)
+        mask[0, 0, 2, 1] = fill
+        cases.append(dict(q=base, k=base, mask=mask))
+    cases.append(dict(q=base, k=base, mask=torch.rand(1, 1, 6, 6, generator=g) > 0.3))
+    cases.append(dict(q=base.half(), k=(base * 300).half(), mask=None))  # bound over half's range (D·300² > 65504/4)
+    cases.append(dict(q=base.half(), k=base.half(), mask=None))
+    seen = set()
+    for c in cases:
+        inp = validate(c["q"], c["k"], c["k"].clone(), mask=c["mask"])
+        got = torch_chunked._scores_may_be_nonfinite(inp)
+        assert got == old_rule(inp), c
+        seen.add(got)
+    assert seen == {True, False}
+    assert torch_chunked._absmax(torch.empty(0)) == 0.0

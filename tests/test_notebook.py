@@ -42,17 +42,6 @@ def test_report_of_an_nn_capture_saves_and_displays_in_a_sandboxed_frame(tmp_pat
         al.explain_capture(cap2, tokens=toks)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
-    from attnlens import hf
-
-    try:
-        return hf.load_default()
-    except ValueError as e:
-        pytest.skip(str(e))
-
-
 def test_explain_default_model_and_a_sentence_pair(minilm, tmp_path):
     r = al.explain(SENTENCE)
     assert r.data.model_name == "all-MiniLM-L6-v2" and r.data.n == 16 and r.data.segments is None

@@ -198,17 +198,6 @@ def test_pngs(tmp_path):
 # ---------------------------------------------------------------- MiniLM at full length
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
-    from attnlens import hf
-
-    try:
-        return hf.load_default()
-    except ValueError as e:
-        pytest.skip(str(e))
-
-
 def test_minilm_report_at_512_tokens_stays_small(minilm, tmp_path):
     from attnlens import report
 

@@ -120,7 +120,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
 
     from .. import analysis, hf
     from ..lens import Lens
-    from .html import ROLLOUT_MAX, THUMB
+    from .html import THUMB
 
     enc, warnings = tokenize(text, model, tokenizer, truncate=truncate, pair=pair)
     n = enc["input_ids"].shape[1]
@@ -162,16 +162,12 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     data.segments = _segments(enc) if pair is not None else None
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
-    data.rollout_row_ids = chosen
+    _set_rollout(data, recs, full, chosen, on_layer=tick)
     if full:
-        data.rollout = analysis.rollout(recs)
-        data.rollout_rows = data.rollout[chosen]
         data.weights = stack(lambda r: r.result.weights).astype(np.float32)
         data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
-        data.rollout, data.rollout_rows = rollout_views(recs, n, min(ROLLOUT_BLOCKS, ROLLOUT_MAX, n), chosen,
-                                                        on_layer=tick)
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
         data.thumbs = (stack(lambda r: r.result.pooled) / np.outer(sizes, sizes)).astype(np.float32)  # block means
         data.warnings.append(f"{n} tokens: full weights were not kept (kept: each query's top {lens.topk} keys); the "
@@ -213,6 +209,20 @@ def rollout_views(recs, n: int, t: int, rows=(), on_layer=None, batch: int = 0):
     start[t + np.arange(len(rows)), list(rows)] = 1.0  # then one row per chosen token
     R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t + r, N)
     return np.add.reduceat(R[:t], edges, axis=-1) / counts[None, :], R[t:]
+
+
+def _set_rollout(data, recs, full: bool, rows: list, on_layer=None, batch: int = 0) -> None:
+    """``data.rollout`` (dense ``(N, N)`` with full weights, else pooled to ``ROLLOUT_BLOCKS`` block means) and its
+    exact ``rollout_rows`` for the tokens ``rows`` (``rollout_row_ids``), in one carry without full weights."""
+    from .. import analysis
+
+    data.rollout_row_ids = rows
+    if full:
+        data.rollout = analysis.rollout(recs, batch=batch)
+        data.rollout_rows = data.rollout[rows]
+    else:
+        data.rollout, data.rollout_rows = rollout_views(recs, data.n, min(ROLLOUT_BLOCKS, data.n), rows,
+                                                        on_layer=on_layer, batch=batch)
 
 
 def pooled_rollout(recs, n: int, t: int, on_layer=None, batch: int = 0) -> np.ndarray:
@@ -290,13 +300,7 @@ def from_records(records, tokens, *, text: str = "", model_name: str = "", batch
     full = all(analysis._has_full(getattr(r, "result", r)) for r in recs)
     if full or all(getattr(r, "call", None) is not None for r in recs):  # exact: full weights or kept inputs
         data.summaries = [analysis.head_summary(r, ids, batch=batch) for r in recs]
-        data.rollout_row_ids = _row_ids(rollout_rows, n)
-        if full:
-            data.rollout = analysis.rollout(recs, batch=batch)
-            data.rollout_rows = data.rollout[data.rollout_row_ids]
-        else:
-            data.rollout, data.rollout_rows = rollout_views(recs, n, min(ROLLOUT_BLOCKS, n), data.rollout_row_ids,
-                                                            batch=batch)
+        _set_rollout(data, recs, full, _row_ids(rollout_rows, n), batch=batch)
     else:
         raise ValueError("records: exact head scores and rollout need every weight (Lens(rows='all')) or the "
                          "records' inputs (capture with keep_inputs=True, the default)")

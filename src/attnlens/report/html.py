@@ -14,8 +14,8 @@ Size (what is embedded, and why it stays small at 512 tokens):
 - token view: the weights quantised to one byte (``round(255·w)``); the full ``(L, H, N, N)``
   when it has at most ``FULL_CELLS`` cells (N ≲ 150 for 6 × 12 heads), else each query's top
   ``k`` keys per head (2-byte index + float16 weight, so that the small weights of a long input keep 3
-  significant digits): 6 × 12 × 512 × 8 × 4 B = 1.2 MB before base64. ``k`` is ``PAGE_TOPK``, lowered (to 1 at least, with a warning on the page) so that
-  this part stays under ``TOKEN_VIEW_BYTES``;
+  significant digits): 6 × 12 × 512 × 8 × 4 B = 1.2 MB before base64. ``k`` is ``PAGE_TOPK``, lowered (to 1
+  at least, with a warning on the page) so that this part stays under ``TOKEN_VIEW_BYTES``;
 - value norms ``‖v_j W_O^h‖`` (or ``‖v_j‖``) ``(L, H, N)`` as float32: the page computes each
   contribution ``‖P_ij v_j W_O^h‖ = P_ij · ‖v_j W_O^h‖`` (and its share) from the weights, so the
   row view, the heatmap and the received panel all show the same numbers;
@@ -31,8 +31,8 @@ Size (what is embedded, and why it stays small at 512 tokens):
 The bound: everything but the token view is linear in N with small constants (received 2·L·H·N bytes, value
 norms 4·L·H·N when the weights were kept, rollout rows 2·r·N, the tokens' text) or fixed (grid ≤ L·H·THUMB²,
 rollout map ≤ ROLLOUT_MAX²); the token view is at most ``TOKEN_VIEW_BYTES`` unless even ``k = 1`` exceeds it
-(L·H·N > 2.3 M). Base64 adds a third. Measured: 8,192 tokens of a 2-layer, 4-head model → see
-benchmarks/results/report-*.md.
+(L·H·N > 2.3 M). Base64 adds a third. Measured (benchmarks/report.py): 8,192 tokens of a 6-layer, 12-head model
+→ 14.7 MB, top 4 keys per query (benchmarks/results/report-2026-11-29.md).
 """
 from __future__ import annotations
 
@@ -117,14 +117,19 @@ def _sparse(vals: np.ndarray, k: int):
 
 def payload(data) -> dict:
     """The JSON-able dict the page reads (see the module docstring for the encodings)."""
+    from ..analysis import head_kinds
+
     L, H, N = data.n_layers, data.n_heads, data.n
     if N > 65536:  # key indices travel as uint16: refuse rather than wrap
         raise ValueError(f"report: {N} tokens is more than the page's 65536 (key indices are 16-bit)")
-    views = {}
+    views, size_warnings = {}, []
     if data.weights is not None and L * H * N * N <= FULL_CELLS:
         views["weights"] = {"mode": "full", "w": _b64(_q8(data.weights))}
     else:
-        k = _page_topk(data)
+        k, wanted = _page_topk(data)
+        if k < wanted:
+            size_warnings.append(f"to keep the page small, the token view embeds each query's top {k} keys (not "
+                                 f"{wanted}): {L} layers × {H} heads × {N} tokens")
         if data.weights is not None:
             i, w = _sparse(data.weights, k)
         else:
@@ -147,8 +152,6 @@ def payload(data) -> dict:
     rmean = data.received / max(N, 1)  # mean weight a query puts on each key
     rmax = rmean.max(-1, keepdims=True)
     rec = np.clip(np.rint(np.divide(rmean, rmax, out=np.zeros_like(rmean), where=rmax > 0) * 65535), 0, 65535)
-    from ..analysis import head_kinds
-
     summary = []
     for li, s in enumerate(data.summaries):
         kinds = head_kinds(s, N)
@@ -168,28 +171,18 @@ def payload(data) -> dict:
             "rollout": {"t": tr, "w": _b64(_q8(roll / max(roll.max(), 1e-12))), "max": float(roll.max()),
                         "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
-            "summary": summary, "warnings": list(data.warnings) + _size_warnings(data),
+            "summary": summary, "warnings": list(data.warnings) + size_warnings,
             "rows": _rollout_rows(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
 
 
-def _page_topk(data) -> int:
-    """The keys per query the token view embeds: `PAGE_TOPK` (or fewer kept), lowered to fit `TOKEN_VIEW_BYTES`."""
+def _page_topk(data) -> tuple:
+    """``(k, wanted)``: the keys per query the token view embeds, ``wanted`` = `PAGE_TOPK` (or fewer kept) lowered
+    to fit `TOKEN_VIEW_BYTES` (2-byte index + float16 weight per key), at least 1."""
     kept = data.weights.shape[-1] if data.weights is not None else data.topk_idx.shape[-1]
-    cells = data.n_layers * data.n_heads * data.n * 4  # bytes per key kept for every query
-    return max(1, min(PAGE_TOPK, kept, TOKEN_VIEW_BYTES // cells))
-
-
-def _size_warnings(data) -> list:
-    L, H, N = data.n_layers, data.n_heads, data.n
-    if data.weights is not None and L * H * N * N <= FULL_CELLS:
-        return []
-    kept = data.weights.shape[-1] if data.weights is not None else data.topk_idx.shape[-1]
-    k = _page_topk(data)
-    if k >= min(PAGE_TOPK, kept):
-        return []
-    return [f"to keep the page small, the token view embeds each query's top {k} keys (not {min(PAGE_TOPK, kept)}): "
-            f"{L} layers × {H} heads × {N} tokens"]
+    wanted = min(PAGE_TOPK, kept)
+    per_key = data.n_layers * data.n_heads * data.n * 4  # bytes of one key for every query
+    return max(1, min(wanted, TOKEN_VIEW_BYTES // per_key)), wanted
 
 
 def _rollout_rows(data):

@@ -248,3 +248,21 @@ def test_rollout_rows_with_attention_sinks_equal_the_dense_rollout():
     np.testing.assert_allclose(analysis.rollout(kept.results, rows=[0, 5, 11]), R[[0, 5, 11]], atol=1e-6)
     bare = [dataclasses.replace(r, result=dataclasses.replace(r.result, sink_weight=None)) for r in kept.results]
     np.testing.assert_allclose(analysis.rollout(bare, rows=[3]), R[[3]], atol=1e-6)  # asked again from the inputs
+
+
+def test_a_call_restricted_to_one_sequence_keeps_its_per_sequence_sinks_and_slopes():
+    """`AttnCall.select(b)` (behind ``ask(batch=)``, head scores and the rollout rows) takes row b of per-sequence
+    ``(B, Hq)`` sinks and ALiBi slopes; it used to pass the whole (B, Hq) sinks on with a batch of one (an error)."""
+    from attnlens._capture import AttnCall
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))
+    sinks, slopes = torch.randn(3, 2, generator=g), torch.rand(3, 2, generator=g)
+    call = AttnCall(None, q, k, v, causal=True, sinks=sinks, alibi_slopes=slopes)
+    for b in range(3):
+        got = call.ask(al.Lens(), batch=b)
+        _, want = al.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=True, sinks=sinks[b:b + 1],
+                               alibi_slopes=slopes[b:b + 1], lens=al.Lens(), backend="reference")
+        for f in ("lse", "entropy", "sink_weight"):
+            np.testing.assert_allclose(analysis.as_numpy(getattr(got, f)), analysis.as_numpy(getattr(want, f)),
+                                       atol=1e-5, err_msg=f)

@@ -78,12 +78,11 @@ class AttnCall:
         mask = self.mask
         if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[0] > 1:
             mask = mask[sl]
-        alibi = self.alibi_slopes
-        if isinstance(alibi, torch.Tensor) and alibi.ndim == 2 and alibi.shape[0] > 1:
-            alibi = alibi[sl]  # (B, Hq) slopes: this sequence's
+        sinks, alibi = ((x[sl] if isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[0] > 1 else x)
+                        for x in (self.sinks, self.alibi_slopes))  # per-sequence (B, Hq) values: this sequence's
         return AttnCall(self.module, self.q[sl], self.k[sl], self.v[sl], mask=mask, causal=self.causal,
                         window=self.window, scale=self.scale, dropout_p=self.dropout_p, softcap=self.softcap,
-                        sinks=self.sinks, alibi_slopes=alibi)
+                        sinks=sinks, alibi_slopes=alibi)
 
     def ask(self, lens: Lens, *, batch: Optional[int] = None, backend="auto") -> LensResult:
         """This call's attention again, without dropout, with ``lens``: its `LensResult` (rank-4 torch)."""

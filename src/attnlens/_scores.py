@@ -93,7 +93,8 @@ def _visible(inp: AttnInputs, s: torch.Tensor, i: torch.Tensor, idx: torch.Tenso
 def score_mods(s: torch.Tensor, softcap, slopes, dist) -> torch.Tensor:
     """Softcap then ALiBi on scaled scores ``s``, in place (detached tensors): ``s = c·tanh(s/c)``, then
     ``s -= slope·dist`` with ``slopes`` and ``dist = |i + offset - j|`` shaped by the caller to broadcast against
-    ``s``. The torch backend forms its chunks' scores with this too."""
+    ``s``. The torch backend applies ALiBi to its chunks with this (its softcap rides in the ``q kᵀ`` product, the
+    same formula)."""
     if softcap is not None:
         s.div_(softcap).tanh_().mul_(softcap)
     if slopes is not None:

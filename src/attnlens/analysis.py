@@ -488,27 +488,29 @@ def _pattern_index(pattern, pos: np.ndarray, nk: int) -> np.ndarray:
     return idx.astype(np.int64)
 
 
-def _score(rec, idx: np.ndarray, live: np.ndarray, batch: int, exclude_first: bool, H: int) -> np.ndarray:
-    """Mean over live queries with a non-empty key set of ``Σ_m P[i, idx[i, m]]`` ``(H,)``."""
+def _score(rec, idx: np.ndarray, live: np.ndarray, batch: int, exclude_first: bool, H: int, lse: np.ndarray
+           ) -> np.ndarray:
+    """Mean over live queries with a non-empty key set of ``Σ_m P[i, idx[i, m]]`` ``(H,)``; ``lse (H, Nq)`` from
+    `_stats_of` (so no key set costs another lse pass)."""
     if exclude_first:
         idx = np.where(idx == 0, -1, idx)
     has = live & (idx >= 0).any(-1)
     if not has.any():
         return np.zeros(H)
     idx = np.where(has[:, None], idx, -1)
-    return _weight_sums(rec, idx, batch)[:, has].mean(-1)
+    return _weight_sums(rec, idx, batch, lse)[:, has].mean(-1)
 
 
-def _weight_sums(rec, idx: np.ndarray, batch: int) -> np.ndarray:
+def _weight_sums(rec, idx: np.ndarray, batch: int, lse: np.ndarray) -> np.ndarray:
     """``Σ_m P[i, idx[i, m]]`` ``(H, Nq)`` float64 (``-1`` = none): from the full weights when the record kept them,
     else from the record's call (`attnlens._capture.AttnCall.weight_sums`: only the pairs that exist, so a few
-    long key sets among many short ones cost the sum of the sizes)."""
+    long key sets among many short ones cost the sum of the sizes), with the call's ``lse (H, Nq)``."""
     res = _result_of(rec)
     call = getattr(rec, "call", None)
     if _dense_of(res, batch) is not None or call is None:
         return weights_at(rec, idx, batch=batch).sum(-1)
-    lse = None if res.lse is None else res.lse[batch][None]
-    return as_numpy(call.weight_sums(torch.from_numpy(idx), lse=lse, batch=batch))[0]
+    lse_t = res.lse[batch][None] if res.lse is not None else torch.from_numpy(lse)[None].to(call.q.device)
+    return as_numpy(call.weight_sums(torch.from_numpy(idx), lse=lse_t, batch=batch))[0]
 
 
 def head_summary(rec, input_ids=None, *, batch: int = 0, q_offset: Optional[int] = None, exclude_first: bool = False,
@@ -561,7 +563,7 @@ def head_summary(rec, input_ids=None, *, batch: int = 0, q_offset: Optional[int]
         sets.update(duplicate=dup, induction=np.where(dup >= 0, dup + 1, -1))
     if pattern is not None:
         sets["custom"] = _pattern_index(pattern, pos, nk)
-    hs = {name: _score(rec, idx, ok, batch, exclude_first and name != "first", H) for name, idx in sets.items()}
+    hs = {name: _score(rec, idx, ok, batch, exclude_first and name != "first", H, lse) for name, idx in sets.items()}
     n = max(int(ok.sum()), 1)
     return HeadSummary(entropy=np.where(ok, ent, 0).sum(-1) / n, max_weight=np.where(ok, mw, 0).sum(-1) / n,
                        self_lo=hs["self"], self_hi=hs["self"], prev_lo=hs["prev"], prev_hi=hs["prev"], **hs)

@@ -115,7 +115,7 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
     if inp.requires_grad and be.capabilities.block:
         out, _, res = differentiable(_BlockCall(be, inp), inp.q, inp.k, inp.v, sinks=inp.sinks)
     else:
-        out, _, res = _BlockCall(be, inp).forward()  # sdpa: PyTorch's own autograd
+        out, _, res = _BlockCall(be, inp).forward()  # no gradient asked, or sdpa (PyTorch's own autograd)
     return _finish(inp, out, res)
 
 
@@ -209,8 +209,9 @@ def merge(parts, *, key_offsets=None):
 
     Weight rows (``Lens(rows=...)``, the same rows in every part) merge too: ``w_b · weights_b`` at
     the piece's keys. ``received`` cannot be merged — a key's column sum needs every query's *final*
-    lse — so the result's ``received`` is ``None``: compute it from the merged lse with the backend's
-    column-sum primitive (as ring attention does).
+    lse — so the result's ``received`` is ``None``, and so are the other column sums (``received_from``,
+    ``pooled``) and ``weights_at``: compute them from the merged lse with the backend's column-sum
+    primitive (as ring attention does).
 
     Args:
         parts: a sequence of ``(out, LensResult)`` pairs (torch or NumPy, as `attention` returns them),

@@ -41,7 +41,8 @@ class Lens:
             to ``(B, Hq, Nq, T)``, or a ``(Nq,)`` vector (T = 1): returns ``received_from (B, Hq, Nk, T)``
             ``= Pᵀ W``, what each key receives from the queries weighted by ``W`` (``W = 1`` gives
             ``received``; a one-hot column gives one row of ``P``; a rollout row carried backwards through
-            a layer is ``Pᵀ w``). Computed in the pass, like the backward's ``dV = Pᵀ dO``.
+            a layer is ``Pᵀ w``). Computed like the backward's ``dV = Pᵀ dO``: in the pass (torch), or by a
+            column-sum pass after it from the pass's lse (Triton).
         at: integer key indices broadcastable to ``(B, Hq, Nq, m)`` (a ``(m,)`` vector: the same keys for
             every query): returns ``weights_at (B, Hq, Nq, m)`` ``= P[i, at[..., i, m]]``; ``-1`` means none
             (weight 0). Exact from the row's lse and the chosen pairs' dot products, O(Nq · m).

@@ -22,7 +22,6 @@ import html as _html
 from pathlib import Path
 from typing import Optional
 
-from .cli import DEFAULT_MODEL_LABEL
 
 __all__ = ["Report", "explain", "explain_capture", "IFRAME_HEIGHT"]
 #: the inline frame's height in pixels (the page scrolls inside it)
@@ -75,6 +74,7 @@ def explain(text: str, model=None, tokenizer=None, *, pair: Optional[str] = None
     rows the report holds exactly) as in `attnlens explain`.
     """
     from . import hf
+    from .cli import DEFAULT_MODEL_LABEL  # here: `import attnlens` does not load the CLI
     from .report.seq2seq import collect_any
 
     m, tok = hf.load(model, tokenizer)

@@ -158,9 +158,8 @@ def payload(data) -> dict:
         for h in range(H):
             summary.append({"layer": li, "head": h, "entropy": round(float(s.entropy[h]), 4),
                             "max_weight": round(float(s.max_weight[h]), 4), "first": round(float(s.first[h]), 4),
-                            "prev": round(float(s.prev[h]), 4), "prev_hi": round(float(s.prev_hi[h]), 4),
-                            "self": round(float(s.self[h]), 4), "self_hi": round(float(s.self_hi[h]), 4),
-                            "exact": bool(s.exact), "kind": kinds[h][0]})
+                            "prev": round(float(s.prev[h]), 4), "self": round(float(s.self[h]), 4),
+                            "kind": kinds[h][0]})
     return {"version": 1, "text": data.text, "tokens": list(data.tokens), "model": data.model_name,
             "L": L, "H": H, "N": N, "views": views,
             "norms": None if norms is None else _b64(norms.astype("<f4")),

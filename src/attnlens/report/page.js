@@ -296,8 +296,12 @@ legend(byId("gridlegend"), "0", "max", "linear, each head to its own largest wei
 
 // ---- received: one bar per token up to D.limits.heat_max tokens, else the top tokens and a strip over all positions
 var rec = u16(D.received), recBox = byId("received");
+var recMemo = {key: "", vals: null};  // the received row of the view shown (drawn, and shaded on every hover)
 function receivedRow(c){  // (N,): mean weight (or contribution share) a token receives from a query
+  var key = c.l + "/" + c.h + "/" + viewSel.value;
+  if (recMemo.key === key) return recMemo.vals;
   var vals = new Float32Array(N), j;
+  recMemo = {key: key, vals: vals};
   if (contribView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
   else { var heads = c.h < 0 ? H : 1, h0 = c.h < 0 ? 0 : c.h; for (var hh = h0; hh < h0 + heads; hh++) { var m = D.received_max[c.l * H + hh] / 65535 / heads; for (j = 0; j < N; j++) vals[j] += rec[(c.l * H + hh) * N + j] * m; } }
   return vals;
@@ -385,7 +389,6 @@ D.summary.forEach(function(s){
   var tr = el("tr");
   cols.forEach(function(c){
     var v = s[c], txt = (c === "layer" || c === "head" || c === "kind") ? String(v) : v.toFixed(3);
-    if (!s.exact && (c === "prev" || c === "self")) txt = "[" + v.toFixed(3) + ", " + s[c + "_hi"].toFixed(3) + "]";
     tr.appendChild(el("td", txt));
   });
   tr.addEventListener("click", function(){ layerSel.value = s.layer; headSel.value = s.head; refresh(); });

@@ -61,7 +61,7 @@ def collect_seq2seq(text: str, model, tokenizer, *, target: Optional[str] = None
     return the `ReportData` of its encoder with the decoder's cross-attention in ``cross``."""
     import torch
 
-    from .. import hf
+    from .. import analysis, hf
     from ..lens import Lens
     from . import from_records, tokenize
 
@@ -80,6 +80,6 @@ def collect_seq2seq(text: str, model, tokenizer, *, target: Optional[str] = None
     tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())]
     data = from_records(encoder, tokens, text=text, warnings=warnings, input_ids=enc["input_ids"][0],
                         rollout_rows=rollout_rows)
-    w = np.stack([r.result.weights[0].float().numpy() for r in cross]).astype(np.float32)  # (Ld, H, Nd, Ne)
+    w = np.stack([analysis.as_numpy(r.result.weights[0]) for r in cross]).astype(np.float32)  # (Ld, H, Nd, Ne)
     data.cross = {"tokens": [str(t) for t in tokenizer.convert_ids_to_tokens(dec[0].tolist())], "weights": w}
     return data

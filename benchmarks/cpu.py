@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlens as al
-from attnlens._backends.torch_chunked import CHUNK_BYTES
+from attnlens.core.backends.torch_chunked import CHUNK_BYTES
 
 LENS = al.Lens(entropy=True, received=True, topk=8, lse=True, max_weight=True)
 
@@ -113,8 +113,8 @@ def extra_peak_bytes(kind: str, n: int, d: int) -> int:
 def window_check(n: int, w: int, heads: int, dim: int, repeat: int) -> dict:
     """``backend="auto"`` on a causal sliding window (w, 0) at length n: which backend it takes, its time against
     ``backend="torch"`` (interleaved, median) and the extra peak memory of each (one head, fresh process)."""
-    from attnlens import dispatch
-    from attnlens._inputs import validate
+    from attnlens.core import dispatch
+    from attnlens.core.inputs import validate
 
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))

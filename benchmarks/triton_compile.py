@@ -4,7 +4,7 @@ For every architecture, dtype and head dim asked for, compiles (with Triton's ow
 cubin) every kernel that `attnlens.attention` launches for three calls — a causal forward + backward
 without the lens, a causal forward with ``Lens(topk=8, rows=[0, 1])`` (entropy, received, top-8, weight
 rows), and both with a key-padding mask and grouped-query heads (4 query heads per 2 kv heads: a
-kernel's GQA loop is compiled away when the group is 1) — with the block sizes `ops._config` picks,
+kernel's GQA loop is compiled away when the group is 1) — with the block sizes `ops.block_config` picks,
 and prints per kernel: registers per thread, spilled bytes (local memory), shared memory per block
 against the architecture's limit, and the tensor-core instruction the dots became (Hopper ``wgmma`` /
 Ampere ``mma``). These are static facts of the binaries, checked before any GPU time is spent: a kernel
@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def parse_variant(text: str) -> tuple[str, str]:
     """``KIND:BMxBN[xWARPS[xSTAGES]]`` (KIND fwd when left out) -> (kind, the config string for TritonBackend)."""
-    from attnlens._backends.triton import ops
+    from attnlens.core.backends.triton import ops
 
     spec = text if ":" in text else f"fwd:{text}"
     try:
@@ -79,7 +79,7 @@ def main(argv=None):
     import triton
 
     from attnlens import Lens
-    from attnlens._backends.triton import aot, ops
+    from attnlens.core.backends.triton import aot, ops
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     header = ["sm", "dtype", "D", "kernel", "config", "warps", "stages", "regs", "spill B", "smem KiB", "fits", "mma"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlens import reference as _ref
+from attnlens.core import reference as _ref
 from attnlens.masks import normalize_window
 
 HAS_CUDA = torch.cuda.is_available()

@@ -8,7 +8,7 @@ import torch
 
 import attnlens as al
 from attnlens import analysis
-from attnlens.lens import LensResult
+from attnlens import LensResult
 
 
 def test_rollout_one_layer_by_hand():

@@ -9,9 +9,9 @@ from conftest import (DEVICES, assert_close, check_topk, make_inputs, make_mask,
                       reference_with_full, visible)
 
 import attnlens as al
-from attnlens import dispatch
-from attnlens._inputs import validate
-from attnlens._backends import torch_chunked
+from attnlens.core import LensField, MaskFeature, Memory, ScoreMod, dispatch
+from attnlens.core.inputs import validate
+from attnlens.core.backends import torch_chunked
 
 LENS_BACKENDS = ["torch", "reference", "auto"]
 OUT_BACKENDS = ["torch", "sdpa", "reference", "auto"]
@@ -585,8 +585,12 @@ def test_backends_listed_in_priority_order():
             assert key in shown, (r.name, key)
     caps = {r.name: r.capabilities for r in rows}
     assert not caps["sdpa"].lens and not caps["sdpa"].block and rows[1].describe()["lens"] == "no"
-    assert caps["torch"].block and "topk" in caps["torch"].lens and caps["torch"].dropout
+    assert caps["torch"].block and LensField.TOPK in caps["torch"].lens and caps["torch"].dropout
     assert caps["triton"].max_topk == 16 and caps["triton"].devices == frozenset({"cuda"})
+    assert caps["reference"].memory is Memory.DENSE and caps["torch"].memory is Memory.CHUNKED
+    assert caps["sdpa"].memory is Memory.LINEAR and caps["sdpa"].worst_memory is Memory.DENSE
+    assert MaskFeature.QUERY in caps["torch"].masks and MaskFeature.QUERY not in caps["triton"].masks
+    assert ScoreMod.SINKS in caps["triton"].score_mods and not caps["sdpa"].score_mods
     text = al.info()
     for n in names:
         assert n in text

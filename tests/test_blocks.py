@@ -25,8 +25,9 @@ if not torch.cuda.is_available():
 from conftest import assert_close, check_topk, make_inputs, np64  # noqa: E402
 
 import attnlens as al  # noqa: E402
-from attnlens._inputs import validate  # noqa: E402
-from attnlens.reference import reference_attention, reference_backward, reference_lens  # noqa: E402
+from attnlens.core import Memory  # noqa: E402
+from attnlens.core.inputs import validate  # noqa: E402
+from attnlens.core.reference import reference_attention, reference_backward, reference_lens  # noqa: E402
 
 BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -221,7 +222,7 @@ def test_offset_default_is_bottom_right_and_bad_offsets_are_refused(rng):
 
 def test_sdpa_with_offset_zero_needs_no_dense_mask(rng):
     """offset=0 with causal is PyTorch's is_causal (top-left): sdpa keeps linear memory, so auto takes it."""
-    from attnlens import dispatch
+    from attnlens.core import dispatch
 
     q, k, v = make_inputs(1, 2, 2, 6, 10, 4, 4, torch.float32, rng=rng)
     assert dispatch.select(validate(q, k, v, causal=True, offset=0)).name == "sdpa"
@@ -229,11 +230,11 @@ def test_sdpa_with_offset_zero_needs_no_dense_mask(rng):
 
 
 def test_auto_never_takes_a_dense_path_for_windows(rng):
-    from attnlens import dispatch
+    from attnlens.core import dispatch
 
     q, k, v = make_inputs(1, 2, 2, 16, 16, 4, 4, torch.float32, rng=rng)
     inp = validate(q, k, v, window=(4, 0))
-    assert dispatch.PRIORITY[1].memory(inp) == "O(Nq·Nk)"
+    assert dispatch.PRIORITY[1].memory(inp) is Memory.DENSE
     assert dispatch.select(inp).name == "torch"
     assert dispatch.select(validate(q, k, v, causal=True)).name == "sdpa"
 

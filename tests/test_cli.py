@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import attnlens as al
-from attnlens import cli
-from attnlens import walkthrough as wt
+from attnlens.faces import cli
+from attnlens.faces import walkthrough as wt
 
 STEPS = ["Step 1 · Embeddings", "Step 2 · Dot products", "Step 3 · Softmax", "Step 4 · Row view",
          "Step 5 · Column view", "Step 6 · Received attention", "Cross-checks"]

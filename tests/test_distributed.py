@@ -263,8 +263,8 @@ def job_triton(rank, world, outdir):
     """The ring on the Triton kernels (interpreter): every pass must launch Triton kernels, none may run the
     chunked torch backend's code."""
     os.environ["TRITON_INTERPRET"] = "1"
-    from attnlens._backends import torch_chunked
-    from attnlens._backends.triton import ops
+    from attnlens.core.backends import torch_chunked
+    from attnlens.core.backends.triton import ops
 
     def boom(*a, **k):
         raise AssertionError("the chunked torch backend ran during a Triton ring")

@@ -25,6 +25,6 @@ def test_chromium_installed_in_ci():
 
 @pytest.mark.skipif(not CI, reason="only checked in CI (ATTNLENS_CI=1)")
 def test_native_kernel_builds_in_ci():
-    from attnlens._backends import _native
+    from attnlens.core.backends import native as _native
 
     assert _native.load() is not None, "the C row kernel did not build (is a C compiler installed?)"

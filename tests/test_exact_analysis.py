@@ -178,7 +178,7 @@ def test_earlier_same_token_lists_earlier_positions():
 
 def test_pooled_rollout_of_the_report_equals_pooling_the_dense_rollout(rng):
     from attnlens.report import pooled_rollout
-    from attnlens.report.html import _pool
+    from attnlens.report import pool_means as _pool
 
     torch.manual_seed(1)
     model = torch.nn.Sequential(*[alnn.TransformerBlock(16, 4, causal=True) for _ in range(2)])
@@ -200,10 +200,10 @@ def test_report_without_full_weights_is_exact(monkeypatch):
     model, tok = hf.load_default()
     text = "the cat sat on the mat and then the cat saw the mat and the dog " * 4
     full = report.collect(text, model, tok)
-    monkeypatch.setattr(report, "FULL_BYTES", 0)
+    monkeypatch.setattr(report.from_model, "FULL_BYTES", 0)
     lin = report.collect(text, model, tok)
     assert lin.weights is None and lin.thumbs is not None and lin.rollout_coverage == 1.0
-    from attnlens.report.html import _pool
+    from attnlens.report import pool_means as _pool
 
     t = min(report.ROLLOUT_BLOCKS, full.n)
     assert lin.rollout.shape == (t, t)
@@ -253,7 +253,7 @@ def test_rollout_rows_with_attention_sinks_equal_the_dense_rollout():
 def test_a_call_restricted_to_one_sequence_keeps_its_per_sequence_sinks_and_slopes():
     """`AttnCall.select(b)` (behind ``ask(batch=)``, head scores and the rollout rows) takes row b of per-sequence
     ``(B, Hq)`` sinks and ALiBi slopes; it used to pass the whole (B, Hq) sinks on with a batch of one (an error)."""
-    from attnlens._capture import AttnCall
+    from attnlens.core import AttnCall
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(3))

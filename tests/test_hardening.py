@@ -10,7 +10,7 @@ import torch
 from conftest import assert_close, make_inputs, reference
 
 import attnlens as al
-from attnlens.reference import reference_attention, reference_lens
+from attnlens.core.reference import reference_attention, reference_lens
 
 BACKENDS = ["auto", "sdpa", "torch", "reference"]
 
@@ -241,7 +241,7 @@ def _same(a, e, what, tol):
 
 @pytest.mark.parametrize("path", ["native", "eager"])
 def test_torch_backend_follows_the_nan_inf_rule_on_every_field(path, rng, monkeypatch):
-    from attnlens._backends import _native
+    from attnlens.core.backends import native as _native
 
     if path == "eager":
         monkeypatch.setattr(_native, "load", lambda: None)

@@ -14,7 +14,7 @@ import torch
 
 from attnlens import analysis, report
 from attnlens.analysis import HeadSummary, head_kinds
-from attnlens.cli import explain_summary
+from attnlens.faces.cli import explain_summary
 
 
 def summary(H=1, **fields) -> HeadSummary:

@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="needs the hf extra (transformers): p
 
 import attnlens as al  # noqa: E402
 from attnlens import hf  # noqa: E402
-from attnlens._capture import active  # noqa: E402
+from attnlens.integrations.capture import active  # noqa: E402
 
 HAS_MINILM = True
 try:

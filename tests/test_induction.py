@@ -91,7 +91,7 @@ def test_head_kinds_and_the_terminal_summary_name_the_circuit(trained):
     from rich.console import Console
 
     from attnlens import Lens, report
-    from attnlens.cli import explain_summary
+    from attnlens.faces.cli import explain_summary
 
     model, gen = trained
     ids, _ = batch(gen, 2, [9])

@@ -12,7 +12,7 @@ from conftest import assert_close, make_inputs, np64
 from test_blocks import BACKENDS, CASES, backend_of, draw, ref_dense, tol_of  # also sets TRITON_INTERPRET
 
 import attnlens as al
-from attnlens.reference import reference_attention, reference_lens
+from attnlens.core.reference import reference_attention, reference_lens
 
 
 def _request(q, k, rng):
@@ -73,7 +73,7 @@ def test_numpy_rank2_vector_weights_and_indices(rng):
 
 
 def reference_lens_dense(q, k, v):
-    from attnlens.reference import reference_attention
+    from attnlens.core.reference import reference_attention
 
     out, w, lse = reference_attention(q[None, None], k[None, None], v[None, None], causal=True)
     return out[0, 0], w[0, 0], lse[0, 0]

@@ -20,7 +20,7 @@ import torch
 from conftest import assert_close, check_topk, make_inputs, make_mask, reference
 
 import attnlens as al
-from attnlens._backends import _native, torch_chunked
+from attnlens.core.backends import native as _native
 
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
@@ -259,7 +259,7 @@ def test_library_without_the_symbol_falls_back_with_one_warning(cache, tmp_path)
 
 TRUNCATED = """
 import warnings, torch, attnlens as al
-from attnlens._backends import _native
+from attnlens.core.backends import native as _native
 with warnings.catch_warnings(record=True) as ws:
     warnings.simplefilter("always")
     fn = _native.load()

@@ -439,7 +439,7 @@ def test_capture_restores_after_exception():
     y = model(x)
     assert isinstance(y, torch.Tensor) and torch.equal(y, outside)
     assert len(cap.results) == 2
-    from attnlens._capture import active
+    from attnlens.integrations.capture import active
     assert active() == ()
 
 
@@ -468,8 +468,8 @@ def test_capture_gets_the_call_inputs_that_recompute_its_record():
     model, x = two_blocks(95)
     lens = al.Lens(topk=3, rows=[1])
     with capture(model, lens=lens) as cap:
-        calls, keep = [], cap._record
-        cap._record = lambda call, result: (calls.append(call), keep(call, result))
+        calls, keep = [], cap.record
+        cap.record = lambda call, result: (calls.append(call), keep(call, result))
         model(x)
     assert [c.module for c in calls] == [model[0].attn, model[1].attn]
     assert [c.causal for c in calls] == [True, False] and calls[1].k.shape == (2, 1, 6, 4)  # GQA: 1 kv head

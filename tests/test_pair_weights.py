@@ -10,9 +10,8 @@ import torch
 
 from conftest import make_inputs, np64
 
-from attnlens._capture import AttnCall
-from attnlens._scores import flat_pair_weights, pair_weights
-from attnlens.reference import reference_attention
+from attnlens.core import AttnCall
+from attnlens.core.reference import reference_attention
 
 
 def _ragged(rng, nq, nk, m):
@@ -94,9 +93,9 @@ def test_per_head_key_sets_and_the_dense_rule_agree(opts, rng):
     idx[0, 1] = -1  # a head with no pair at all
     got = call.weights_at(torch.from_numpy(idx), max_elems=100)
     np.testing.assert_allclose(np64(got), _gather(w, idx), atol=1e-12, rtol=0)
-    inp = call.rows_inputs(0, nq)
+    blk = call.block()
     lse_t = torch.from_numpy(lse)
-    dense = pair_weights(inp, torch.from_numpy(idx), lse_t)
+    dense = blk.weights_at(lse_t, torch.from_numpy(idx))
     qi, col = np.nonzero(np.ones((nq, 6), dtype=bool))
-    flat = flat_pair_weights(inp, torch.from_numpy(qi), torch.from_numpy(idx[:, :, qi, col]), lse_t)
+    flat = blk.pair_weights(lse_t, torch.from_numpy(qi), torch.from_numpy(idx[:, :, qi, col]))
     np.testing.assert_allclose(np64(flat), np64(dense)[:, :, qi, col], atol=1e-14, rtol=0)

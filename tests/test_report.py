@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from attnlens import analysis
-from attnlens.lens import LensResult
-from attnlens.report import ReportData, html
+from attnlens import LensResult
+from attnlens.report import ReportData, html, pool_means
 
 EVIL = ['</script><script>window.pwned=1</script>', '"quo\'te"', '<img src=x onerror="window.pwned=2">', '&amp;',
         "\u2028line", "$x^2$"]
@@ -103,11 +103,11 @@ def test_page_files_are_inlined_and_shipped_as_package_data():
     root = pathlib.Path(__file__).resolve().parents[1]
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["attnlens"]
     for name in assets:
-        assert any(fnmatch.fnmatch(f"report/{name}", g) for g in globs), name
+        assert any(fnmatch.fnmatch(f"faces/report/{name}", g) for g in globs), name
 
 
 def test_write_atomic_refuses_links_and_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    from attnlens.report import _files
+    from attnlens.report import files as _files
 
     f = tmp_path / "r.html"
     assert _files.write_atomic(f, b"one") == f and f.read_bytes() == b"one"
@@ -177,11 +177,11 @@ def test_report_without_full_weights_uses_topk():
 
 def test_pool_block_means():
     m = np.arange(16, dtype=float).reshape(4, 4)
-    np.testing.assert_allclose(html._pool(m, 2), [[2.5, 4.5], [10.5, 12.5]])
+    np.testing.assert_allclose(pool_means(m, 2), [[2.5, 4.5], [10.5, 12.5]])
     idx = np.array([[[[0, 1], [3, -1], [2, 3], [0, 1]]]])
     w = np.array([[[[0.5, 0.5], [1.0, 0.0], [0.25, 0.75], [0.5, 0.5]]]])
     dense = analysis.topk_dense(idx, w, 4)
-    np.testing.assert_allclose(html._pool_topk(idx, w, 4, 2), html._pool(dense, 2))
+    np.testing.assert_allclose(html._pool_topk(idx, w, 4, 2), pool_means(dense, 2))
 
 
 def test_pngs(tmp_path):

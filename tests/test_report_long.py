@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlens.report import html
+from attnlens.report import html, pool_means
 
 N_LONG = 8192
 NEEDLE = 6001  # where "zebra" sits
@@ -80,14 +80,14 @@ def test_exact_rollout_rows_equal_the_dense_rollout_when_weights_are_not_kept(mo
     model, tok = _tiny_bert(64, seed=1)
     text = _words(tok, 61, 30)
     dense = report.collect(text, model, tok, rollout_rows=[0, 5, -1])
-    monkeypatch.setattr(report, "FULL_BYTES", 0)
+    monkeypatch.setattr(report.from_model, "FULL_BYTES", 0)
     long = report.collect(text, model, tok, rollout_rows=[0, 5, -1])
     assert dense.weights is not None and long.weights is None
     assert long.rollout_row_ids == [0, 5, 60]
     np.testing.assert_allclose(long.rollout_rows, dense.rollout[[0, 5, 60]], atol=1e-6)  # float32 model
     np.testing.assert_allclose(dense.rollout_rows, dense.rollout[[0, 5, 60]], atol=0)
     t = long.rollout.shape[-1]
-    np.testing.assert_allclose(long.rollout, html._pool(dense.rollout, t), atol=1e-6)
+    np.testing.assert_allclose(long.rollout, pool_means(dense.rollout, t), atol=1e-6)
     with pytest.raises(ValueError, match="rollout_rows"):
         report.collect(text, model, tok, rollout_rows=[61])
     with pytest.raises(TypeError, match="rollout_rows"):

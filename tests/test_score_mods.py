@@ -17,7 +17,7 @@ from conftest import HAS_CUDA, HAS_TRITON, assert_close, make_inputs, np64  # no
 
 import attnlens as al  # noqa: E402
 from attnlens.masks import alibi_slopes, normalize_window  # noqa: E402
-from attnlens.reference import reference_attention, reference_lens  # noqa: E402
+from attnlens.core.reference import reference_attention, reference_lens  # noqa: E402
 
 TRITON = al.TritonBackend(config="16x16") if not HAS_CUDA else "triton"
 BACKENDS = ["reference", "torch", pytest.param(TRITON, id="triton", marks=pytest.mark.triton)]
@@ -122,9 +122,9 @@ def test_forward_and_lens_against_the_oracle(rng, backend, which, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_column_sums_and_pair_scores_see_the_modified_scores(rng, backend):
-    from attnlens import dispatch
-    from attnlens._inputs import validate
-    from attnlens._scores import pair_weights
+    from attnlens.core import dispatch
+    from attnlens.core.inputs import validate
+    from attnlens.core.scores import pair_weights
 
     q, k, v = make_inputs(1, 2, 1, 21, 33, 16, rng=rng)
     mods = mod_args("all", 2, rng)
@@ -261,7 +261,7 @@ def test_terminal_summary_shows_the_sink_weight():
     from rich.console import Console
     from test_report import synthetic
 
-    from attnlens.cli import explain_summary
+    from attnlens.faces.cli import explain_summary
 
     data = synthetic(["a", "b", "c", "d"], L=2, H=3)
     console = Console(record=True, width=200)

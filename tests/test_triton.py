@@ -23,9 +23,9 @@ import pytest  # noqa: E402
 from conftest import HAS_CUDA, assert_close, check_topk, make_inputs, np64, reference  # noqa: E402
 
 import attnlens as al  # noqa: E402
-from attnlens import dispatch  # noqa: E402
-from attnlens._inputs import validate  # noqa: E402
-from attnlens._backends.triton import ops  # noqa: E402
+from attnlens.core import dispatch  # noqa: E402
+from attnlens.core.inputs import validate  # noqa: E402
+from attnlens.core.backends.triton import ops  # noqa: E402
 
 pytestmark = pytest.mark.triton
 CPU = not HAS_CUDA
@@ -267,7 +267,7 @@ def test_without_triton_a_reason_not_an_error(rng, monkeypatch):
 def test_import_needs_neither_triton_nor_cuda():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import attnlens, numpy as np\n"
-            "assert 'attnlens._backends.triton.kernels' not in sys.modules\n"
+            "assert 'attnlens.core.backends.triton.kernels' not in sys.modules\n"
             "print(attnlens.attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4))).shape)\n")
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
@@ -308,9 +308,9 @@ def test_config_overrides_parse_and_refuse_bad_specs():
     assert ops.parse_config("16x16") == {"*": {"BLOCK_M": 16, "BLOCK_N": 16}}
     assert ops.parse_config("dkdv:16x128x8, dq:64x32x4x2")["dq"] == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4,
                                                                       "num_stages": 2}
-    cfg = ops._config("dq", 64, 64, torch.bfloat16, override="16x16,dq:32x16x2")
+    cfg = ops.block_config("dq", 64, 64, torch.bfloat16, override="16x16,dq:32x16x2")
     assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"]) == (32, 16, 2)
-    assert ops._config("fwd", 64, 64, torch.bfloat16, override="dq:32x16")["BLOCK_M"] == 128  # other kinds untouched
+    assert ops.block_config("fwd", 64, 64, torch.bfloat16, override="dq:32x16")["BLOCK_M"] == 128  # other kinds untouched
     for bad in ("16", "fwd:16x16x4x1x9", "bwd:16x16", "axb", "0x16"):
         with pytest.raises(ValueError, match="config"):
             al.TritonBackend(config=bad)

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 import attnlens as al
-from attnlens import dispatch
-from attnlens._inputs import validate
-from attnlens._backends.triton import ops
+from attnlens.core import dispatch
+from attnlens.core.inputs import validate
+from attnlens.core.backends.triton import ops
 
 pytest.importorskip("triton")
-from attnlens._backends.triton import aot  # noqa: E402
+from attnlens.core.backends.triton import aot  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -50,7 +50,7 @@ CALLS = {
 _SCRIPT = """
 import dataclasses, json, sys, torch
 import attnlens as al
-from attnlens._backends.triton import aot
+from attnlens.core.backends.triton import aot
 out = {}
 for name, kw in json.loads(sys.argv[1]).items():
     kw["dtype"] = getattr(torch, kw["dtype"])

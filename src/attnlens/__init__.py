@@ -2,49 +2,39 @@
 
 >>> import attnlens as al
 >>> out, res = al.attention(q, k, v, causal=True, lens=al.Lens(entropy=True, received=True, topk=8))
+
+The package in layers (each a folder; a layer imports only from those below it, tests/test_layers.py):
+
+    core/          attention(), merge(), Lens, the block API (Block, AttnCall), masks, validation, dispatch, backends
+    integrations/  nn (modules + capture), hf (Hugging Face models), distributed (ring attention), capture (shared)
+    analysis/      rollout, head scores and kinds, contributions, informative links — exact at any length
+    faces/         cli, walkthrough (the lesson), notebook (explain -> Report), report/ (data, page, plots)
+
+The public module paths ``attnlens.nn``, ``attnlens.hf``, ``attnlens.distributed``, ``attnlens.masks`` and
+``attnlens.report`` are those modules themselves (the small modules of the same names here hand them over).
 """
-from . import masks, nn
-from ._backends.reference import ReferenceBackend
-from ._backends.torch_chunked import TorchChunkedBackend
-from ._backends.torch_sdpa import SdpaBackend
-from ._backends.triton import TritonBackend
-from .api import attention, merge
-from .dispatch import BackendInfo, use_backend
-from .lens import Lens, LensResult
-from .notebook import Report, explain, explain_capture
+from .core import (
+    FLOAT_DTYPES,
+    AttnCall,
+    BackendInfo,
+    Block,
+    Lens,
+    LensResult,
+    attention,
+    backends,
+    masks,
+    merge,
+    use_backend,
+)
+from .core.backends.reference import ReferenceBackend
+from .core.backends.sdpa import SdpaBackend
+from .core.backends.torch_chunked import TorchChunkedBackend
+from .core.backends.triton import TritonBackend
+from .core.dispatch import INFO_COLUMNS, info
+from .core.version import __version__
+from .faces.notebook import Report, explain, explain_capture
+from .integrations import nn
 
-__version__ = "0.1.0"
-__all__ = ["attention", "merge", "Lens", "LensResult", "backends", "info", "use_backend", "BackendInfo",
-           "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn", "__version__",
-           "explain", "explain_capture", "Report"]
-
-
-def backends() -> list[BackendInfo]:
-    """The backends in ``backend="auto"`` priority order: each a `BackendInfo` (``name``, ``description``,
-    typed ``capabilities``; ``describe()`` gives display strings)."""
-    from .dispatch import table
-
-    return table()
-
-
-#: the columns of `info`'s table
-INFO_COLUMNS = ("name", "lens", "grad", "dropout", "dtypes", "devices", "masks", "score mods", "memory")
-
-
-def info() -> str:
-    """A text table of versions and backends (what ``attnlens info`` prints)."""
-    import platform
-
-    import numpy
-    import torch
-
-    lines = [f"attnlens {__version__}  python {platform.python_version()}  numpy {numpy.__version__}  "
-             f"torch {torch.__version__}  cuda {'yes' if torch.cuda.is_available() else 'no'}", ""]
-    rows = [b.describe() for b in backends()]
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in INFO_COLUMNS}
-    lines.append("  ".join(c.ljust(widths[c]) for c in INFO_COLUMNS))
-    for r in rows:
-        lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in INFO_COLUMNS))
-    lines += ["", "backend='auto' takes the first row that can serve the call (never a dense O(Nq·Nk) path when "
-              "a linear-memory one serves it)."]
-    return "\n".join(lines)
+__all__ = ["attention", "merge", "Lens", "LensResult", "Block", "AttnCall", "backends", "info", "use_backend",
+           "BackendInfo", "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn",
+           "explain", "explain_capture", "Report", "FLOAT_DTYPES", "INFO_COLUMNS", "__version__"]

@@ -1,3 +1,3 @@
-from attnlens.cli import main
+from attnlens.faces.cli import main
 
 raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The float64 NumPy oracle as a backend: dense, CPU, every primitive (no dropout).
+
+It holds the full ``(B, Hq, Nq, Nk)`` weights, so it is for small inputs: tests, and the
+gradients of the block primitives' tests (float64 ``reference_backward``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..capabilities import Capabilities, MaskFeature, Memory
+from ..inputs import AttnInputs, stat_dtype
+from ..reference import reference_attention, reference_backward, reference_lens
+from . import Backend, add_sink_grad
+
+
+def _np64(t):
+    return None if t is None else t.detach().cpu().to(torch.bool if t.dtype == torch.bool else torch.float64).numpy()
+
+
+def _dense(inp: AttnInputs):
+    """``out, weights, lse`` in float64 NumPy."""
+    return reference_attention(_np64(inp.q), _np64(inp.k), _np64(inp.v), mask=_np64(inp.mask), causal=inp.causal,
+                               window=inp.window, scale=inp.scale, offset=inp.offset, softcap=inp.softcap,
+                               sinks=_np64(inp.sinks), alibi_slopes=_np64(inp.alibi_slopes))
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    description = "NumPy float64, dense weights: the oracle (small inputs only)"
+    capabilities = Capabilities(dropout=False, memory=Memory.DENSE,
+                                masks=frozenset({MaskFeature.BOOL, MaskFeature.FLOAT, MaskFeature.QUERY}),
+                                notes="computes on the CPU in float64; the oracle of every test")
+
+    def forward(self, inp: AttnInputs):
+        out, w, lse = _dense(inp)
+        dev, dt = inp.q.device, inp.q.dtype
+        sd = stat_dtype(dt)
+        out_t = torch.from_numpy(out).to(device=dev, dtype=dt)
+        lse_t = torch.from_numpy(lse).to(device=dev, dtype=sd)
+        if inp.lens is None:
+            return out_t, lse_t, None
+        extra = None if inp.received_from is None else _np64(inp.received_from)
+        at = None if inp.at is None else inp.at.cpu().numpy()
+        res = reference_lens(w, lse, topk=inp.lens.topk, rows=inp.rows, received_from=extra, at=at,
+                             pool=inp.lens.pool, sinks=_np64(inp.sinks))
+        for name in ("lse", "max_weight", "entropy", "received"):  # drop what was not asked for
+            if not getattr(inp.lens, name):
+                setattr(res, name, None)
+        res = res.map_arrays(lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(
+            device=dev, dtype=torch.int64 if a.dtype == np.int64 else sd))
+        if res.topk_indices is not None:  # a weight that underflows to 0 in the output precision has no key
+            res.topk_indices = res.topk_indices.masked_fill(res.topk_weights == 0, -1)
+        return out_t, lse_t, res
+
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
+        w = _weights(inp, lse)
+        grads = reference_backward(_np64(inp.q), _np64(inp.k), _np64(inp.v), w, _np64(dout), scale=inp.scale,
+                                   softcap=inp.softcap)
+        for buf, g in zip((dq, dk, dv), grads):
+            buf += torch.from_numpy(g).to(device=buf.device, dtype=buf.dtype)
+        add_sink_grad(inp, out, lse, dout, dsinks)
+
+    def column_sums(self, inp: AttnInputs, lse, weights=None):
+        w = _weights(inp, lse)  # (B, Hq, Nq, Nk)
+        sd = stat_dtype(inp.q.dtype)
+        if weights is None:
+            cs = w.sum(-2)
+        else:
+            cs = np.swapaxes(w, -1, -2) @ _np64(weights)  # (B, Hq, Nk, T)
+        return torch.from_numpy(np.ascontiguousarray(cs)).to(device=inp.q.device, dtype=sd)
+
+
+def _weights(inp: AttnInputs, lse):
+    """``exp(s - lse)`` in float64 from the call's scores and a given ``lse`` (0 where lse = -inf)."""
+    _, w, own = _dense(inp)
+    lse = _np64(lse)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scale = np.where(np.isneginf(lse), 0.0, np.exp(own - np.where(np.isneginf(lse), 0.0, lse)))
+    return w * np.where(np.isneginf(own), 0.0, scale)[..., None]

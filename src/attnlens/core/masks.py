@@ -1,0 +1,115 @@
+"""Causal, sliding-window and padding masks, and how they combine: the band geometry, in one place.
+
+Positions: query ``i`` sits at key position ``p = i + offset``. The default ``offset = Nk - Nq``
+is bottom-right alignment, what decoding with a KV cache needs (the last query sits at the last
+key); ring attention and split-KV pass other offsets for blocks of a longer sequence. Query
+``i`` may see key ``j`` iff
+
+    causal:            j <= p
+    window (L, R):     p - L <= j <= p + R      (None on a side = unbounded)
+
+and a user mask allows it (bool: True = may attend; float: added to the scores, ``-inf`` =
+may not attend). The functions here work on NumPy arrays and torch tensors alike.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+Window = Optional[Tuple[Optional[int], Optional[int]]]
+
+
+#: largest finite window side. Wider is refused (use ``None`` for unbounded): it keeps every position
+#: sum in int64, and no sequence is that long, so any wider window would equal ``None`` anyway.
+MAX_WINDOW = 2**62
+
+
+def normalize_window(window) -> Window:
+    """``None`` | int w | (left, right) → ``None`` or ``(left|None, right|None)``.
+
+    Each side is ``None`` (unbounded) or an int in ``[0, MAX_WINDOW]`` (2**62); larger values are
+    refused with a ValueError, not clamped."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise TypeError(f"window must be None, an int >= 0, or a (left, right) pair; got the bool {window!r}")
+    if isinstance(window, numbers.Integral):
+        window = (int(window), int(window))
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None, an int >= 0, or a (left, right) pair; got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            out.append(None)
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window {side} must be an int >= 0 or None; got {type(w).__name__} {w!r}")
+        if w < 0:
+            raise ValueError(f"window {side} must be >= 0 (a number of positions), got {w}")
+        if w > MAX_WINDOW:
+            raise ValueError(f"window {side} must be <= 2**62 (use None for an unbounded side), got {w}")
+        out.append(int(w))
+    return tuple(out)
+
+
+def band(causal: bool, window: Window) -> tuple[Optional[int], Optional[int]]:
+    """The (left, right) reach of every query around its position, causal folded in."""
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def key_range(i0: int, i1: int, nk: int, offset: int, causal: bool, window: Window) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` that at least one query in rows ``[i0, i1)`` may see (by causal/window)."""
+    left, right = band(causal, window)
+    lo = 0 if left is None else min(nk, max(0, i0 + offset - left))
+    hi = nk if right is None else max(0, min(nk, i1 - 1 + offset + right + 1))
+    return lo, max(lo, hi)
+
+
+def band_keep(qi, kj, offset: int, causal: bool, window: Window):
+    """Bool array ``keep[a, b]`` for query indices ``qi`` (column) and key indices ``kj`` (row).
+
+    ``qi`` and ``kj`` are 1-D integer arrays (NumPy or torch); returns ``None`` when there is
+    no causal/window restriction at all.
+    """
+    left, right = band(causal, window)
+    if left is None and right is None:
+        return None
+    pos = qi[:, None] + offset
+    kk = kj[None, :]
+    keep = None
+    if right is not None:
+        keep = kk <= pos + right
+    if left is not None:
+        lk = kk >= pos - left
+        keep = lk if keep is None else (keep & lk)
+    return keep
+
+
+def padding_mask(lengths, n: int, *, device=None):
+    """Bool key-padding mask ``(B, 1, 1, n)`` from per-sequence lengths: True for real tokens.
+
+    Broadcasts against ``(B, H, Nq, Nk)`` scores, so it can be passed as ``mask=`` directly.
+    """
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be 1-D (one length per sequence), got shape {tuple(lengths.shape)}")
+    if bool((lengths < 0).any()) or bool((lengths > n).any()):
+        raise ValueError(f"lengths must lie in [0, {n}], got {lengths.tolist()}")
+    return (torch.arange(n, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def alibi_slopes(num_heads: int, *, device=None):
+    """The standard ALiBi slopes ``(num_heads,)`` float32 (Press et al. 2022; BLOOM's and MPT's formula): for
+    ``n`` a power of two, ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``; otherwise those of the largest power of two
+    ``c < n``, then every other slope of ``2c``. Pass them as ``attention(..., alibi_slopes=...)``."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    c = 1 << (int(num_heads).bit_length() - 1)  # largest power of two <= n
+    slopes = [2.0 ** (-8.0 * (i + 1) / c) for i in range(c)]
+    slopes += [2.0 ** (-4.0 * (2 * i + 1) / c) for i in range(num_heads - c)]  # every other slope of 2c
+    return torch.tensor(slopes, dtype=torch.float32, device=device)

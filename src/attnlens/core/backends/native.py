@@ -1,8 +1,12 @@
-"""The fused row kernel (``rowsoftmax.c``), compiled on first use and loaded with ctypes.
+"""Native code, compiled on first use and loaded with ctypes: the one way attnlens builds C.
 
-CPU float32 only. ``ATTNLENS_NATIVE=0`` turns it off. Whenever it cannot be used (disabled, no
-compiler, a refused cache, a library that does not load), attnlens warns once per process and uses
-the eager PyTorch path: same results, slower lens; never an exception at a call site.
+Two libraries are built this way: the torch backend's row kernel (``rowsoftmax.c``, `load`) and the fused
+CPU backend's kernel (``fused.c``, loaded by ``fused.py`` through `open_library`). CPU float32 only.
+``ATTNLENS_NATIVE=0`` turns both off. Whenever one cannot be used (disabled, no compiler, a refused cache,
+a library that does not load), attnlens warns once per process per library and uses a path without it
+(the eager PyTorch row pass; another backend than the fused one): same results, slower; never an
+exception at a call site. ``ATTNLENS_MARCH`` (default ``native``) is the ``-march`` the libraries are
+built for (``x86-64-v3`` builds the fused kernel's portable SIMD path on an AVX-512 machine, as tests do).
 
 The cache. The library is built with the machine's C compiler (``$CC`` or ``cc``) into
 ``$ATTNLENS_CACHE`` (default ``~/.cache/attnlens``), named by a hash of the source, the compiler,
@@ -22,12 +26,15 @@ a shared library runs its code, so the cache is trusted only when it is private:
   partial file); an interrupted build leaves at most a ``.build-*`` directory, removed on exit or,
   if the process was killed, by the next build once it is an hour old;
 - the compiler gets ``COMPILE_TIMEOUT_S`` (60 s); then it and its children are killed and the
-  warning says so.
+  warning says so;
+- verifying, building and loading hold an exclusive ``flock`` on the cache directory, so processes that
+  start at once build a library once and the others wait for it and load the finished file.
 
 It links the OpenMP runtime that PyTorch already loaded, so it shares PyTorch's threads.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -104,14 +111,36 @@ def _verified(lib: Path) -> bool:
     return hashlib.sha256(lib.read_bytes()).hexdigest() == side.read_text().strip()
 
 
-def _build(cc: str, lib: Path) -> None:
+def flags() -> list[str]:
+    """The compiler flags: `FLAGS` with ``-march`` from ``ATTNLENS_MARCH`` (default ``native``)."""
+    march = os.environ.get("ATTNLENS_MARCH") or "native"
+    return [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
+
+
+@contextlib.contextmanager
+def _locked(cache: Path):
+    """An exclusive ``flock`` on the cache directory (none where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; the atomic moves and the hash check still hold
+        yield
+        return
+    fd = os.open(cache, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _build(cc: str, lib: Path, source: Path = SOURCE) -> None:
     """Compile into a private temporary directory in the cache, then move library and hash into place."""
     for old in lib.parent.glob(".build-*"):  # left by a killed build
         if time.time() - old.stat().st_mtime > 3600:
             shutil.rmtree(old, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
         out = Path(tmp) / lib.name
-        proc = subprocess.Popen([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([cc, *flags(), str(source), "-o", str(out), "-lm"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             _, err = proc.communicate(timeout=COMPILE_TIMEOUT_S)
@@ -130,34 +159,55 @@ def _build(cc: str, lib: Path) -> None:
         os.replace(side, lib.with_suffix(".sha256"))
 
 
+def compile_library(source: Path) -> ctypes.CDLL:
+    """The library of ``source`` from the private cache, built there first when it is missing or does not match
+    its hash (see the module docstring); raises `_Refused` or the build's error."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags(), platform.machine(), _cpu_id()]).encode())
+    cache = _cache_dir()
+    lib = cache / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    with _locked(cache):
+        if not _verified(lib):
+            _build(cc, lib, source)
+            if not _verified(lib):
+                raise RuntimeError(f"{lib} changed while it was being built")
+        return ctypes.CDLL(str(lib))
+
+
+def open_library(source: Path, what: str, symbols: tuple = (), fallback: str = "", stacklevel: int = 3):
+    """``(library, None)``, or ``(None, reason)`` after one warning naming ``what`` and the ``fallback`` (disabled by
+    ``ATTNLENS_NATIVE=0``: no warning). ``symbols`` must all be in the library. Callers cache the answer."""
+    if os.environ.get("ATTNLENS_NATIVE", "1") == "0":
+        return None, "disabled by ATTNLENS_NATIVE=0"
+    state = "could not be built"
+    try:
+        lib = compile_library(source)
+        state = "could not be loaded"
+        for name in symbols:
+            getattr(lib, name)
+        return lib, None
+    except _Refused as exc:
+        detail, state = str(exc), "cache was refused"
+    except Exception as exc:  # any failure falls back; the warning says what happened
+        detail = str(getattr(exc, "stderr", None) or exc)
+    reason = f"the {what} {state} ({detail.strip()[:300]})"
+    warnings.warn(f"attnlens: {reason}; {fallback}. Set ATTNLENS_NATIVE=0 to silence this.", RuntimeWarning,
+                  stacklevel=stacklevel)
+    return None, reason
+
+
 @functools.lru_cache(maxsize=None)
 def load():
     """The kernel function, or None (disabled, or it cannot be built or loaded: warned once)."""
-    if os.environ.get("ATTNLENS_NATIVE", "1") == "0":
+    lib, _ = open_library(SOURCE, "native row kernel", (SYMBOL,), "using the eager PyTorch path (same results, "
+                          "slower lens)", stacklevel=4)
+    if lib is None:
         return None
-    what = "could not be built"
-    try:
-        cc = os.environ.get("CC", "cc")
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS, platform.machine(), _cpu_id()]).encode())
-        lib = _cache_dir() / f"rowsoftmax-{key.hexdigest()[:16]}.so"
-        if not _verified(lib):
-            _build(cc, lib)
-            if not _verified(lib):
-                raise RuntimeError(f"{lib} changed while it was being built")
-        what = "could not be loaded"
-        fn = getattr(ctypes.CDLL(str(lib)), SYMBOL)
-        P, I64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [P, I64, I64, I64, ctypes.c_float, P, P, P, P, P, ctypes.c_int32]
-        fn.restype = None
-        return fn
-    except _Refused as exc:
-        detail, what = str(exc), "cache was refused"
-    except Exception as exc:  # any failure falls back; the warning says what happened
-        detail = str(getattr(exc, "stderr", None) or exc)
-    warnings.warn(f"attnlens: the native row kernel {what} ({detail.strip()[:300]}); using the eager PyTorch "
-                  "path (same results, slower lens). Set ATTNLENS_NATIVE=0 to silence this.", RuntimeWarning,
-                  stacklevel=3)
-    return None
+    fn = getattr(lib, SYMBOL)
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [P, I64, I64, I64, ctypes.c_float, P, P, P, P, P, ctypes.c_int32]
+    fn.restype = None
+    return fn
 
 
 def rowsoftmax(s: torch.Tensor, topk: int, dead_below: float):

@@ -26,6 +26,7 @@ from .core import (
     merge,
     use_backend,
 )
+from .core.backends.fused import FusedCpuBackend
 from .core.backends.reference import ReferenceBackend
 from .core.backends.sdpa import SdpaBackend
 from .core.backends.torch_chunked import TorchChunkedBackend
@@ -36,5 +37,5 @@ from .faces.notebook import Report, explain, explain_capture
 from .integrations import nn
 
 __all__ = ["attention", "merge", "Lens", "LensResult", "Block", "AttnCall", "backends", "info", "use_backend",
-           "BackendInfo", "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn",
+           "BackendInfo", "FusedCpuBackend", "TorchChunkedBackend", "TritonBackend", "SdpaBackend", "ReferenceBackend", "masks", "nn",
            "explain", "explain_capture", "Report", "FLOAT_DTYPES", "INFO_COLUMNS", "__version__"]

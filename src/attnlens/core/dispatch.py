@@ -18,6 +18,7 @@ import numpy
 import torch
 
 from .backends import Backend
+from .backends.fused import FusedCpuBackend
 from .backends.reference import ReferenceBackend
 from .backends.sdpa import SdpaBackend
 from .backends.torch_chunked import TorchChunkedBackend
@@ -27,7 +28,7 @@ from .inputs import AttnInputs
 from .version import __version__
 
 #: priority order for backend="auto"
-PRIORITY: list[Backend] = [TritonBackend(), SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]
+PRIORITY: list[Backend] = [TritonBackend(), FusedCpuBackend(), SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]
 _BY_NAME = {b.name: b for b in PRIORITY}
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("attnlens_backend", default=None)
 #: the reason a backend without block primitives gives when a caller needs them (`select(primitives=True)`)

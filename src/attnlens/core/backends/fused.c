@@ -161,23 +161,40 @@ static inline vm lanes_below(int64_t n) { /* lanes l < n */
 }
 static inline vm lanes_in(int64_t a, int64_t b) { return lanes_below(b) & (vm)~lanes_below(a); } /* a <= l < b */
 
-/* exp(x) for x <= 88; 0 below EXP_LO (and for -inf); NaN stays NaN. Range reduction x = n ln2 + r, |r| <= ln2/2,
- * exp(r) by Cephes' degree-6 polynomial (~1 ulp), then 2^n. */
+/* exp(x); 0 below EXP_LO (and for -inf); NaN stays NaN. Range reduction x = n ln2 + r (Cody-Waite, |r| <= ln2/2),
+ * exp(r) by Cephes' degree-6 polynomial (~1 ulp) in Horner form, then 2^n. */
+#if defined(__AVX512F__)
+static inline vf vexp(vf x) { /* scalef gives 2^n for any n (inf above the range); -inf lanes are zeroed by the mask */
+    const vm live = _mm512_cmp_ps_mask(x, vset(EXP_LO), _CMP_NLT_UQ); /* x >= EXP_LO or NaN */
+    const vf n = vround(vmul(x, vset(1.44269504088896341f)));
+    vf r = vfma(n, vset(-0.693359375f), x);
+    r = vfma(n, vset(2.12194440e-4f), r);
+    vf y = vfma(vset(1.9875691500e-4f), r, vset(1.3981999507e-3f));
+    y = vfma(y, r, vset(8.3334519073e-3f));
+    y = vfma(y, r, vset(4.1665795894e-2f));
+    y = vfma(y, r, vset(1.6666665459e-1f));
+    y = vfma(y, r, vset(5.0000001201e-1f));
+    y = vfma(y, r, vset(1.0f));
+    y = vfma(y, r, vset(1.0f));
+    return _mm512_maskz_scalef_ps(live, y, n);
+}
+#else
 static inline vf vexp(vf x) {
     vm under = vlt(x, vset(EXP_LO));
     vf xc = vmin(vset(88.0f), vmax(vset(EXP_LO), x)); /* constant first: NaN passes through */
     vf n = vround(vmul(xc, vset(1.44269504088896341f)));
     vf r = vfma(n, vset(-0.693359375f), xc);
     r = vfma(n, vset(2.12194440e-4f), r);
-    vf y = vset(1.9875691500e-4f);
-    y = vfma(y, r, vset(1.3981999507e-3f));
+    vf y = vfma(vset(1.9875691500e-4f), r, vset(1.3981999507e-3f));
     y = vfma(y, r, vset(8.3334519073e-3f));
     y = vfma(y, r, vset(4.1665795894e-2f));
     y = vfma(y, r, vset(1.6666665459e-1f));
     y = vfma(y, r, vset(5.0000001201e-1f));
-    y = vfma(vmul(y, r), r, vadd(r, vset(1.0f)));
+    y = vfma(y, r, vset(1.0f));
+    y = vfma(y, r, vset(1.0f));
     return vsel(under, vzero(), vscale2(y, n));
 }
+#endif
 
 /* tanh(x) by Eigen's rational approximation (float, a few ulp; |x| > 9 gives ±1); NaN stays NaN. */
 static inline vf vtanh(vf x) {
@@ -195,6 +212,15 @@ static inline vf vtanh(vf x) {
     q = vfma(x2, q, vset(4.89352518554385e-03f));
     vf t = vdiv(p, q);
     return vsel(vlt(vabs(xc), vset(4e-4f)), xc, t);
+}
+
+/* which SIMD path this library was built with */
+const char *attnlens_fused_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#else
+    return "vector extensions";
+#endif
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -912,20 +938,24 @@ static void pool_flush(const Args *a, float *pl, float *pacc, int64_t j0, int64_
     memset(pacc, 0, BK * 4);
 }
 
+/* The column pass. A work item owns CT key tiles of one (batch, kv head) — its columns of received, Pᵀ W and the
+ * weight rows are its own — and runs, per query head of the group, the query rows that see them in blocks of CR:
+ * a block's rows are set up once and meet the item's tiles one after another (the block's q rows stay in L1). */
+#define CT 4
+
 int attnlens_fused_columns(const Args *a) {
     const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, Nq = a->Nq, Nk = a->Nk, G = Hq / Hkv, D = a->D, T = a->T;
     Pack p;
     if (pack_alloc(a, &p, PACK_COL)) { pack_free(&p); return -1; }
-    const int64_t nt = p.nt;
-    const int64_t tiles_per = 2; /* key tiles per work item */
-    const int64_t nr = (nt + tiles_per - 1) / tiles_per, nitems = B * Hkv * nr;
+    const int64_t nt = p.nt, nr = (nt + CT - 1) / CT, nitems = B * Hkv * nr;
     const int64_t nbk = a->pooled ? (Nk + a->bk - 1) / a->bk : 0, nbq = a->pooled ? (Nq + a->bq - 1) / a->bq : 0;
+    const int want_e = a->received || a->pooled || a->rf || a->wrows;
     int err = 0;
 #pragma omp parallel num_threads(a->nthreads)
     {
         pack_fill(a, &p, PACK_COL);
-        float *S = amalloc((size_t)CR * BK * 4), *rec = amalloc(BK * 4), *pacc = amalloc(BK * 4);
-        float *racc = amalloc((size_t)imax(T, 1) * BK * 4), *wb = amalloc((size_t)CR * imax(T, 1) * 4);
+        float *S = amalloc((size_t)CR * BK * 4), *rec = amalloc((size_t)CT * BK * 4), *pacc = amalloc((size_t)CT * BK * 4);
+        float *racc = amalloc((size_t)CT * imax(T, 1) * BK * 4), *wb = amalloc((size_t)CR * imax(T, 1) * 4);
         int64_t *idx = amalloc((size_t)imax(Nq, 1) * 8);
         Row *rows = amalloc(sizeof(Row) * CR);
         const float **qrow = amalloc(sizeof(float *) * CR);
@@ -935,74 +965,87 @@ int attnlens_fused_columns(const Args *a) {
             err = -1;
         }
 #pragma omp barrier
-        if (!err) {
+        if (!err && want_e) {
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < nitems; ++it) {
                 const int64_t rr = it % nr, bh = it / nr, b = bh / Hkv, hk = bh % Hkv;
-                const int64_t ka = rr * tiles_per * BK, kb = imin(Nk, ka + tiles_per * BK); /* keys owned */
-                for (int64_t tt = ka / BK; tt * BK < kb; ++tt) {
-                    const int64_t j0 = tt * BK, nk = imin(BK, Nk - j0);
-                    const int64_t nrow = gather_rows(a, j0, j0 + nk, idx);
-                    for (int64_t g = 0; g < G; ++g) {
-                        const int64_t h = hk * G + g, bhq = b * Hq + h;
-                        memset(rec, 0, BK * 4);
-                        if (a->rf) memset(racc, 0, (size_t)T * BK * 4);
-                        int64_t cur_qb = -1;
-                        if (a->pooled) memset(pacc, 0, BK * 4);
-                        for (int64_t x0 = 0; x0 < nrow; x0 += CR) {
-                            const int64_t n = imin(CR, nrow - x0);
-                            int64_t R = 0;
-                            for (; R < n; ++R) row_init(a, &p, &rows[R], b, h, idx[x0 + R]);
-                            while (R % RQ) row_init(a, &p, &rows[R++], b, -1, 0);
-                            for (int64_t r = 0; r < R; ++r) {
-                                qrow[r] = rows[r].q;
-                                float ls = r < n ? a->lse_in[bhq * Nq + rows[r].i] : -INFINITY;
-                                lse[r] = ls == -INFINITY ? INFINITY : ls; /* a row that sees nothing: weight 0 */
-                            }
-                            qk(R, qrow, D, p.kt + (bh * nt + tt) * D * BK, S);
+                const int64_t t0 = rr * CT, t1 = imin(nt, t0 + CT), ka = t0 * BK, kb = imin(Nk, t1 * BK);
+                const int64_t nrow = gather_rows(a, ka, kb, idx);
+                for (int64_t g = 0; g < G; ++g) {
+                    const int64_t h = hk * G + g, bhq = b * Hq + h;
+                    int64_t cur_qb[CT];
+                    for (int64_t x = 0; x < CT; ++x) cur_qb[x] = -1;
+                    memset(rec, 0, (size_t)CT * BK * 4);
+                    memset(pacc, 0, (size_t)CT * BK * 4);
+                    if (a->rf) memset(racc, 0, (size_t)CT * T * BK * 4);
+                    for (int64_t x0 = 0; x0 < nrow; x0 += CR) {
+                        const int64_t n = imin(CR, nrow - x0);
+                        int64_t R = 0;
+                        for (; R < n; ++R) {
+                            row_init(a, &p, &rows[R], b, h, idx[x0 + R]);
+                            const float ls = a->lse_in[bhq * Nq + rows[R].i];
+                            lse[R] = ls == -INFINITY ? INFINITY : ls; /* a row that sees nothing: weight 0 */
+                        }
+                        while (R % RQ) { row_init(a, &p, &rows[R], b, -1, 0); lse[R] = INFINITY; ++R; }
+                        for (int64_t r = 0; r < R; ++r) qrow[r] = rows[r].q;
+                        if (a->rf)
                             for (int64_t r = 0; r < n; ++r) {
+                                const int64_t wo = b * a->sw[0] + h * a->sw[1] + rows[r].i * a->sw[2];
+                                for (int64_t t = 0; t < T; ++t) wb[r * T + t] = a->w[wo + t * a->sw[3]];
+                            }
+                        for (int64_t tt = t0; tt < t1; ++tt) {
+                            const int64_t j0 = tt * BK, nk = imin(BK, Nk - j0), tl = tt - t0;
+                            int64_t ra, rb;
+                            rows_of_keys(a, j0, j0 + nk, &ra, &rb);
+                            if (rows[0].i >= rb || rows[n - 1].i < ra) continue; /* no row of the block sees this tile */
+                            qk(R, qrow, D, p.kt + (bh * nt + tt) * D * BK, S);
+                            for (int64_t r = 0; r < n; ++r) { /* P = exp(s - lse) */
                                 float *s = S + r * BK;
-                                const Row *rw = &rows[r];
-                                prep_row(a, rw, s, NULL, j0);
-                                vf vl = vset(lse[r]);
+                                prep_row(a, &rows[r], s, NULL, j0);
+                                const vf vl = vset(lse[r]);
                                 for (int v = 0; v < NVK; ++v) {
-                                    vf sv = vld(s + 16 * v);
+                                    const vf sv = vld(s + 16 * v);
                                     vf e = vexp(vsub(sv, vl));
                                     if (a->check) e = vmaskz(vne(sv, vset(-INFINITY)), e); /* NaN lse: NaN where visible */
                                     vst(s + 16 * v, e);
                                 }
-                                if (a->received)
-                                    for (int v = 0; v < NVK; ++v) vst(rec + 16 * v, vadd(vld(rec + 16 * v), vld(s + 16 * v)));
-                                if (a->wrows && a->wpos[rw->i] >= 0)
-                                    memcpy(a->wrows + ((bhq * a->nwrows + a->wpos[rw->i]) * Nk) + j0, s, (size_t)nk * 4);
+                                if (a->wrows && a->wpos[rows[r].i] >= 0)
+                                    memcpy(a->wrows + ((bhq * a->nwrows + a->wpos[rows[r].i]) * Nk) + j0, s, (size_t)nk * 4);
                                 if (a->pooled) {
-                                    const int64_t qb = rw->i / a->bq;
-                                    if (qb != cur_qb) {
-                                        if (cur_qb >= 0) pool_flush(a, a->pooled + (bhq * nbq + cur_qb) * nbk, pacc, j0, nk, ka, kb);
-                                        cur_qb = qb;
+                                    const int64_t qb = rows[r].i / a->bq;
+                                    if (qb != cur_qb[tl]) {
+                                        if (cur_qb[tl] >= 0)
+                                            pool_flush(a, a->pooled + (bhq * nbq + cur_qb[tl]) * nbk, pacc + tl * BK, j0, nk, ka, kb);
+                                        cur_qb[tl] = qb;
                                     }
-                                    for (int v = 0; v < NVK; ++v) vst(pacc + 16 * v, vadd(vld(pacc + 16 * v), vld(s + 16 * v)));
+                                    for (int v = 0; v < NVK; ++v)
+                                        vst(pacc + tl * BK + 16 * v, vadd(vld(pacc + tl * BK + 16 * v), vld(s + 16 * v)));
                                 }
                             }
-                            if (a->rf) {
-                                for (int64_t r = 0; r < n; ++r) {
-                                    const int64_t i = rows[r].i, wo = b * a->sw[0] + h * a->sw[1] + i * a->sw[2];
-                                    for (int64_t t = 0; t < T; ++t) wb[r * T + t] = a->w[wo + t * a->sw[3]];
+                            if (a->received)
+                                for (int v = 0; v < NVK; ++v) { /* column sums of the block's weights */
+                                    vf acc = vld(rec + tl * BK + 16 * v);
+                                    for (int64_t r = 0; r < n; ++r) acc = vadd(acc, vld(S + r * BK + 16 * v));
+                                    vst(rec + tl * BK + 16 * v, acc);
                                 }
+                            if (a->rf)
                                 for (int64_t t = 0; t < T; ++t)
                                     for (int v = 0; v < NVK; ++v) {
-                                        vf acc = vld(racc + t * BK + 16 * v);
+                                        float *ra_ = racc + (tl * T + t) * BK + 16 * v;
+                                        vf acc = vld(ra_);
                                         for (int64_t r = 0; r < n; ++r) acc = vfma(vset(wb[r * T + t]), vld(S + r * BK + 16 * v), acc);
-                                        vst(racc + t * BK + 16 * v, acc);
+                                        vst(ra_, acc);
                                     }
-                            }
                         }
-                        if (a->pooled && cur_qb >= 0)
-                            pool_flush(a, a->pooled + (bhq * nbq + cur_qb) * nbk, pacc, j0, nk, ka, kb);
-                        if (a->received) memcpy(a->received + bhq * Nk + j0, rec, (size_t)nk * 4);
+                    }
+                    for (int64_t tt = t0; tt < t1; ++tt) {
+                        const int64_t j0 = tt * BK, nk = imin(BK, Nk - j0), tl = tt - t0;
+                        if (a->pooled && cur_qb[tl] >= 0)
+                            pool_flush(a, a->pooled + (bhq * nbq + cur_qb[tl]) * nbk, pacc + tl * BK, j0, nk, ka, kb);
+                        if (a->received) memcpy(a->received + bhq * Nk + j0, rec + tl * BK, (size_t)nk * 4);
                         if (a->rf)
                             for (int64_t j = 0; j < nk; ++j)
-                                for (int64_t t = 0; t < T; ++t) a->rf[(bhq * Nk + j0 + j) * T + t] = racc[t * BK + j];
+                                for (int64_t t = 0; t < T; ++t) a->rf[(bhq * Nk + j0 + j) * T + t] = racc[(tl * T + t) * BK + j];
                     }
                 }
             }

@@ -51,6 +51,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not locked (the atomic moves and the hash check still hold)
+    fcntl = None
+
 SOURCE = Path(__file__).with_name("rowsoftmax.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
 SYMBOL = "attnlens_rowsoftmax_f32"
@@ -120,9 +125,7 @@ def flags() -> list[str]:
 @contextlib.contextmanager
 def _locked(cache: Path):
     """An exclusive ``flock`` on the cache directory (none where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock; the atomic moves and the hash check still hold
+    if fcntl is None:
         yield
         return
     fd = os.open(cache, os.O_RDONLY)

@@ -289,3 +289,98 @@ def test_extreme_finite_scores_are_exact_not_masked(dtype):
         assert out[0, 0, 1, 0].item() == pytest.approx(1.5), backend  # averages, as in PyTorch
         if res is not None:
             assert res.lse[0, 0, 1].item() == pytest.approx(fmin, rel=1e-6), backend
+
+
+# --------------------------------------------------------------------------------------------
+# issue 24: an adversarial differential pass against the reference (torch backend, native kernel and eager path)
+
+ALL_FIELDS = ("lse", "max_weight", "entropy", "received", "weights", "topk_weights", "sink_weight", "weights_at")
+
+
+def _against_reference(q, k, v, lens, backend="torch", tol=None, **kw):
+    """Run ``backend`` and the reference on the same call; every field equal, NaN for NaN, -inf for -inf."""
+    out, res = al.attention(q, k, v, backend=backend, lens=lens, **kw)
+    r_out, ref = al.attention(q, k, v, backend="reference", lens=lens, **kw)
+    tol = tol if tol is not None else (1e-5 if q.dtype == torch.float32 else 1e-10)
+    _same(out, r_out, "out", tol)
+    for f in ALL_FIELDS:
+        a, e = getattr(res, f), getattr(ref, f)
+        assert (a is None) == (e is None), f
+        if a is not None:
+            _same(a, e, f, tol * 10)
+    if ref.topk_indices is not None:
+        assert torch.equal(res.topk_indices, ref.topk_indices), "topk_indices"
+    return res, ref
+
+
+@pytest.fixture(params=["native", "eager"])
+def torch_path(request, monkeypatch):
+    """The torch backend's two row paths: the native C kernel (CPU float32) and the eager PyTorch one."""
+    from attnlens._backends import _native
+
+    if request.param == "eager":
+        monkeypatch.setattr(_native, "load", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinks_on_query_chunks_that_see_no_key(chunk_bytes, dtype, torch_path, rng):
+    """Item 1: a row that sees no key puts all its weight on its sink (lse = sink, sink_weight 1) also when its
+    whole query chunk sees no key (the chunk used to be skipped before the sink was folded in: lse -inf, 0)."""
+    backend = "torch" if chunk_bytes is None else al.TorchChunkedBackend(chunk_bytes=chunk_bytes)  # 1 row a chunk
+    q, k, v = make_inputs(1, 2, 2, 4, 6, 8, dtype=dtype, rng=rng)
+    sinks = torch.tensor([0.5, -1.0], dtype=dtype)
+    lens = al.Lens(topk=2, rows="all", at=torch.tensor([0, 5]))
+    res, _ = _against_reference(q, k, v, lens, backend, causal=True, offset=-10, sinks=sinks)
+    assert torch.equal(res.lse[0, :, 0], sinks.to(res.lse.dtype)) and (res.sink_weight == 1).all()
+    # some chunks live, some keyless (offset -3: rows 0-2 see nothing); a -inf sink leaves its rows empty
+    q, k, v = make_inputs(1, 2, 1, 6, 6, 8, dtype=dtype, rng=rng)
+    sinks = torch.tensor([0.25, float("-inf")], dtype=dtype)
+    res, _ = _against_reference(q, k, v, lens, backend, causal=True, offset=-3, sinks=sinks)
+    assert torch.isneginf(res.lse[0, 1, :3]).all() and (res.sink_weight[0, 1, :3] == 0).all()
+    assert (res.lse[0, 0, :3] == 0.25).all()
+
+
+def test_nan_row_fills_every_topk_slot_beyond_its_chunk_keys(torch_path, rng):
+    """Item 3: a row with a non-finite visible score is NaN in all k top-k slots, also in those beyond the nk keys its
+    chunk's key range holds (they stayed 0)."""
+    q, k, v = make_inputs(1, 1, 1, 8, 8, 4, dtype=torch.float32, rng=rng)
+    q[0, 0, 5, 2] = float("nan")
+    backend = al.TorchChunkedBackend(chunk_bytes=1)  # one row a chunk: row 5 sees keys 4, 5 only (window (1, 0))
+    res, _ = _against_reference(q, k, v, al.Lens(topk=4), backend, window=(1, 0))
+    assert torch.isnan(res.topk_weights[0, 0, 5]).all() and (res.topk_indices[0, 0, 5] == -1).all()
+    assert not torch.isnan(res.topk_weights[0, 0, [0, 1, 2, 3, 4, 6, 7]]).any()
+
+
+def test_weights_at_is_nan_at_a_visible_key_whose_score_is_minus_inf(torch_path):
+    """Item 3: ``inf · (-x)`` is a visible score of -inf by arithmetic, not a mask: the row is NaN and so is its
+    weight there (it was 0), in the torch pass and in the pair-weights path the fused backends use."""
+    from attnlens._inputs import validate
+    from attnlens._scores import pair_weights
+
+    q = torch.tensor([[float("inf")], [1.0]])  # (2, 1): row 0 is inf
+    k = torch.tensor([[-1.0], [2.0], [0.5]])
+    v = torch.tensor([[1.0], [2.0], [3.0]])
+    at = torch.tensor([[0, 2], [0, 2]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # key 2 hidden from row 0
+    res, ref = _against_reference(q, k, v, al.Lens(at=at), mask=mask, scale=1.0)
+    assert torch.isnan(res.weights_at[0, 0]) and res.weights_at[0, 1] == 0  # visible -inf: NaN; hidden: 0
+    assert torch.isfinite(res.weights_at[1]).all()
+    inp = validate(q, k, v, mask=mask, scale=1.0, lens=al.Lens(at=at))
+    _same(pair_weights(inp, inp.at, ref.lse.reshape(1, 1, 2))[0, 0], ref.weights_at,
+          "pair_weights", 1e-6)
+
+
+@pytest.mark.parametrize("scores", ["finfo.min", "-1e30"])
+def test_entropy_with_sinks_and_huge_negative_scores_is_finite(scores, torch_path):
+    """Item 4: sinks and a row of finite scores near finfo.min: the keys' term of the entropy is a · l · (m - σ) with
+    a = 0 and l · (m - σ) overflowing to -inf: 0 · -inf was NaN on finite inputs."""
+    fill = torch.finfo(torch.float32).min if scores == "finfo.min" else -1e30
+    q, k = torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 4, 2)
+    v = torch.randn(1, 1, 4, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 4)
+    mask[1] = fill  # row 1: every key at finfo.min (Hugging Face's padding), a score, not a mask
+    for sink in (0.0, fill / 2):
+        res, ref = _against_reference(q, k, v, al.Lens(), mask=mask, sinks=torch.tensor([sink]))
+        assert torch.isfinite(res.entropy).all()

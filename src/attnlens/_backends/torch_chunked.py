@@ -10,6 +10,7 @@ online rescaling) and every lens statistic comes from the same buffer of scores:
     max_weight = 1 / l                                (the max of e is exp(0) = 1)
     received += (1/l)ᵀ @ e                            (column sums, one matrix-vector product)
     received_from += pᵀ W ;  pooled += block sums of p   (Lens(received_from=W), Lens(pool=...))
+    weights_at = p[i, at]                             (Lens(at=...): gathered, not rebuilt from lse)
 
 Score modifications: softcap and ALiBi change the scores right after ``q kᵀ`` (`_scores.score_mods`, before any
 mask); a sink is one more entry of the row's softmax folded into ``m, l, t`` once the row's keys are done
@@ -257,6 +258,22 @@ class _Outputs:
             self.pooled = new(-(-Nq // self.pool[0]), -(-Nk // self.pool[1]))
         self.sinks = None if inp.sinks is None else inp.sinks.detach().to(cdt).reshape(-1, Hkv, G, 1, 1)
         self.sinkw = new(Nq) if lens is not None and self.sinks is not None else None
+        self.at, self.wat = inp.at, None
+        if self.at is not None:  # Lens(at=...): P[i, at] gathered from each chunk's weights
+            self.wat = new(Nq, self.at.shape[-1])
+
+    def write_keyless(self, ch: _Chunk):
+        """A chunk whose queries see no key (``ch.nk == 0``): zeros and lse ``-inf`` as initialised; with sinks every
+        row puts all its weight on its sink: lse = σ, sink weight 1 (0 for σ = -inf)."""
+        if self.sinks is None:
+            return
+        B, Hkv, G = self.lead
+        sk = self.sinks.expand(B, Hkv, G, ch.c, 1)[..., 0]  # (B, Hkv, G, c)
+        # exp(σ - σ): 1, NaN for a NaN or +inf sink (as the reference: a non-finite visible logit)
+        sw = torch.where(torch.isneginf(sk), torch.zeros((), dtype=sk.dtype, device=sk.device), torch.exp(sk - sk))
+        self.lse[:, :, :, ch.i0:ch.i1] = torch.where(sw.isnan(), sw, sk)
+        if self.sinkw is not None:
+            self.sinkw[:, :, :, ch.i0:ch.i1] = sw
 
     def write(self, ch: _Chunk, e, m, l, t, top, o, bad=None):
         """Chunk results: ``e = exp(s - m)`` ``(B, Hkv, G·c, nk)``, ``m, l, t`` ``(B, Hkv, G·c, 1)``
@@ -272,8 +289,8 @@ class _Outputs:
             sk = self.sinks.expand(-1, Hkv, G, c, 1).reshape(-1, Hkv, G * c, 1)
             m2 = torch.where((l == 0) & (sk > float("-inf")), sk, torch.maximum(m, sk))  # no key: exactly 1 on σ
             a, es = torch.exp(m - m2), torch.exp(sk - m2)  # es = 0 for σ = -inf
-            if t is not None:
-                t = a * (t + l * (m - m2)) + torch.where(es > 0, es * (sk - m2), zero)
+            if t is not None:  # a = 0: the keys' term is 0 (l·(m - m2) may overflow to -inf there, and 0·-inf = NaN)
+                t = torch.where(a > 0, a * (t + l * (m - m2)), zero) + torch.where(es > 0, es * (sk - m2), zero)
             a = torch.where(l == 0, zero, a)  # rows that see no key: their keys' weights stay 0
             l, m = l * a + es, m2
         inv = torch.where(l == 0, zero, 1.0 / l)  # 1/l, 0 for dead rows
@@ -304,6 +321,8 @@ class _Outputs:
             self._write_topk(ch, top, m_keys, rl, stat_nan)
         if self.rows is not None:
             self._write_rows(ch, e, rl)
+        if self.wat is not None:
+            self._write_at(ch, e, rl)
         if self.rf is not None:
             p5 = (e * rl).view(B, Hkv, G, c, nk)  # the chunk's weights
             self.rf[..., ch.lo:ch.hi, :] += _pt_w(p5, self.w5[:, :, :, i0:i1])
@@ -333,9 +352,25 @@ class _Outputs:
         w = torch.exp(vals - m).mul_(rl)
         if stat_nan is not None:
             w = w + stat_nan  # weights NaN, indices -1 on rows with a non-finite visible score
+            if kk < self.topk:  # and in the slots beyond the chunk's nk keys (0 elsewhere)
+                self.tk_w[:, :, :, ch.i0:ch.i1, kk:] = stat_nan.view(B, Hkv, G, ch.c, 1)
         idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=idx.device))
         self.tk_w[:, :, :, ch.i0:ch.i1, :kk] = w.view(B, Hkv, G, ch.c, kk)
         self.tk_i[:, :, :, ch.i0:ch.i1, :kk] = idx.view(B, Hkv, G, ch.c, kk)
+
+    def _write_at(self, ch: _Chunk, e, rl):
+        """``weights_at`` of the chunk's rows: ``p = rl · e`` gathered at ``Lens(at=...)``'s keys, 0 at a key outside
+        the chunk's range ``[lo, hi)`` (no row of the chunk sees it) or -1. The same weights as every other field:
+        exact whatever the scores' magnitude, NaN at the visible keys of a row with a non-finite visible score."""
+        B, Hkv, G = self.lead
+        i0, i1, c = ch.i0, ch.i1, ch.c
+        at = self.at[:, :, i0:i1] if self.at.shape[2] > 1 else self.at  # (B|1, Hq|1, c|1, m)
+        m = at.shape[-1]
+        idx = at.expand(B, Hkv * G, c, m).reshape(B, Hkv, G * c, m) - ch.lo
+        inside = (idx >= 0) & (idx < ch.nk)
+        w = torch.gather(e, -1, idx.clamp(0, ch.nk - 1)).mul_(rl)
+        self.wat[:, :, :, i0:i1] = torch.where(inside, w, torch.zeros((), dtype=w.dtype, device=w.device)).view(
+            B, Hkv, G, c, m)
 
     def _write_rows(self, ch: _Chunk, e, rl):
         """Requested rows in this chunk: ``p = e / l`` written straight into ``weights``."""
@@ -364,7 +399,7 @@ class _Outputs:
                 res.topk_weights, res.topk_indices = flat(self.tk_w), flat(self.tk_i)
             if self.rows is not None:
                 res.weights, res.rows = flat(self.wrows), self.rows
-            res.received_from, res.pooled = flat(self.rf), flat(self.pooled)
+            res.received_from, res.pooled, res.weights_at = flat(self.rf), flat(self.pooled), flat(self.wat)
             res.sink_weight = flat(self.sinkw)
         return flat(self.out).to(self.inp.q.dtype), lse, res
 
@@ -433,8 +468,9 @@ def forward(inp: AttnInputs, rows_per_chunk: int):
     ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_t and not native else None
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
         ch = _Chunk(inp, qs, kc, i0, min(Nq, i0 + rows_per_chunk), sbuf, check)
-        if ch.nk == 0:
-            continue  # no query in this chunk sees a key: zeros, lse -inf
+        if ch.nk == 0:  # no query in this chunk sees a key: zeros, lse -inf (or the sink's)
+            outs.write_keyless(ch)
+            continue
         bad = vis = None
         if check:  # rows with a non-finite visible score (NaN after _Chunk's marking)
             bad = torch.isnan(ch.s).any(dim=-1, keepdim=True)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_inputs, reference
+from conftest import assert_close, make_inputs, np64, reference
 
 import attnlens as al
 from attnlens.reference import reference_attention, reference_lens
@@ -384,3 +384,68 @@ def test_entropy_with_sinks_and_huge_negative_scores_is_finite(scores, torch_pat
     for sink in (0.0, fill / 2):
         res, ref = _against_reference(q, k, v, al.Lens(), mask=mask, sinks=torch.tensor([sink]))
         assert torch.isfinite(res.entropy).all()
+
+
+def _huge_rows(dtype=torch.float32):
+    """q = 0 (scores = the float mask, exactly): row 0 all -1e30, row 1 all finfo.min (Hugging Face's padding), row 2
+    -1e6 + [0, 0.5, 1] (fp32 cannot hold m + log l there: 0.0625 apart), row 3 ordinary. Each row's lse rounds away
+    some or all of log l."""
+    fmin = torch.finfo(dtype).min
+    mask = torch.tensor([[-1e30] * 3, [fmin] * 3, [-1e6, -1e6 + 0.5, -1e6 + 1.0], [0.1, -0.3, 0.2]], dtype=dtype)
+    q, k = torch.zeros(1, 2, 4, 2, dtype=dtype), torch.zeros(1, 1, 3, 2, dtype=dtype)
+    v = torch.tensor([[[[1.0, 0.0], [2.0, -1.0], [4.0, 3.0]]]], dtype=dtype)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("sinks", [None, "finite", "huge"])
+def test_rows_of_huge_finite_scores_rebuild_exact_weights(sinks, torch_path):
+    """Item 2: ``lse = m + log l`` rounds to ``m`` when |m| is ~1e30 in fp32, so weights rebuilt as ``exp(s - lse)``
+    were l times too large: weights_at [1, 1, 1] for [1/3, 1/3, 1/3], dv 3x too large. The pass gathers weights_at
+    from its own weights; the backward and the column sums rebuild the row's own weights where lse is its own."""
+    from attnlens.reference import reference_attention, reference_backward
+
+    q, k, v, mask = _huge_rows()
+    sk = {None: None, "finite": torch.tensor([0.5, -2.0]), "huge": torch.tensor([-1e30, -3e38])}[sinks]
+    at = torch.tensor([0, 1, 2])
+    res, ref = _against_reference(q, k, v, al.Lens(at=at, received_from=torch.ones(4, 1)), mask=mask, sinks=sk)
+    if sinks is None:
+        assert torch.allclose(res.weights_at[0, 0, :2], torch.full((2, 3), 1 / 3))
+    # backward against the float64 oracle on the dense weights of the same (fp32-exact) inputs
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    sg = None if sk is None else sk.clone().requires_grad_()
+    dout = torch.tensor(np.random.default_rng(0).standard_normal((1, 2, 4, 2)), dtype=torch.float32)
+    out = al.attention(qg, kg, vg, mask=mask, sinks=sg, backend="torch")
+    out.backward(dout)
+    _, w, _ = reference_attention(*(np64(t) for t in (q, k, v)), mask=np64(mask)[None, None], scale=2 ** -0.5,
+                                  sinks=None if sk is None else np64(sk))
+    grads = reference_backward(*(np64(t) for t in (q, k, v)), w, np64(dout), scale=2 ** -0.5)
+    for name, g, r in zip("qkv", (qg.grad, kg.grad, vg.grad), grads):
+        _same(g, r, f"d{name}", 1e-5)
+    # the column sums from the pass's lse (what received_from and ring attention use)
+    from attnlens._inputs import validate
+    from attnlens.dispatch import get
+
+    inp = validate(q, k, v, mask=mask, sinks=sk, lens=True)
+    for name in ("torch", "reference"):
+        cs = get(name).column_sums(inp, res.lse)
+        _same(cs, w.sum(-2), f"{name} column_sums", 1e-5)
+        _same(get(name).column_sums(inp, res.lse, torch.ones(1, 1, 4, 1))[..., 0], w.sum(-2), f"{name} Pᵀ W", 1e-5)
+
+
+def test_column_sums_with_a_global_lse_keep_exp_s_minus_lse(torch_path):
+    """The own-row rebuild must not touch a row whose lse is global (ring attention, split-KV: the row also sees other
+    blocks' keys): a block's column sums are its share of the row, exp(s - lse), not renormalised to 1."""
+    from attnlens._inputs import validate
+    from attnlens.dispatch import get
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.tensor([-3000.0, -3000.5, -2999.75, -3001.0, -3000.25, -2999.5])  # |lse| · eps > 2**-12: rebuilt
+    mask = (base + torch.zeros(5, 1)).contiguous()
+    q, k, v = torch.zeros(1, 1, 5, 4), torch.randn(1, 1, 6, 4, generator=g), torch.randn(1, 1, 6, 3, generator=g)
+    lse = al.attention(q, k, v, mask=mask, backend="reference", lens=al.Lens())[1].lse  # over all 6 keys
+    r_out, ref = al.attention(q, k, v, mask=mask, backend="reference", lens=al.Lens(rows="all"))
+    for a, b in ((0, 3), (3, 6)):
+        inp = validate(q, k[:, :, a:b], v[:, :, a:b], mask=mask[:, a:b], offset=0, lens=True)
+        for name in ("torch", "reference"):
+            cs = get(name).column_sums(inp, lse)
+            _same(cs, ref.weights.sum(-2)[..., a:b], f"{name} block [{a}, {b})", 3e-4)

@@ -61,8 +61,9 @@ def requested_fields(inp: AttnInputs) -> list[str]:
 def finish_lens(backend: "Backend", inp: AttnInputs, lse, res):
     """Fill the fields of ``res`` the backend's own pass did not, from the block primitives and the pass's ``lse``:
 
-    - ``weights_at`` = ``exp(s_i,idx - lse_i)`` from `attnlens._scores.pair_weights` (every backend: one path,
-      O(Nq · m), exact);
+    - ``weights_at`` = ``exp(s_i,idx - lse_i)`` from `attnlens._scores.pair_weights` (O(Nq · m); exact to the
+      rounding of the lse, which loses ``log l`` for rows of scores near -1e30 in fp32: the reference and torch
+      backends gather it from their own weights instead);
     - ``received_from`` = ``backend.column_sums(inp, lse, W)`` (``Pᵀ W``);
     - ``pooled`` = block sums of ``P`` through ``column_sums`` with ``W`` = one-hot of the query blocks, summed
       over key blocks (`pooled_from_columns`). Linear memory, exact.

@@ -70,9 +70,15 @@ class ReferenceBackend(Backend):
 
 
 def _weights(inp: AttnInputs, lse):
-    """``exp(s - lse)`` in float64 from the call's scores and a given ``lse`` (0 where lse = -inf)."""
+    """``exp(s - lse)`` in float64 from the call's scores and a given ``lse`` (0 where lse = -inf): the call's own
+    weights ``w · exp(own - lse)``, and exactly ``w`` where ``lse`` is the row's own log-sum-exp rounded to the
+    statistics dtype (``|own - lse| <= eps · (|lse| / 2 + 1)``, the torch backend's rule): a rounded lse loses
+    ``log l`` when fp32 cannot hold ``m + log l`` (scores near -1e30), which ``exp(s - lse)`` would turn into weights
+    l times too large."""
     _, w, own = _dense(inp)
     lse = _np64(lse)
+    eps = float(np.finfo(np.float32 if stat_dtype(inp.q.dtype) == torch.float32 else np.float64).eps)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         scale = np.where(np.isneginf(lse), 0.0, np.exp(own - np.where(np.isneginf(lse), 0.0, lse)))
-    return w * np.where(np.isneginf(own), 0.0, scale)[..., None]
+        rounded = np.isfinite(lse) & (np.abs(own - lse) <= eps * (0.5 * np.abs(lse) + 1.0))
+    return w * np.where(np.isneginf(own), 0.0, np.where(rounded, 1.0, scale))[..., None]

@@ -27,7 +27,9 @@ lens field (its weights NaN at its visible keys only).
 Memory is O(chunk · Nk): the chunk is sized so its few score buffers fit in ``chunk_bytes``
 (`TorchChunkedBackend(chunk_bytes=...)`, default `CHUNK_BYTES`). Keys that no query of a chunk
 may see (causal, window, offset) are skipped, not masked. The backward pass and the column sums
-recompute each chunk's weights from a given ``lse``.
+recompute each chunk's weights from a given ``lse`` as ``exp(s - lse)``, and, in calls with rows of huge
+|lse| (scores near -1e30 or finfo.min, where fp32 rounds ``m + log l`` to ``m``), as the row's own weights
+``exp(s - lse) / r`` wherever ``lse`` is the row's own, rounded (`_own_row_factors`).
 """
 from __future__ import annotations
 
@@ -491,10 +493,56 @@ def _lse_inf(lse, B, Hkv, G, Nq, cdt):
     return torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
 
 
+#: rows whose |lse| exceeds this many ulps of 1 (``|lse| · eps``: 2**-12 is |lse| >= 512 in float32, 2**40 in float64)
+#: have their weights rebuilt by `_own_row_factors`: below it the lse's rounding moves a weight by at most 2**-13
+#: relative, like the scores' own rounding at that size; above it ``exp(s - lse)`` drifts from the pass's weights
+#: (by a factor l once fp32 cannot hold ``m + log l``: scores near -1e30 or finfo.min). Calls without such rows skip
+#: the extra row sum.
+LSE_RENORM_ULPS = 2.0 ** -12
+
+
+def _needs_own_rows(lse) -> bool:
+    """Whether some finite row of ``lse`` is large enough for `_own_row_factors` (one reduction, once per call)."""
+    eps = torch.finfo(lse.dtype).eps
+    return bool((torch.isfinite(lse) & (lse.abs() * eps > LSE_RENORM_ULPS)).any())
+
+
+def _own_row_factors(p, lse_c, sinks):
+    """Row factors ``f (B, Hkv, G·c, 1)`` that make ``f · p`` the pass's own weights where ``lse`` is the row's own
+    log-sum-exp, for ``p = exp(s - lse)`` over the chunk's keys (all of the row's keys in the block).
+
+    ``lse = m + log l`` is rounded to the statistics dtype; where it is the row's own, the row's weights (sink
+    included) sum to ``r = 1`` up to that rounding, and ``p / r`` is ``e / l`` exactly — also when fp32 keeps none
+    of ``log l`` (``lse`` = m for scores near -1e30: ``p`` sums to l). A row is taken as its own where
+    ``|log r| <= eps · (|lse| / 2 + 1)`` (half an ulp of lse, plus the sums' rounding); elsewhere (the global lse of a
+    row that also sees other blocks' keys, dead and NaN rows) ``f = 1``: ``exp(s - lse)`` as given."""
+    r = p.sum(-1, keepdim=True)
+    if sinks is not None:
+        r = r + torch.exp(sinks - lse_c)  # 0 for a dead row (lse read as +inf) or a -inf sink
+    eps = torch.finfo(p.dtype).eps
+    own = torch.isfinite(lse_c) & (r > 0) & (r.log().abs() <= eps * (0.5 * lse_c.abs() + 1.0))
+    return torch.where(own, 1.0 / r, torch.ones((), dtype=p.dtype, device=p.device))
+
+
+def _chunk_weights(inp: AttnInputs, ch: _Chunk, lse5, own: bool):
+    """``p = exp(s - lse)`` of the chunk's rows in place on its scores ``(B, Hkv, G·c, nk)``, and `_own_row_factors`
+    (or None when ``own`` is False: the call has no row that needs them): the weights are ``f · p``."""
+    B, Hkv, G = lse5.shape[:3]
+    lse_c = lse5[:, :, :, ch.i0:ch.i1].reshape(B, Hkv, G * ch.c, 1)
+    p = ch.s.sub_(lse_c).exp_()
+    if not own:
+        return p, None
+    sk = None
+    if inp.sinks is not None:
+        sk = inp.sinks.detach().to(p.dtype).reshape(-1, Hkv, G, 1, 1).expand(B, Hkv, G, ch.c, 1).reshape(
+            B, Hkv, G * ch.c, 1)
+    return p, _own_row_factors(p, lse_c, sk)
+
+
 def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, dsinks=None) -> None:
     """Add the gradients into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` (any float
-    dtype, strided views allowed), and ``dsinks`` (`add_sink_grad`), recomputing each chunk's weights from ``lse``;
-    O(chunk · Nk) memory."""
+    dtype, strided views allowed), and ``dsinks`` (`add_sink_grad`), recomputing each chunk's weights from ``lse``
+    (`_chunk_weights`); O(chunk · Nk) memory."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     G = Hq // Hkv
     cdt, qs, kc, vc = _prepare(inp)
@@ -503,6 +551,7 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
     # Σ_j p_ij dp_ij = rowsum(dO ∘ O), (B, Hkv, G, Nq), as a batched dot product (no (Nq, Dv) temporary)
     di = torch.einsum("...d,...d->...", do, out.to(cdt).reshape(B, Hkv, G, Nq, Dv))
     lse5 = _lse_inf(lse, B, Hkv, G, Nq, cdt)
+    own = _needs_own_rows(lse.to(cdt))
     dq5 = dq.unflatten(1, (Hkv, G))  # (B, Hkv, G, Nq, D), a view
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # score / weight workspace reused by every chunk
@@ -513,11 +562,11 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
         if ch.nk == 0:
             continue
         c, lo, hi = ch.c, ch.lo, ch.hi
-        p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).exp_()  # (B, Hkv, G·c, nk)
+        p, f = _chunk_weights(inp, ch, lse5, own)  # the weights are f · p: f scales rows of the small operands
         do_c = do[:, :, :, i0:i1].reshape(B, Hkv, G * c, Dv)
         keep = _dropout_keep(inp, ci, p.shape, cdt) if inp.dropout_p > 0 else None
         pd = p * keep if keep is not None else p
-        dv[:, :, lo:hi] += torch.matmul(pd.transpose(-1, -2), do_c)
+        dv[:, :, lo:hi] += torch.matmul(pd.transpose(-1, -2), do_c if f is None else do_c * f)
         del pd
         dp = torch.matmul(do_c, vc[:, :, lo:hi].transpose(-1, -2), out=dpbuf[: p.numel()].view(p.shape))
         if keep is not None:
@@ -525,8 +574,9 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
         ds = dp.sub_(di[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).mul_(p)  # p ∘ (dp - di)
         if ch.dcap is not None:
             ds.mul_(ch.dcap)  # through c·tanh(s/c)
-        dq5[:, :, :, i0:i1] += torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale).view(B, Hkv, G, c, D)
-        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc)
+        dqc = torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale)
+        dq5[:, :, :, i0:i1] += (dqc if f is None else dqc.mul_(f)).view(B, Hkv, G, c, D)
+        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc if f is None else ch.qc * f)
     add_sink_grad(inp, out, lse, dout, dsinks)
 
 
@@ -548,17 +598,19 @@ def column_sums(inp: AttnInputs, lse, weights, rows_per_chunk: int):
         T = weights.shape[-1]
         w5 = weights.to(cdt).expand(B, Hq, Nq, T).reshape(B, Hkv, G, Nq, T)
     rec = torch.zeros((B, Hkv, G, Nk) + (() if w5 is None else (w5.shape[-1],)), dtype=cdt, device=qs.device)
+    own = _needs_own_rows(lse.to(cdt))
     for i0 in range(0, Nq, rows_per_chunk):
         i1 = min(Nq, i0 + rows_per_chunk)
         ch = _Chunk(inp, qs, kc, i0, i1)
         if ch.nk == 0:
             continue
-        p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * ch.c, 1)).exp_()  # (B, Hkv, G·c, nk)
+        p, f = _chunk_weights(inp, ch, lse5, own)  # (B, Hkv, G·c, nk): the weights are f · p
         p5 = p.view(B, Hkv, G, ch.c, ch.nk)
         if w5 is None:
-            rec[..., ch.lo:ch.hi] += p5.sum(-2)
+            rec[..., ch.lo:ch.hi] += p5.sum(-2) if f is None else (f.view(B, Hkv, G, 1, ch.c) @ p5)[..., 0, :]
         else:
-            rec[..., ch.lo:ch.hi, :] += _pt_w(p5, w5[:, :, :, i0:i1])
+            wc = w5[:, :, :, i0:i1]
+            rec[..., ch.lo:ch.hi, :] += _pt_w(p5, wc if f is None else wc * f.view(B, Hkv, G, ch.c, 1))
     return rec.reshape(B, Hq, *rec.shape[3:])
 
 

@@ -239,6 +239,42 @@ def test_bad_input_gets_a_clear_error(rng, kw, err, match):
         al.attention(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("softcap", [1e-300, 1e-39, 1e38, 1e39])
+def test_softcap_beyond_float32_is_refused_naming_it(rng, softcap):
+    """Issue 24 item 5: fp32 turned 1/softcap into inf (a RuntimeError that did not name softcap, at 1e-300) or
+    softcap into inf (all-NaN output, silently, at 1e39)."""
+    q, k, v = make_inputs(1, 2, 2, 5, 5, 8, rng=rng)
+    for backend in ("auto", "torch", "reference"):
+        with pytest.raises(ValueError, match=r"softcap=.* is outside what float32 computes.*<= softcap <="):
+            al.attention(q, k, v, softcap=softcap, backend=backend)
+
+
+@pytest.mark.parametrize("dtype, softcap", [(torch.float32, 1.2e-38), (torch.float32, 8.5e37), (torch.float32, 1e-20),
+                                            (torch.float32, 1e30), (torch.float64, 1e-300), (torch.float64, 1e300)])
+def test_softcap_at_the_ends_of_its_range_is_exact(rng, dtype, softcap):
+    """The accepted extremes compute c·tanh(s/c) to the dtype's precision (≈ c·sign(s) for a tiny cap, s for a huge
+    one), forward and backward, as the float64 oracle."""
+    q, k, v = make_inputs(1, 2, 1, 6, 7, 8, dtype=dtype, rng=rng, requires_grad=True)
+    out, res = al.attention(q, k, v, causal=True, softcap=softcap, backend="torch", lens=al.Lens(topk=2))
+    out.sum().backward()
+    r_out, w, lse = reference_attention(*(np64(t) for t in (q, k, v)), causal=True, softcap=softcap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(out, r_out, atol=tol, what="out")
+    assert_close(res.lse, lse, atol=tol, rtol=tol, what="lse")
+    from attnlens.reference import reference_backward
+
+    grads = reference_backward(*(np64(t) for t in (q, k, v)), w, np.ones(out.shape), softcap=softcap)
+    for name, g, r in zip("qkv", (q.grad, k.grad, v.grad), grads):
+        assert_close(g, r, atol=tol * 10, what=f"d{name}")
+
+
+def test_softcap_zero_says_use_none(rng):
+    """Issue 24 item 11: FlashAttention spells 'no softcap' 0.0; attnlens keeps None and says so."""
+    q, k, v = make_inputs(1, 2, 2, 5, 5, 8, rng=rng)
+    with pytest.raises(ValueError, match=r"use None for no soft-capping; FlashAttention's softcap=0.0"):
+        al.attention(q, k, v, softcap=0.0)
+
+
 def test_module_options(rng):
     from attnlens.nn import MultiHeadAttention, capture
 

@@ -150,14 +150,25 @@ def check_offset(offset, nq: int, nk: int) -> int:
 MAX_OFFSET = 2**53
 
 
-def check_softcap(softcap) -> Optional[float]:
-    """``None`` or a finite real ``c > 0``, else a TypeError/ValueError naming ``softcap``."""
+def check_softcap(softcap, dtype: Optional[torch.dtype] = None) -> Optional[float]:
+    """``None`` or a finite real ``c > 0``, else a TypeError/ValueError naming ``softcap``. With the compute ``dtype``
+    (`stat_dtype` of the inputs), also ``finfo.tiny <= c <= 1 / finfo.tiny``: ``c`` and ``1/c`` are then normal
+    numbers of it, so ``c·tanh(s/c)`` is computed to its precision (outside, fp32 turns ``1/c`` or ``c`` into inf or
+    0: an error or all-NaN output)."""
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a finite real number > 0 or None, got {type(softcap).__name__} {softcap!r}")
     if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite real number > 0 (scores become c·tanh(s/c)), got {softcap}")
+        off = " (use None for no soft-capping; FlashAttention's softcap=0.0)" if softcap == 0 else ""
+        raise ValueError(f"softcap must be a finite real number > 0 (scores become c·tanh(s/c)){off}, got {softcap}")
+    if dtype is not None:
+        tiny = torch.finfo(dtype).tiny
+        if not tiny <= softcap <= 1.0 / tiny:
+            name = str(dtype).replace("torch.", "")
+            raise ValueError(f"softcap={softcap} is outside what {name} computes (scores are computed in {name} for "
+                             f"these inputs): expected {tiny:.3g} <= softcap <= {1.0 / tiny:.3g}, where softcap and "
+                             f"1/softcap are normal {name} numbers")
     return float(softcap)
 
 
@@ -196,7 +207,7 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     dropout_p = check_dropout(dropout_p)
     offset = check_offset(offset, Nq, Nk)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    softcap = check_softcap(softcap)
+    softcap = check_softcap(softcap, stat_dtype(q4.dtype))
     sinks, alibi_slopes = _check_per_head(sinks, alibi_slopes, numpy_io, q4, B, Hq)
     lens = Lens.coerce(lens)
     rows = rf = at = None

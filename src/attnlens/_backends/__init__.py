@@ -84,8 +84,10 @@ POOL_COLUMNS = 32
 
 
 def block_sums(x: torch.Tensor, b: int, dim: int) -> torch.Tensor:
-    """Sums of ``x`` over consecutive blocks of ``b`` along ``dim`` (the last block may be shorter)."""
+    """Sums of ``x`` over consecutive blocks of ``b`` along ``dim`` (the last block may be shorter). A block longer
+    than the dim is one block of all of it (no padding to ``b``: ``Lens(pool=(1, 2**40))`` is the row sums)."""
     n = x.shape[dim]
+    b = max(1, min(b, n))
     nb = -(-n // b)
     x = x.movedim(dim, -1)
     if nb * b != n:

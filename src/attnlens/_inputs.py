@@ -250,8 +250,8 @@ def _check_qkv(q, k, v):
         raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree on all but the last dim (layout {layout})")
     if Bk != B:
         raise ValueError(f"batch sizes disagree: q{tuple(q.shape)} has B={B}, k{tuple(k.shape)} has B={Bk}")
-    if Hkv == 0 or Nq == 0 or Nk == 0 or D == 0:
-        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query, key and feature), got "
+    if Hkv == 0 or Nq == 0 or D == 0:  # Nk = 0 is an empty key set: every query sees no key (a no-op merge part)
+        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query and feature), got "
                          f"{shapes} (layout {layout})")
     if Hq % Hkv != 0:
         raise ValueError(f"query heads must be a multiple of key/value heads (grouped-query attention): "
@@ -296,8 +296,6 @@ def _check_per_head(sinks, alibi_slopes, numpy_io: bool, q4: torch.Tensor, B: in
 def _check_lens(lens: Lens, numpy_io: bool, q4: torch.Tensor, Nk: int, rank: int):
     """``(rows, received_from, at)`` of a `Lens`, checked against the call's shapes."""
     B, Hq, Nq, _ = q4.shape
-    if lens.topk > Nk:
-        raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys Nk={Nk}")
     rows = lens.resolve_rows(Nq)
     rf = _lens_array(lens.received_from, "received_from", numpy_io, q4, (B, Hq, Nq), rank)
     at = _lens_array(lens.at, "at", numpy_io, q4, (B, Hq, Nq), rank)

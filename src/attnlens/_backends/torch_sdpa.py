@@ -37,6 +37,8 @@ class SdpaBackend(Backend):
         B, Hq, Hkv, *_ = inp.shape
         if Hq != Hkv and not _HAS_GQA:
             out.append("grouped-query attention needs torch >= 2.5 (enable_gqa)")
+        if inp.shape[4] == 0:
+            out.append("Nk = 0 (an empty key set; backend='torch' gives every row output 0, lse -inf)")
         if not reasons and not out and not inp.all_finite:
             out.append("q, k or v holds NaN/inf: the fused kernel may zero such rows or spread them to rows "
                        "that give them weight 0")

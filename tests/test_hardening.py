@@ -449,3 +449,57 @@ def test_column_sums_with_a_global_lse_keep_exp_s_minus_lse(torch_path):
         for name in ("torch", "reference"):
             cs = get(name).column_sums(inp, lse)
             _same(cs, ref.weights.sum(-2)[..., a:b], f"{name} block [{a}, {b})", 3e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# item 8: N²-sized requests are sized from the shapes and refused before any work, naming the field and the size
+
+N_BIG = 100_000
+
+
+@pytest.mark.parametrize("ask, field", [
+    (dict(rows="all"), "weights"), (dict(pool=1), "pooled"), (dict(topk=N_BIG), "topk"),
+    (dict(at=torch.arange(N_BIG)), "weights_at"), (dict(received_from=torch.ones(1).expand(N_BIG, N_BIG)), "received_from"),
+    (dict(rows=range(0, N_BIG, 2), pool=(1, 2)), r"weights .* 20 GB.*pooled .* 20 GB")])
+def test_quadratic_lens_requests_are_refused_up_front(ask, field):
+    """At N = 100k these failed in PyTorch's allocator (Lens(at=arange(N)) after 184 s of work)."""
+    q = torch.zeros(1, 1, N_BIG, 8)
+    with pytest.raises(ValueError, match=rf"the lens asks for \d+ GB \({field}.*above Lens.max_bytes = 8.59 GB.*"
+                                         rf"max_bytes=None"):
+        al.attention(q, q, q, causal=True, lens=al.Lens(**ask))
+
+
+def test_lens_max_bytes_is_a_per_call_limit(rng):
+    q, k, v = make_inputs(1, 2, 1, 40, 50, 4, dtype=torch.float64, rng=rng)  # weights: 2 · 40 · 50 · 8 = 32,000 B
+    with pytest.raises(ValueError, match=r"weights \(1, 2, 40, 50\) float64 3.2e-05 GB.*above Lens.max_bytes = 3.1e-05"):
+        al.attention(q, k, v, lens=al.Lens(rows="all", max_bytes=31_000))
+    for mb in (32_000, None):
+        _, res = al.attention(q, k, v, lens=al.Lens(rows="all", max_bytes=mb))
+        assert res.weights.shape == (1, 2, 40, 50)
+    with pytest.raises(ValueError, match=r"topk \(1, 2, 40, 3\) float64 \+ int64"):  # 16 bytes a slot
+        al.attention(q, k, v, lens=al.Lens(topk=3, max_bytes=2 * 40 * 3 * 16 - 1))
+    with pytest.raises(TypeError, match="Lens.max_bytes must be an int >= 0 or None"):
+        al.Lens(max_bytes=1.5)
+    assert repr(al.Lens(rows="all", max_bytes=None)) == "Lens(rows='all', max_bytes=None)"
+
+
+def test_named_sdpa_refuses_a_dense_band_mask_beyond_its_limit():
+    from attnlens._inputs import validate
+
+    q = torch.zeros(1, 1, N_BIG, 8)
+    with pytest.raises(ValueError, match=r"window=\(64, 0\) needs a dense \(Nq, Nk\) mask of 10 GB here, above its "
+                                         r"max_mask_bytes = 8.59 GB: use backend='torch'.*max_mask_bytes=None"):
+        al.attention(q, q, q, window=(64, 0), backend="sdpa")
+    inp = validate(q, q, q, window=(64, 0))
+    assert al.SdpaBackend(max_mask_bytes=None).not_supported_reasons(inp) == []
+    assert al.SdpaBackend().not_supported_reasons(validate(q, q, q, causal=True, offset=0)) == []  # no mask: linear
+    with pytest.raises(ValueError, match="max_mask_bytes must be an int >= 0 or None"):
+        al.SdpaBackend(max_mask_bytes=-1)
+
+
+@pytest.mark.parametrize("name", ["received_from", "at"])
+def test_meta_lens_arrays_are_a_value_error(name, rng):
+    q, k, v = _qkv(rng)
+    a = torch.ones(5, 1, device="meta") if name == "received_from" else torch.zeros(3, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match=rf"Lens.{name} is a meta tensor of shape"):
+        al.attention(q, k, v, lens=al.Lens(**{name: a}))

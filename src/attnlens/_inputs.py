@@ -302,7 +302,44 @@ def _check_lens(lens: Lens, numpy_io: bool, q4: torch.Tensor, Nk: int, rank: int
     if at is not None and at.numel() and (int(at.min()) < -1 or int(at.max()) >= Nk):
         raise ValueError(f"Lens.at: key indices must lie in [0, Nk={Nk}) or be -1 (none), got values in "
                          f"[{int(at.min())}, {int(at.max())}]")
+    _check_lens_bytes(lens, lens_nbytes(lens, q4.shape, Nk, stat_dtype(q4.dtype), rows, rf, at))
     return rows, rf, at
+
+
+def lens_nbytes(lens: Lens, qshape: tuple, Nk: int, dtype: torch.dtype, rows, rf, at) -> dict:
+    """Bytes of the lens fields of one call that can grow as Nq · Nk, ``{field: (bytes, shape and dtype)}``:
+    ``weights``, top-k (weights and int64 indices), ``pooled``, ``weights_at``, ``received_from`` (in ``dtype``, the
+    statistics dtype), for q of ``qshape (B, Hq, Nq, D)``; fields not asked for are left out."""
+    B, Hq, Nq, _ = qshape
+    isz = torch.finfo(dtype).bits // 8
+    name = str(dtype).replace("torch.", "")
+    out = {}
+
+    def add(field, shape, per):
+        out[field] = (math.prod(shape) * per, f"{tuple(shape)} {name}" + (" + int64" if per > isz else ""))
+
+    if rows is not None:
+        add("weights", (B, Hq, len(rows), Nk), isz)
+    if lens.topk:
+        add("topk", (B, Hq, Nq, lens.topk), isz + 8)
+    if lens.pool is not None:
+        add("pooled", (B, Hq, -(-Nq // lens.pool[0]), -(-Nk // lens.pool[1])), isz)
+    if at is not None:
+        add("weights_at", (B, Hq, Nq, at.shape[-1]), isz)
+    if rf is not None:
+        add("received_from", (B, Hq, Nk, rf.shape[-1]), isz)
+    return out
+
+
+def _check_lens_bytes(lens: Lens, sizes: dict) -> None:
+    """A ValueError naming every field and its size when they exceed ``lens.max_bytes`` together."""
+    total = sum(n for n, _ in sizes.values())
+    if lens.max_bytes is None or total <= lens.max_bytes:
+        return
+    what = ", ".join(f"{f} {shape} {n / 1e9:.3g} GB" for f, (n, shape) in sorted(sizes.items(), key=lambda x: -x[1][0]))
+    raise ValueError(f"the lens asks for {total / 1e9:.3g} GB ({what}), above Lens.max_bytes = {lens.max_bytes / 1e9:.3g} "
+                     f"GB; ask for fewer rows, keys or larger pool blocks, or allow it with Lens(..., max_bytes=None) "
+                     f"or a larger limit")
 
 
 def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, rank: int):
@@ -313,6 +350,9 @@ def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, ran
     if isinstance(a, np.ndarray) != numpy_io:
         raise TypeError(f"Lens.{name} must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), "
                         f"got {type(a).__name__}")
+    if isinstance(a, torch.Tensor) and a.is_meta:
+        raise ValueError(f"Lens.{name} is a meta tensor of shape {tuple(a.shape)} (no data); pass a tensor with values "
+                         f"(on q's device {q4.device})")
     t = _from_numpy(a) if isinstance(a, np.ndarray) else a.detach()
     if name == "received_from":
         t = t.to(device=q4.device, dtype=stat_dtype(q4.dtype))

@@ -44,8 +44,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             A query with ``i + offset < 0`` sees no key (output 0); with the default offset these are
             the first ``Nq - Nk`` queries.
         window: sliding window ``(left, right)``: query i, at key position ``p = i + offset``,
-            sees keys ``p - left <= j <= p + right``; ``None`` on a side = unbounded; an int w
-            = ``(w, w)``. Combines with ``causal`` (then ``right`` is 0) and with ``mask``.
+            sees keys ``p - left <= j <= p + right``; ``None`` on a side = unbounded (FlashAttention
+            writes -1 there; attnlens refuses negative sides and says so); an int w = ``(w, w)``.
+            Combines with ``causal`` (then ``right`` is 0) and with ``mask``.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
 
             The scores are formed in this order: ``s = (q_i · k_j) · scale``; ``softcap``; ``alibi_slopes``;
@@ -74,6 +75,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             gradient when it requires one (it is a trained parameter).
         alibi_slopes: ALiBi (BLOOM, MPT): slopes ``(Hq,)`` or ``(B, Hq)``; the score of query i on key j
             gets ``- slope · |i + offset - j|`` (FlashAttention's convention; ``offset`` as below). No gradient.
+            One difference on purpose: with ``causal``, FlashAttention's reference adds ``slope · (j - Nk + 1)``
+            instead, a constant per row away from this one (for the default offset), so the weights, output and
+            gradients are the same and only the lse differs: attnlens's is larger by ``slope · (Nq - 1 - i)``.
+            The distance form holds for any offset and window and does not depend on Nk (split-KV blocks).
         dropout_p: probability of dropping a weight (kept weights scaled by ``1/(1-p)``), in
             ``[0, 1)``. Applied whenever ``dropout_p > 0``, as in PyTorch's functional form
             (pass 0.0 at evaluation). The lens describes the weights before dropout.

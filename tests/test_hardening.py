@@ -503,3 +503,13 @@ def test_meta_lens_arrays_are_a_value_error(name, rng):
     a = torch.ones(5, 1, device="meta") if name == "received_from" else torch.zeros(3, dtype=torch.int64, device="meta")
     with pytest.raises(ValueError, match=rf"Lens.{name} is a meta tensor of shape"):
         al.attention(q, k, v, lens=al.Lens(**{name: a}))
+
+
+def test_entropy_of_a_keyless_row_with_a_very_negative_sink_is_zero(torch_path):
+    """Found by the extended fuzz: a row that sees no key in a chunk that does, with a sink below -88: the keys'
+    rescale exp(0 - σ) overflowed to inf and inf · 0 made the entropy NaN (it is 0: all weight on the sink)."""
+    q, k, v = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 3)
+    mask = torch.tensor([[False] * 5, [True] * 5])  # row 0 sees no key, row 1 every key
+    for sink in (-1e4, -100.0, -3e38):
+        res, _ = _against_reference(q, k, v, al.Lens(topk=2), mask=mask, sinks=torch.tensor([sink]))
+        assert res.entropy[0, 0, 0] == 0 and res.sink_weight[0, 0, 0] == 1

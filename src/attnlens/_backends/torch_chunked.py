@@ -290,10 +290,10 @@ class _Outputs:
         if self.sinks is not None:  # one more entry per row, logit σ, no value
             sk = self.sinks.expand(-1, Hkv, G, c, 1).reshape(-1, Hkv, G * c, 1)
             m2 = torch.where((l == 0) & (sk > float("-inf")), sk, torch.maximum(m, sk))  # no key: exactly 1 on σ
-            a, es = torch.exp(m - m2), torch.exp(sk - m2)  # es = 0 for σ = -inf
+            # rows that see no key: their keys' weights stay 0 (exp(m - m2) may be inf there: m = 0, σ < -88)
+            a, es = torch.where(l == 0, zero, torch.exp(m - m2)), torch.exp(sk - m2)  # es = 0 for σ = -inf
             if t is not None:  # a = 0: the keys' term is 0 (l·(m - m2) may overflow to -inf there, and 0·-inf = NaN)
                 t = torch.where(a > 0, a * (t + l * (m - m2)), zero) + torch.where(es > 0, es * (sk - m2), zero)
-            a = torch.where(l == 0, zero, a)  # rows that see no key: their keys' weights stay 0
             l, m = l * a + es, m2
         inv = torch.where(l == 0, zero, 1.0 / l)  # 1/l, 0 for dead rows
         rl = inv if a is None else a * inv  # the keys' weights are rl · e

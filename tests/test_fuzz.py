@@ -67,7 +67,8 @@ def oracle(q, k, v, mask, causal, window, scale, offset, sinks):
     if mask is not None and mask.dtype == bool:
         vis &= mask
     elif mask is not None:
-        s = s + mask
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, visible where the mask is not -inf
+            s = s + mask
         vis &= ~np.isneginf(mask)  # NaN in a float mask is visible
     bad = (vis & ~np.isfinite(s)).any(-1, keepdims=True)
     s = np.where(vis & ~bad, s, -np.inf)

@@ -107,11 +107,11 @@ def reference_lens(weights, lse, topk=0, rows=None, sinks=None, received_from=No
         with np.errstate(invalid="ignore", over="ignore"):
             sk = np.broadcast_to(np.asarray(sinks, np.float64), lse.shape[:2])[..., None]
             sw = np.where(np.isneginf(lse), 0.0, np.exp(sk - np.where(np.isneginf(lse), 0.0, lse)))
-            # the keys' weights and the sink's sum to 1; where exp(sink - lse) says otherwise, the lse has lost
-            # log l to rounding (scores beyond ~1e16, where m + log l rounds to m even in float64): 1 - Σ w then
+            # the keys' weights and the sink's sum to 1: 1 - Σ w is exact to n ulps of 1, exp(sink - lse) to
+            # |lse| ulps of sw (the lse's rounding: all of log l is lost beyond ~1e16); take the closer one
             rest = 1.0 - w.sum(axis=-1)
-            lost = np.isfinite(sk) & np.isfinite(lse) & (np.abs(sw - rest) > np.sqrt(np.finfo(np.float64).eps))
-            sw = np.where(lost, np.clip(rest, 0.0, 1.0), sw)
+            closer = np.isfinite(sk) & np.isfinite(lse) & (sw * np.abs(lse) > w.shape[-1] + 1)
+            sw = np.where(closer, np.clip(rest, 0.0, 1.0), sw)
         full = np.concatenate([w, sw[..., None]], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(full > 0, full * np.log(full), 0.0)

@@ -493,7 +493,7 @@ def _lse_inf(lse, B, Hkv, G, Nq, cdt):
     return torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
 
 
-#: rows whose |lse| exceeds this many ulps of 1 (``|lse| · eps``: 2**-12 is |lse| >= 512 in float32, 2**40 in float64)
+#: rows whose |lse| exceeds this many ulps of 1 (``|lse| · eps``: 2**-12 is |lse| > 2**11 in float32, 2**40 in float64)
 #: have their weights rebuilt by `_own_row_factors`: below it the lse's rounding moves a weight by at most 2**-13
 #: relative, like the scores' own rounding at that size; above it ``exp(s - lse)`` drifts from the pass's weights
 #: (by a factor l once fp32 cannot hold ``m + log l``: scores near -1e30 or finfo.min). Calls without such rows skip

@@ -421,6 +421,15 @@ def test_rows_of_huge_finite_scores_rebuild_exact_weights(sinks, torch_path):
     grads = reference_backward(*(np64(t) for t in (q, k, v)), w, np64(dout), scale=2 ** -0.5)
     for name, g, r in zip("qkv", (qg.grad, kg.grad, vg.grad), grads):
         _same(g, r, f"d{name}", 1e-5)
+    if sk is not None:  # d sink = -Σ_i P_sink,i · rowsum(dO ∘ O)_i: the sink's weight is rebuilt from lse too
+        r_out, _, r_lse = reference_attention(*(np64(t) for t in (q, k, v)), mask=np64(mask)[None, None],
+                                              scale=2 ** -0.5, sinks=np64(sk))
+        sw = reference_lens(w, r_lse, sinks=np64(sk)).sink_weight
+        _same(sg.grad, -(sw * (np64(dout) * r_out).sum(-1)).sum((0, 2)), "dsinks", 1e-5)
+        for name in ("torch", "reference"):
+            sg2 = sk.clone().requires_grad_()
+            al.attention(q, k, v, mask=mask, sinks=sg2, backend=name).backward(dout)
+            _same(sg2.grad, sg.grad, f"{name} dsinks", 1e-5)
     # the column sums from the pass's lse (what received_from and ring attention use)
     from attnlens._inputs import validate
     from attnlens.dispatch import get

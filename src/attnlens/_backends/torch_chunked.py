@@ -39,7 +39,7 @@ from .._inputs import AttnInputs
 from .._scores import score_mods
 from ..lens import LensResult
 from ..masks import band_keep, key_range
-from . import Backend, Capabilities, _native, add_sink_grad, stat_dtype
+from . import Backend, Capabilities, _native, add_sink_grad, sink_weights, stat_dtype
 
 NAN = float("nan")
 NEG_INF = float("-inf")
@@ -552,6 +552,9 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
     di = torch.einsum("...d,...d->...", do, out.to(cdt).reshape(B, Hkv, G, Nq, Dv))
     lse5 = _lse_inf(lse, B, Hkv, G, Nq, cdt)
     own = _needs_own_rows(lse.to(cdt))
+    # the sinks' weights get the rows' own factors too (the sink is one more entry of each row)
+    p_sink = sink_weights(inp, lse).reshape(B, Hkv, G, Nq) if own and dsinks is not None and inp.sinks is not None \
+        else None
     dq5 = dq.unflatten(1, (Hkv, G))  # (B, Hkv, G, Nq, D), a view
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # score / weight workspace reused by every chunk
@@ -563,6 +566,8 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
             continue
         c, lo, hi = ch.c, ch.lo, ch.hi
         p, f = _chunk_weights(inp, ch, lse5, own)  # the weights are f · p: f scales rows of the small operands
+        if p_sink is not None:
+            p_sink[:, :, :, i0:i1] *= f.view(B, Hkv, G, c)
         do_c = do[:, :, :, i0:i1].reshape(B, Hkv, G * c, Dv)
         keep = _dropout_keep(inp, ci, p.shape, cdt) if inp.dropout_p > 0 else None
         pd = p * keep if keep is not None else p
@@ -577,7 +582,7 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
         dqc = torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale)
         dq5[:, :, :, i0:i1] += (dqc if f is None else dqc.mul_(f)).view(B, Hkv, G, c, D)
         dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc if f is None else ch.qc * f)
-    add_sink_grad(inp, out, lse, dout, dsinks)
+    add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else p_sink.reshape(B, Hq, Nq))
 
 
 def _pt_w(p5, w5):

@@ -121,9 +121,10 @@ class Block:
 
     def forward(self):
         """``(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) or None, LensResult or None)``, no autograd: the
-        backend's pass, then the lens fields it left to the primitives — ``weights_at`` (`weights_at`),
-        ``received_from`` (`column_sums`) and ``pooled`` (column sums of one-hot query blocks). Exact, linear
-        memory."""
+        backend's pass, then the lens fields it left to the primitives — ``weights_at`` (`weights_at`: exact to the
+        rounding of the lse, which loses ``log l`` for rows of scores near -1e30 in fp32, so the reference and torch
+        backends gather it from their own weights instead), ``received_from`` (`column_sums`) and ``pooled`` (column
+        sums of one-hot query blocks; a block longer than N is all of it). Exact, linear memory."""
         inp = self.inputs
         out, lse, res = self.backend.forward(inp)
         if res is None or not self.backend.capabilities.block:
@@ -227,7 +228,7 @@ class Block:
         query blocks (``POOL_COLUMNS`` blocks per pass), then summed over key blocks."""
         inp = self.inputs
         _, _, _, Nq, Nk, _, _ = inp.shape
-        bq, bk = inp.lens.pool
+        bq, bk = (max(1, min(b, n)) for b, n in zip(inp.lens.pool, (Nq, Nk)))  # a block longer than N: all of it
         nbq, nbk = -(-Nq // bq), -(-Nk // bk)
         blk = torch.arange(Nq, device=inp.q.device) // bq  # (Nq,): each query's block
         parts = []

@@ -17,6 +17,11 @@ from .capabilities import LensField
 
 RowsSpec = Union[None, str, slice, range, Sequence[int]]
 
+#: the default of `Lens.max_bytes`: 8 GiB for the fields that grow as Nq · Nk (every weight of 32 heads of 8,192
+#: tokens in float32). A request beyond it is refused before any work, naming the field and its size, instead of
+#: failing in the allocator after the pass; ``Lens(..., max_bytes=None)`` (or a larger limit) allows it.
+MAX_BYTES = 8 << 30
+
 
 @dataclass(frozen=True)
 class Lens:
@@ -36,7 +41,7 @@ class Lens:
             Summed over keys it equals the number of queries that see at least one key.
         topk: ``k > 0`` returns ``topk_indices`` and ``topk_weights`` ``(B, Hq, Nq, k)``: the k
             keys each query draws on most, largest first. Where a weight is exactly 0 (fewer
-            than k visible keys) its index is -1.
+            than k visible keys, or k > Nk) its index is -1.
         rows: query rows whose full weight rows to return, ``weights (B, Hq, len(rows), Nk)``:
             a list of ints (negative counts from the end), a ``slice``/``range``, or ``"all"``
             (the whole n × n matrix — only ask for it when it fits in memory).
@@ -52,6 +57,10 @@ class Lens:
         pool: ``(bq, bk)`` block sizes: returns ``pooled (B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉)``, the sums of ``P`` over
             blocks of ``bq`` queries × ``bk`` keys (the last blocks may be shorter) — a thumbnail of the
             weights at any length. An int b means ``(b, b)``.
+        max_bytes: the most memory the fields that can grow as Nq · Nk (``weights``, top-k, ``pooled``,
+            ``weights_at``, ``received_from``) may take together in one call, checked from the shapes before any
+            work; above it the call is a ValueError naming each field and its size. Default `MAX_BYTES` (8 GiB);
+            ``None``: no limit.
 
     ``received_from`` and ``at`` compare by identity (two lenses are equal when they hold the same
     array objects), so a `Lens` stays hashable.
@@ -66,6 +75,7 @@ class Lens:
     received_from: Any = field(default=None, compare=False)
     at: Any = field(default=None, compare=False)
     pool: Any = None
+    max_bytes: Any = MAX_BYTES
 
     def __eq__(self, other):
         if not isinstance(other, Lens):
@@ -77,7 +87,7 @@ class Lens:
         parts = []
         for f in fields(self):
             val = getattr(self, f.name)
-            if f.default is not None and val == f.default or val is None:
+            if val == f.default if f.default is not None else val is None:
                 continue
             shown = f"<{type(val).__name__} {tuple(val.shape)}>" if hasattr(val, "shape") else repr(val)
             parts.append(f"{f.name}={shown}")
@@ -93,6 +103,9 @@ class Lens:
             raise TypeError(f"Lens.topk must be an int >= 0, got {type(self.topk).__name__} {self.topk!r}")
         if self.topk < 0:
             raise ValueError(f"Lens.topk must be >= 0, got {self.topk}")
+        mb = self.max_bytes
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, numbers.Integral) or mb < 0):
+            raise TypeError(f"Lens.max_bytes must be an int >= 0 or None (no limit), got {type(mb).__name__} {mb!r}")
         rows = self.rows
         if rows is None or isinstance(rows, (slice, range)):
             return

@@ -30,7 +30,7 @@ import torch
 from ..capabilities import FLOAT_DTYPES, Capabilities, MaskFeature, Memory
 from ..inputs import AttnInputs, stat_dtype
 
-__all__ = ["Backend", "Capabilities", "add_sink_grad"]
+__all__ = ["Backend", "Capabilities", "add_sink_grad", "sink_weights"]
 
 
 class Backend:
@@ -129,7 +129,15 @@ def _order(member) -> int:
     return list(type(member)).index(member)
 
 
-def add_sink_grad(inp: AttnInputs, out, lse, dout, dsinks) -> None:
+def sink_weights(inp: AttnInputs, lse) -> torch.Tensor:
+    """``P_sink,i = exp(sink - lse_i)`` ``(B, Hq, Nq)`` in the statistics dtype, 0 where ``lse = -inf``."""
+    cdt = stat_dtype(inp.q.dtype)
+    lse = lse.to(cdt)
+    sink = inp.sinks.detach().to(cdt)[..., None]  # (B|1, Hq, 1)
+    return torch.where(torch.isneginf(lse), torch.zeros((), dtype=cdt, device=lse.device), torch.exp(sink - lse))
+
+
+def add_sink_grad(inp: AttnInputs, out, lse, dout, dsinks, p_sink=None) -> None:
     """Add the gradient of the sink logits into ``dsinks`` (``inp.sinks``' shape ``(B|1, Hq)``), for every backend.
 
     The sink is one more softmax entry with no value, so with ``P_sink,i = exp(sink - lse_i)`` and
@@ -137,14 +145,14 @@ def add_sink_grad(inp: AttnInputs, out, lse, dout, dsinks) -> None:
 
         d sink = Σ_i P_sink,i · (0 - D_i)        summed over the batch where sinks are (1, Hq)
 
+    ``p_sink (B, Hq, Nq)``: the sinks' weights where the backend rebuilt them more exactly than `sink_weights` (rows
+    whose lse lost ``log l`` to rounding: see `torch_chunked._own_row_factors`); default `sink_weights`.
     q, k and v's gradients need nothing new: their weights ``exp(s - lse)`` already use the lse with the sink.
     """
     if dsinks is None or inp.sinks is None:
         return
     cdt = stat_dtype(inp.q.dtype)
-    lse = lse.to(cdt)
-    sink = inp.sinks.detach().to(cdt)[..., None]  # (B|1, Hq, 1)
-    p = torch.where(torch.isneginf(lse), torch.zeros((), dtype=cdt, device=lse.device), torch.exp(sink - lse))
+    p = sink_weights(inp, lse) if p_sink is None else p_sink.to(cdt)
     di = torch.einsum("bhid,bhid->bhi", dout.to(cdt), out.to(cdt))  # (B, Hq, Nq)
     g = -(p * di).sum(-1)  # (B, Hq)
     dsinks += g.sum(0, keepdim=True).to(dsinks.dtype) if dsinks.shape[0] == 1 else g.to(dsinks.dtype)

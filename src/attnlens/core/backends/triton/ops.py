@@ -545,6 +545,8 @@ class TritonBackend(Backend):
         out = []
         if inp.q.dtype == torch.bfloat16 and _device_type(inp.q) == "cuda" and _capability(inp.q) < (8, 0):
             out.append("bfloat16 needs a GPU of compute capability >= 8.0")
+        if inp.shape[4] == 0:
+            out.append("Nk = 0 (an empty key set; backend='torch' gives every row output 0, lse -inf)")
         if not reasons and not out and not inp.all_finite:
             out.append("q, k or v holds NaN/inf: a fused kernel would spread it to rows that give it weight 0")
         return out

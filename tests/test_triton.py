@@ -152,7 +152,7 @@ def test_backward_matches_torch_and_math(name, rng):
     q, k, v, kw = run_case(name, torch.float32, rng, requires_grad=True)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEV)
     out, res = al.attention(q, k, v, backend=TRITON, lens=al.Lens(), **kw)
-    assert not res.lse.requires_grad
+    assert res.lse.requires_grad and not res.entropy.requires_grad
     grads = torch.autograd.grad(out, (q, k, v), dout)
     out_t = al.attention(q, k, v, backend="torch", **kw)
     grads_t = torch.autograd.grad(out_t, (q, k, v), dout)

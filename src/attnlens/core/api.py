@@ -95,7 +95,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
     Returns:
         ``out`` of shape ``(..., Hq, Nq, Dv)``, of ``q``'s kind, dtype and device; or
         ``(out, LensResult)`` when ``lens`` is given. float16/bfloat16 are computed with
-        float32 accumulation. Lens fields carry no gradient.
+        float32 accumulation. ``LensResult.lse`` carries a gradient when an input needs one (its derivative
+        is ``P``: `merge` of parts is differentiable); the other lens fields carry none.
 
     Empty rows, NaN and inf — one rule on every backend (the float64 reference states it exactly):
 
@@ -157,7 +158,9 @@ def merge(parts, *, key_offsets=None):
 
     Returns:
         ``(out, LensResult)`` with the fields every part has (``lse`` always; ``max_weight``, ``entropy``,
-        top-k, weights when every part has them); of the parts' kind, dtype and device.
+        top-k, weights when every part has them); of the parts' kind, dtype and device. Differentiable: gradients
+        flow through each part's ``out`` and ``lse`` (the parts' lse carry the ``P`` of their keys), so
+        ``merged_out.backward(g)`` gives the gradients of attention over all keys, exactly.
 
     Raises:
         TypeError when a part is not an ``(out, LensResult)`` pair. ValueError when ``parts`` is empty, a part

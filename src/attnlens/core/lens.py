@@ -1,7 +1,8 @@
 """What a caller asks to see of attention (`Lens`) and what comes back (`LensResult`).
 
 Every statistic describes the attention weights ``P = softmax(Q Kᵀ · scale + mask)`` *before*
-dropout, and carries no gradient. Shapes below are for rank-4 input ``(B, Hq, Nq, D)``; for
+dropout. ``lse`` carries a gradient when an input needs one (``∂lse_i/∂s_ij = P_ij``: `attnlens.merge` and any
+other user of the lse get exact gradients); every other field carries none. Shapes below are for rank-4 input ``(B, Hq, Nq, D)``; for
 rank-3 input drop ``B``, for rank-2 input drop ``B`` and ``Hq``.
 """
 from __future__ import annotations
@@ -313,12 +314,19 @@ class Merger:
         i1 = self.lse.shape[-1] if i1 is None else i1
         cdt = self.lse.dtype
         l0, lb = self.lse[..., i0:i1], res.lse.to(cdt)
-        lse = torch.logaddexp(l0, lb)
-        live = lse > float("-inf")
-        zero = torch.zeros((), dtype=cdt, device=lse.device)
-        wa = torch.where(live, torch.exp(l0 - lse), zero)  # share of what was merged so far
-        wb = torch.where(live, torch.exp(lb - lse), zero)  # share of this part
-        self.out[..., i0:i1, :].mul_(wa[..., None]).addcmul_(out.to(cdt), wb[..., None])  # no (rows, Dv) temporaries
+        # written so that gradients through out and lse stay finite on rows that see no key (both -inf): there
+        # logaddexp and exp(l - lse) would give NaN gradients (0 · NaN)
+        dead = torch.isneginf(l0) & torch.isneginf(lb)
+        zero = torch.zeros((), dtype=cdt, device=lb.device)
+        lse = torch.where(dead, float("-inf"), torch.logaddexp(torch.where(dead, zero, l0), torch.where(dead, zero, lb)))
+        lse_s = torch.where(dead, zero, lse)
+        wa = torch.exp(l0 - lse_s)  # share of what was merged so far (0 on dead rows)
+        wb = torch.exp(lb - lse_s)  # share of this part
+        if i0 == 0 and i1 == self.lse.shape[-1]:  # whole rows (`attnlens.merge`): functional, so differentiable
+            self.out = self.out * wa[..., None] + out.to(cdt) * wb[..., None]
+        else:  # a range of rows (ring attention, no autograd here): in place, no (rows, Dv) temporaries
+            self.out[..., i0:i1, :].mul_(wa[..., None]).addcmul_(out.to(cdt), wb[..., None])
+        l0, lb, lse, wa, wb = (x.detach() for x in (l0, lb, lse, wa, wb))  # the statistics carry no gradient
         if self.ent is not None:
             ha = torch.where(wa > 0, wa * (self.ent[..., i0:i1] - (l0 - lse)), zero)
             hb = torch.where(wb > 0, wb * (res.entropy.to(cdt) - (lb - lse)), zero)
@@ -328,8 +336,11 @@ class Merger:
         if self.topk:
             self._add_topk(i0, i1, wa, wb, res, koff)
         if self.wrows is not None:
-            self._wparts.append((lb[..., list(self.rows)], res.weights.to(cdt), koff))
-        self.lse[..., i0:i1] = lse
+            self._wparts.append((lb.detach()[..., list(self.rows)], res.weights.to(cdt), koff))
+        if i0 == 0 and i1 == self.lse.shape[-1]:
+            self.lse = torch.where(dead, float("-inf"), lse_s)  # keeps the gradient of the parts' lse
+        else:
+            self.lse[..., i0:i1] = lse
 
     def _add_topk(self, i0, i1, wa, wb, res, koff):
         ib = res.topk_indices
@@ -350,7 +361,7 @@ class Merger:
         if self.topk:
             res.topk_weights, res.topk_indices = self.tk_w, self.tk_i
         if self.wrows is not None:
-            lse_r = self.lse[..., list(self.rows)]
+            lse_r = self.lse.detach()[..., list(self.rows)]
             zero = torch.zeros((), dtype=lse_r.dtype, device=lse_r.device)
             for lb, wb, koff in self._wparts:
                 share = torch.where(lse_r > float("-inf"), torch.exp(lb - lse_r), zero)

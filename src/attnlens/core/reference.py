@@ -145,10 +145,11 @@ def reference_lens(weights, lse, topk=0, rows=None, sinks=None, received_from=No
     return res
 
 
-def reference_backward(q, k, v, weights, dout, scale=None, softcap=None):
-    """Gradients ``(dq, dk, dv)`` of ``out = P v`` given the float64 weights ``P (B, Hq, Nq, Nk)``:
+def reference_backward(q, k, v, weights, dout, scale=None, softcap=None, dlse=None):
+    """Gradients ``(dq, dk, dv)`` of ``out = P v`` (and of ``lse`` when ``dlse (B, Hq, Nq)``, its gradient, is given)
+    given the float64 weights ``P (B, Hq, Nq, Nk)``:
 
-        dv = Pᵀ dO            dP = dO vᵀ            dS = P ∘ (dP - rowsum(dP ∘ P))
+        dv = Pᵀ dO            dP = dO vᵀ            dS = P ∘ (dP - rowsum(dP ∘ P) + dlse)    (∂lse_i/∂s_ij = P_ij)
         dq = dS k · scale     dk = dSᵀ q · scale     (GQA: dk, dv summed over each kv head's query heads)
 
     With ``softcap`` c, ``dS`` is multiplied by ``1 - tanh²(q kᵀ · scale / c)``. With sinks, ``P`` holds the
@@ -161,7 +162,8 @@ def reference_backward(q, k, v, weights, dout, scale=None, softcap=None):
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (B, Hq, Nk, ·)
     dp = do @ np.swapaxes(vr, -1, -2)  # (B, Hq, Nq, Nk)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    extra = 0.0 if dlse is None else np.asarray(dlse, dtype=np.float64)[..., None]  # the lse's own gradient
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True) + extra)
     if softcap is not None:
         ds = ds * (1.0 - np.tanh(q @ np.swapaxes(kr, -1, -2) * scale / softcap) ** 2)
     dq = ds @ kr * scale

@@ -53,13 +53,13 @@ class ReferenceBackend(Backend):
             res.topk_indices = res.topk_indices.masked_fill(res.topk_weights == 0, -1)
         return out_t, lse_t, res
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
         w, p_sink = _weights(inp, lse, with_sink=True)
         grads = reference_backward(_np64(inp.q), _np64(inp.k), _np64(inp.v), w, _np64(dout), scale=inp.scale,
-                                   softcap=inp.softcap)
+                                   softcap=inp.softcap, dlse=_np64(dlse))
         for buf, g in zip((dq, dk, dv), grads):
             buf += torch.from_numpy(g).to(device=buf.device, dtype=buf.dtype)
-        add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else torch.from_numpy(p_sink))
+        add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else torch.from_numpy(p_sink), dlse=dlse)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         w = _weights(inp, lse)  # (B, Hq, Nq, Nk)

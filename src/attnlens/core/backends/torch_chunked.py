@@ -541,10 +541,10 @@ def _chunk_weights(inp: AttnInputs, ch: _Chunk, lse5, own: bool):
     return p, _own_row_factors(p, lse_c, sk)
 
 
-def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, dsinks=None) -> None:
+def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, dsinks=None, dlse=None) -> None:
     """Add the gradients into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` (any float
     dtype, strided views allowed), and ``dsinks`` (`add_sink_grad`), recomputing each chunk's weights from ``lse``
-    (`_chunk_weights`); O(chunk · Nk) memory."""
+    (`_chunk_weights`); O(chunk · Nk) memory. ``dlse``: the lse's own gradient (`Backend.backward`)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     G = Hq // Hkv
     cdt, qs, kc, vc = _prepare(inp)
@@ -552,6 +552,8 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
     do = dout.to(cdt).reshape(B, Hkv, G, Nq, Dv)
     # Σ_j p_ij dp_ij = rowsum(dO ∘ O), (B, Hkv, G, Nq), as a batched dot product (no (Nq, Dv) temporary)
     di = torch.einsum("...d,...d->...", do, out.to(cdt).reshape(B, Hkv, G, Nq, Dv))
+    if dlse is not None:  # ∂lse_i/∂s_ij = P_ij: the lse's gradient joins the row term, dS = P ∘ (dP - (D - dlse))
+        di = di - dlse.to(cdt).reshape(B, Hkv, G, Nq)
     lse5 = _lse_inf(lse, B, Hkv, G, Nq, cdt)
     own = _needs_own_rows(lse.to(cdt))
     # the sinks' weights get the rows' own factors too (the sink is one more entry of each row)
@@ -584,7 +586,7 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
         dqc = torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale)
         dq5[:, :, :, i0:i1] += (dqc if f is None else dqc.mul_(f)).view(B, Hkv, G, c, D)
         dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc if f is None else ch.qc * f)
-    add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else p_sink.reshape(B, Hq, Nq))
+    add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else p_sink.reshape(B, Hq, Nq), dlse=dlse)
 
 
 def _pt_w(p5, w5):
@@ -639,8 +641,8 @@ class TorchChunkedBackend(Backend):
     def forward(self, inp: AttnInputs):
         return forward(inp, chunk_rows(inp, self.chunk_bytes))
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
-        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes), dsinks)
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
+        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes), dsinks, dlse)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         return column_sums(inp, lse, weights, chunk_rows(inp, self.chunk_bytes))

@@ -29,21 +29,23 @@ from attnlens.core import Memory  # noqa: E402
 from attnlens.core.inputs import validate  # noqa: E402
 from attnlens.core.reference import reference_attention, reference_backward, reference_lens  # noqa: E402
 
-BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = ["reference", "torch", "fused", pytest.param("triton", marks=pytest.mark.triton)]
+FP32 = ("triton", "fused")  # backends that compute in float32
 
 
 def backend_of(name):
     if name == "triton":
         return al.TritonBackend(config="16x16") if not torch.cuda.is_available() else al.TritonBackend()
-    return {"reference": al.ReferenceBackend(), "torch": al.TorchChunkedBackend(chunk_bytes=3000)}[name]
+    return {"reference": al.ReferenceBackend(), "torch": al.TorchChunkedBackend(chunk_bytes=3000),
+            "fused": al.FusedCpuBackend()}[name]
 
 
 def dtype_of(name):
-    return torch.float32 if name == "triton" else torch.float64
+    return torch.float32 if name in FP32 else torch.float64
 
 
 def tol_of(name):
-    return 1e-10 if name != "triton" else 5e-5
+    return 1e-10 if name not in FP32 else 5e-5
 
 
 def keep_rule(nq, nk, offset, causal, window):
@@ -145,13 +147,13 @@ def test_backward_primitive_adds_into_buffers(name, case, offset_kind, rng):
     be = backend_of(name)
     out, lse, _ = be.forward(inp)
     dout = torch.tensor(rng.standard_normal(out.shape), dtype=out.dtype)
-    acc = torch.float32 if name == "triton" else torch.float64
+    acc = torch.float32 if name in FP32 else torch.float64
     pre = [torch.tensor(rng.standard_normal(t.shape), dtype=acc) for t in (q, k, v)]
     bufs = [p.clone() for p in pre]
     be.backward(inp, out, lse, dout, *bufs)
     _, w, _ = ref_dense(q, k, v, kw)
     grads = reference_backward(np64(q), np64(k), np64(v), w, np64(dout), scale=inp.scale)
-    tol = 1e-9 if name != "triton" else 2e-4
+    tol = 1e-9 if name not in FP32 else 2e-4
     for n, b, p, g in zip("qkv", bufs, pre, grads):
         assert_close(b - p, g, atol=tol, rtol=tol, what=f"d{n} added into the buffer")
 

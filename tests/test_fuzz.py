@@ -35,10 +35,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnlens as al
+from attnlens.core.backends import fused
 
 FULL = os.environ.get("ATTNLENS_FUZZ") == "full"
 FUZZ_EXAMPLES = 4000 if FULL else int(os.environ.get("ATTNLENS_FUZZ_N", 1500))
-BACKENDS = ("torch", "reference", "auto")
+BACKENDS = ("torch", "reference", "auto", "fused")
+#: backends that take float32 only (the fused CPU kernel): run on the float32 draws
 LENGTHS = (1, 2, 3, 5, 7, 16, 33, 97)
 EPS = {"float32": float(np.finfo(np.float32).eps), "float64": float(np.finfo(np.float64).eps)}
 #: finite float-mask values, down to float32's most negative (no sentinel a finite input can reach)
@@ -272,6 +274,7 @@ def check(c, backend, q, k, v, mask, sinks, at):
 
 def test_fuzz_against_an_independent_numpy_oracle():
     ran = {b: 0 for b in BACKENDS}
+    fused_kernel = fused.library()[0] is not None
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not FULL, database=None,
               suppress_health_check=list(HealthCheck))
@@ -279,6 +282,8 @@ def test_fuzz_against_an_independent_numpy_oracle():
     def run(c):
         arrays = make(c)
         for backend in BACKENDS:
+            if backend == "fused" and (c["dtype"] != "float32" or not fused_kernel):
+                continue
             check(c, backend, *arrays)
             ran[backend] += 1
 
@@ -287,7 +292,9 @@ def test_fuzz_against_an_independent_numpy_oracle():
     took = time.perf_counter() - t0
     total = sum(ran.values())
     print(f"\nfuzz: {total} cases ({ran}) in {took:.1f} s")
-    assert total >= 0.9 * FUZZ_EXAMPLES * len(BACKENDS), f"only {total} cases ran"
+    for b in ("torch", "reference", "auto"):
+        assert ran[b] >= 0.9 * FUZZ_EXAMPLES, f"only {ran[b]} cases ran on {b}"
+    assert not fused_kernel or ran["fused"] >= 0.2 * FUZZ_EXAMPLES, f"only {ran['fused']} float32 cases ran on fused"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -267,7 +267,7 @@ def test_dropout_statistics_not_applied_on_reference(rng):
 
 # ------------------------------------------------------------------ the lse's gradient and merge (issue 24 item 9)
 
-LSE_BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.triton)]
+LSE_BACKENDS = ["reference", "torch", "fused", pytest.param("triton", marks=pytest.mark.triton)]
 
 
 def _lse_backend(name):
@@ -328,7 +328,7 @@ def test_merge_of_pieces_has_the_gradients_of_attention_over_all_keys(name, rng)
     """Issue 24 item 9: merge()'s output was differentiable but wrong (dq off by 0.4, dk by 0.5): the parts' lse
     carried no gradient. Now dq, dk, dv through merge equal those of attention over all keys — with a piece that
     some rows do not see and rows that see no key at all."""
-    dt = torch.float32 if name == "triton" else torch.float64
+    dt = torch.float32 if name in ("triton", "fused") else torch.float64
     q, k, v = make_inputs(2, 4, 2, 9, 13, 8, 5, dt, rng=rng, requires_grad=True)
     be = _lse_backend(name)
     off = -2  # queries 0 and 1 see no key at all

@@ -157,6 +157,8 @@ def info() -> str:
     lines.append("  ".join(c.ljust(widths[c]) for c in INFO_COLUMNS))
     for r in rows:
         lines.append("  ".join(str(r[c]).ljust(widths[c]) for c in INFO_COLUMNS))
+    states = [f"{b.name}: {st}" for b in PRIORITY for st in [b.status()] if st]
+    lines += [""] + states if states else []
     lines += ["", "backend='auto' takes the first row that can serve the call (never a dense O(Nq·Nk) path when "
               "a linear-memory one serves it)."]
     return "\n".join(lines)

@@ -99,6 +99,11 @@ class Backend:
         named (e.g. a slow test mode). Empty by default."""
         return []
 
+    def status(self) -> str:
+        """One line for ``attnlens info`` about this backend's state on this machine (e.g. a kernel built at first use,
+        or why it is unavailable); empty when there is nothing to say."""
+        return ""
+
     def memory(self, inp: AttnInputs) -> Memory:
         """The `Memory` class of this call: ``capabilities.memory`` unless the call makes it worse."""
         return self.capabilities.memory

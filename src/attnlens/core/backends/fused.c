@@ -11,7 +11,8 @@
  *                            every query row that sees it, so the column accumulators stay in cache:
  *                            received (Σ_i P_ij), Pᵀ W, pooled block sums, and weight rows for chosen queries.
  *   attnlens_fused_backward  flash-style: per key tile, every query row that sees it recomputes P = exp(s − lse),
- *                            dV += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ), dK += dSᵀ Q, dQ += dS K — added into
+ *                            dV += Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − Δ) with Δ = rowsum(dO ∘ O) − dlse,
+ *                            dK += dSᵀ Q, dQ += dS K — added into
  *                            the caller's float32 buffers; the G query heads of a key/value head add into one
  *                            dK, dV tile (GQA without copies).
  *
@@ -265,6 +266,9 @@ typedef struct {
     const void *dout, *outp;
     int64_t sdo[4], so[4];
     float *dq, *dk, *dv;
+    const float *dlse;          /* backward: (B, Hq, Nq) contiguous, the lse's own gradient, or NULL */
+    float *lse_delta;           /* forward (optional): (B, Hq, Nq) the lse's rounding, (m - lse) + log l */
+    const float *rowd;          /* columns, backward (optional): (B, Hq, Nq) weights are exp(s - lse - rowd) */
 } Args;
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -427,12 +431,12 @@ static void pack_fill(const Args *a, Pack *p, int mode) {
         pack_tiles(p->vt, a->v, a->sv, B, Hkv, Nk, Dv, p->nt, dt);
         pack_rows(p->dop, a->dout, a->sdo, B, Hq, Nq, Dv, Dvp, dt, 1.0f);
 #pragma omp for schedule(static) nowait
-        for (int64_t r = 0; r < B * Hq * Nq; ++r) { /* Δ = rowsum(dO ∘ O) */
+        for (int64_t r = 0; r < B * Hq * Nq; ++r) { /* Δ = rowsum(dO ∘ O) − dlse */
             const int64_t i = r % Nq, h = r / Nq % Hq, b = r / (Nq * Hq);
             const int64_t od = b * a->sdo[0] + h * a->sdo[1] + i * a->sdo[2], oo = b * a->so[0] + h * a->so[1] + i * a->so[2];
             float acc = 0.0f;
             for (int64_t c = 0; c < Dv; ++c) acc += ld1(a->dout, od + c * a->sdo[3], dt) * ld1(a->outp, oo + c * a->so[3], dt);
-            p->delta[r] = acc;
+            p->delta[r] = a->dlse ? acc - a->dlse[r] : acc;
         }
     }
 #pragma omp barrier
@@ -779,26 +783,31 @@ static void add_bad_values(const Args *a, const Pack *p, Fwd *f, int64_t R, int6
     }
 }
 
-/* lse, out, the lens fields of one finished row */
-static void finish_row(const Args *a, const Pack *p, Fwd *f, int r, int64_t b) {
+/* lse, out, the lens fields of one finished row. Weights are built from the row's own m and l (e = exp(s - m),
+ * p = e · a_keys / l), never from the rounded lse: exact also where fp32 cannot hold m + log l (scores near -1e30).
+ * delta (when asked) is that rounding, (m - lse) + log l, so that exp(s - lse - delta) is the row's own weight. */
+static void finish_row(const Args *a, Fwd *f, int r, int64_t b) {
     const Row *rw = &f->rows[r];
     const int64_t h = rw->h, i = rw->i, k = a->topk;
     const int64_t o = (b * a->Hq + h) * a->Nq + i;
     float m = f->m[r], l = vhsum(f->lv[r]), t = vhsum(f->tv_[r]), *O = f->orow[r];
-    const float mtrue = vhmax(f->mv[r]);
-    const int bad = f->bad[r] || m != m;
+    const float mk = m, mtrue = vhmax(f->mv[r]);
+    int bad = f->bad[r] || m != m;
     float a_keys = 1.0f, es = 0.0f; /* the keys' weights are a_keys · e / l ; the sink's is es / l */
     if (!bad && a->sinks) {
-        float sk = a->sinks[b * a->sinks_sb + h];
-        if (l == 0.0f) {
+        const float sk = a->sinks[b * a->sinks_sb + h];
+        if (sk != sk || sk == INFINITY) {
+            bad = 1; /* a non-finite visible logit (the reference's rule) */
+        } else if (l == 0.0f) { /* no key: all weight on the sink (none for a -inf sink) */
             if (sk > -INFINITY) { m = sk; l = 1.0f; es = 1.0f; }
             t = 0.0f;
             a_keys = 0.0f;
         } else {
-            float m2 = sk > m ? sk : m;
+            const float m2 = sk > m ? sk : m;
             a_keys = expf(m - m2);
             es = sk > -INFINITY ? expf(sk - m2) : 0.0f;
-            t = a_keys * (t + l * (m - m2)) + (es > 0.0f ? es * (sk - m2) : 0.0f);
+            /* a_keys = 0: the keys' term is 0 (l·(m - m2) may overflow to -inf, and 0·-inf is NaN) */
+            t = (a_keys > 0.0f ? a_keys * (t + l * (m - m2)) : 0.0f) + (es > 0.0f ? es * (sk - m2) : 0.0f);
             l = l * a_keys + es;
             m = m2;
         }
@@ -809,7 +818,8 @@ static void finish_row(const Args *a, const Pack *p, Fwd *f, int r, int64_t b) {
     float *out = a->out + o * a->Dv;
     for (int64_t c = 0; c < a->Dv; ++c) out[c] = bad ? nan : O[c] * rl;
     if (a->lse) a->lse[o] = lse;
-    if (a->maxw) a->maxw[o] = bad ? nan : mtrue > -INFINITY ? expf(mtrue - lse) : 0.0f;
+    if (a->lse_delta) a->lse_delta[o] = bad || !(l > 0.0f) ? 0.0f : (m - lse) + logf(l);
+    if (a->maxw) a->maxw[o] = bad ? nan : mtrue > -INFINITY && rl > 0.0f ? expf(mtrue - mk) * rl : 0.0f;
     if (a->ent) {
         float e = l > 0.0f ? logf(l) - t * inv : 0.0f;
         a->ent[o] = bad ? nan : (e > 0.0f ? e : 0.0f);
@@ -820,7 +830,7 @@ static void finish_row(const Args *a, const Pack *p, Fwd *f, int r, int64_t b) {
         int32_t *ti = f->ti + r * (MAXK + TKCAP);
         if (f->cnt[r]) topk_merge(tv, ti, (int)k, f->cnt[r]);
         for (int64_t x = 0; x < k; ++x) {
-            float w = bad ? nan : (l > 0.0f && tv[x] > -INFINITY ? expf(tv[x] - lse) : 0.0f);
+            float w = bad ? nan : (rl > 0.0f && tv[x] > -INFINITY ? expf(tv[x] - mk) * rl : 0.0f);
             a->topk_w[o * k + x] = w;
             a->topk_i[o * k + x] = w > 0.0f ? ti[x] : -1;
         }
@@ -892,7 +902,7 @@ int attnlens_fused_forward(const Args *a) {
                     pv(R, Dvp, f->orow, moved ? f->alpha : NULL, S, BK, vb + j0 * Dvp, Dvp, nk);
                     if (p.tbad[bh * p.nt + tt]) add_bad_values(a, &p, f, R, bh, j0);
                 }
-                for (int64_t r = 0; r < Rreal; ++r) finish_row(a, &p, f, (int)r, b);
+                for (int64_t r = 0; r < Rreal; ++r) finish_row(a, f, (int)r, b);
             }
         }
         free(f); free(S); free(O); free(tv); free(ti);
@@ -959,7 +969,7 @@ int attnlens_fused_columns(const Args *a) {
         int64_t *idx = amalloc((size_t)imax(Nq, 1) * 8);
         Row *rows = amalloc(sizeof(Row) * CR);
         const float **qrow = amalloc(sizeof(float *) * CR);
-        float *lse = amalloc(CR * 4);
+        float *lse = amalloc(2 * CR * 4), *rd = lse + CR; /* the rows' lse and their rounding (rowd) */
         if (!S || !rec || !pacc || !racc || !wb || !idx || !rows || !qrow || !lse) {
 #pragma omp atomic write
             err = -1;
@@ -985,8 +995,9 @@ int attnlens_fused_columns(const Args *a) {
                             row_init(a, &p, &rows[R], b, h, idx[x0 + R]);
                             const float ls = a->lse_in[bhq * Nq + rows[R].i];
                             lse[R] = ls == -INFINITY ? INFINITY : ls; /* a row that sees nothing: weight 0 */
+                            rd[R] = a->rowd ? a->rowd[bhq * Nq + rows[R].i] : 0.0f;
                         }
-                        while (R % RQ) { row_init(a, &p, &rows[R], b, -1, 0); lse[R] = INFINITY; ++R; }
+                        while (R % RQ) { row_init(a, &p, &rows[R], b, -1, 0); lse[R] = INFINITY; rd[R] = 0.0f; ++R; }
                         for (int64_t r = 0; r < R; ++r) qrow[r] = rows[r].q;
                         if (a->rf)
                             for (int64_t r = 0; r < n; ++r) {
@@ -1002,10 +1013,10 @@ int attnlens_fused_columns(const Args *a) {
                             for (int64_t r = 0; r < n; ++r) { /* P = exp(s - lse) */
                                 float *s = S + r * BK;
                                 prep_row(a, &rows[r], s, NULL, j0);
-                                const vf vl = vset(lse[r]);
+                                const vf vl = vset(lse[r]), vd = vset(rd[r]);
                                 for (int v = 0; v < NVK; ++v) {
                                     const vf sv = vld(s + 16 * v);
-                                    vf e = vexp(vsub(sv, vl));
+                                    vf e = vexp(vsub(vsub(sv, vl), vd));
                                     if (a->check) e = vmaskz(vne(sv, vset(-INFINITY)), e); /* NaN lse: NaN where visible */
                                     vst(s + 16 * v, e);
                                 }
@@ -1089,7 +1100,7 @@ int attnlens_fused_backward(const Args *a) {
             Row *rows = amalloc(sizeof(Row) * CR);
             const float **qrow = amalloc(sizeof(float *) * CR), **dorow = amalloc(sizeof(float *) * CR);
             float **dqrow = amalloc(sizeof(float *) * CR);
-            float *lse = amalloc(CR * 4), *dl = amalloc(CR * 4);
+            float *lse = amalloc(2 * CR * 4), *rd = lse + CR, *dl = amalloc(CR * 4);
             if (!S || !dP || (a->softcap > 0 && !dc) || !dK || !dV || !scratch || !idx || !rows || !qrow || !dorow ||
                 !dqrow || !lse || !dl) {
 #pragma omp atomic write
@@ -1120,6 +1131,7 @@ int attnlens_fused_backward(const Args *a) {
                                     dqrow[R] = mydq + (bhq * Nq + i) * Dp;
                                     const float ls = a->lse_in[bhq * Nq + i];
                                     lse[R] = ls == -INFINITY ? INFINITY : ls; /* a row that sees nothing: P = 0 */
+                                    rd[R] = a->rowd ? a->rowd[bhq * Nq + i] : 0.0f;
                                     dl[R] = p.delta[bhq * Nq + i];
                                 }
                                 while (R % 12) {
@@ -1127,6 +1139,7 @@ int attnlens_fused_backward(const Args *a) {
                                     dorow[R] = p.zero;
                                     dqrow[R] = scratch;
                                     lse[R] = INFINITY;
+                                    rd[R] = 0.0f;
                                     dl[R] = 0.0f;
                                     ++R;
                                 }
@@ -1135,10 +1148,10 @@ int attnlens_fused_backward(const Args *a) {
                                 for (int64_t r = 0; r < R; ++r) {                 /* P = exp(s - lse) */
                                     float *s = S + r * BK;
                                     if (r < n) prep_row(a, &rows[r], s, dc ? dc + r * BK : NULL, j0);
-                                    const vf vl = vset(lse[r]);
+                                    const vf vl = vset(lse[r]), vd = vset(rd[r]);
                                     for (int v = 0; v < NVK; ++v) {
                                         const vf sv = vld(s + 16 * v);
-                                        vf e = r < n ? vexp(vsub(sv, vl)) : vzero();
+                                        vf e = r < n ? vexp(vsub(vsub(sv, vl), vd)) : vzero();
                                         if (a->check) e = vmaskz(vne(sv, vset(-INFINITY)), e);
                                         vst(s + 16 * v, e);
                                     }

@@ -33,6 +33,7 @@ a lock, compile timeout); where it cannot be built this backend gives that as it
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -41,8 +42,11 @@ import torch
 from ..capabilities import Capabilities, MaskFeature, Memory
 from ..inputs import AttnInputs, stat_dtype
 from ..lens import LensResult
-from . import Backend, add_sink_grad
+from ..scores import pair_weights
+from . import Backend, add_sink_grad, sink_weights
 from . import native
+from .sdpa import SdpaBackend
+from .torch_chunked import LSE_RENORM_ULPS
 
 SOURCE = Path(__file__).with_name("fused.c")
 #: largest Lens.topk the kernel keeps (a sorted list per row)
@@ -65,7 +69,8 @@ class _Args(ctypes.Structure):
                 ("lse_in", _P), ("received", _P), ("rf", _P), ("w", _P), ("sw", _I64 * 4), ("T", _I64),
                 ("pooled", _P), ("bq", _I64), ("bk", _I64), ("wrows", _P), ("wpos", _P), ("nwrows", _I64),
                 ("rowlist", _P), ("nrowlist", _I64),
-                ("dout", _P), ("outp", _P), ("sdo", _I64 * 4), ("so", _I64 * 4), ("dq", _P), ("dk", _P), ("dv", _P)]
+                ("dout", _P), ("outp", _P), ("sdo", _I64 * 4), ("so", _I64 * 4), ("dq", _P), ("dk", _P), ("dv", _P), ("dlse", _P),
+                ("lse_delta", _P), ("rowd", _P)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +84,17 @@ def library():
             fn.argtypes = [ctypes.POINTER(_Args)]
             fn.restype = ctypes.c_int
     return lib, reason
+
+
+#: where the kernel beats SDPA on a plain call (fp32, CPU; benchmarks/results/cpu-2026-12-03.md): see
+#: `plain_call_is_faster`
+PLAIN_RULE = "it measured faster than SDPA (none yet)"
+
+
+def plain_call_is_faster(inp: AttnInputs) -> bool:
+    """Whether the kernel measured faster than PyTorch's SDPA for a call like ``inp`` without a lens (the rule from
+    benchmarks/cpu.py on the 2-core machine, `PLAIN_RULE`)."""
+    return False
 
 
 def _absmax(x) -> float:
@@ -164,16 +180,20 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def columns(inp: AttnInputs, lse, *, received: bool = False, weights=None, pool=None, rows=None):
+def columns(inp: AttnInputs, lse, *, received: bool = False, weights=None, pool=None, rows=None, rowd=None):
     """The column pass from a known ``lse (B, Hq, Nq)``: ``(received (B, Hq, Nk) | None, Pᵀ W (B, Hq, Nk, T) | None,
     pooled (B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉) | None, weight rows (B, Hq, len(rows), Nk) | None)``, float32. Rows with
-    ``lse = -inf`` contribute 0."""
+    ``lse = -inf`` contribute 0. ``rowd (B, Hq, Nq)`` or None: the weights are ``exp(s - lse - rowd)`` (`own_rows`)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     a, keep = _Args(), []
     _fill(a, inp, keep)
     f32 = dict(dtype=torch.float32)
     lse = lse.detach().to(torch.float32).contiguous()
     a.lse_in = lse.data_ptr()
+    if rowd is not None:
+        rowd = rowd.contiguous()
+        keep.append(rowd)
+        a.rowd = rowd.data_ptr()
     rec = rf = pooled = wrows = None
     if received:
         rec = torch.zeros(B, Hq, Nk, **f32)
@@ -208,8 +228,10 @@ def columns(inp: AttnInputs, lse, *, received: bool = False, weights=None, pool=
     return rec, rf, pooled, wrows
 
 
-def forward(inp: AttnInputs):
-    """``out (B, Hq, Nq, Dv)`` in q's dtype, ``lse (B, Hq, Nq)`` float32 and a rank-4 `LensResult` (or None)."""
+def forward(inp: AttnInputs, delta: bool = False):
+    """``out (B, Hq, Nq, Dv)`` in q's dtype, ``lse (B, Hq, Nq)`` float32 and a rank-4 `LensResult` (or None); with
+    ``delta``, a fourth item: ``(m - lse) + log l`` per row (the lse's rounding: ``exp(s - lse - delta)`` is the row's
+    own weight ``e / l``, also where fp32 cannot hold ``m + log l``; 0 for dead and NaN rows)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     lens = inp.lens
     a, keep = _Args(), []
@@ -217,6 +239,10 @@ def forward(inp: AttnInputs):
     f32 = dict(dtype=torch.float32)
     out, lse = torch.empty(B, Hq, Nq, Dv, **f32), torch.empty(B, Hq, Nq, **f32)
     a.out, a.lse = out.data_ptr(), lse.data_ptr()
+    cols = lens is not None and (lens.received or inp.received_from is not None or lens.pool is not None
+                                 or inp.rows is not None or inp.at is not None)
+    lse_delta = torch.empty(B, Hq, Nq, **f32) if cols or delta else None
+    a.lse_delta = _ptr(lse_delta)
     maxw = ent = sinkw = tk_w = tk_i = None
     if lens is not None:
         maxw = torch.empty(B, Hq, Nq, **f32) if lens.max_weight else None
@@ -231,15 +257,40 @@ def forward(inp: AttnInputs):
     if lens is not None:
         res = LensResult(lse=lse if lens.lse else None, max_weight=maxw, entropy=ent, topk_weights=tk_w,
                          topk_indices=tk_i, sink_weight=sinkw)
-        if lens.received or inp.received_from is not None or lens.pool is not None or inp.rows is not None:
-            res.received, res.received_from, res.pooled, res.weights = columns(
-                inp, lse, received=lens.received, weights=inp.received_from, pool=lens.pool, rows=inp.rows)
-            res.rows = inp.rows
-    return (out if inp.q.dtype == torch.float32 else out.to(inp.q.dtype)), lse, res
+        if cols:
+            if lens.received or inp.received_from is not None or lens.pool is not None or inp.rows is not None:
+                res.received, res.received_from, res.pooled, res.weights = columns(
+                    inp, lse, received=lens.received, weights=inp.received_from, pool=lens.pool, rows=inp.rows,
+                    rowd=lse_delta)
+                res.rows = inp.rows
+            if inp.at is not None:  # P[i, at] = exp(s - lse) · exp(-delta): the row's own weights
+                res.weights_at = pair_weights(inp, inp.at, lse) * torch.exp(-lse_delta)[..., None]
+    o = out if inp.q.dtype == torch.float32 else out.to(inp.q.dtype)
+    return (o, lse, res, lse_delta) if delta else (o, lse, res)
 
 
-def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
-    """Add the gradients into ``dq``, ``dk``, ``dv`` (any float dtype, strided views allowed) and ``dsinks``."""
+def own_rows(inp: AttnInputs, lse):
+    """``rowd (B, Hq, Nq)`` for weights ``exp(s - lse - rowd)`` rebuilt from a given ``lse``, or None.
+
+    The torch backend's rule (`attnlens.core.backends.torch_chunked`, ``LSE_RENORM_ULPS``): in calls with a finite row
+    of huge |lse| (``|lse| · eps > 2**-12``: scores of ±1e4, or near -1e30 where fp32 rounds ``m + log l`` to ``m``),
+    a row whose ``lse`` is its own (the weights it gives sum to ``r`` with ``|log r| <= eps · (|lse|/2 + 1)``) gets its
+    own weights ``exp(s - lse) / r``: ``rowd = log r``, from one more forward pass of this block (rare calls only). A
+    row whose lse is global (ring attention, split-KV: it also sees other blocks' keys) keeps ``exp(s - lse)``."""
+    lse = lse.detach().to(torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    if not bool((torch.isfinite(lse) & (lse.abs() * eps > LSE_RENORM_ULPS)).any()):
+        return None
+    plain = dataclasses.replace(inp, lens=None) if inp.lens is not None else inp
+    _, own, _, d = forward(plain, delta=True)
+    logr = (own - lse) + d  # log Σ_j exp(s_ij - lse_i), sink included
+    ok = torch.isfinite(lse) & torch.isfinite(logr) & (logr.abs() <= eps * (0.5 * lse.abs() + 1.0))
+    return torch.where(ok, logr, torch.zeros((), dtype=torch.float32)).contiguous()
+
+
+def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
+    """Add the gradients into ``dq``, ``dk``, ``dv`` (any float dtype, strided views allowed) and ``dsinks``;
+    ``dlse``: the lse's own gradient (``Δ = rowsum(dO ∘ O) − dlse``, `Backend.backward`)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     a, keep = _Args(), []
     _fill(a, inp, keep)
@@ -249,6 +300,14 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
     a.dout, a.outp, a.sdo[:], a.so[:] = do.data_ptr(), o.data_ptr(), _strides(do), _strides(o)
     lse = lse.detach().to(torch.float32).contiguous()
     a.lse_in = lse.data_ptr()
+    rowd = own_rows(inp, lse)
+    if rowd is not None:
+        keep.append(rowd)
+        a.rowd = rowd.data_ptr()
+    if dlse is not None:
+        dl = dlse.detach().to(torch.float32).contiguous()
+        keep.append(dl)
+        a.dlse = dl.data_ptr()
     direct = [g.dtype == torch.float32 and g.is_contiguous() for g in (dq, dk, dv)]
     bufs = [g if ok else torch.zeros(g.shape, dtype=torch.float32) for g, ok in zip((dq, dk, dv), direct)]
     a.dq, a.dk, a.dv = (b.data_ptr() for b in bufs)
@@ -256,7 +315,10 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
     for g, b, ok in zip((dq, dk, dv), bufs, direct):
         if not ok:
             g += b.to(g.dtype)
-    add_sink_grad(inp, out, lse, dout, dsinks)
+    p_sink = None
+    if rowd is not None and dsinks is not None and inp.sinks is not None:  # the sink's own weight too
+        p_sink = sink_weights(inp, lse) * torch.exp(-rowd)
+    add_sink_grad(inp, out, lse, dout, dsinks, p_sink, dlse=dlse)
 
 
 class FusedCpuBackend(Backend):
@@ -277,12 +339,31 @@ class FusedCpuBackend(Backend):
         lib, why = library()
         return [] if lib is not None else [why]
 
+    def auto_reasons(self, inp: AttnInputs) -> list[str]:
+        """``auto`` takes this kernel for every lens call it serves; a plain call (no lens) goes to SDPA where SDPA
+        serves it and `plain_call_is_faster` says SDPA is faster there (the rule measured by benchmarks/cpu.py)."""
+        if inp.lens is not None or plain_call_is_faster(inp):
+            return []
+        sdpa = SdpaBackend()
+        if sdpa.not_supported_reasons(inp) or sdpa.auto_reasons(inp):
+            return []
+        return ["a plain call (no lens) that SDPA serves faster on this CPU (fused.plain_call_is_faster)"]
+
+    def status(self) -> str:
+        lib, why = library()
+        if lib is None:
+            return f"unavailable: {why}; backend='auto' uses torch on the CPU (same results, slower)"
+        isa = lib.attnlens_fused_isa
+        isa.restype = ctypes.c_char_p
+        return (f"kernel built ({isa().decode()}); auto takes it for lens calls on the CPU and for plain calls where "
+                f"{PLAIN_RULE}")
+
     def forward(self, inp: AttnInputs):
         return forward(inp)
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
-        backward(inp, out, lse, dout, dq, dk, dv, dsinks)
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
+        backward(inp, out, lse, dout, dq, dk, dv, dsinks, dlse)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
-        rec, rf, _, _ = columns(inp, lse, received=weights is None, weights=weights)
+        rec, rf, _, _ = columns(inp, lse, received=weights is None, weights=weights, rowd=own_rows(inp, lse))
         return rec if weights is None else rf

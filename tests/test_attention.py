@@ -577,14 +577,15 @@ def test_chunk_rows_respects_chunk_bytes(rng):
 def test_backends_listed_in_priority_order():
     rows = al.backends()
     names = [r.name for r in rows]
-    assert names == ["triton", "sdpa", "torch", "reference"]
+    assert names == ["triton", "fused", "sdpa", "torch", "reference"]
     assert names == dispatch.names() == [b.name for b in dispatch.PRIORITY]
     for r in rows:
         shown = r.describe()
         for key in ("description", "lens", "grad", "dropout", "dtypes", "devices", "memory"):
             assert key in shown, (r.name, key)
     caps = {r.name: r.capabilities for r in rows}
-    assert not caps["sdpa"].lens and not caps["sdpa"].block and rows[1].describe()["lens"] == "no"
+    assert not caps["sdpa"].lens and not caps["sdpa"].block and rows[2].describe()["lens"] == "no"
+    assert caps["fused"].block and caps["fused"].max_topk == 64 and caps["fused"].devices == frozenset({"cpu"})
     assert caps["torch"].block and LensField.TOPK in caps["torch"].lens and caps["torch"].dropout
     assert caps["triton"].max_topk == 16 and caps["triton"].devices == frozenset({"cuda"})
     assert caps["reference"].memory is Memory.DENSE and caps["torch"].memory is Memory.CHUNKED
@@ -608,15 +609,16 @@ def _spy(monkeypatch):
     return called
 
 
-def test_auto_picks_sdpa_without_lens_and_torch_with_lens(monkeypatch, rng):
+def test_auto_picks_sdpa_without_lens_and_the_fused_kernel_with_lens(monkeypatch, rng):
     q, k, v = make_inputs(1, 2, 2, 5, 6, 4, 4, torch.float32, rng=rng)
+    lensed = "fused" if al.FusedCpuBackend().not_supported_reasons(validate(q, k, v, lens=True)) == [] else "torch"
     assert dispatch.select(validate(q, k, v)).name == "sdpa"
-    assert dispatch.select(validate(q, k, v, lens=True)).name == "torch"
+    assert dispatch.select(validate(q, k, v, lens=True)).name == lensed
     called = _spy(monkeypatch)
     al.attention(q, k, v)
     al.attention(q, k, v, lens=True)
-    al.attention(q, k, v, lens=al.Lens(topk=1), dropout_p=0.2)
-    assert called == ["sdpa", "torch", "torch"]
+    al.attention(q, k, v, lens=al.Lens(topk=1), dropout_p=0.2)  # dropout: the torch backend
+    assert called == ["sdpa", lensed, "torch"]
 
 
 def test_forcing_sdpa_with_lens_raises_with_reason(rng):

@@ -521,7 +521,11 @@ static int prep_row(const Args *a, const Row *rw, float *s, float *dcap, int64_t
                 vis &= kst ? vbytes(m + jv, inb) : (m[0] ? (vm)0xffff : (vm)0);
             }
         }
-        if (a->check) bad |= (vis & vnonfinite(x)) != 0;
+        if (a->check) { /* a visible non-finite score (-inf by arithmetic too) makes the row NaN: it reads as NaN */
+            const vm nf = vis & vnonfinite(x);
+            bad |= nf != 0;
+            x = vsel(nf, vset(NAN), x);
+        }
         vst(s + 16 * v, vsel(vis, x, ninf));
     }
     return bad;

@@ -278,23 +278,35 @@ def test_dead_rows_are_zero_and_minus_inf(rng):
 
 
 def check_backward(q, k, v, **kw):
+    """The backward primitive with a loss on the output and on the lse (``dlse``; 0 at dead rows) and, with sinks,
+    ``dsinks``, against the float64 reference backend's backward on the same inputs in float64."""
     inp = validate(q, k, v, **kw)
     out, lse, _ = BE.forward(inp)
     g = np.random.default_rng(7)
     dout = torch.tensor(g.standard_normal(out.shape), dtype=torch.float32)
+    dlse = torch.tensor(g.standard_normal(lse.shape), dtype=torch.float32) * torch.isfinite(lse)
     pre = [torch.tensor(g.standard_normal(t.shape), dtype=torch.float32) for t in (q, k, v)]
     bufs = [p.clone() for p in pre]
     bufs[2] = bufs[2].transpose(-1, -2).contiguous().transpose(-1, -2)  # a strided buffer: added through a copy
     dsinks = None if inp.sinks is None else torch.zeros(inp.sinks.shape, dtype=torch.float32)
-    BE.backward(inp, out, lse, dout, *bufs, dsinks=dsinks)
-    _, w, _, _ = ref_all(inp, None)
-    grads = reference_backward(np64(q), np64(k), np64(v), w, np64(dout), scale=inp.scale, softcap=inp.softcap)
+    BE.backward(inp, out, lse, dout, *bufs, dsinks=dsinks, dlse=dlse)
+    # the oracle: the reference backend in float64
+    kw64 = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()}
+    inp64 = validate(*(t.double() for t in (q, k, v)), **kw64)
+    ref = al.ReferenceBackend()
+    o64, l64, _ = ref.forward(inp64)
+    want = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
+    want_s = None if inp.sinks is None else torch.zeros(inp.sinks.shape, dtype=torch.float64)
+    ref.backward(inp64, o64, l64, dout.double(), *want, dsinks=want_s, dlse=dlse.double())
     # the yardstick: the same gradients by PyTorch autograd through the dense float32 computation
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    n_out, _, _ = naive32(validate(q32, k32, v32, **kw))
-    n_out.backward(dout)
-    for n, b, p, gr, nv in zip("qkv", bufs, pre, grads, (q32.grad, k32.grad, v32.grad)):
-        check(f"d{n} added into the buffer", b - p, gr, tol(None, torch.nan_to_num(nv), gr, 1e-5))
+    xs32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    s32 = None if inp.sinks is None else inp.sinks.detach().float().requires_grad_()
+    n_out, _, n_lse = naive32(validate(*xs32, **dict(kw, sinks=s32) if s32 is not None else kw))
+    ((n_out * dout).sum() + torch.where(dlse != 0, n_lse * dlse, 0.0).sum()).backward()
+    for n, b, p, gr, nv in zip("qkv", bufs, pre, want, [x.grad for x in xs32]):
+        check(f"d{n} added into the buffer", b - p, np64(gr), tol(None, torch.nan_to_num(nv), np64(gr), 1e-5))
+    if dsinks is not None:
+        check("dsinks", dsinks, np64(want_s), tol(None, s32.grad, np64(want_s), 1e-5))
 
 
 @pytest.mark.parametrize("case", ["63-causal", "64-full-gqa2", "65-causal-gqa8", "49x130-window", "keymask-dead",
@@ -312,17 +324,49 @@ def test_backward_splits_keys_when_heads_are_few(rng, monkeypatch):
     check_backward(q, k, v, causal=True)
 
 
-def test_gradcheck_in_float64_through_the_one_wrapper(rng):
-    """float64 inputs, the fused kernel in float32 between two casts: finite differences of the wrapper's
-    forward against its backward (eps large enough for float32 outputs)."""
+@pytest.mark.parametrize("mods", [{}, {"sinks": True}, {"softcap": 1.5}], ids=["plain", "sinks", "softcap"])
+def test_gradcheck_in_float64_through_the_one_wrapper(mods, rng):
+    """float64 inputs, the fused kernel in float32 between two casts: finite differences of the wrapper's forward —
+    a loss on the output and on the lse (its own gradient, ``dlse``), sinks included — against its backward (eps
+    large enough for float32 outputs)."""
     q, k, v = make_inputs(1, 4, 2, 9, 11, 5, 3, torch.float64, rng=rng, requires_grad=True)
+    sinks = torch.tensor(rng.standard_normal(4), requires_grad=True) if mods.get("sinks") else None
+    mask = torch.from_numpy(rng.random((1, 1, 9, 11)) < 0.8)
+    mask[..., 2, :] = False  # a row that sees no key (with a sink: all its weight on the sink)
+    g_lse = torch.tensor(rng.standard_normal((1, 4, 9)))
+    ins = (q, k, v) + ((sinks,) if sinks is not None else ())
 
-    def f(q, k, v):
-        out, res = al.attention(q.float(), k.float(), v.float(), backend="fused", causal=True, offset=1,
-                                lens=al.Lens(topk=2))
-        return out.double()
+    def f(*xs):
+        s = None if sinks is None else xs[3].float()
+        out, res = al.attention(*(x.float() for x in xs[:3]), backend="fused", causal=True, offset=1, mask=mask,
+                                sinks=s, softcap=mods.get("softcap"), lens=al.Lens(topk=2))
+        lse = res.lse.double()
+        return out.double(), torch.where(torch.isfinite(lse), lse * g_lse, 0.0)
 
-    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-3, atol=2e-3, rtol=2e-3)
+    assert torch.autograd.gradcheck(f, ins, eps=1e-3, atol=3e-3, rtol=3e-3)
+
+
+def test_huge_rows_keep_their_own_weights(rng):
+    """Rows of scores near -1e30 / finfo.min / -1e6 (fp32 cannot hold m + log l there): every field, the column sums
+    and the backward give the row's own weights (the torch backend's rule), not exp(s - lse) with lse rounded."""
+    fmin = torch.finfo(torch.float32).min
+    mask = torch.tensor([[-1e30] * 3, [fmin] * 3, [-1e6, -1e6 + 0.5, -1e6 + 1.0], [0.1, -0.3, 0.2]])
+    q, k = torch.zeros(1, 2, 4, 2), torch.zeros(1, 1, 3, 2)
+    v = torch.tensor([[[[1.0, 0.0], [2.0, -1.0], [4.0, 3.0]]]])
+    for sk in (None, torch.tensor([0.5, -2.0])):
+        lens = al.Lens(topk=2, rows="all", at=torch.tensor([0, 1, 2]), received_from=torch.ones(4, 1))
+        out, res = al.attention(q, k, v, mask=mask, sinks=sk, backend="fused", lens=lens)
+        r_out, ref = al.attention(q.double(), k.double(), v.double(), mask=mask.double(),
+                                  sinks=None if sk is None else sk.double(), backend="reference", lens=lens)
+        check("out", out, np64(r_out), 1e-6)
+        for f in ("lse", "max_weight", "entropy", "received", "weights", "topk_weights", "weights_at",
+                  "received_from", "sink_weight"):
+            if getattr(ref, f) is not None:
+                check(f, getattr(res, f), np64(getattr(ref, f)), 1e-5 * (1 + 1e-7 * float(np.abs(np64(
+                    getattr(ref, f))).max())) if f == "lse" else 1e-5)
+        check_backward(q, k, v, mask=mask, sinks=sk)
+        inp = validate(q, k, v, mask=mask, sinks=sk)
+        check("column sums from the pass's lse", BE.column_sums(inp, res.lse), np64(ref.received), 1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,15 +389,21 @@ def test_column_sums_under_a_global_lse(rng):
 # dispatch
 
 
-def test_auto_takes_the_fused_kernel_for_lens_calls_on_the_cpu(rng):
+def test_auto_takes_the_kernel_only_where_it_measured_faster(rng, monkeypatch):
     q, k, v = make_inputs(1, 2, 2, 20, 20, 16, 16, rng=rng)
-    assert dispatch.select(validate(q, k, v, lens=True)).name == "fused"
+    inp = validate(q, k, v, lens=True)
+    assert BE.not_supported_reasons(inp) == []
+    assert dispatch.select(inp).name == "torch" and dispatch.select(inp, "fused").name == "fused"
+    assert "measured slower" in BE.auto_reasons(inp)[0]
+    monkeypatch.setattr(_fused, "measured_faster", lambda inp: True)  # where the rule says faster: auto takes it
+    assert dispatch.select(inp).name == "fused"
     assert dispatch.select(validate(q, k, v, causal=True, lens=al.Lens(topk=64))).name == "fused"
     q2, k2, v2 = make_inputs(1, 2, 2, 20, 80, 16, 16, rng=rng)
     assert dispatch.select(validate(q2, k2, v2, lens=al.Lens(topk=65))).name == "torch"  # more than MAX_TOPK
     assert dispatch.select(validate(q.double(), k.double(), v.double(), lens=True)).name == "torch"  # float64
     assert dispatch.select(validate(q, k, v, lens=True, dropout_p=0.1)).name == "torch"  # dropout
-    assert "fused" in al.info()
+    text = al.info()
+    assert "fused" in text and "fused: kernel built (" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,7 +422,9 @@ CHILD = textwrap.dedent("""
         q, k, v = (torch.randn(1, 4, 70, d) for d in (20, 20, 12))
         mask = torch.rand(1, 1, 70, 70) < 0.8
         chosen = al.Block.build(q, k, v, causal=True, mask=mask, lens=al.Lens(topk=3)).backend.name
-        out, res = al.attention(q, k, v, causal=True, mask=mask, lens=al.Lens(topk=3, pool=8))
+        out, res = al.attention(q, k, v, causal=True, mask=mask, lens=al.Lens(topk=3, pool=8),
+                                backend="fused" if lib is not None else "auto")
+        info = al.info()
     r_out, w, lse = reference_attention(*(t.double().numpy() for t in (q, k, v)), mask=mask.numpy(), causal=True)
     ref = reference_lens(w, lse, topk=3, pool=(8, 8))
     err = max(float(np.abs(out.numpy() - r_out).max()), float(np.abs(res.received.numpy() - ref.received).max()) / 70,
@@ -386,7 +438,8 @@ CHILD = textwrap.dedent("""
         rg = reference_backward(*(t.double().numpy() for t in (q, k, v)), w, do.double().numpy())
         err = max(err, *(float(np.abs(a.numpy() - b).max()) for a, b in zip(g, rg)))
     warned = [str(x.message) for x in ws if issubclass(x.category, RuntimeWarning)]
-    print("LOADED" if lib is not None else "FALLBACK", chosen, f"{err:.3g}", len(warned), warned)
+    status = [ln for ln in info.splitlines() if ln.startswith("fused: ")]
+    print("LOADED" if lib is not None else "FALLBACK", chosen, f"{err:.3g}", len(warned), warned, status)
 """)
 
 
@@ -403,7 +456,7 @@ def child(env, seed=0, timeout=300):
 def test_portable_simd_build_is_correct(march, tmp_path):
     """The kernel built without AVX-512 (AVX2, then plain SSE2): GCC vector extensions instead of intrinsics."""
     state, chosen, err, nwarn, _ = child({"ATTNLENS_CACHE": str(tmp_path), "ATTNLENS_MARCH": march})
-    assert state == "LOADED" and chosen == "fused" and nwarn == 0
+    assert state == "LOADED" and nwarn == 0
     assert err < 1e-4
     (lib,) = tmp_path.glob("fused-*.so")
     import ctypes
@@ -422,7 +475,7 @@ def test_concurrent_first_builds_share_one_library(tmp_path):
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
         state, chosen, err, nwarn, warned = o.strip().splitlines()[-1].split(" ", 4)
-        assert state == "LOADED" and chosen == "fused" and int(nwarn) == 0, warned
+        assert state == "LOADED" and int(nwarn) == 0, warned
         assert float(err) < 1e-4
     libs = sorted(x.name for x in tmp_path.iterdir())
     fused_libs = [n for n in libs if n.startswith("fused-")]
@@ -436,8 +489,9 @@ def test_without_a_compiler_auto_falls_back(env, tmp_path):
     assert state == "FALLBACK" and chosen == "torch" and err < 1e-4
     if "CC" in env:  # one warning per library (the row kernel's and the fused kernel's), naming what happened
         assert nwarn == 2 and "fused CPU kernel could not be built" in warned
+        assert "fused: unavailable: the fused CPU kernel could not be built" in warned  # attnlens info says why
     else:
-        assert nwarn == 0
+        assert nwarn == 0 and "fused: unavailable: disabled by ATTNLENS_NATIVE=0" in warned
 
 
 def test_named_fused_backend_without_the_kernel_gives_the_reason(monkeypatch, rng):

@@ -24,7 +24,7 @@
  *
  * q, k, v are read through their strides in float32, float16 or bfloat16 and packed once per call in float32:
  * q scaled, K transposed per key tile of BK keys (the inner loop runs over keys), V with rows padded to 16.
- * SIMD: AVX-512 intrinsics where the compiler targets them, GCC vector extensions otherwise (any x86-64, ARM).
+ * SIMD: GCC vector extensions of 16 floats (any x86-64, ARM); AVX-512 intrinsics only when asked (see below).
  * OpenMP shares PyTorch's runtime and thread count. Built on first use by fused.py through native.py. */
 #include <math.h>
 #include <omp.h>
@@ -40,8 +40,15 @@
 #define EXP_LO (-87.0f)     /* exp(x) for x below is 0 (below FLT_MIN), as rowsoftmax.c */
 
 /* ---------------------------------------------------------------------------------------------------------
- * SIMD: 16 float32 lanes */
-#if defined(__AVX512F__)
+ * SIMD: 16 float32 lanes. The AVX-512 intrinsics path is compiled only with -DATTNLENS_FUSED_AVX512 on a target
+ * that has AVX-512F: it has not yet run on AVX-512 hardware under the tests (the machine this was written on has
+ * AVX2), so by default every target builds the portable path, which the tests check. */
+#if defined(__AVX512F__) && defined(ATTNLENS_FUSED_AVX512)
+#define FUSED_AVX512 1
+#else
+#define FUSED_AVX512 0
+#endif
+#if FUSED_AVX512
 #include <immintrin.h>
 typedef __m512 vf;
 typedef __mmask16 vm;
@@ -164,7 +171,7 @@ static inline vm lanes_in(int64_t a, int64_t b) { return lanes_below(b) & (vm)~l
 
 /* exp(x); 0 below EXP_LO (and for -inf); NaN stays NaN. Range reduction x = n ln2 + r (Cody-Waite, |r| <= ln2/2),
  * exp(r) by Cephes' degree-6 polynomial (~1 ulp) in Horner form, then 2^n. */
-#if defined(__AVX512F__)
+#if FUSED_AVX512
 static inline vf vexp(vf x) { /* scalef gives 2^n for any n (inf above the range); -inf lanes are zeroed by the mask */
     const vm live = _mm512_cmp_ps_mask(x, vset(EXP_LO), _CMP_NLT_UQ); /* x >= EXP_LO or NaN */
     const vf n = vround(vmul(x, vset(1.44269504088896341f)));
@@ -217,7 +224,7 @@ static inline vf vtanh(vf x) {
 
 /* which SIMD path this library was built with */
 const char *attnlens_fused_isa(void) {
-#if defined(__AVX512F__)
+#if FUSED_AVX512
     return "avx512";
 #else
     return "vector extensions";
@@ -1152,6 +1159,7 @@ int attnlens_fused_backward(const Args *a) {
                                 for (int64_t r = 0; r < R; ++r) {                 /* P = exp(s - lse) */
                                     float *s = S + r * BK;
                                     if (r < n) prep_row(a, &rows[r], s, dc ? dc + r * BK : NULL, j0);
+                                    else if (dc) memset(dc + r * BK, 0, BK * 4); /* a padding row: no stale NaN */
                                     const vf vl = vset(lse[r]), vd = vset(rd[r]);
                                     for (int v = 0; v < NVK; ++v) {
                                         const vf sv = vld(s + 16 * v);

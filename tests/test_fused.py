@@ -507,3 +507,19 @@ def test_kernel_exp_and_tanh_are_accurate(rng):
     q, k, v = make_inputs(1, 1, 1, 40, 300, 8, 8, scale_factor=6.0, rng=rng)
     for kw in ({}, {"softcap": 1.5}, {"softcap": 0.05}):
         check_forward(q, k, v, al.Lens(rows="all"), **kw)
+
+
+def test_an_empty_key_set(rng):
+    """Nk = 0: every row sees nothing (out 0, lse -inf, or all weight on its sink); the backward adds nothing but the
+    sinks' gradient (this divided by zero in the backward's split of the keys)."""
+    q = torch.tensor(rng.standard_normal((1, 2, 3, 4)), dtype=torch.float32, requires_grad=True)
+    k, v = torch.zeros(1, 1, 0, 4, requires_grad=True), torch.zeros(1, 1, 0, 5, requires_grad=True)
+    sinks = torch.tensor([0.5, float("-inf")], requires_grad=True)
+    out, res = al.attention(q, k, v, backend="fused", sinks=sinks, lens=al.Lens(topk=3, received=True, rows="all"))
+    r_out, ref = al.attention(q.detach().double(), k.detach().double(), v.detach().double(), sinks=sinks.detach().double(),
+                              backend="reference", lens=al.Lens(topk=3, received=True, rows="all"))
+    for f in ("lse", "entropy", "max_weight", "sink_weight", "topk_weights", "received", "weights"):
+        check(f, getattr(res, f), np64(getattr(ref, f)), 0.0)
+    assert (out == 0).all() and (res.topk_indices == -1).all()
+    (out.sum() + res.lse[0, 0].sum()).backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape and torch.equal(sinks.grad, torch.tensor([3.0, 0.0]))

@@ -1088,7 +1088,7 @@ int attnlens_fused_backward(const Args *a) {
     if (pack_alloc(a, &p, PACK_BWD)) { pack_free(&p); return -1; }
     const int64_t nt = p.nt, Dp = p.Dp, Dvp = p.Dvp, nthr = imax(1, a->nthreads);
     /* key ranges per (b, kv head): one when there are enough (b, kv head) items for the threads */
-    const int64_t nsplit = B * Hkv >= 2 * nthr ? 1 : imin(nt, (4 * nthr + B * Hkv - 1) / (B * Hkv));
+    const int64_t nsplit = B * Hkv >= 2 * nthr ? 1 : imax(1, imin(nt, (4 * nthr + B * Hkv - 1) / (B * Hkv)));
     const int64_t per = (nt + nsplit - 1) / nsplit, nitems = B * Hkv * nsplit;
     const int64_t ndq = nsplit > 1 ? nthr : 1;
     const size_t dqn = (size_t)(B * Hq * Nq * Dp);

@@ -27,8 +27,15 @@ finite sentinel), a row that sees no key gets out 0 and lse ``-inf``, and when s
 fields (the NaN/inf rule of `attnlens.core.reference`); value rows holding NaN/inf reach only the rows that give
 their key a weight > 0.
 
+Weights in the column pass and the backward are ``exp(s - lse - rowd)``: ``rowd`` is the lse's own rounding where the
+torch backend's rule says a row's lse is its own and large (``own_rows``; from the forward's ``m`` and ``l`` directly
+when the pass itself runs the column pass), so rows of scores near -1e30 keep their own weights, as in that backend.
+
 The library is built on first use by `attnlens.core.backends.native` (private verified cache, atomic builds under
-a lock, compile timeout); where it cannot be built this backend gives that as its reason and ``auto`` takes another.
+a lock, compile timeout); where it cannot be built this backend gives that as its reason and ``auto`` takes another
+(``attnlens info`` says which and why). ``auto`` takes this backend only where it measured faster than what auto
+takes otherwise (`measured_faster`, `AUTO_RULE`): on the build measured so far (GCC vector extensions on a 2-core
+AVX2 CPU) it is several times slower than SDPA and than the torch backend, so it serves calls that name it.
 """
 from __future__ import annotations
 

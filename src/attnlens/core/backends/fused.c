@@ -541,6 +541,7 @@ static int prep_row(const Args *a, const Row *rw, float *s, float *dcap, int64_t
 /* ---------------------------------------------------------------------------------------------------------
  * microkernels */
 
+#if defined(__AVX512F__) /* 32 registers of 16 floats: register blocks of 16-float vectors */
 /* C[r][0:BK) = Σ_d A_r[d] · BT[d][0:BK) for RQ rows; BT packed (K, BK) */
 static void mk_qk(const float *const *arow, int64_t K, const float *bt, float *c, int64_t ldc) {
     vf acc[RQ][NVK];
@@ -668,6 +669,114 @@ static void outer(float *acc, int64_t Xp, const float *P, int64_t ldp, const flo
         c0 += w;
     }
 }
+
+#else /* 16 registers of 8 floats (AVX2; SSE2 and NEON as pairs): blocks of 3 rows × 32 columns, whose 12 accumulators
+     * fit (the 16-float blocks above need 48 and spill: benchmarks/results/cpu-2026-12-03.md) */
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 ld8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
+static inline void st8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline v8 splat8(float x) { v8 r = {x, x, x, x, x, x, x, x}; return r; }
+
+/* C[r][0:BK) = Σ_d A_r[d] · BT[d][0:BK) for RQ rows (a multiple of 3); BT packed (K, BK) */
+static void mk_qk(const float *const *arow, int64_t K, const float *bt, float *c, int64_t ldc) {
+    for (int r0 = 0; r0 < RQ; r0 += 3)
+        for (int c0 = 0; c0 < BK; c0 += 32) {
+            const float *a0 = arow[r0], *a1 = arow[r0 + 1], *a2 = arow[r0 + 2];
+            v8 acc[3][4];
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; ++v) acc[0][v] = acc[1][v] = acc[2][v] = splat8(0.0f);
+            for (int64_t d = 0; d < K; ++d) {
+                const float *b = bt + d * BK + c0;
+                const v8 x0 = splat8(a0[d]), x1 = splat8(a1[d]), x2 = splat8(a2[d]);
+#pragma GCC unroll 4
+                for (int v = 0; v < 4; ++v) {
+                    const v8 bv = ld8(b + 8 * v);
+                    acc[0][v] += x0 * bv;
+                    acc[1][v] += x1 * bv;
+                    acc[2][v] += x2 * bv;
+                }
+            }
+#pragma GCC unroll 3
+            for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 4
+                for (int v = 0; v < 4; ++v) st8(c + (r0 + r) * ldc + c0 + 8 * v, acc[r][v]);
+        }
+}
+
+/* C_r[c0 : c0 + 8·CB) = alpha_r · C_r + Σ_{j < nk} P[r][j] · Bm[j][c0 ...] for 3 rows */
+static inline __attribute__((always_inline)) void mk_pv8_t(const int CB, float *const *crow, const float *alpha,
+                                                           const float *P, int64_t ldp, const float *bm, int64_t ldb,
+                                                           int64_t nk, int64_t c0) {
+    v8 acc[3][4];
+#pragma GCC unroll 3
+    for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < CB; ++v) {
+            const v8 cv = ld8(crow[r] + c0 + 8 * v);
+            acc[r][v] = alpha ? cv * splat8(alpha[r]) : cv;
+        }
+    for (int64_t j = 0; j < nk; ++j) {
+        const v8 x0 = splat8(P[j]), x1 = splat8(P[ldp + j]), x2 = splat8(P[2 * ldp + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < CB; ++v) {
+            const v8 bv = ld8(bm + j * ldb + c0 + 8 * v);
+            acc[0][v] += x0 * bv;
+            acc[1][v] += x1 * bv;
+            acc[2][v] += x2 * bv;
+        }
+    }
+#pragma GCC unroll 3
+    for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < CB; ++v) st8(crow[r] + c0 + 8 * v, acc[r][v]);
+}
+static void mk_pv8_4(float *const *c, const float *al, const float *P, int64_t ldp, const float *bm, int64_t ldb,
+                     int64_t nk, int64_t c0) { mk_pv8_t(4, c, al, P, ldp, bm, ldb, nk, c0); }
+static void mk_pv8_2(float *const *c, const float *al, const float *P, int64_t ldp, const float *bm, int64_t ldb,
+                     int64_t nk, int64_t c0) { mk_pv8_t(2, c, al, P, ldp, bm, ldb, nk, c0); }
+
+/* C rows (R rows, a multiple of 3; width Xp, a multiple of 16) = alpha ∘ C + P · Bm over nk keys */
+static void pv(int64_t R, int64_t Xp, float *const *crow, const float *alpha, const float *P, int64_t ldp,
+               const float *bm, int64_t ldb, int64_t nk) {
+    for (int64_t c0 = 0; c0 < Xp;) {
+        const int wide = Xp - c0 >= 32;
+        for (int64_t r = 0; r < R; r += 3) {
+            const float *al = alpha ? alpha + r : NULL;
+            if (wide) mk_pv8_4(crow + r, al, P + r * ldp, ldp, bm, ldb, nk, c0);
+            else mk_pv8_2(crow + r, al, P + r * ldp, ldp, bm, ldb, nk, c0);
+        }
+        c0 += wide ? 32 : 16;
+    }
+}
+
+/* Acc (BK × Xp) += Pᵀ A: P (R × BK), A rows (R rows of Xp floats); blocks of 4 keys × 16 columns */
+static void outer(float *acc, int64_t Xp, const float *P, int64_t ldp, const float *const *arow, int64_t R) {
+    for (int64_t c0 = 0; c0 < Xp; c0 += 16)
+        for (int64_t j0 = 0; j0 < BK; j0 += 4) {
+            v8 a[4][2];
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                a[j][0] = ld8(acc + (j0 + j) * Xp + c0);
+                a[j][1] = ld8(acc + (j0 + j) * Xp + c0 + 8);
+            }
+            for (int64_t r = 0; r < R; ++r) {
+                const v8 av0 = ld8(arow[r] + c0), av1 = ld8(arow[r] + c0 + 8);
+                const float *pr = P + r * ldp + j0;
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) {
+                    const v8 x = splat8(pr[j]);
+                    a[j][0] += x * av0;
+                    a[j][1] += x * av1;
+                }
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) {
+                st8(acc + (j0 + j) * Xp + c0, a[j][0]);
+                st8(acc + (j0 + j) * Xp + c0 + 8, a[j][1]);
+            }
+        }
+}
+#endif
 
 /* S (R × BK) = A Bᵀ: rows of A by pointer (R a multiple of RQ), BT packed (K, BK) */
 static void qk(int64_t R, const float *const *arow, int64_t K, const float *bt, float *S) {

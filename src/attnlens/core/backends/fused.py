@@ -35,7 +35,7 @@ The library is built on first use by `attnlens.core.backends.native` (private ve
 a lock, compile timeout); where it cannot be built this backend gives that as its reason and ``auto`` takes another
 (``attnlens info`` says which and why). ``auto`` takes this backend only where it measured faster than what auto
 takes otherwise (`measured_faster`, `AUTO_RULE`): on the build measured so far (GCC vector extensions on a 2-core
-AVX2 CPU) it is several times slower than SDPA and than the torch backend, so it serves calls that name it.
+AVX2 CPU) it is slower than SDPA and, with the lens, than the torch backend, so it serves calls that name it.
 """
 from __future__ import annotations
 
@@ -94,10 +94,11 @@ def library():
 
 #: where ``backend="auto"`` takes the kernel: where it measured faster than what auto takes otherwise (SDPA for a plain
 #: call, the torch backend for a lens call). benchmarks/results/cpu-2026-12-03.md (2-core AMD EPYC, AVX2, the portable
-#: build; N = 1024, D = 16-128, causal and not): no lens 4.4-22x SDPA's time, lens (entropy, received) 3.5-23x the
-#: torch backend's, forward + backward 2.9-21x SDPA's — slower in every cell (its register blocks spill on AVX2), so
-#: auto does not take it yet; name it (``backend="fused"``) to use it.
-AUTO_RULE = "nowhere yet: it measured slower than SDPA and the torch backend on this build (benchmarks/cpu.py)"
+#: build; N = 1024, D = 16-128, causal and not): no lens 1.6-4.5x SDPA's time, lens (entropy, received) 2.0-5.5x the
+#: torch backend's, forward + backward 1.2-2.4x SDPA's (faster than the torch backend's only there, for causal calls)
+#: — slower than auto's choice in every cell, so auto does not take it yet; name it (``backend="fused"``) to use it.
+AUTO_RULE = ("nowhere yet: it measured slower than what auto takes otherwise (SDPA; the torch backend with a lens) on "
+             "this build (benchmarks/cpu.py)")
 
 
 def measured_faster(inp: AttnInputs) -> bool:

@@ -34,7 +34,7 @@
 
 #define BK 64               /* keys per tile (a multiple of 16) */
 #define NVK (BK / 16)       /* vectors per tile row */
-#define RQ 6                /* query rows per S = Q Kᵀ register block */
+#define RQ 6                /* query rows per S = Q Kᵀ call of mk_qk (a multiple of 3: the blocks without AVX-512) */
 #define RT 48               /* target rows of a forward query tile (a multiple of 12) */
 #define MAXK 64             /* largest top-k */
 #define EXP_LO (-87.0f)     /* exp(x) for x below is 0 (below FLT_MIN), as rowsoftmax.c */

@@ -52,8 +52,8 @@ try:  # the `hf` extra
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("attnlens.hf needs transformers: pip install 'attnlens[hf]'") from e
 
-__all__ = ["IMPLEMENTATION", "register", "attention_forward", "mask_function", "capture", "HFCapture", "HFRecord",
-           "load", "load_default", "default_model_path", "output_projection", "head_slices"]
+__all__ = ["IMPLEMENTATION", "register", "attention_forward", "mask_function", "capture", "attnlens_attention",
+           "HFCapture", "HFRecord", "load", "load_default", "default_model_path", "output_projection", "head_slices"]
 
 #: the name under which attnlens registers with transformers (``model.set_attn_implementation(IMPLEMENTATION)``)
 IMPLEMENTATION = "attnlens"
@@ -334,19 +334,31 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
         raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
     cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
     cap.names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
+    with activate(cap), attnlens_attention(model):
+        yield cap
+
+
+@contextlib.contextmanager
+def attnlens_attention(model):
+    """Within the block, ``model`` runs its attention as ``attn_implementation="attnlens"`` (`attention_forward`);
+    on exit, also when the block raises, its own implementation is set back. What `capture` and `attnlens.kv`
+    switch a model with.
+
+    Raises:
+        ValueError: the model cannot switch (its attention does not go through transformers' AttentionInterface).
+    """
     previous = _impl_of(model)
     switched = previous != IMPLEMENTATION
-    with activate(cap):
-        try:
-            if switched:
-                model.set_attn_implementation(IMPLEMENTATION)
-                if _impl_of(model) != IMPLEMENTATION:
-                    raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation "
-                                     f"to {IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
-            yield cap
-        finally:
-            if switched and previous is not None and _impl_of(model) != previous:
-                model.set_attn_implementation(previous)
+    try:
+        if switched:
+            model.set_attn_implementation(IMPLEMENTATION)
+            if _impl_of(model) != IMPLEMENTATION:
+                raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation "
+                                 f"to {IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
+        yield model
+    finally:
+        if switched and previous is not None and _impl_of(model) != previous:
+            model.set_attn_implementation(previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ with eager attention weights), independent of the code under test:
   12) and Gemma 2 (alternating sliding / global layers, logit soft-cap 1.0, query_pre_attn_scalar) — built from a
   config, no download.
 * `eager_scores`: every layer's dense ``(B, Hq, N, N)`` weights (``output_attentions`` of a float64 eager attention
-  registered for the test: softmax of the masked scores, rows that see no key are zeros) and key norms (``‖k_proj(x)‖`` per head: rotary embeddings are rotations), then each method's scores and kept
-  keys by plain NumPy.
+  registered for the test: softmax of the masked scores, rows that see no key are zeros) and the norms of the
+  (post-rotary) keys it saw; then each method's scores and kept keys by plain NumPy.
 * `masked_logits`: generation's reference — the whole sequence recomputed at every step (no cache) by a float64
   eager attention whose mask hides, for the generated tokens only, the prompt keys a layer's KV head evicted.
 """
@@ -64,15 +64,9 @@ def windows(model):
 
 
 def eager_run(model, ids, mask):
-    """``(weights per layer (B, Hq, N, N), key norms per layer (B, Hkv, N))`` from an eager float64 forward."""
-    norms, hooks = {}, []
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-
-        def hook(mod, args, out, i=i, attn=attn):
-            B, N, _ = out.shape
-            norms[i] = out.reshape(B, N, -1, attn.head_dim).norm(dim=-1).transpose(1, 2).numpy()
-        hooks.append(attn.k_proj.register_forward_hook(hook))
+    """``(weights per layer (B, Hq, N, N), norms of the keys the attention saw (post-rotary) per layer (B, Hkv, N))``
+    from a float64 forward through the oracle's dense attention, positions counted from each sequence's first token
+    (as generate counts them)."""
     _register()
     _KEEP.clear()
     _KEEP["n"] = ids.shape[1]  # no generated rows: nothing hidden
@@ -80,12 +74,16 @@ def eager_run(model, ids, mask):
     model.set_attn_implementation("kv_oracle")
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_attentions=True,
+                        use_cache=False)
     finally:
         model.set_attn_implementation(prev)
-        for h in hooks:
-            h.remove()
-    return [a.numpy() for a in out.attentions], [norms[i] for i in range(len(out.attentions))]
+    return [a.numpy() for a in out.attentions], [_NORMS[i] for i in range(len(out.attentions))]
+
+
+def positions(mask):
+    """Position ids as generate makes them: counted from each sequence's first token (0 on padding)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _pad_top(s, live, n):
@@ -176,11 +174,13 @@ def eager_scores(model, ids, mask, name, *, ratio, window=6, kernel=5, sinks=4, 
 # generation's reference: the full cache with the evicted keys masked
 
 _KEEP = {}  # layer -> (B, Hkv, N) bool of kept prompt keys; the prompt length under "n"
+_NORMS = {}  # layer -> (B, Hkv, T) norms of the keys of the last call
 
 
 def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw):
     B, Hq, T, D = query.shape
     G = Hq // key.shape[1]
+    _NORMS[module.layer_idx] = key.norm(dim=-1).numpy()
     k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
     s = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else 1 / math.sqrt(D))
     if softcap is not None:
@@ -227,8 +227,7 @@ def masked_logits(model, ids, mask, new_tokens, keeps):
             for t in range(new_tokens.shape[1]):
                 seq = torch.cat([ids, new_tokens[:, :t]], 1)
                 m = torch.cat([mask, torch.ones(mask.shape[0], t, dtype=mask.dtype)], 1)
-                pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
-                logits = model(input_ids=seq, attention_mask=m, position_ids=pos, use_cache=False).logits
+                logits = model(input_ids=seq, attention_mask=m, position_ids=positions(m), use_cache=False).logits
                 out.append(logits[:, -1])
     finally:
         model.set_attn_implementation(prev)

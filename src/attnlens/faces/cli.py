@@ -3,7 +3,7 @@
     attnlens walkthrough [--tokens "the cat sat on mat"] [--dim 2] [--seed 6] [--causal] [--backend auto]
     attnlens info
     attnlens explain TEXT [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR] [--layer L] [--head H]
-                     [--truncate]
+                     [--truncate] [--kv METHOD[:RATIO[:WINDOW]]]
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
 (embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view, the column view
@@ -17,7 +17,8 @@ through `attnlens.hf.capture`, prints a short summary and writes a self-containe
 layer × head grid of letters and a table of the strongest heads of each kind; and the informative links, the
 strongest query → key weights between real tokens in the heads that are not sinks, previous-token or self heads
 (``it → tired 0.71 L2 h1``). ``--layer`` / ``--head`` narrow the links to those heads and add each token's most
-attended token in them.
+attended token in them. ``--kv snapkv:0.5`` (a causal decoder's folder as ``--model``) adds what `attnlens.kv`'s
+compression keeps of each layer's KV cache: a layer × token strip in the terminal and on the page.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from ..core import backends
 from ..core.dispatch import INFO_COLUMNS, info
 from . import walkthrough as lesson
 from .report import html, plots
-from .report.from_model import collect_any
+from .report.from_model import collect_any, kv_view, tokenize
 from .report.data import DEFAULT_MODEL_LABEL
 from .report.files import TargetError, check_target
 from .walkthrough import DEFAULT_SEED, DEFAULT_TOKENS, MAX_DIM, MAX_TOKENS, build_example, parse_tokens
@@ -239,6 +240,12 @@ def _explain_targets(args):
             raise CLIError(f"--{name}: expected an int >= 0, got {val}")
     if args.topk < 1:
         raise CLIError(f"--topk: expected an int >= 1, got {args.topk}")
+    if args.kv is not None and args.model is None:
+        raise CLIError(f"--kv: the default model ({DEFAULT_MODEL_LABEL}) is an encoder: it reads the whole text at "
+                       f"once and keeps no KV cache to compress; pass --model with a local causal decoder folder "
+                       f"(Llama, Qwen2, Mistral, Gemma 2, ...)")
+    if args.kv is not None and args.pair is not None:
+        raise CLIError("--kv: scores the KV cache of one text; drop --pair")
     out = os.path.abspath(DEFAULT_OUT if args.out is None else args.out)
     overwrite = args.force or args.out is None
     try:
@@ -268,6 +275,7 @@ def _cmd_explain(args, console) -> int:
     err = Console(stderr=True, highlight=False, emoji=False)
     with _progress(err) as progress:
         model, tok = _load_model(args, progress)
+        kv_data = None if args.kv is None else _kv_data(args, model, tok, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
         run = progress.add_task("running the model", total=L or None)
         ana = progress.add_task("exact head scores and rollout", total=None, visible=False)
@@ -278,6 +286,7 @@ def _cmd_explain(args, console) -> int:
                                on_analysis=lambda d, t: progress.update(ana, completed=d, total=t, visible=True))
         except ValueError as e:
             raise CLIError(str(e).replace("rollout_rows:", "--rollout-rows:", 1))
+        data.kv = kv_data
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
         data.initial_layer = args.layer if args.layer is not None else 0
         data.initial_head = args.head if args.head is not None else -1
@@ -290,6 +299,20 @@ def _cmd_explain(args, console) -> int:
     if pngs:
         console.print(f"PNGs: {', '.join(str(p) for p in pngs)}", markup=False)
     return 0
+
+
+def _kv_data(args, model, tok, progress) -> dict:
+    """What --kv's compression keeps of TEXT (`attnlens.report.from_model.kv_view`), or a one-line `CLIError`."""
+    method, ratio, window = args.kv
+    task = progress.add_task(f"KV-cache scores ({method})", total=1)
+    try:
+        enc, _ = tokenize(args.text, model, tok, truncate=args.truncate)
+        out = kv_view(model, enc["input_ids"], method, ratio, window)
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("pass a smaller one)", f"pass a smaller one, e.g. --kv {method}:{ratio}:8)")
+        raise CLIError(f"--kv: {msg}") from None
+    progress.advance(task)
+    return out
 
 
 def _load_model(args, progress):
@@ -353,6 +376,8 @@ def explain_summary(console, data, *, layer=None, head=None):
     if kinds is not None:
         _kinds_grid(console, kinds)
         _kinds_table(console, kinds, data.summaries[0].induction is not None)
+    if getattr(data, "kv", None) is not None:
+        _kv_table(console, data)
     links = informative_links(data.topk_idx, data.topk_w, data.tokens, kinds, layer=layer, head=head)
     _links_table(console, data, links, focus=layer is not None or head is not None)
     if layer is not None or head is not None:
@@ -368,6 +393,33 @@ def _received_table(console, data):
     for j in np.argsort(-rec, kind="stable")[:5]:
         t.add_row(Text(data.tokens[j]), str(j), f"{rec[j]:.3f}")
     _show(console, t)
+
+
+#: the terminal's KV strip shows one character per token up to this many tokens
+KV_STRIP_TOKENS = 96
+
+
+def _kv_table(console, data):
+    """Per layer, how many keys its KV cache keeps (--kv) and, for short texts, a strip of the tokens: █ kept by every
+    KV head, ▒ by some, · by none."""
+    kv = data.kv
+    title = f"KV cache after {kv['method']} at ratio {kv['ratio']}" + (f", window {kv['window']}" if kv["window"] else "")
+    t = _table(title)
+    t.add_column("layer", justify="right")
+    t.add_column("kept per KV head", justify="right")
+    strip = data.n <= KV_STRIP_TOKENS
+    if strip:
+        t.add_column("tokens (█ kept by every KV head, ▒ by some, · evicted)", no_wrap=True)
+    for li, kept, budget, w in zip(kv["layers"], kv["kept"], kv["budget"], kv["sliding"]):
+        cells = [f"L{li}", f"{budget} of {data.n}" + (f" (window {w})" if w else "")]
+        if strip:
+            cells.append("".join("█" if k == kv["heads"] else ("▒" if k else "·") for k in kept))
+        t.add_row(*cells)
+    _show(console, t)
+    gone = [data.tokens[j] for j in range(data.n) if not kv["kept"][:, j].any()]
+    if gone:
+        more = f" … +{len(gone) - 12} more" if len(gone) > 12 else ""
+        console.print(Text(f"evicted by every layer and KV head: {' '.join(gone[:12])}{more}", style="dim"))
 
 
 def _kinds_grid(console, kinds):
@@ -548,8 +600,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "exactly at any length (default: 8 evenly spaced, the first and the last among them)")
     e.add_argument("--truncate", action="store_true", help="keep the first tokens of a text longer than the "
                                                            "model's maximum (with a warning) instead of refusing it")
+    e.add_argument("--kv", default=None, type=_kv_spec, metavar="METHOD[:RATIO[:WINDOW]]",
+                   help="for a causal decoder (--model): mark which tokens each layer's KV cache keeps after "
+                        "attnlens.kv compresses it (h2o, snapkv, pyramidkv, tova, streamingllm, knorm; RATIO = the "
+                        "fraction evicted, default 0.5; WINDOW = SnapKV's observation window, default 64), e.g. "
+                        "--kv snapkv:0.5:8")
     e.set_defaults(func=_cmd_explain)
     return parser
+
+
+def _kv_spec(text: str) -> tuple:
+    """``"snapkv:0.5:8"`` → ``("snapkv", 0.5, 8)`` (argparse type of --kv; the method and ranges are checked by
+    `attnlens.kv.Method` once the model is loaded)."""
+    parts = text.split(":")
+    try:
+        if not 1 <= len(parts) <= 3 or not parts[0]:
+            raise ValueError
+        ratio = float(parts[1]) if len(parts) > 1 else 0.5
+        window = int(parts[2]) if len(parts) > 2 else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METHOD[:RATIO[:WINDOW]] (e.g. snapkv:0.5 or snapkv:0.5:8), "
+                                         f"got {text!r}") from None
+    return parts[0], ratio, window
 
 
 def _positions(text: str) -> list:

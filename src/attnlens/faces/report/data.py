@@ -72,6 +72,7 @@ class ReportData:
     sink_weight: Optional[np.ndarray] = None
     rollout_rows: Optional[np.ndarray] = None  # (r, N): exact rows of the rollout (every length), float64
     rollout_row_ids: Optional[list] = None  # (r,): the top-layer tokens those rows belong to
+    kv: Optional[dict] = None  # what a KV-cache compression keeps (`attnlens.report.from_model.kv_view`), or None
 
     @property
     def n(self) -> int:

@@ -35,7 +35,7 @@ from .data import (
 )
 
 __all__ = ["collect_any", "collect", "collect_seq2seq", "tokenize", "model_max_length", "segments",
-           "is_encoder_decoder", "is_cross_attention"]
+           "is_encoder_decoder", "is_cross_attention", "kv_view"]
 
 _CROSS = re.compile(r"encoder_attn|encdecattention|crossattention|cross_attn", re.I)
 
@@ -166,6 +166,24 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
                              f"head scores, received attention and the chosen rollout rows are exact, the head grid "
                              f"and the rollout map exact block means")
     return data
+
+
+def kv_view(model, input_ids, method: str = "snapkv", ratio: float = 0.5, window: Optional[int] = None) -> dict:
+    """What `attnlens.kv` keeps of ``input_ids (1, N)`` (one sequence) in each layer of a causal decoder: the report's
+    ``kv`` (`ReportData.kv`). ``window``: SnapKV/PyramidKV's observation window (default: `attnlens.kv`'s 64).
+
+    Returns ``{"method", "ratio", "window", "heads": Hkv, "layers": [l...], "kept": (L, N) uint8 = how many KV heads
+    of each layer keep each token, "budget": keys kept per KV head by each layer, "sliding": each layer's sliding
+    window or None}``. Raises ValueError for a model without a decoder KV cache (an encoder) or a bad setting."""
+    from ...integrations import kv  # lazy: transformers (seconds to import), only when a model is run
+
+    kw = {} if window is None else {"window": window}
+    layers = kv.scores(model, input_ids, method=method, ratio=ratio, **kw)
+    kept = np.stack([ls.kept()[0].sum(0).cpu().numpy() for ls in layers]).astype(np.uint8)  # (L, N)
+    m = kv.Method(method, ratio, **kw)
+    return {"method": m.name, "ratio": m.ratio, "window": m.window if m.name in kv.WINDOW_METHODS else None,
+            "heads": int(layers[0].keep.shape[1]), "layers": [ls.layer for ls in layers], "kept": kept,
+            "budget": [int(ls.budget[0]) for ls in layers], "sliding": [ls.window for ls in layers]}
 
 
 def segments(enc) -> list:

@@ -26,7 +26,8 @@ Size (what is embedded, and why it stays small at 512 tokens):
 - rollout: pooled to at most ``ROLLOUT_MAX`` × ``ROLLOUT_MAX``, 1 byte;
 - received: ``(L, H, N)`` as 2-byte fixed point relative to each head's largest (``received_max``);
 - rollout rows: the exact rows ``ReportData.rollout_row_ids`` (at most ``ROLLOUT_ROWS``) ``(r, N)``, 2 bytes each,
-  each row scaled to its own largest value.
+  each row scaled to its own largest value;
+- kv: with ``attnlens explain --kv``, how many KV heads of each layer keep each token ``(L, N)``, 1 byte each.
 
 The bound: everything but the token view is linear in N with small constants (received 2·L·H·N bytes, value
 norms 4·L·H·N when the weights were kept, rollout rows 2·r·N, the tokens' text) or fixed (grid ≤ L·H·THUMB²,
@@ -159,7 +160,8 @@ def payload(data) -> dict:
                         "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
             "summary": summary, "warnings": list(data.warnings) + size_warnings,
-            "rows": _rollout_rows(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
+            "rows": _rollout_rows(data), "kv": _kv(getattr(data, "kv", None)),
+            "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
 
 
@@ -182,6 +184,18 @@ def _rollout_rows(data):
     scaled = np.divide(R, mx[:, None], out=np.zeros_like(R), where=mx[:, None] > 0)
     return {"ids": [int(i) for i in data.rollout_row_ids], "max": [float(m) for m in mx],
             "w": _b64(np.clip(np.rint(scaled * 65535), 0, 65535).astype("<u2"))}
+
+
+def _kv(kv):
+    """The KV-cache part of the payload: the method and, per layer and token, how many KV heads keep it (1 byte each,
+    ``(L_kv, N)``), or ``None``."""
+    if kv is None:
+        return None
+    kept = np.asarray(kv["kept"])
+    return {"method": kv["method"], "ratio": float(kv["ratio"]), "window": kv.get("window"),
+            "heads": int(kv["heads"]), "layers": [int(x) for x in kv["layers"]], "budget": [int(x) for x in kv["budget"]],
+            "sliding": [None if w is None else int(w) for w in kv["sliding"]],
+            "kept": _b64(kept.astype(np.uint8))}
 
 
 def _cross(cross):

@@ -377,8 +377,9 @@ drawRollRow();
    "Layer × head grid: " + (D.thumb.pooled ? "exact block means pooled to " + T + "×" + T + "." : "every weight."),
    "Rollout map: " + (D.rollout.t < N ? "exact block means pooled to " + D.rollout.t + "×" + D.rollout.t + "; " : "exact; ") + (RR ? RR.ids.length + " rows exact (below it)." : "no exact rows."),
    "Head summary: exact means over every query (from the inputs, not from the top keys).",
+   D.kv ? "KV cache: the keys " + D.kv.method + " keeps, exactly as attnlens.kv.compress would keep them (scores from each layer's own attention call)." : "",
    "Size: linear in the number of tokens (the token view's top keys, received, the exact rollout rows) plus fixed-size pooled maps."
-  ].forEach(function(t){ ul.appendChild(el("li", t)); });
+  ].forEach(function(t){ if (t) ul.appendChild(el("li", t)); });
 })();
 
 // ---- summary table
@@ -394,6 +395,26 @@ D.summary.forEach(function(s){
   tr.addEventListener("click", function(){ layerSel.value = s.layer; headSel.value = s.head; refresh(); });
   st.appendChild(tr); sumRows.push(tr);
 });
+
+// ---- what a KV-cache compression keeps (attnlens explain --kv): layers (rows) × tokens (columns), shade = KV heads keeping it
+(function(){
+  var K = D.kv;
+  if (!K) return;
+  var kept = b64(K.kept), nl = K.layers.length, vals = new Float32Array(nl * N);
+  for (var p = 0; p < nl * N; p++) vals[p] = kept[p] / K.heads;
+  byId("kv-card").hidden = false;
+  byId("kv-title").textContent = "What the KV cache keeps — " + K.method + ", ratio " + K.ratio + (K.window ? ", window " + K.window : "");
+  byId("kv-note").textContent = "After the prefill, attnlens.kv scores every key from the layer's own attention and keeps the best " +
+    Math.round((1 - K.ratio) * 100) + "% per KV head; generation continues on those. Rows: layers, columns: tokens; shade = how many of the layer's " +
+    K.heads + " KV heads keep the token (white = evicted by all, darkest = kept by all). Click a column to find the token." +
+    (K.sliding.some(function(w){ return w; }) ? " Sliding-window layers keep only from their last window − 1 tokens." : "");
+  heatmap(byId("kv"), vals, nl, D.tokens, 1, function(i, j){
+      return "layer " + K.layers[i] + (K.sliding[i] ? " (sliding window " + K.sliding[i] + ")" : "") + ", " + D.tokens[j] + " #" + j +
+        ": kept by " + kept[i * N + j] + " of " + K.heads + " KV heads (the layer keeps " + K.budget[i] + " keys per head)"; },
+    byId("kvinfo"), null, N, K.layers.map(function(l){ return "L" + l; }));
+  byId("kv").querySelector("canvas").addEventListener("click", function(ev){
+    var r = ev.target.getBoundingClientRect(); goTo(Math.min(N - 1, Math.floor((ev.clientX - r.left) / r.width * N))); });
+})();
 
 // ---- an encoder-decoder model's cross-attention: decoder tokens (rows) over the encoder's (columns)
 var X = D.cross, xw = X ? b64(X.w) : null, xlayer = byId("xlayer");

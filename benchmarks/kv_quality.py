@@ -12,8 +12,9 @@ Every model sees the prompt (context + question) once — the prefill, scored an
 generates the two answer tokens greedily: ``va`` from the prefill's own logits (the full context), ``vb`` from the
 compressed cache. An answer counts when both tokens are right.
 
-The model: a random Llama (2 layers, hidden 128, 4 query / 2 key-value heads, D = 32), trained here on this task
-(teacher forcing, several questions per context, loss on the answers) for ``--steps`` steps on the CPU, once: the
+The model: a random Llama (2 layers, hidden 128, 4 query / 2 key-value heads, D = 32), trained here for ``--steps``
+steps on the CPU — every other step on this task (teacher forcing, several questions per context, loss on the
+answers), the others on copying random chunks (induction by content, which the task needs) — once: the
 weights are cached under ``~/.cache/attnlens/kv-quality`` (never in git), keyed by the settings.
 
 Reported: accuracy at ratios 0, 0.25, 0.5, 0.75, 0.9 for every method of `attnlens.kv.METHODS` on ``--eval`` fresh
@@ -93,6 +94,26 @@ def make_batch(task: Task, rng: np.random.Generator, n: int, questions: int):
     return torch.tensor(ids), torch.tensor(tgt), ans
 
 
+def copy_batch(task: Task, rng: np.random.Generator, n: int, length: int):
+    """``(ids, targets)``: random tokens, then chunks of 4 to 8 of them copied from random earlier places, the loss on
+    each chunk's tokens after its first — induction by content (the copy's offset varies, so no fixed relative
+    position solves it), what the retrieval task needs."""
+    half = length // 2
+    ids = np.zeros((n, 1 + length), dtype=np.int64)
+    tgt = np.full((n, 1 + length), -100, dtype=np.int64)
+    ids[:, 0] = 1
+    for r in range(n):
+        x = rng.integers(3, task.vocab, half)
+        row, lab = [1] + x.tolist(), [-100] * (1 + half)
+        while len(row) < 1 + length:
+            c = int(rng.integers(4, 9))
+            a = int(rng.integers(0, half - c))
+            row += x[a: a + c].tolist()
+            lab += [-100] + x[a + 1: a + c].tolist()
+        ids[r], tgt[r] = row[: 1 + length], lab[: 1 + length]
+    return torch.tensor(ids), torch.tensor(tgt)
+
+
 def build(task: Task, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,8 +134,11 @@ def train(task: Task, steps: int, batch: int, lr: float, seed: int, log_every: i
     model.train()
     t0 = time.perf_counter()
     log = []
-    for step in range(steps):
-        ids, tgt, _ = make_batch(task, rng, batch, task.questions)
+    for step in range(steps):  # half the steps copy random chunks (induction), half answer retrieval questions
+        if step % 2:
+            ids, tgt, _ = make_batch(task, rng, batch, task.questions)
+        else:
+            ids, tgt = copy_batch(task, rng, batch, task.context + 4 * task.questions)
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1),
                                                  ignore_index=-100)
@@ -123,7 +147,7 @@ def train(task: Task, steps: int, batch: int, lr: float, seed: int, log_every: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % log_every == 0 or step == steps - 1:
+        if step % log_every == 1 or step == steps - 1:  # odd steps: the retrieval task
             with torch.no_grad():
                 pred = logits[:, :-1].argmax(-1)
                 m = tgt[:, 1:] != -100

@@ -143,6 +143,24 @@ def test_generation_equals_the_full_cache_with_evicted_keys_masked(models, kind,
         assert ls.keep.shape[-1] < ids.shape[1]
 
 
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_a_question_after_the_compressed_context(models, kind, rng):
+    """kvpress's way: compress the context, then feed several tokens at once (a question) on the compressed cache;
+    each of them sees the kept keys, the others before it, and (sliding layers) only its window."""
+    model = models[kind]
+    ids, mask = left_padded(rng, [22, 16], 22)
+    new = torch.tensor(rng.integers(1, 101, size=(2, 4)))
+    with torch.no_grad(), kv.compress(model, method="h2o", ratio=0.6) as press:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True)
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        m = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+        got = model(input_ids=new[:, :3], attention_mask=m, position_ids=(m.cumsum(-1) - 1)[:, -3:], cache=cache,
+                    use_cache=True).logits
+    want = masked_logits(model, ids, mask, new, [ls.kept() for ls in press.layers])[1:4].transpose(0, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
 def test_ratio_zero_generates_as_the_model_does(models, rng):
     model = models["gemma2"]
     ids, mask = left_padded(rng, [20, 14], 20)

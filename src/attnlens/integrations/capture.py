@@ -133,6 +133,7 @@ def attend(module, q, k, v, *, lens: Optional[Lens] = None, mask=None, causal: b
     kw = {n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}  # learned (T5 bias, sinks)
     results = [first] + [attention(q, k, v, dropout_p=0.0, lens=extra, **kw)[1] for extra in lenses[1:]]
     call = AttnCall(module, q, k, v, dropout_p=dropout_p, **kw)
+    kept = [None if r is None else r.map_arrays(torch.Tensor.detach) for r in results]  # no autograd graph (lse's)
     for c in caps:
-        c.record(call, None if c.lens is None else results[lenses.index(c.lens)])
+        c.record(call, None if c.lens is None else kept[lenses.index(c.lens)])
     return out, first

@@ -251,7 +251,9 @@ def test_attend_with_a_recorder_that_asks_no_lens():
             out2, first2 = attend(mod, q, k, v, causal=True)
     torch.testing.assert_close(out, al.attention(q, k, v, causal=True))
     torch.testing.assert_close(out2, out)
-    assert bare.results[1][1] is None and lensed.results[0][1] is first2 and first2.received is not None
+    rec = lensed.results[0][1]  # the record is a detached copy of what the call returned
+    assert bare.results[1][1] is None and first2.received is not None
+    assert torch.equal(rec.received, first2.received) and torch.equal(rec.lse, first2.lse) and not rec.lse.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------

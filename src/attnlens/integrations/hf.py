@@ -63,9 +63,9 @@ IMPLEMENTATION = "attnlens"
 # the mask function: a bool mask (True = may attend), or None when attnlens' own flags suffice
 
 
-def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                  mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
-                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, **kwargs):
+def mask_function(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None, q_offset=0,
+                  kv_offset=0, mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
+                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, cache_position=None, **kwargs):
     """The mask for ``attn_implementation="attnlens"``: bool ``(B, 1, Nq, Nk)``, True = may attend.
 
     Returns ``None`` (no tensor at all) in the two cases where `attention_forward` needs none:
@@ -73,7 +73,15 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     bottom-right aligned, is exact and lets attnlens skip the masked key blocks), and a
     bidirectional mask with no padding. Everything else (padding, sliding windows, packed
     sequences, a static cache's empty slots) is materialised by transformers' ``sdpa_mask``.
+
+    transformers < 5.3 (which kvpress pins) passes ``cache_position`` (the queries' positions) instead of
+    ``q_length`` and ``q_offset``; both forms are served.
     """
+    old_api = q_length is None
+    if old_api:
+        if cache_position is None:
+            raise TypeError("mask_function: expected q_length (transformers >= 5.3) or cache_position (older)")
+        q_length, q_offset = int(cache_position.shape[0]), int(cache_position[0])
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     no_padding = padding is None or bool(padding.all())
     if no_padding and not use_vmap and (local_size is None or kv_length < local_size):
@@ -82,10 +90,10 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
             return None
         if mask_function is bidirectional_mask_function and allow_is_bidirectional_skip:
             return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                     use_vmap=use_vmap, device=device)
+    where = dict(cache_position=cache_position) if old_api else dict(q_length=q_length, q_offset=q_offset)
+    return sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,
+                     allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device, **where)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("attnlens.kv needs transformers: pip install 'attnlens[hf]'") from e
 
 __all__ = ["METHODS", "Method", "LayerScores", "Compression", "CompressedLayer", "compress", "scores",
-           "pyramid_budget", "visible_queries"]
+           "kvpress_press", "pyramid_budget", "visible_queries"]
 
 #: the scoring methods, in the order the docs list them
 METHODS = ("h2o", "snapkv", "pyramidkv", "tova", "streamingllm", "knorm")
@@ -539,6 +539,10 @@ class Compression(Recorder):
         """The `LayerScores` of the last prefill, by layer."""
         return [self._found[k] for k in sorted(self._found)]
 
+    def layer(self, index: int) -> Optional[LayerScores]:
+        """The `LayerScores` of layer ``index`` in the last prefill, or ``None`` (not scored yet)."""
+        return self._found.get(index)
+
     def record(self, call, result):
         Nq, Nk = call.q.shape[2], call.k.shape[2]
         if Nq != Nk:  # a decoding step, or a chunk after the first: only a prefill of an empty cache is scored
@@ -676,3 +680,82 @@ def scores(model, input_ids, *, method: str = "snapkv", ratio: float = 0.5, wind
         base = getattr(model, "base_model", model)
         base(input_ids=ids.to(model.device), use_cache=False, **kw)
     return sess.layers
+
+
+# ---------------------------------------------------------------------------------------------
+# kvpress (NVIDIA's KV-cache compression library), when installed
+
+
+def kvpress_press(method: str = "snapkv", ratio: float = 0.5, *, window: int = 64, kernel_size: int = 5,
+                  sinks: int = 4, beta: int = 20):
+    """Our scores as a kvpress press: a ``kvpress.ScorerPress`` whose ``score`` is attnlens's score of the method
+    (this module's definitions), computed in the prefill's own attention call — so ``h2o`` needs no eager attention
+    and no ``(B, H, N, N)`` weights, and ``snapkv``/``tova`` recompute nothing.
+
+    >>> press = attnlens.kv.kvpress_press("h2o", ratio=0.5)
+    >>> with press(model):                     # kvpress's protocol (or pipeline(..., press=press))
+    ...     model(input_ids, past_key_values=cache)
+
+    kvpress then keeps and gathers the keys as it does for its own presses (``ScorerPress.compress``: the top
+    ``n_kept`` scores of each KV head in score order; PyramidKV: its layer budget, `pyramid_budget`); kvpress
+    compresses one sequence (no padding). Within the block the model's attention runs as ``attn_implementation=
+    "attnlens"``. On a sliding-window layer the scores of the keys its cache holds are passed (the last ones).
+    Tested with kvpress 0.5.5 on transformers 5.2 (tests/test_kvpress.py: our press's scores and kept keys
+    against kvpress's own ``ObservedAttentionPress`` on eager attention, ``SnapKVPress``, ``PyramidKVPress``,
+    ``TOVAPress``, ``StreamingLLMPress`` and ``KnormPress``).
+
+    Args:
+        method: one of `METHODS`; ``ratio``, ``window``, ``kernel_size``, ``sinks``, ``beta``: see `Method`
+            (kvpress's ``compression_ratio``, ``window_size``, ``kernel_size``, ``n_sink``, ``beta``).
+
+    Raises:
+        ImportError: kvpress is not installed. ValueError / TypeError: a bad setting (`Method`).
+    """
+    try:
+        import kvpress
+    except ImportError as e:
+        raise ImportError("attnlens.kv.kvpress_press needs the kvpress package (pip install kvpress; tested with "
+                          "0.5.5, which pins transformers < 5.3)") from e
+    m = Method(method, ratio, window, kernel_size, sinks, beta)
+
+    @dataclass
+    class AttnlensPress(kvpress.ScorerPress):
+        """A kvpress ``ScorerPress`` scoring keys with `attnlens.kv` (``method``: the settings, a `Method`)."""
+
+        method: Method = m
+        compression_ratio: float = m.ratio
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.method = Method(self.method.name, self.compression_ratio, self.method.window,
+                                 self.method.kernel_size, self.method.sinks, self.method.beta)
+            self.session = None
+
+        @contextlib.contextmanager
+        def __call__(self, model):
+            # our hooks first (registered first, they run first): each layer's scores are ready for kvpress's hook
+            with _session(model, self.method, shrink=False) as sess, super().__call__(model):
+                self.session = sess
+                try:
+                    yield
+                finally:
+                    self.session = None
+
+        def score(self, module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+            if self.session is None:
+                raise RuntimeError("an attnlens press scores inside `with press(model):` (kvpress's protocol)")
+            got = self.session.layer(module.layer_idx)
+            if got is None:
+                raise RuntimeError(f"layer {module.layer_idx}: attnlens recorded no prefill call (is the model's "
+                                   f"attention running as attn_implementation='attnlens'?)")
+            return got.scores[..., got.scores.shape[-1] - keys.shape[2]:].to(keys.dtype)
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            if self.method.name != "pyramidkv" or self.compression_ratio == 0:
+                return super().compress(module, hidden_states, keys, values, attentions, kwargs)
+            s = self.score(module, hidden_states, keys, values, attentions, kwargs)
+            n_kept = self.method.budget(keys.shape[2], module.layer_idx, module.config.num_hidden_layers)
+            idx = s.topk(n_kept, dim=-1).indices[..., None].expand(-1, -1, -1, keys.shape[-1])
+            return keys.gather(2, idx).contiguous(), values.gather(2, idx).contiguous()
+
+    return AttnlensPress()

@@ -229,7 +229,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="exact,time,memory")
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--long", type=int, default=32768)
+    ap.add_argument("--long", type=int, default=32768, help="h2o and snapkv memory at this length (0: skip)")
     ap.add_argument("--eager", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", default="h2o,snapkv,tova,knorm")
@@ -242,8 +242,8 @@ def main(argv=None):
         print(json.dumps(t), flush=True)
     mem = []
     if "memory" in parts:
-        for route, n in [("h2o", args.long), ("snapkv", args.long)] + [(r, n) for n in args.eager
-                                                                       for r in ("h2o", "eager-h2o")]:
+        longs = [("h2o", args.long), ("snapkv", args.long)] if args.long else []  # --long 0: the eager pairs only
+        for route, n in longs + [(r, n) for n in args.eager for r in ("h2o", "eager-h2o")]:
             mem.append(child(route, n))
             print(json.dumps(mem[-1]), flush=True)
     md = report(args, ex, t, mem)

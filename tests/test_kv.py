@@ -226,6 +226,16 @@ def test_errors_on_inputs(models, rng):
         kv.scores(model, ids, attention_mask=mask, window=8)
 
 
+def test_kvpress_press_without_kvpress_says_what_to_install():
+    try:
+        import kvpress  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install kvpress"):
+            kv.kvpress_press("h2o", 0.5)
+    else:  # where kvpress is installed, tests/test_kvpress.py checks the press
+        assert kv.kvpress_press("h2o", 0.5).compression_ratio == 0.5
+
+
 def test_an_encoder_gets_one_clear_error(minilm):
     model, tok = minilm
     with pytest.raises(ValueError, match=r"BertModel.*causal decoder.*encoder"):

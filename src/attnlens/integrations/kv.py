@@ -63,6 +63,9 @@ sliding window at each slot's original position), so a compressed cache must be 
 its ``update`` raises). Generation on it is exactly generation on the full cache with the evicted keys masked out
 (tests/test_kv.py checks it token by token against a float64 eager model).
 
+**kvpress.** `kvpress_press` offers these scores as a kvpress ``ScorerPress`` (kvpress's own protocol and gather);
+tests/test_kvpress.py checks its scores and kept keys against kvpress 0.5.5's presses where kvpress is installed.
+
 **Cost.** ``h2o`` asks the pass for column sums (``Lens(received=True)``: the prefill runs on the chunked torch
 backend, or Triton on CUDA, instead of PyTorch's fused SDPA). ``snapkv``/``pyramidkv``/``tova`` leave the pass on
 the fused kernel and add one lens pass over only the last ``window`` (or one) queries of the same call (its

@@ -27,7 +27,9 @@ steps on the CPU on this task (teacher forcing, several questions per context, l
 weights are cached under ``~/.cache/attnlens/kv-quality`` (never in git), keyed by the settings.
 
 Reported: accuracy at ratios 0, 0.25, 0.5, 0.75, 0.9 for every method of `attnlens.kv.METHODS` on ``--eval`` fresh
-prompts (the same for every method), a Markdown table, a JSON file and a matplotlib plot (FILE.md, .json, .png).
+prompts (the same for every method), in both settings; what the caches keep (`keeps`: per layer, how often the asked
+record, the first token and the question's tokens survive — the why behind the ranking); a Markdown table, a JSON
+file and a matplotlib plot (FILE.md, .json, and ``--plot`` or FILE.png).
 """
 from __future__ import annotations
 

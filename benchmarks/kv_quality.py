@@ -53,7 +53,8 @@ from attnlens import kv  # noqa: E402
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)
 #: where the question is: in the compressed prompt, or after the compressed context (kvpress's pipeline)
-SETTINGS = {"in-prompt": "question in the prompt (compressed with it)", "after": "question after the compressed context"}
+SETTINGS = {"in-prompt": "question in the prompt (compressed with it)",
+            "after": "question after the compressed context"}
 CACHE = Path(os.path.expanduser("~/.cache/attnlens/kv-quality"))
 #: bumped when the task changes (the cached weights are keyed by it): 3 = a pair of records shares ``va``
 TASK_VERSION = 3

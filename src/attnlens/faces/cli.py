@@ -15,7 +15,7 @@ through `attnlens.hf.capture`, prints a short summary and writes a self-containe
 (`explain_summary`): the tokens that receive the most attention; what kind of head each head is
 (`attnlens.analysis.head_kinds`: previous-token, first-token sink, self, duplicate, induction, broad, mixed) as a
 layer × head grid of letters and a table of the strongest heads of each kind; and the informative links, the
-strongest query → key weights between real tokens in the heads that are not sinks, previous-token or self heads
+strongest query → key weights between real tokens in the heads that are not sinks, self or positional heads
 (``it → tired 0.71 L2 h1``). ``--layer`` / ``--head`` narrow the links to those heads and add each token's most
 attended token in them.
 """
@@ -36,7 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis import HEAD_KINDS, focus_heads, head_kinds, informative_links
+from ..analysis import HEAD_KINDS, focus_heads, head_kinds, informative_links, kind_label
 from ..analysis.links import LINK_MIN
 from ..core import backends
 from ..core.dispatch import INFO_COLUMNS, info
@@ -176,9 +176,10 @@ SUMMARY_TOKENS = 24
 LINK_ALSO = 2
 #: one letter per head kind in the layer × head grid (shown up to GRID_LAYERS × GRID_HEADS), and the strongest
 #: KIND_TOP heads of each kind in the table
-KIND_CODES = {"previous-token": "P", "first-token sink": "F", "self": "S", "duplicate": "D", "induction": "I",
-              "broad": "B", "mixed": "·"}
-KIND_STYLES = {"previous-token": "cyan", "first-token sink": "dim", "self": "blue", "duplicate": "magenta",
+KIND_CODES = {"previous-token": "P", "next-token": "N", "offset": "O", "local window": "W", "first-token sink": "F",
+              "sink": "K", "self": "S", "duplicate": "D", "induction": "I", "broad": "B", "mixed": "·"}
+KIND_STYLES = {"previous-token": "cyan", "next-token": "cyan", "offset": "cyan", "local window": "cyan",
+               "first-token sink": "dim", "sink": "dim", "self": "blue", "duplicate": "magenta",
                "induction": "bold magenta", "broad": "green"}
 GRID_LAYERS, GRID_HEADS = 48, 32
 KIND_TOP = 3
@@ -352,7 +353,7 @@ def explain_summary(console, data, *, layer=None, head=None):
     kinds = [head_kinds(s, n) for s in data.summaries] if data.summaries else None
     if kinds is not None:
         _kinds_grid(console, kinds)
-        _kinds_table(console, kinds, data.summaries[0].induction is not None)
+        _kinds_table(console, kinds, data.summaries[0].induction is not None, data.summaries, data.tokens)
     links = informative_links(data.topk_idx, data.topk_w, data.tokens, kinds, layer=layer, head=head)
     _links_table(console, data, links, focus=layer is not None or head is not None)
     if layer is not None or head is not None:
@@ -392,29 +393,37 @@ def _kinds_grid(console, kinds):
     console.print()
 
 
-def _kinds_table(console, kinds, has_ids: bool):
-    """Per kind: how many heads, and the strongest (for "broad": the broadest) with their scores."""
+def _kinds_table(console, kinds, has_ids: bool, summaries=None, tokens=None):
+    """Per kind: how many heads, and the strongest (for "broad": the broadest) with their scores (an offset head
+    with its d, a sink with its token: `attnlens.analysis.kind_label`)."""
     t = _table("Heads by kind")
     t.add_column("kind", no_wrap=True)
     t.add_column("", style="dim", no_wrap=True)
     t.add_column("heads", justify="right", no_wrap=True)
     t.add_column("top heads (score)")  # the one column that may wrap on a narrow terminal
+
+    def extra(kind, li, h):
+        if summaries is None or kind not in ("offset", "sink"):
+            return ""
+        return f" ({kind_label(kind, summaries[li], h, tokens).removeprefix(kind + ' ')})"
+
     for kind in HEAD_KINDS:
         found = [(s, li, h) for li, row in enumerate(kinds) for h, (k, s) in enumerate(row) if k == kind]
         if not found:
             continue
         found.sort(key=lambda f: f[0] if kind == "broad" else -f[0])  # stable: layer, head order on ties
-        top = ", ".join(f"L{li} h{h} {s:.2f}" for s, li, h in found[:KIND_TOP])
+        top = ", ".join(f"L{li} h{h} {s:.2f}{extra(kind, li, h)}" for s, li, h in found[:KIND_TOP])
         more = f" +{len(found) - KIND_TOP} more" if len(found) > KIND_TOP else ""
         t.add_row(Text(kind, style=KIND_STYLES.get(kind, "")), KIND_CODES[kind], str(len(found)), Text(top + more))
     console.print(t)
-    note = "score: the mean weight a query puts on the kind's keys; for broad and mixed, its mean largest weight"
+    note = ("score: the mean weight a query puts on the kind's keys (local window: within 2 tokens); for broad and "
+            "mixed, its mean largest weight")
     console.print(Text(f"({note}{'' if has_ids else '; duplicate-token and induction heads need the token ids'})",
                        style="dim"))
 
 
 def _links_table(console, data, links, *, focus: bool):
-    where = "in the heads asked for" if focus else "in the heads that are not first-token sinks, previous-token or self"
+    where = "in the heads asked for" if focus else "in the heads that are not sinks, self or positional heads"
     if not links:
         console.print(Text(f"informative links: none of weight >= {LINK_MIN} {where}"))
         return

@@ -80,7 +80,9 @@ def test_notebook_displays_the_report_inline(minilm, browser, tmp_path):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = nb.cells[0].outputs
     assert "error" not in [o.output_type for o in outputs]
-    results = [o for o in outputs if o.output_type == "execute_result"]  # (stderr may hold tqdm's ipywidgets hint)
+    results = [o for o in outputs if o.output_type == "execute_result"]
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "TqdmWarning" not in streams and "IProgress" not in streams, streams  # transformers' tqdm.auto, hushed
     assert len(results) == 1, outputs
     frame = results[0].data["text/html"]
     assert frame.startswith('<iframe class="attnlens-report" sandbox="allow-scripts"')

@@ -301,7 +301,8 @@ def head_summary(rec, input_ids=None, *, batch: int = 0, q_offset: Optional[int]
     out["local_uniform"] = np.full(H, share[ok].mean() if ok.any() else 0.0)
     if input_ids is not None:
         dup = _duplicates(input_ids, batch, nk, rp, qrank)
-        nxt = np.where(dup >= 0, rp[np.clip(rank[np.clip(dup, 0, nk - 1)] + 1, 0, rp.shape[0] - 1)], -1)
+        nxt = np.where(dup >= 0, rp[np.clip(rank[np.clip(dup, 0, nk - 1)] + 1, 0, rp.shape[0] - 1)], -1) \
+            if rp.shape[0] else dup  # the real token after each copy (never past the query: the copy is earlier)
         for name, idx in (("duplicate", dup), ("induction", nxt)):
             idx = excl(idx)
             out[name] = score(weight_sums(rec, idx, batch=batch, lse=lse), (idx >= 0).any(-1))

@@ -2,8 +2,8 @@
 
     attnlens walkthrough [--tokens "the cat sat on mat"] [--dim 2] [--seed 6] [--causal] [--backend auto]
     attnlens info
-    attnlens explain TEXT [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR] [--layer L] [--head H]
-                     [--truncate]
+    attnlens explain TEXT | --file PATH|- [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR]
+                     [--layer L] [--head H] [--truncate]
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
 (embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view, the column view
@@ -43,7 +43,8 @@ from ..core.dispatch import INFO_COLUMNS, info
 from . import walkthrough as lesson
 from .report import html, plots
 from .report.from_model import collect_any
-from .report.data import DEFAULT_MODEL_LABEL
+from .report.data import DEFAULT_MODEL_LABEL, count
+from ..integrations.model_folder import check_model_folder, config_shape
 from .report.files import TargetError, check_target
 from .walkthrough import DEFAULT_SEED, DEFAULT_TOKENS, MAX_DIM, MAX_TOKENS, build_example, parse_tokens
 
@@ -195,8 +196,10 @@ def _quiet_transformers():
 
 
 def _progress(console):
+    """Transient progress bars on a terminal; nothing on a pipe or a file (where a finished bar leaves a blank
+    line before whatever follows, such as an error)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 def _check_unicode(name: str, text: str) -> None:
@@ -220,6 +223,48 @@ def _target_error(option: str, e) -> CLIError:
     return CLIError(f"{option}: {e}{hint.get(e.kind, '')}")
 
 
+def _read_text(args) -> str:
+    """The text to explain: TEXT, or the file ``--file PATH`` (``-``: standard input) as UTF-8 — exactly one."""
+    if args.file is None:
+        if args.text is None:
+            raise CLIError("TEXT: expected the text to explain, or --file PATH (--file - reads standard input)")
+        return args.text
+    if args.text is not None:
+        raise CLIError("TEXT and --file: give the text or a file, not both")
+    name = "standard input" if args.file == "-" else repr(args.file)
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise CLIError(f"--file: could not read {name}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"--file: {name} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8") \
+            from None
+
+
+def _check_model(args) -> None:
+    """--model names a model folder, and --layer / --head exist in it (from its config.json) — checked before
+    transformers is imported and the weights are loaded (seconds)."""
+    try:
+        path = check_model_folder(args.model)
+    except ValueError as e:
+        raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e)) from None
+    _check_layer_head(args, *config_shape(path))
+
+
+def _check_layer_head(args, L, H) -> None:
+    """--layer / --head against the model's ``L`` layers and ``H`` heads per layer (``None``: unknown)."""
+    if args.layer is not None and L and args.layer >= L:
+        raise CLIError(f"--layer: the model has {count(L, 'layer')} (0..{L - 1}), got {args.layer}")
+    if args.head is not None and H and args.head >= H:
+        raise CLIError(f"--head: the model has {count(H, 'head')} per layer (0..{H - 1}), got {args.head}")
+
+
 def _explain_targets(args):
     """Check the options of `explain` that need no model, and the files it will write, before loading.
 
@@ -227,9 +272,11 @@ def _explain_targets(args):
     be replaced (with --force, or when --out was not given: the default report.html of a re-run).
     A symbolic link is followed only with --force.
     """
+    args.text = _read_text(args)
     _check_unicode("TEXT", args.text)
     if not args.text.strip():
-        raise CLIError("TEXT: expected some text to explain, got an empty string")
+        raise CLIError(f"{'--file' if args.file is not None else 'TEXT'}: expected some text to explain, got "
+                       f"{'an empty file' if args.file is not None else 'an empty string'}")
     if args.pair is not None:
         _check_unicode("--pair", args.pair)
         if not args.pair.strip():
@@ -261,6 +308,7 @@ def _explain_targets(args):
 
 def _cmd_explain(args, console) -> int:
     out, overwrite = _explain_targets(args)
+    _check_model(args)
     _quiet_transformers()
     try:
         from ..integrations import hf  # noqa: F401  (lazy: transformers; a missing extra fails before any work)
@@ -309,10 +357,7 @@ def _load_model(args, progress):
     progress.advance(task)
     L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
     H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
-    if args.layer is not None and L and args.layer >= L:
-        raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
-    if args.head is not None and H and args.head >= H:
-        raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
+    _check_layer_head(args, L, H)  # again, from the loaded config (a config.json may name its counts otherwise)
     return model, tok
 
 
@@ -343,7 +388,8 @@ def explain_summary(console, data, *, layer=None, head=None):
     ``layer`` / ``head`` (--layer / --head), the links are those heads' and a table shows each token's most attended
     token in them."""
     n = data.n
-    console.print(Text(f"{data.model_name}: {n} tokens, {data.n_layers} layers × {data.n_heads} heads"))
+    console.print(Text(f"{data.model_name}: {count(n, 'token')}, {count(data.n_layers, 'layer')} × "
+                       f"{count(data.n_heads, 'head')}"))
     if data.sink_weight is not None:
         sw = data.sink_weight  # (L, H)
         li, h = np.unravel_index(int(np.argmax(sw)), sw.shape)
@@ -532,7 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="how much each token attends to every other, in a real model: HTML report",
                        description="Run a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on TEXT "
                                    "with attnlens attention, print a summary and write a self-contained HTML report.")
-    e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
+    e.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                   help="the text to explain (at most the model's maximum length); or --file")
+    e.add_argument("--file", default=None, metavar="PATH",
+                   help="read the text to explain from a UTF-8 file instead (- reads standard input)")
     e.add_argument("--pair", default=None, metavar="TEXT2",
                    help="a second text: an encoder reads TEXT and TEXT2 as one sentence pair ([CLS] TEXT [SEP] TEXT2 "
                         "[SEP] for BERT; the report marks where the second segment starts); an encoder-decoder model "

@@ -15,7 +15,7 @@ import numpy as np
 
 from ... import analysis
 
-__all__ = ["ReportData", "from_records", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
+__all__ = ["ReportData", "from_records", "count", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
            "row_ids", "pool_means", "FULL_BYTES", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
            "DEFAULT_MODEL_LABEL"]
 
@@ -76,6 +76,12 @@ class ReportData:
     @property
     def n(self) -> int:
         return len(self.tokens)
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and the noun, singular for one: ``1 layer``, ``6 layers`` (how the report, the terminal and the notebook
+    say sizes)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def pool_means(m: np.ndarray, t: int) -> np.ndarray:

@@ -44,7 +44,7 @@ from importlib import resources
 import numpy as np
 
 from ...analysis import head_kinds
-from .data import THUMB, pool_means
+from .data import THUMB, count, pool_means
 from .files import write_atomic
 
 __all__ = ["render", "write", "payload", "value_norms", "FULL_CELLS", "PAGE_TOPK", "TOKEN_VIEW_BYTES", "THUMB",
@@ -117,7 +117,7 @@ def payload(data) -> dict:
         k, wanted = _page_topk(data)
         if k < wanted:
             size_warnings.append(f"to keep the page small, the token view embeds each query's top {k} keys (not "
-                                 f"{wanted}): {L} layers × {H} heads × {N} tokens")
+                                 f"{wanted}): {count(L, 'layer')} × {count(H, 'head')} × {count(N, 'token')}")
         if data.weights is not None:
             i, w = _sparse(data.weights, k)
         else:

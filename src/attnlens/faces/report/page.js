@@ -12,7 +12,8 @@ function f32(s){ var b = b64(s); return new Float32Array(b.buffer, b.byteOffset,
 function fmt(x){ return x < 0.0005 && x > 0 ? "<0.001" : x.toFixed(3); }
 function byId(id){ return document.getElementById(id); }
 
-byId("sub").textContent = "model " + D.model + " · " + N + " tokens · " + L + " layers × " + H + " heads";
+function count(n, noun){ return n + " " + noun + (n === 1 ? "" : "s"); }  // 1 layer, 6 layers
+byId("sub").textContent = "model " + D.model + " · " + count(N, "token") + " · " + count(L, "layer") + " × " + count(H, "head");
 D.warnings.forEach(function(w){ byId("warnings").appendChild(el("div", "⚠ " + w, "warn")); });
 
 // ---- data: the weights (full, or each query's top k keys) and the value norms, decoded once

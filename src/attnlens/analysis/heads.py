@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..core import masks
-from .records import as_numpy, dense_weights, key_count, result_of, row_stats, weight_sums, weights_at
+from .records import as_numpy, dense_view, key_count, result_of, row_stats, weight_sums, weights_at
 
 __all__ = ["HeadSummary", "head_summary", "head_kinds", "kind_label", "earlier_same_token", "HEAD_KINDS",
            "KIND_SCORE", "BROAD_ENTROPY", "BROAD_MAX_WEIGHT", "MAX_OFFSET", "OFFSETS", "LOCAL_WINDOW", "LOCAL_LIFT",
@@ -90,7 +90,7 @@ def _real_keys(rec, res, batch: int, nk: int, live) -> np.ndarray:
         m = call.mask[batch] if call.mask.shape[0] > 1 else call.mask[0]
         seen = as_numpy(m.reshape(-1, m.shape[-1]).any(0)).astype(bool)
         return np.broadcast_to(seen, (nk,)).copy()
-    dense = dense_weights(res, batch) if call is None else None
+    dense = dense_view(res, batch) if call is None else None
     if dense is not None:
         return (dense > 0).any((0, 1))
     return np.ones(nk, dtype=bool)
@@ -137,7 +137,7 @@ def _visible_counts(rec, res, batch: int, pos: np.ndarray, nk: int, idx: np.ndar
     call = getattr(rec, "call", None)
     safe = np.clip(idx, 0, nk - 1)
     if call is None:
-        vis = (dense_weights(res, batch) > 0).any(0)  # (Nq, Nk)
+        vis = (dense_view(res, batch) > 0).any(0)  # (Nq, Nk)
         return vis.sum(-1), np.take_along_axis(vis, safe, -1) & (idx >= 0)
     offset = int(pos[0]) if nq else 0  # query i at key position i + offset
     window = masks.normalize_window(call.window)
@@ -203,8 +203,10 @@ def head_summary(rec, input_ids=None, *, batch: int = 0, q_offset: Optional[int]
       detection patterns ``previous_token_head`` (= ``prev``), ``duplicate_token_head`` (= ``duplicate``) and
       ``induction_head`` (= ``induction``), with ``exclude_bos`` = ``exclude_first`` and
       ``exclude_current_token`` = ``exclude_self``. It divides by all attention, so a head whose queries mostly
-      have an empty set (few repeated tokens) scores lower than in the mean: induction scores of ~0.45 there
-      read ~0.8 in the mean on the same heads.
+      have an empty set (few repeated tokens) scores lower than in the mean — without exclusions and with rows
+      summing to 1 it is exactly the mean times the share of live queries whose set is not empty. Measured
+      2026-12-03 on the induction model trained in tests/test_induction.py (runs of 9 tokens repeated, 8
+      sequences): its induction heads score 0.89 and 0.86 in the mean, 0.45 and 0.44 as TransformerLens scores.
 
     ``entropy`` and ``max_weight`` are means over the live queries in both conventions; ``local_uniform`` is
     the ``local`` score of a head that spreads each query's weight evenly over the keys it may see (the baseline
@@ -339,9 +341,9 @@ def _received_by_live(rec, res, batch: int, ok: np.ndarray, lse: np.ndarray) -> 
     """``(H, Nk)``: ``Σ_{live i} P[i, j]`` — the record's ``received`` when no other query sees a key, else from
     the full weights or one column pass (``received_from`` with the live queries' indicator)."""
     others = ~ok & np.isfinite(lse).any(0)  # queries left out that still see keys (right-padded queries)
-    dense = dense_weights(res, batch)
+    dense = dense_view(res, batch)
     if dense is not None:
-        return dense[:, ok].sum(1)
+        return dense[:, ok].sum(1, dtype=np.float64)
     if not others.any() and res.received is not None:
         r = as_numpy(res.received)
         return r[batch] if r.ndim == 3 else r

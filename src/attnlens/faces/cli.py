@@ -328,8 +328,7 @@ def _cmd_explain(args, console) -> int:
         except ValueError as e:
             raise CLIError(str(e).replace("rollout_rows:", "--rollout-rows:", 1))
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
-        data.initial_layer = args.layer if args.layer is not None else 0
-        data.initial_head = args.head if args.head is not None else -1
+        data.initial_layer, data.initial_head = args.layer, args.head  # neither: the page picks (opening_view)
         progress.add_task("writing the report", total=1)
         size, pngs = _write_report(args, data, out, overwrite)
     for w in data.warnings:
@@ -372,8 +371,9 @@ def _write_report(args, data, out, overwrite):
     if args.png is None:
         return size, []
     try:
-        return size, plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head,
-                                      overwrite=args.force, follow_symlinks=args.force)
+        head = -1 if args.head is None else args.head
+        return size, plots.write_pngs(data, args.png, layer=args.layer or 0, head=head, overwrite=args.force,
+                                      follow_symlinks=args.force)
     except TargetError as e:
         raise _target_error("--png", e) from None
     except OSError as e:

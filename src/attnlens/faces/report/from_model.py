@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ... import analysis
+from ...analysis.records import dense_view
 from ...core import Lens
 from .data import (
     DEFAULT_TOPK,
@@ -155,9 +156,13 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
     set_rollout(data, recs, full, chosen, on_layer=tick)
-    if full:
-        data.weights = stack(lambda r: r.result.weights).astype(np.float32)
-        data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
+    if full:  # a layer at a time, each capture's weights let go once copied: 2 × L·H·N² float32 at most, not 3
+        data.weights = np.empty((len(recs), data.n_heads, n, n), dtype=np.float32)
+        data.contrib = np.empty_like(data.weights)
+        for li, r in enumerate(recs):
+            data.weights[li] = dense_view(r.result, 0)
+            data.contrib[li] = analysis.contributions(r)
+            r.result.weights = None
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block

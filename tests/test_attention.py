@@ -475,11 +475,11 @@ def test_torch_dtype_and_device_preserved(dtype, backend, device, rng):
     assert_close(out.float() if dtype in (torch.float16, torch.bfloat16) else out, ref_out, atol=tol, rtol=tol)
 
 
-def test_lens_fields_carry_no_gradient(rng):
+def test_lens_fields_carry_no_gradient_but_the_lse(rng):
     q, k, v = make_inputs(1, 2, 2, 8, 8, 4, 4, torch.float64, rng=rng, requires_grad=True)
     out, res = al.attention(q, k, v, lens=al.Lens(topk=2, rows="all"))
-    assert out.requires_grad
-    for f in ("lse", "max_weight", "entropy", "received", "topk_weights", "weights"):
+    assert out.requires_grad and res.lse.requires_grad  # d lse_i / d s_ij = P_ij (issue 24 item 9)
+    for f in ("max_weight", "entropy", "received", "topk_weights", "weights"):
         assert not getattr(res, f).requires_grad, f
 
 

@@ -193,8 +193,8 @@ def test_gradcheck_through_the_one_wrapper(name, case, rng):
 def test_lens_is_a_non_differentiable_output(rng):
     q, k, v = make_inputs(1, 2, 2, 6, 6, 4, 4, torch.float64, rng=rng, requires_grad=True)
     out, res = al.attention(q, k, v, backend="torch", lens=al.Lens(topk=2, rows="all"))
-    assert out.requires_grad
-    for f in ("lse", "max_weight", "entropy", "received", "topk_weights", "weights"):
+    assert out.requires_grad and res.lse.requires_grad
+    for f in ("max_weight", "entropy", "received", "topk_weights", "weights"):
         assert not getattr(res, f).requires_grad, f
 
 
@@ -297,3 +297,93 @@ def test_merge_needs_lse_and_offsets(rng):
     assert torch.equal(res.topk_indices, e_res.topk_indices)
     with pytest.raises(ValueError, match="same queries"):
         al.merge([parts[0], al.attention(q[..., :2, :], k, v, lens=bare)])
+
+
+# --------------------------------------------------------------------------------------------
+# merge: what a part is, key offsets, top-k of small pieces, empty pieces (issue 24, items 7 and 11)
+
+def _pieces(q, k, v, cuts, lens, causal=False):
+    """Attention over the key pieces [a, b) of ``cuts``; causal as over all keys (bottom-right): query i sits at key
+    position i + Nk - Nq, which is i + Nk - Nq - a in the piece."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    return [al.attention(q, k[..., a:b, :], v[..., a:b, :], lens=lens, backend="torch", causal=causal,
+                         offset=nk - nq - a) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _assert_merged_equals(res, out, e_res, e_out):
+    assert_close(out, e_out, atol=1e-12, what="out")
+    a, e = np64(res.lse), np64(e_res.lse)
+    assert np.array_equal(np.isneginf(a), np.isneginf(e))
+    assert_close(np.where(np.isneginf(e), 0, a), np.where(np.isneginf(e), 0, e), atol=1e-12, what="lse")
+    for f in ("max_weight", "entropy", "weights", "topk_weights"):
+        if getattr(e_res, f) is not None:
+            assert_close(getattr(res, f), getattr(e_res, f), atol=1e-12, what=f)
+    if e_res.topk_indices is not None:
+        assert np.array_equal(np64(res.topk_indices), np64(e_res.topk_indices)), "topk_indices"
+
+
+@pytest.mark.parametrize("part, got", [("tensor", "got Tensor"), ("out-none", r"got \(Tensor, NoneType\)"),
+                                       ("triple", "got tuple"), ("swapped", r"got \(LensResult, Tensor\)")])
+def test_merge_part_that_is_not_a_pair_is_a_type_error(part, got, rng):
+    q, k, v = make_inputs(1, 2, 1, 4, 6, 3, 3, torch.float64, rng=rng)
+    good = al.attention(q, k, v, lens=True)
+    bad = {"tensor": good[0], "out-none": (good[0], None), "triple": (*good, None), "swapped": good[::-1]}[part]
+    with pytest.raises(TypeError, match=rf"merge: part 1 must be an \(out, LensResult\) pair.*{got}"):
+        al.merge([good, bad])
+
+
+@pytest.mark.parametrize("offsets, match", [
+    ([-4, 3], "ints >= 0"), ([0.5, 3], "ints >= 0"), ([True, 3], "ints >= 0"), ([0], "1 entries for 2 parts"),
+    ([0, 0], r"overlap: part 0 holds keys \[0, 3\), part 1 \[0, 3\)"),
+    ([4, 2], r"overlap: part 1 holds keys \[2, 5\), part 0 \[4, 7\)")])
+def test_merge_refuses_key_offsets_that_are_not_disjoint_pieces(offsets, match, rng):
+    """Negative offsets gave index -4; repeated ones repeated indices in the merged top-k."""
+    q, k, v = make_inputs(1, 2, 1, 4, 6, 3, 3, torch.float64, rng=rng)
+    parts = _pieces(q, k, v, [0, 3, 6], al.Lens(topk=2))
+    with pytest.raises(ValueError, match=match):
+        al.merge(parts, key_offsets=offsets)
+    bare = _pieces(q, k, v, [0, 3, 6], al.Lens(received=False, topk=2))  # sizes unknown: the offsets must differ
+    with pytest.raises(ValueError, match=r"overlap: part 0 holds keys from key 1, part 1 from key 1"):
+        al.merge(bare, key_offsets=[1, 1])
+    al.merge(parts, key_offsets=[3, 0])  # disjoint, in any order
+
+
+def test_merge_of_weight_rows_of_different_queries_says_so(rng):
+    q, k, v = make_inputs(1, 2, 1, 4, 6, 3, 3, torch.float64, rng=rng)
+    a = al.attention(q, k[..., :3, :], v[..., :3, :], lens=al.Lens(rows=[0, 1]))
+    b = al.attention(q, k[..., 3:, :], v[..., 3:, :], lens=al.Lens(rows=[2, 3]))
+    with pytest.raises(ValueError, match=r"different queries: part 0 rows \[0, 1\], part 1 rows \[2, 3\]"):
+        al.merge([a, b])
+    c = al.attention(q, k[..., 3:, :], v[..., 3:, :], lens=al.Lens())  # no weight rows: the merge has none
+    assert al.merge([a, c])[1].weights is None
+
+
+@pytest.mark.parametrize("cuts", [[0, 2, 4, 6], [0, 1, 3], [0, 1]])
+def test_merge_top_k_of_pieces_with_fewer_than_k_keys(cuts, rng):
+    """Every piece has fewer than k keys: asked with the same Lens(topk=4) they pad to k, and the merge is the top-4
+    over all their keys (itself padded when they hold fewer than 4); it was as narrow as the widest piece."""
+    q, k, v = make_inputs(2, 2, 1, 5, cuts[-1], 3, 3, torch.float64, rng=rng)
+    lens = al.Lens(topk=4, rows="all")
+    out, res = al.merge(_pieces(q, k, v, cuts, lens, causal=True))
+    e_out, e_res = al.attention(q, k, v, lens=lens, causal=True, backend="torch")
+    assert res.topk_indices.shape[-1] == 4
+    _assert_merged_equals(res, out, e_res, e_out)
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_merge_of_an_empty_key_piece_is_a_no_op(kind, rng):
+    """k[a:a] is a part with no key: every row sees none (out 0, lse -inf, top-k (-1, 0)); merged, it changes nothing.
+    attention() refused it (q, k, v must be non-empty)."""
+    q, k, v = make_inputs(1, 2, 1, 5, 7, 3, 4, torch.float64, rng=rng)
+    if kind == "numpy":
+        q, k, v = (x.numpy() for x in (q, k, v))
+    lens = al.Lens(topk=3, rows=[0, -1])
+    for backend in ("torch", "reference", "auto"):
+        out, res = al.attention(q, k[..., 4:4, :], v[..., 4:4, :], lens=lens, backend=backend)
+        assert (np64(out) == 0).all() and np.isneginf(np64(res.lse)).all() and (np64(res.topk_indices) == -1).all()
+        assert res.received.shape[-1] == 0 and res.weights.shape[-1] == 0 and (np64(res.entropy) == 0).all()
+    for cuts in ([0, 4, 4, 7], [0, 0, 7], [0, 7, 7]):
+        parts = [al.attention(q, k[..., a:b, :], v[..., a:b, :], lens=lens) for a, b in zip(cuts[:-1], cuts[1:])]
+        out, res = al.merge(parts)
+        e_out, e_res = al.attention(q, k, v, lens=lens)
+        _assert_merged_equals(res, out, e_res, e_out)

@@ -240,11 +240,16 @@ def test_unknown_backend(backend, exc, msg, qkv):
 # --------------------------------------------------------------------------------------------
 # Lens arguments
 
-def test_topk_larger_than_nk(qkv):
-    q, k, v = qkv
-    with pytest.raises(ValueError, match=r"Lens.topk=7 is larger than the number of keys Nk=6"):
-        al.attention(q, k, v, lens=al.Lens(topk=7))
-    al.attention(q, k, v, lens=al.Lens(topk=6))  # = Nk is fine
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_topk_larger_than_nk_pads_with_minus_one_and_zero(qkv, backend):
+    """k > Nk: the slots beyond the keys are (index -1, weight 0), as for a row with fewer than k visible keys, so
+    key pieces of any size asked with one Lens(topk=k) merge into the top-k over all keys (issue 24)."""
+    q, k, v = qkv  # Nk = 6
+    _, res = al.attention(q, k, v, lens=al.Lens(topk=8), backend=backend)
+    _, six = al.attention(q, k, v, lens=al.Lens(topk=6), backend=backend)
+    assert res.topk_indices.shape[-1] == 8
+    assert torch.equal(res.topk_indices[..., :6], six.topk_indices) and (res.topk_indices[..., 6:] == -1).all()
+    assert torch.equal(res.topk_weights[..., :6], six.topk_weights) and (res.topk_weights[..., 6:] == 0).all()
 
 
 @pytest.mark.parametrize("rows", [[5], [-6], [0, 1, 99], range(3, 8)], ids=["5", "-6", "99", "range"])

@@ -46,6 +46,20 @@ def test_new_fields_match_the_reference(name, case, offset_kind, rng):
     np.testing.assert_allclose(np64(res.pooled).sum((-1, -2)), live.sum(-1), atol=tol * q.shape[2] * 10)
 
 
+@pytest.mark.parametrize("pool", [(1, 2**40), (2**40, 3), 2**40])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_pool_blocks_longer_than_the_sequence_are_one_block(name, pool, rng):
+    """Issue 24 item 6: the column-sum path (triton) padded P's columns to the block size: 35 TB asked for (1, 2**40).
+    A block longer than N is one block of all of it, as the torch backend and the reference have it."""
+    q, k, v, kw = draw(name, "causal-gqa", rng, "default")
+    _, res = al.attention(q, k, v, backend=backend_of(name), lens=al.Lens(pool=pool), **kw)
+    _, w, lse = ref_dense(q, k, v, kw)
+    bq, bk = (pool, pool) if isinstance(pool, int) else pool
+    ref = reference_lens(w, lse, pool=(min(bq, q.shape[2]), min(bk, k.shape[2])))
+    assert res.pooled.shape == ref.pooled.shape
+    assert_close(res.pooled, ref.pooled, atol=tol_of(name) * q.shape[2] * 10, what="pooled")
+
+
 @pytest.mark.parametrize("name", ["reference", "torch"])
 def test_fields_not_asked_are_none_and_others_unchanged(name, rng):
     q, k, v, kw = draw(name, "causal-gqa", rng, "default")

@@ -200,7 +200,10 @@ def test_lens_equals_attention_on_projected_qkv_and_torch_weights():
     # the full weight rows are PyTorch's per-head attention weights
     _, w = ref(x, mem, mem, key_padding_mask=kpm, need_weights=True, average_attn_weights=False)
     torch.testing.assert_close(res.weights, w, **TOL)
-    assert not res.lse.requires_grad
+    assert res.lse.requires_grad and not res.entropy.requires_grad  # the lse differentiates (merge); others not
+    with capture(m) as cap:  # what a capture records keeps no autograd graph alive
+        m(x, mem, key_padding_mask=kpm)
+    assert not cap.results[0].result.lse.requires_grad
 
 
 # ------------------------------------------------------------------ gradients, dropout

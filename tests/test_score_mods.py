@@ -239,6 +239,67 @@ def test_bad_input_gets_a_clear_error(rng, kw, err, match):
         al.attention(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("softcap", [1e-300, 1e-39, 1e38, 1e39])
+def test_softcap_beyond_float32_is_refused_naming_it(rng, softcap):
+    """Issue 24 item 5: fp32 turned 1/softcap into inf (a RuntimeError that did not name softcap, at 1e-300) or
+    softcap into inf (all-NaN output, silently, at 1e39)."""
+    q, k, v = make_inputs(1, 2, 2, 5, 5, 8, rng=rng)
+    for backend in ("auto", "torch", "reference"):
+        with pytest.raises(ValueError, match=r"softcap=.* is outside what float32 computes.*<= softcap <="):
+            al.attention(q, k, v, softcap=softcap, backend=backend)
+
+
+@pytest.mark.parametrize("dtype, softcap", [(torch.float32, 1.2e-38), (torch.float32, 8.5e37), (torch.float32, 1e-20),
+                                            (torch.float32, 1e30), (torch.float64, 1e-300), (torch.float64, 1e300)])
+def test_softcap_at_the_ends_of_its_range_is_exact(rng, dtype, softcap):
+    """The accepted extremes compute c·tanh(s/c) to the dtype's precision (≈ c·sign(s) for a tiny cap, s for a huge
+    one), forward and backward, as the float64 oracle."""
+    q, k, v = make_inputs(1, 2, 1, 6, 7, 8, dtype=dtype, rng=rng, requires_grad=True)
+    out, res = al.attention(q, k, v, causal=True, softcap=softcap, backend="torch", lens=al.Lens(topk=2))
+    out.sum().backward()
+    r_out, w, lse = reference_attention(*(np64(t) for t in (q, k, v)), causal=True, softcap=softcap)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(out, r_out, atol=tol, what="out")
+    assert_close(res.lse, lse, atol=tol, rtol=tol, what="lse")
+    from attnlens.core.reference import reference_backward
+
+    grads = reference_backward(*(np64(t) for t in (q, k, v)), w, np.ones(out.shape), softcap=softcap)
+    for name, g, r in zip("qkv", (q.grad, k.grad, v.grad), grads):
+        assert_close(g, r, atol=tol * 10, what=f"d{name}")
+
+
+@pytest.mark.parametrize("nq, nk", [(5, 5), (3, 8)])
+def test_causal_alibi_differs_from_flash_attentions_reference_by_the_documented_lse_shift(nq, nk, rng):
+    """Issue 24 item 11, the one convention that differs on purpose: FlashAttention's reference adds
+    slope·(j - Nk + 1) under causal, attnlens -slope·|i + offset - j|: the same weights, lse larger by
+    slope·(Nq - 1 - i)."""
+    q, k, v = make_inputs(1, 2, 1, nq, nk, 8, dtype=torch.float64, rng=rng)
+    slopes = torch.tensor([0.5, 0.125], dtype=torch.float64)
+    out, res = al.attention(q, k, v, causal=True, alibi_slopes=slopes, lens=al.Lens(rows="all"), backend="torch")
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    s = (q @ k.transpose(-1, -2)) / 8 ** 0.5 + slopes.reshape(1, 2, 1, 1) * (j - nk + 1)  # flash_attn's attention_ref
+    s = s.masked_fill(j > i + nk - nq, float("-inf"))
+    torch.testing.assert_close(res.weights, torch.softmax(s, -1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ v, rtol=0, atol=1e-12)
+    shift = slopes.reshape(1, 2, 1) * (nq - 1 - torch.arange(nq))
+    torch.testing.assert_close(res.lse - torch.logsumexp(s, -1), shift.expand(1, 2, nq), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), -1])
+def test_flash_attention_window_minus_one_says_use_none(rng, window):
+    """Issue 24 item 11: FlashAttention spells an unbounded side -1; attnlens keeps None and says so."""
+    q, k, v = make_inputs(1, 2, 2, 5, 5, 8, rng=rng)
+    with pytest.raises(ValueError, match=r"must be >= 0 .*got -1; use None for an unbounded side, or window=None"):
+        al.attention(q, k, v, window=window)
+
+
+def test_softcap_zero_says_use_none(rng):
+    """Issue 24 item 11: FlashAttention spells 'no softcap' 0.0; attnlens keeps None and says so."""
+    q, k, v = make_inputs(1, 2, 2, 5, 5, 8, rng=rng)
+    with pytest.raises(ValueError, match=r"use None for no soft-capping; FlashAttention's softcap=0.0"):
+        al.attention(q, k, v, softcap=0.0)
+
+
 def test_module_options(rng):
     from attnlens.nn import MultiHeadAttention, capture
 

@@ -152,7 +152,7 @@ def test_backward_matches_torch_and_math(name, rng):
     q, k, v, kw = run_case(name, torch.float32, rng, requires_grad=True)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=DEV)
     out, res = al.attention(q, k, v, backend=TRITON, lens=al.Lens(), **kw)
-    assert not res.lse.requires_grad
+    assert res.lse.requires_grad and not res.entropy.requires_grad
     grads = torch.autograd.grad(out, (q, k, v), dout)
     out_t = al.attention(q, k, v, backend="torch", **kw)
     grads_t = torch.autograd.grad(out_t, (q, k, v), dout)
@@ -237,6 +237,16 @@ def test_refusals_name_their_reason(rng):
     qn[0, 0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):  # checked last (a sync): only when nothing else refuses
         al.attention(qn, k, v, backend=TRITON)
+    assert any("Nk = 0" in r for r in _reasons(q, k[:, :, :0], v[:, :, :0])), "an empty key set: torch serves it"
+
+
+def test_topk_beyond_the_keys_pads_with_minus_one_and_zero(rng):
+    """Issue 24: Lens(topk=k) with k > Nk (a key piece smaller than k) pads as the other backends do."""
+    q, k, v = make_inputs(1, 2, 1, 9, 6, 16, dtype=torch.float32, rng=rng, device=DEV)
+    _, res = al.attention(q, k, v, causal=True, backend=TRITON, lens=al.Lens(topk=9))
+    _, ref = al.attention(q, k, v, causal=True, backend="reference", lens=al.Lens(topk=9))
+    assert torch.equal(res.topk_indices.cpu(), ref.topk_indices.cpu()) and (res.topk_indices[..., 6:] == -1).all()
+    assert_close(res.topk_weights, np64(ref.topk_weights), atol=1e-5, what="topk_weights")
 
 
 def test_auto_on_cpu_never_picks_triton(rng, monkeypatch):

@@ -1,12 +1,14 @@
 """`attention()` and `merge()`: the entry points (the block API underneath: `attnlens.core.blocks`)."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
 from .blocks import Block
 from .inputs import stat_dtype
-from .lens import Lens, Merger
+from .lens import Lens, LensResult, Merger
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offset=None, softcap=None, sinks=None,
@@ -41,8 +43,9 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             A query with ``i + offset < 0`` sees no key (output 0); with the default offset these are
             the first ``Nq - Nk`` queries.
         window: sliding window ``(left, right)``: query i, at key position ``p = i + offset``,
-            sees keys ``p - left <= j <= p + right``; ``None`` on a side = unbounded; an int w
-            = ``(w, w)``. Combines with ``causal`` (then ``right`` is 0) and with ``mask``.
+            sees keys ``p - left <= j <= p + right``; ``None`` on a side = unbounded (FlashAttention
+            writes -1 there; attnlens refuses negative sides and says so); an int w = ``(w, w)``.
+            Combines with ``causal`` (then ``right`` is 0) and with ``mask``.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
 
             The scores are formed in this order: ``s = (q_i · k_j) · scale``; ``softcap``; ``alibi_slopes``;
@@ -71,6 +74,10 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             gradient when it requires one (it is a trained parameter).
         alibi_slopes: ALiBi (BLOOM, MPT): slopes ``(Hq,)`` or ``(B, Hq)``; the score of query i on key j
             gets ``- slope · |i + offset - j|`` (FlashAttention's convention; ``offset`` as below). No gradient.
+            One difference on purpose: with ``causal``, FlashAttention's reference adds ``slope · (j - Nk + 1)``
+            instead, a constant per row away from this one (for the default offset), so the weights, output and
+            gradients are the same and only the lse differs: attnlens's is larger by ``slope · (Nq - 1 - i)``.
+            The distance form holds for any offset and window and does not depend on Nk (split-KV blocks).
         dropout_p: probability of dropping a weight (kept weights scaled by ``1/(1-p)``), in
             ``[0, 1)``. Applied whenever ``dropout_p > 0``, as in PyTorch's functional form
             (pass 0.0 at evaluation). The lens describes the weights before dropout.
@@ -88,7 +95,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
     Returns:
         ``out`` of shape ``(..., Hq, Nq, Dv)``, of ``q``'s kind, dtype and device; or
         ``(out, LensResult)`` when ``lens`` is given. float16/bfloat16 are computed with
-        float32 accumulation. Lens fields carry no gradient.
+        float32 accumulation. ``LensResult.lse`` carries a gradient when an input needs one (its derivative
+        is ``P``: `merge` of parts is differentiable); the other lens fields carry none.
 
     Empty rows, NaN and inf — one rule on every backend (the float64 reference states it exactly):
 
@@ -129,6 +137,11 @@ def merge(parts, *, key_offsets=None):
         out = Σ_b w_b out_b           max_weight = max_b w_b max_weight_b
         entropy = Σ_b w_b (H_b - log w_b)     top-k = the k largest of ∪_b w_b topk_weights_b
 
+    Top-k has the parts' width: compute every part with the same ``Lens(topk=k)`` — a part with fewer than k
+    keys fills its extra slots with index -1, weight 0, as a row with fewer visible keys does — and the merged
+    top-k is the k largest over all keys (padded the same way when all parts together hold fewer than k). An
+    empty key piece (``k[a:a]``: every row sees no key, lse -inf) is a part that changes nothing.
+
     Weight rows (``Lens(rows=...)``, the same rows in every part) merge too: ``w_b · weights_b`` at
     the piece's keys. ``received`` cannot be merged — a key's column sum needs every query's *final*
     lse — so the result's ``received`` is ``None``, and so are the other column sums (``received_from``,
@@ -139,20 +152,30 @@ def merge(parts, *, key_offsets=None):
         parts: a sequence of ``(out, LensResult)`` pairs (torch or NumPy, as `attention` returns them),
             each with ``lse``; causal/window/offset make no difference here, only the lse and stats do.
         key_offsets: for top-k indices and weight rows, the position of each part's first key in the
-            merged key numbering; default: the parts are consecutive pieces in order (each part's number
-            of keys is read from its ``received`` or ``weights``). Indices -1 stay -1.
+            merged key numbering: ints >= 0, one per part, whose key ranges do not overlap (a part's number of
+            keys is read from its ``received`` or ``weights``; where neither is there, the offsets must differ);
+            default: the parts are consecutive pieces in order. Indices -1 stay -1.
 
     Returns:
         ``(out, LensResult)`` with the fields every part has (``lse`` always; ``max_weight``, ``entropy``,
-        top-k, weights when every part has them); of the parts' kind, dtype and device.
+        top-k, weights when every part has them); of the parts' kind, dtype and device. Differentiable: gradients
+        flow through each part's ``out`` and ``lse`` (the parts' lse carry the ``P`` of their keys), so
+        ``merged_out.backward(g)`` gives the gradients of attention over all keys, exactly.
 
     Raises:
-        ValueError when ``parts`` is empty, a part has no ``lse``, shapes disagree, or top-k / weight
-        rows need key offsets that cannot be inferred.
+        TypeError when a part is not an ``(out, LensResult)`` pair. ValueError when ``parts`` is empty, a part
+        has no ``lse``, shapes disagree, the parts hold weight rows of different queries, ``key_offsets`` are not
+        ints >= 0 of disjoint key ranges, or top-k / weight rows need key offsets that cannot be inferred.
     """
     parts = list(parts)
     if not parts:
         raise ValueError("merge: expected at least one (out, LensResult) part, got none")
+    for i, part in enumerate(parts):
+        ok = isinstance(part, (tuple, list)) and len(part) == 2
+        if not (ok and isinstance(part[0], (torch.Tensor, np.ndarray)) and isinstance(part[1], LensResult)):
+            got = (f"({type(part[0]).__name__}, {type(part[1]).__name__})" if ok else type(part).__name__)
+            raise TypeError(f"merge: part {i} must be an (out, LensResult) pair, as attention(..., lens=Lens(...)) "
+                            f"returns it; got {got}")
     numpy_io = isinstance(parts[0][0], np.ndarray)
     outs, results = zip(*[(_as_torch(o), r.map_arrays(_as_torch)) for o, r in parts])
     if any(r.lse is None for r in results):
@@ -169,7 +192,7 @@ def merge(parts, *, key_offsets=None):
     offsets = _key_offsets(results, key_offsets, lens)
     nk = None if lens.rows is None else max(o + r.weights.shape[-1] for o, r in zip(offsets, results))
     cdt = stat_dtype(outs[0].dtype)
-    m = Merger(tuple(shape), shape[-2], lens, cdt, outs[0].device, nk=nk, rows=results[0].rows)
+    m = Merger(tuple(shape), shape[-2], lens, cdt, outs[0].device, nk=nk, rows=lens.rows)
     for o, r, koff in zip(outs, results, offsets):
         m.add(o, r, koff)
     res = m.result(lens)
@@ -188,22 +211,47 @@ def _merged_lens(results) -> Lens:
         return all(getattr(r, name) is not None for r in results)
 
     topk = max(r.topk_indices.shape[-1] for r in results) if every("topk_indices") else 0
-    rows = results[0].rows if every("weights") and len({r.rows for r in results}) == 1 else None
+    rows = None
+    if every("weights"):
+        rows = results[0].rows
+        for i, r in enumerate(results):
+            if r.rows != rows:
+                raise ValueError(f"merge: the parts hold weight rows of different queries: part 0 rows {list(rows)}, "
+                                 f"part {i} rows {list(r.rows)} (compute every part with the same Lens(rows=...))")
     return Lens(lse=True, max_weight=every("max_weight"), entropy=every("entropy"), received=False, topk=topk,
                 rows=rows)
 
 
+def _num_keys(r: LensResult):
+    """A part's number of keys, from its ``received`` or ``weights`` (None when it has neither)."""
+    return r.received.shape[-1] if r.received is not None else (r.weights.shape[-1] if r.weights is not None else None)
+
+
 def _key_offsets(results, key_offsets, lens: Lens) -> list:
     if key_offsets is not None:
-        key_offsets = [int(o) for o in key_offsets]
-        if len(key_offsets) != len(results):
-            raise ValueError(f"merge: key_offsets has {len(key_offsets)} entries for {len(results)} parts")
-        return key_offsets
+        offs = list(key_offsets)
+        if len(offs) != len(results):
+            raise ValueError(f"merge: key_offsets has {len(offs)} entries for {len(results)} parts")
+        for o in offs:
+            if isinstance(o, (bool, np.bool_)) or not isinstance(o, (numbers.Integral, np.integer)) or o < 0:
+                raise ValueError(f"merge: key_offsets must be ints >= 0 (each part's first key in the merged "
+                                 f"numbering), got {offs}")
+        offs = [int(o) for o in offs]
+        spans = sorted((o, _num_keys(r), i) for i, (o, r) in enumerate(zip(offs, results)) if _num_keys(r) != 0)
+
+        def keys(o, n):  # a part's keys, as far as known (one at least)
+            return f"[{o}, {o + n})" if n is not None else f"from key {o}"
+
+        for (a, na, i), (b, nb, j) in zip(spans, spans[1:]):
+            if b < a + (1 if na is None else na):
+                raise ValueError(f"merge: key_offsets {offs} overlap: part {i} holds keys {keys(a, na)}, part {j} "
+                                 f"{keys(b, nb)} (the parts' key sets must be disjoint)")
+        return offs
     if not lens.topk and lens.rows is None:
         return [0] * len(results)
     offs, at = [], 0
     for i, r in enumerate(results):
-        n = r.received.shape[-1] if r.received is not None else (r.weights.shape[-1] if r.weights is not None else None)
+        n = _num_keys(r)
         if n is None:
             raise ValueError(f"merge: part {i} has top-k but neither received nor weights, so its number of keys is "
                              f"unknown; pass key_offsets=[first key of each part]")

@@ -121,9 +121,10 @@ class Block:
 
     def forward(self):
         """``(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) or None, LensResult or None)``, no autograd: the
-        backend's pass, then the lens fields it left to the primitives — ``weights_at`` (`weights_at`),
-        ``received_from`` (`column_sums`) and ``pooled`` (column sums of one-hot query blocks). Exact, linear
-        memory."""
+        backend's pass, then the lens fields it left to the primitives — ``weights_at`` (`weights_at`: exact to the
+        rounding of the lse, which loses ``log l`` for rows of scores near -1e30 in fp32, so the reference and torch
+        backends gather it from their own weights instead), ``received_from`` (`column_sums`) and ``pooled`` (column
+        sums of one-hot query blocks; a block longer than N is all of it). Exact, linear memory."""
         inp = self.inputs
         out, lse, res = self.backend.forward(inp)
         if res is None or not self.backend.capabilities.block:
@@ -136,21 +137,22 @@ class Block:
             res.pooled = self._pooled(lse)
         return out, lse, res
 
-    def backward(self, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
+    def backward(self, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
         """Add the block's gradients into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` (and
         ``dsinks``, the shape of the call's sinks), recomputing the weights from ``lse``; ``D_i = rowsum(dout ∘ out)``
-        from ``out`` (the final output when the block is part of a longer row)."""
+        from ``out`` (the final output when the block is part of a longer row). ``dlse (B, Hq, Nq)``: the gradient
+        of the lse itself, if the caller used it (``∂lse_i/∂s_ij = P_ij``: it folds into ``D_i - dlse_i``)."""
         self._need_primitives("backward")
-        self.backend.backward(self.inputs, out, lse, dout, dq, dk, dv, dsinks=dsinks)
+        self.backend.backward(self.inputs, out, lse, dout, dq, dk, dv, dsinks=dsinks, dlse=dlse)
 
-    def gradients(self, out, lse, dout) -> tuple:
+    def gradients(self, out, lse, dout, dlse=None) -> tuple:
         """``(dq, dk, dv)`` (and ``dsinks`` when the call has sinks) in the inputs' dtypes, from fresh buffers in the
-        statistics dtype: what `differentiable` asks of its op."""
+        statistics dtype: what `differentiable` asks of its op. ``dlse``: the lse's gradient, or None."""
         inp = self.inputs
         cdt = stat_dtype(inp.q.dtype)
         ts = (inp.q, inp.k, inp.v) if inp.sinks is None else (inp.q, inp.k, inp.v, inp.sinks)
         grads = [torch.zeros(t.shape, dtype=cdt, device=t.device) for t in ts]
-        self.backward(out, lse, dout, *grads[:3], dsinks=grads[3] if len(grads) > 3 else None)
+        self.backward(out, lse, dout, *grads[:3], dsinks=grads[3] if len(grads) > 3 else None, dlse=dlse)
         return tuple(g.to(t.dtype) for g, t in zip(grads, ts))
 
     def column_sums(self, lse, weights=None):
@@ -191,8 +193,10 @@ class Block:
         inp = self.inputs
         lead = 4 - inp.rank  # leading unit dims added by validate()
 
+        keep = out, (None if res is None else res.lse)  # the output and the lse carry gradients; other fields none
+
         def back(t):
-            t = t.detach() if isinstance(t, torch.Tensor) and t is not out else t
+            t = t.detach() if isinstance(t, torch.Tensor) and all(t is not x for x in keep) else t
             t = t.reshape(t.shape[lead:])
             return t.cpu().numpy() if inp.numpy_io else t
 
@@ -227,7 +231,7 @@ class Block:
         query blocks (``POOL_COLUMNS`` blocks per pass), then summed over key blocks."""
         inp = self.inputs
         _, _, _, Nq, Nk, _, _ = inp.shape
-        bq, bk = inp.lens.pool
+        bq, bk = (max(1, min(b, n)) for b, n in zip(inp.lens.pool, (Nq, Nk)))  # a block longer than N: all of it
         nbq, nbk = -(-Nq // bq), -(-Nk // bk)
         blk = torch.arange(Nq, device=inp.q.device) // bq  # (Nq,): each query's block
         parts = []
@@ -249,35 +253,42 @@ class Block:
 
 
 class _Differentiable(torch.autograd.Function):
-    """Forward: ``op.forward() -> (out, lse, LensResult | None)``; backward: ``op.gradients(out, lse, dout)`` ->
-    ``(dq, dk, dv)``, or ``(dq, dk, dv, dsinks)`` when ``sinks`` is given. The lens fields are returned as
-    non-differentiable outputs."""
+    """Forward: ``op.forward() -> (out, lse, LensResult | None)``; backward: ``op.gradients(out, lse, dout, dlse)`` ->
+    ``(dq, dk, dv)``, or ``(dq, dk, dv, dsinks)`` when ``sinks`` is given. ``out`` and ``lse`` are differentiable
+    (``dlse`` is None when the lse was not used); the other lens fields are non-differentiable outputs."""
 
     @staticmethod
     def forward(ctx, op, q, k, v, sinks):
         out, lse, res = op.forward()
-        stats = [None if res is None else getattr(res, f) for f in ARRAY_FIELDS]
+        stats = [None if res is None or f == "lse" else getattr(res, f) for f in ARRAY_FIELDS]  # lse: returned once
         ctx.op, ctx.has_sinks = op, sinks is not None
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse, *[s for s in stats if s is not None])
-        return (out, lse, res is not None, None if res is None else res.rows, *stats)
+        ctx.mark_non_differentiable(*[s for s in stats if s is not None])
+        ctx.set_materialize_grads(False)
+        wants_lse = res is not None and res.lse is not None
+        return (out, lse, res is not None, None if res is None else res.rows, wants_lse, *stats)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, *_):
+    def backward(ctx, dout, dlse, *_):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = ctx.op.gradients(out, lse, dout.contiguous())
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # only the lse was used
+        grads = ctx.op.gradients(out, lse, dout, dlse)
         return (None, *grads) if ctx.has_sinks else (None, *grads, None)
 
 
 def differentiable(op, q, k, v, sinks=None):
     """Run ``op`` under autograd with respect to ``q, k, v`` (and ``sinks``): ``(out, lse, LensResult | None)``.
 
-    ``op`` has ``forward() -> (out, lse, LensResult | None)`` and ``gradients(out, lse, dout) -> (dq, dk, dv)``, with
-    ``dsinks`` last when ``sinks`` is given: a `Block` (`Block.run`), or ring attention's passes. ``lse`` and the lens
-    fields carry no gradient."""
-    out, lse, has_res, rows, *stats = _Differentiable.apply(op, q, k, v, sinks)
-    res = LensResult(**dict(zip(ARRAY_FIELDS, stats)), rows=rows) if has_res else None
+    ``op`` has ``forward() -> (out, lse, LensResult | None)`` and ``gradients(out, lse, dout, dlse) -> (dq, dk, dv)``,
+    with ``dsinks`` last when ``sinks`` is given: a `Block` (`Block.run`), or ring attention's passes. ``out`` and
+    ``lse`` (also as ``LensResult.lse``) carry gradients — ``∂lse_i/∂s_ij = P_ij``, so whoever combines blocks
+    through their lse (`attnlens.merge`) gets exact gradients; the other lens fields carry none."""
+    out, lse, has_res, rows, wants_lse, *stats = _Differentiable.apply(op, q, k, v, sinks)
+    res = None
+    if has_res:
+        res = LensResult(**dict(zip(ARRAY_FIELDS, stats)), rows=rows)
+        res.lse = lse if wants_lse else None
     return out, lse, res
 
 

@@ -164,14 +164,25 @@ def check_offset(offset, nq: int, nk: int) -> int:
 MAX_OFFSET = 2**53
 
 
-def check_softcap(softcap) -> Optional[float]:
-    """``None`` or a finite real ``c > 0``, else a TypeError/ValueError naming ``softcap``."""
+def check_softcap(softcap, dtype: Optional[torch.dtype] = None) -> Optional[float]:
+    """``None`` or a finite real ``c > 0``, else a TypeError/ValueError naming ``softcap``. With the compute ``dtype``
+    (`stat_dtype` of the inputs), also ``finfo.tiny <= c <= 1 / finfo.tiny``: ``c`` and ``1/c`` are then normal
+    numbers of it, so ``c·tanh(s/c)`` is computed to its precision (outside, fp32 turns ``1/c`` or ``c`` into inf or
+    0: an error or all-NaN output)."""
     if softcap is None:
         return None
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a finite real number > 0 or None, got {type(softcap).__name__} {softcap!r}")
     if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite real number > 0 (scores become c·tanh(s/c)), got {softcap}")
+        off = " (use None for no soft-capping; FlashAttention's softcap=0.0)" if softcap == 0 else ""
+        raise ValueError(f"softcap must be a finite real number > 0 (scores become c·tanh(s/c)){off}, got {softcap}")
+    if dtype is not None:
+        tiny = torch.finfo(dtype).tiny
+        if not tiny <= softcap <= 1.0 / tiny:
+            name = str(dtype).replace("torch.", "")
+            raise ValueError(f"softcap={softcap} is outside what {name} computes (scores are computed in {name} for "
+                             f"these inputs): expected {tiny:.3g} <= softcap <= {1.0 / tiny:.3g}, where softcap and "
+                             f"1/softcap are normal {name} numbers")
     return float(softcap)
 
 
@@ -210,7 +221,7 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     dropout_p = check_dropout(dropout_p)
     offset = check_offset(offset, Nq, Nk)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-    softcap = check_softcap(softcap)
+    softcap = check_softcap(softcap, stat_dtype(q4.dtype))
     sinks, alibi_slopes = _check_per_head(sinks, alibi_slopes, numpy_io, q4, B, Hq)
     lens = Lens.coerce(lens)
     rows = rf = at = None
@@ -253,8 +264,8 @@ def _check_qkv(q, k, v):
         raise ValueError(f"k{tuple(k.shape)} and v{tuple(v.shape)} must agree on all but the last dim (layout {layout})")
     if Bk != B:
         raise ValueError(f"batch sizes disagree: q{tuple(q.shape)} has B={B}, k{tuple(k.shape)} has B={Bk}")
-    if Hkv == 0 or Nq == 0 or Nk == 0 or D == 0:
-        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query, key and feature), got "
+    if Hkv == 0 or Nq == 0 or D == 0:  # Nk = 0 is an empty key set: every query sees no key (a no-op merge part)
+        raise ValueError(f"q, k, v must be non-empty (at least one key/value head, query and feature), got "
                          f"{shapes} (layout {layout})")
     if Hq % Hkv != 0:
         raise ValueError(f"query heads must be a multiple of key/value heads (grouped-query attention): "
@@ -299,15 +310,50 @@ def _check_per_head(sinks, alibi_slopes, numpy_io: bool, q4: torch.Tensor, B: in
 def _check_lens(lens: Lens, numpy_io: bool, q4: torch.Tensor, Nk: int, rank: int):
     """``(rows, received_from, at)`` of a `Lens`, checked against the call's shapes."""
     B, Hq, Nq, _ = q4.shape
-    if lens.topk > Nk:
-        raise ValueError(f"Lens.topk={lens.topk} is larger than the number of keys Nk={Nk}")
     rows = lens.resolve_rows(Nq)
     rf = _lens_array(lens.received_from, "received_from", numpy_io, q4, (B, Hq, Nq), rank)
     at = _lens_array(lens.at, "at", numpy_io, q4, (B, Hq, Nq), rank)
     if at is not None and at.numel() and (int(at.min()) < -1 or int(at.max()) >= Nk):
         raise ValueError(f"Lens.at: key indices must lie in [0, Nk={Nk}) or be -1 (none), got values in "
                          f"[{int(at.min())}, {int(at.max())}]")
+    _check_lens_bytes(lens, lens_nbytes(lens, q4.shape, Nk, stat_dtype(q4.dtype), rows, rf, at))
     return rows, rf, at
+
+
+def lens_nbytes(lens: Lens, qshape: tuple, Nk: int, dtype: torch.dtype, rows, rf, at) -> dict:
+    """Bytes of the lens fields of one call that can grow as Nq · Nk, ``{field: (bytes, shape and dtype)}``:
+    ``weights``, top-k (weights and int64 indices), ``pooled``, ``weights_at``, ``received_from`` (in ``dtype``, the
+    statistics dtype), for q of ``qshape (B, Hq, Nq, D)``; fields not asked for are left out."""
+    B, Hq, Nq, _ = qshape
+    isz = torch.finfo(dtype).bits // 8
+    name = str(dtype).replace("torch.", "")
+    out = {}
+
+    def add(field, shape, per):
+        out[field] = (math.prod(shape) * per, f"{tuple(shape)} {name}" + (" + int64" if per > isz else ""))
+
+    if rows is not None:
+        add("weights", (B, Hq, len(rows), Nk), isz)
+    if lens.topk:
+        add("topk", (B, Hq, Nq, lens.topk), isz + 8)
+    if lens.pool is not None:
+        add("pooled", (B, Hq, -(-Nq // lens.pool[0]), -(-Nk // lens.pool[1])), isz)
+    if at is not None:
+        add("weights_at", (B, Hq, Nq, at.shape[-1]), isz)
+    if rf is not None:
+        add("received_from", (B, Hq, Nk, rf.shape[-1]), isz)
+    return out
+
+
+def _check_lens_bytes(lens: Lens, sizes: dict) -> None:
+    """A ValueError naming every field and its size when they exceed ``lens.max_bytes`` together."""
+    total = sum(n for n, _ in sizes.values())
+    if lens.max_bytes is None or total <= lens.max_bytes:
+        return
+    what = ", ".join(f"{f} {shape} {n / 1e9:.3g} GB" for f, (n, shape) in sorted(sizes.items(), key=lambda x: -x[1][0]))
+    raise ValueError(f"the lens asks for {total / 1e9:.3g} GB ({what}), above Lens.max_bytes = {lens.max_bytes / 1e9:.3g} "
+                     f"GB; ask for fewer rows, keys or larger pool blocks, or allow it with Lens(..., max_bytes=None) "
+                     f"or a larger limit")
 
 
 def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, rank: int):
@@ -318,6 +364,9 @@ def _lens_array(a, name: str, numpy_io: bool, q4: torch.Tensor, lead: tuple, ran
     if isinstance(a, np.ndarray) != numpy_io:
         raise TypeError(f"Lens.{name} must be of the same kind as q ({'NumPy' if numpy_io else 'torch'}), "
                         f"got {type(a).__name__}")
+    if isinstance(a, torch.Tensor) and a.is_meta:
+        raise ValueError(f"Lens.{name} is a meta tensor of shape {tuple(a.shape)} (no data); pass a tensor with values "
+                         f"(on q's device {q4.device})")
     t = _from_numpy(a) if isinstance(a, np.ndarray) else a.detach()
     if name == "received_from":
         t = t.to(device=q4.device, dtype=stat_dtype(q4.dtype))

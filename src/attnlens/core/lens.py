@@ -1,7 +1,8 @@
 """What a caller asks to see of attention (`Lens`) and what comes back (`LensResult`).
 
 Every statistic describes the attention weights ``P = softmax(Q Kᵀ · scale + mask)`` *before*
-dropout, and carries no gradient. Shapes below are for rank-4 input ``(B, Hq, Nq, D)``; for
+dropout. ``lse`` carries a gradient when an input needs one (``∂lse_i/∂s_ij = P_ij``: `attnlens.merge` and any
+other user of the lse get exact gradients); every other field carries none. Shapes below are for rank-4 input ``(B, Hq, Nq, D)``; for
 rank-3 input drop ``B``, for rank-2 input drop ``B`` and ``Hq``.
 """
 from __future__ import annotations
@@ -16,6 +17,11 @@ import torch
 from .capabilities import LensField
 
 RowsSpec = Union[None, str, slice, range, Sequence[int]]
+
+#: the default of `Lens.max_bytes`: 8 GiB for the fields that grow as Nq · Nk (every weight of 32 heads of 8,192
+#: tokens in float32). A request beyond it is refused before any work, naming the field and its size, instead of
+#: failing in the allocator after the pass; ``Lens(..., max_bytes=None)`` (or a larger limit) allows it.
+MAX_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class Lens:
             Summed over keys it equals the number of queries that see at least one key.
         topk: ``k > 0`` returns ``topk_indices`` and ``topk_weights`` ``(B, Hq, Nq, k)``: the k
             keys each query draws on most, largest first. Where a weight is exactly 0 (fewer
-            than k visible keys) its index is -1.
+            than k visible keys, or k > Nk) its index is -1.
         rows: query rows whose full weight rows to return, ``weights (B, Hq, len(rows), Nk)``:
             a list of ints (negative counts from the end), a ``slice``/``range``, or ``"all"``
             (the whole n × n matrix — only ask for it when it fits in memory).
@@ -52,6 +58,10 @@ class Lens:
         pool: ``(bq, bk)`` block sizes: returns ``pooled (B, Hq, ⌈Nq/bq⌉, ⌈Nk/bk⌉)``, the sums of ``P`` over
             blocks of ``bq`` queries × ``bk`` keys (the last blocks may be shorter) — a thumbnail of the
             weights at any length. An int b means ``(b, b)``.
+        max_bytes: the most memory the fields that can grow as Nq · Nk (``weights``, top-k, ``pooled``,
+            ``weights_at``, ``received_from``) may take together in one call, checked from the shapes before any
+            work; above it the call is a ValueError naming each field and its size. Default `MAX_BYTES` (8 GiB);
+            ``None``: no limit.
 
     ``received_from`` and ``at`` compare by identity (two lenses are equal when they hold the same
     array objects), so a `Lens` stays hashable.
@@ -66,6 +76,7 @@ class Lens:
     received_from: Any = field(default=None, compare=False)
     at: Any = field(default=None, compare=False)
     pool: Any = None
+    max_bytes: Any = MAX_BYTES
 
     def __eq__(self, other):
         if not isinstance(other, Lens):
@@ -77,7 +88,7 @@ class Lens:
         parts = []
         for f in fields(self):
             val = getattr(self, f.name)
-            if f.default is not None and val == f.default or val is None:
+            if val == f.default if f.default is not None else val is None:
                 continue
             shown = f"<{type(val).__name__} {tuple(val.shape)}>" if hasattr(val, "shape") else repr(val)
             parts.append(f"{f.name}={shown}")
@@ -93,6 +104,9 @@ class Lens:
             raise TypeError(f"Lens.topk must be an int >= 0, got {type(self.topk).__name__} {self.topk!r}")
         if self.topk < 0:
             raise ValueError(f"Lens.topk must be >= 0, got {self.topk}")
+        mb = self.max_bytes
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, numbers.Integral) or mb < 0):
+            raise TypeError(f"Lens.max_bytes must be an int >= 0 or None (no limit), got {type(mb).__name__} {mb!r}")
         rows = self.rows
         if rows is None or isinstance(rows, (slice, range)):
             return
@@ -300,12 +314,19 @@ class Merger:
         i1 = self.lse.shape[-1] if i1 is None else i1
         cdt = self.lse.dtype
         l0, lb = self.lse[..., i0:i1], res.lse.to(cdt)
-        lse = torch.logaddexp(l0, lb)
-        live = lse > float("-inf")
-        zero = torch.zeros((), dtype=cdt, device=lse.device)
-        wa = torch.where(live, torch.exp(l0 - lse), zero)  # share of what was merged so far
-        wb = torch.where(live, torch.exp(lb - lse), zero)  # share of this part
-        self.out[..., i0:i1, :].mul_(wa[..., None]).addcmul_(out.to(cdt), wb[..., None])  # no (rows, Dv) temporaries
+        # written so that gradients through out and lse stay finite on rows that see no key (both -inf): there
+        # logaddexp and exp(l - lse) would give NaN gradients (0 · NaN)
+        dead = torch.isneginf(l0) & torch.isneginf(lb)
+        zero = torch.zeros((), dtype=cdt, device=lb.device)
+        lse = torch.where(dead, float("-inf"), torch.logaddexp(torch.where(dead, zero, l0), torch.where(dead, zero, lb)))
+        lse_s = torch.where(dead, zero, lse)
+        wa = torch.exp(l0 - lse_s)  # share of what was merged so far (0 on dead rows)
+        wb = torch.exp(lb - lse_s)  # share of this part
+        if i0 == 0 and i1 == self.lse.shape[-1]:  # whole rows (`attnlens.merge`): functional, so differentiable
+            self.out = self.out * wa[..., None] + out.to(cdt) * wb[..., None]
+        else:  # a range of rows (ring attention, no autograd here): in place, no (rows, Dv) temporaries
+            self.out[..., i0:i1, :].mul_(wa[..., None]).addcmul_(out.to(cdt), wb[..., None])
+        l0, lb, lse, wa, wb = (x.detach() for x in (l0, lb, lse, wa, wb))  # the statistics carry no gradient
         if self.ent is not None:
             ha = torch.where(wa > 0, wa * (self.ent[..., i0:i1] - (l0 - lse)), zero)
             hb = torch.where(wb > 0, wb * (res.entropy.to(cdt) - (lb - lse)), zero)
@@ -315,8 +336,11 @@ class Merger:
         if self.topk:
             self._add_topk(i0, i1, wa, wb, res, koff)
         if self.wrows is not None:
-            self._wparts.append((lb[..., list(self.rows)], res.weights.to(cdt), koff))
-        self.lse[..., i0:i1] = lse
+            self._wparts.append((lb.detach()[..., list(self.rows)], res.weights.to(cdt), koff))
+        if i0 == 0 and i1 == self.lse.shape[-1]:
+            self.lse = torch.where(dead, float("-inf"), lse_s)  # keeps the gradient of the parts' lse
+        else:
+            self.lse[..., i0:i1] = lse
 
     def _add_topk(self, i0, i1, wa, wb, res, koff):
         ib = res.topk_indices
@@ -337,7 +361,7 @@ class Merger:
         if self.topk:
             res.topk_weights, res.topk_indices = self.tk_w, self.tk_i
         if self.wrows is not None:
-            lse_r = self.lse[..., list(self.rows)]
+            lse_r = self.lse.detach()[..., list(self.rows)]
             zero = torch.zeros((), dtype=lse_r.dtype, device=lse_r.device)
             for lb, wb, koff in self._wparts:
                 share = torch.where(lse_r > float("-inf"), torch.exp(lb - lse_r), zero)

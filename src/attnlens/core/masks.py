@@ -47,7 +47,8 @@ def normalize_window(window) -> Window:
         if isinstance(w, bool) or not isinstance(w, numbers.Integral):
             raise TypeError(f"window {side} must be an int >= 0 or None; got {type(w).__name__} {w!r}")
         if w < 0:
-            raise ValueError(f"window {side} must be >= 0 (a number of positions), got {w}")
+            raise ValueError(f"window {side} must be >= 0 (a number of positions), got {w}; use None for an "
+                             f"unbounded side, or window=None for no window (FlashAttention writes -1)")
         if w > MAX_WINDOW:
             raise ValueError(f"window {side} must be <= 2**62 (use None for an unbounded side), got {w}")
         out.append(int(w))

@@ -79,7 +79,7 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
         s = np.where(ok, s, -np.inf)
 
         live = ok.any(axis=-1, keepdims=True)
-        m = np.where(live, s.max(axis=-1, keepdims=True), 0.0)
+        m = np.where(live, s.max(axis=-1, keepdims=True, initial=-np.inf), 0.0)  # initial: no key at all (Nk = 0)
         e = np.where(ok, np.exp(s - m), 0.0)
         total = e.sum(axis=-1, keepdims=True)
         w = e / np.where(live, total, 1.0)  # rows sum to 1 (0 for dead rows)
@@ -106,16 +106,26 @@ def reference_lens(weights, lse, topk=0, rows=None, sinks=None, received_from=No
         with np.errstate(invalid="ignore", over="ignore"):
             sk = np.broadcast_to(np.asarray(sinks, np.float64), lse.shape[:2])[..., None]
             sw = np.where(np.isneginf(lse), 0.0, np.exp(sk - np.where(np.isneginf(lse), 0.0, lse)))
+            # the keys' weights and the sink's sum to 1: 1 - Σ w is exact to n ulps of 1, exp(sink - lse) to
+            # |lse| ulps of sw (the lse's rounding: all of log l is lost beyond ~1e16); take the closer one
+            rest = 1.0 - w.sum(axis=-1)
+            closer = np.isfinite(sk) & np.isfinite(lse) & (sw * np.abs(lse) > w.shape[-1] + 1)
+            sw = np.where(closer, np.clip(rest, 0.0, 1.0), sw)
         full = np.concatenate([w, sw[..., None]], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(full > 0, full * np.log(full), 0.0)
     entropy = np.where(bad, np.nan, -plogp.sum(axis=-1))
-    res = LensResult(lse=lse, max_weight=w.max(axis=-1), entropy=entropy, received=w.sum(axis=-2))
+    res = LensResult(lse=lse, max_weight=w.max(axis=-1, initial=0.0), entropy=entropy, received=w.sum(axis=-2))
     if sinks is not None:
         res.sink_weight = sw
-    if topk:
+    if topk:  # k beyond the number of keys: the extra slots are (0, -1), as for a row with fewer visible keys
         idx = np.argsort(-w, axis=-1, kind="stable")[..., :topk]
-        tw = np.where(bad[..., None], np.nan, np.take_along_axis(w, idx, axis=-1))
+        tw = np.take_along_axis(w, idx, axis=-1)
+        pad = topk - tw.shape[-1]
+        if pad:
+            tw = np.concatenate([tw, np.zeros(tw.shape[:-1] + (pad,))], axis=-1)
+            idx = np.concatenate([idx, np.zeros(idx.shape[:-1] + (pad,), dtype=idx.dtype)], axis=-1)
+        tw = np.where(bad[..., None], np.nan, tw)
         res.topk_indices = np.where(tw > 0, idx, -1).astype(np.int64)
         res.topk_weights = tw
     if rows is not None:
@@ -125,18 +135,21 @@ def reference_lens(weights, lse, topk=0, rows=None, sinks=None, received_from=No
         res.received_from = np.swapaxes(w, -1, -2) @ np.asarray(received_from, dtype=np.float64)
     if at is not None:
         idx = np.broadcast_to(np.asarray(at), w.shape[:-1] + (np.shape(at)[-1],))
-        res.weights_at = np.where(idx >= 0, np.take_along_axis(w, np.maximum(idx, 0), axis=-1), 0.0)
+        w0 = np.concatenate([w, np.zeros(w.shape[:-1] + (1,))], axis=-1)  # index -1 reads the 0 appended
+        res.weights_at = np.take_along_axis(w0, np.where(idx >= 0, idx, w.shape[-1]), axis=-1)
     if pool is not None:
         bq, bk = pool
         pooled = np.add.reduceat(w, np.arange(0, w.shape[-2], bq), axis=-2)
-        res.pooled = np.add.reduceat(pooled, np.arange(0, w.shape[-1], bk), axis=-1)
+        res.pooled = (np.add.reduceat(pooled, np.arange(0, w.shape[-1], bk), axis=-1) if w.shape[-1]
+                      else pooled[..., :0])  # no keys: no key blocks
     return res
 
 
-def reference_backward(q, k, v, weights, dout, scale=None, softcap=None):
-    """Gradients ``(dq, dk, dv)`` of ``out = P v`` given the float64 weights ``P (B, Hq, Nq, Nk)``:
+def reference_backward(q, k, v, weights, dout, scale=None, softcap=None, dlse=None):
+    """Gradients ``(dq, dk, dv)`` of ``out = P v`` (and of ``lse`` when ``dlse (B, Hq, Nq)``, its gradient, is given)
+    given the float64 weights ``P (B, Hq, Nq, Nk)``:
 
-        dv = Pᵀ dO            dP = dO vᵀ            dS = P ∘ (dP - rowsum(dP ∘ P))
+        dv = Pᵀ dO            dP = dO vᵀ            dS = P ∘ (dP - rowsum(dP ∘ P) + dlse)    (∂lse_i/∂s_ij = P_ij)
         dq = dS k · scale     dk = dSᵀ q · scale     (GQA: dk, dv summed over each kv head's query heads)
 
     With ``softcap`` c, ``dS`` is multiplied by ``1 - tanh²(q kᵀ · scale / c)``. With sinks, ``P`` holds the
@@ -149,7 +162,8 @@ def reference_backward(q, k, v, weights, dout, scale=None, softcap=None):
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (B, Hq, Nk, ·)
     dp = do @ np.swapaxes(vr, -1, -2)  # (B, Hq, Nq, Nk)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    extra = 0.0 if dlse is None else np.asarray(dlse, dtype=np.float64)[..., None]  # the lse's own gradient
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True) + extra)
     if softcap is not None:
         ds = ds * (1.0 - np.tanh(q @ np.swapaxes(kr, -1, -2) * scale / softcap) ** 2)
     dq = ds @ kr * scale

@@ -19,7 +19,7 @@ def pair_scores(inp: AttnInputs, idx: torch.Tensor) -> torch.Tensor:
 
     ``idx``: int64 key indices broadcastable to ``(B, Hq, Nq, m)``; ``-1`` (or any index outside ``[0, Nk)``)
     means none. A pair that is not visible — none, outside the band (causal / window around ``i + offset``), a
-    bool mask False, a float mask ``-inf`` — scores ``-inf``. Memory O(Nq · m · D). Every query has ``m`` slots:
+    bool mask False, a float mask ``-inf`` — scores ``-inf``; a visible pair whose score is not finite scores NaN. Memory O(Nq · m · D). Every query has ``m`` slots:
     for key sets of very different sizes, `flat_pair_scores` costs the sum of the sizes instead.
     """
     B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
@@ -87,6 +87,9 @@ def _visible(inp: AttnInputs, s: torch.Tensor, i: torch.Tensor, idx: torch.Tenso
             mk = mk.detach().to(s.dtype)
             keep = keep & (mk != float("-inf"))
             s = s + mk
+    # a visible score that is not finite (NaN, ±inf from inf in q or k, overflow) is NaN, as in the backends' passes:
+    # its weight is NaN, not 0 (the NaN/inf rule); hidden pairs are -inf
+    s = s.masked_fill(~torch.isfinite(s), float("nan"))
     return s.masked_fill(~keep, float("-inf"))
 
 

@@ -126,6 +126,7 @@ def attend(module, q, k, v, *, lens: Optional[Lens] = None, mask=None, causal: b
     results = [first] + [attention(q, k, v, dropout_p=0.0, lens=extra, **kw)[1] for extra in lenses[1:]]
     if caps:
         call = AttnCall(module, q, k, v, dropout_p=dropout_p, **kw)
+        kept = [r.map_arrays(torch.Tensor.detach) for r in results]  # a record keeps no autograd graph (the lse's)
         for c in caps:
-            c.record(call, results[lenses.index(c.lens)])
+            c.record(call, kept[lenses.index(c.lens)])
     return out, first

@@ -460,7 +460,7 @@ def _received(plan: _Plan, q, k, v, lse):
 # ------------------------------------------------------------------------------------------------
 # backward: K/V travel again, each with its dK/dV accumulator, and come home with the gradient
 
-def _backward(plan: _Plan, q, k, v, out, lse, dout):
+def _backward(plan: _Plan, q, k, v, out, lse, dout, dlse=None):
     ring = plan.ring
     r, W = ring.rank, ring.world
     cdt, dev = stat_dtype(q.dtype), q.device
@@ -488,7 +488,8 @@ def _backward(plan: _Plan, q, k, v, out, lse, dout):
             # the global lse gives the true weights p_ij; the final out gives D_i = rowsum(dO ∘ O); the
             # gradients are added straight into the rank's dQ and block src's dK/dV (no per-block copies)
             plan.block(q, kb, vb, b).backward(out[:, :, b.i0:b.i1], lse[:, :, b.i0:b.i1], dout[:, :, b.i0:b.i1],
-                                              dq[:, :, b.i0:b.i1], dk[:, :, b.j0:b.j1], dv[:, :, b.j0:b.j1])
+                                              dq[:, :, b.i0:b.i1], dk[:, :, b.j0:b.j1], dv[:, :, b.j0:b.j1],
+                                              dlse=None if dlse is None else dlse[:, :, b.i0:b.i1])
         if W > 1:
             if step > 0:  # what the ranks before us added to block src
                 ring.wait(acc_works, f"pass dK/dV accumulators at ring step {step - 1}")
@@ -524,8 +525,8 @@ class _RingOp:
         out, lse, merged = _forward(self.plan, q, k, v)
         return out.to(q.dtype), lse, merged.result(self.plan.lens)
 
-    def gradients(self, out, lse, dout):
-        return _backward(self.plan, self.q.detach(), self.k.detach(), self.v.detach(), out, lse, dout)
+    def gradients(self, out, lse, dout, dlse=None):
+        return _backward(self.plan, self.q.detach(), self.k.detach(), self.v.detach(), out, lse, dout, dlse)
 
 
 def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None, lens=None,
@@ -610,5 +611,6 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
         return out
     if plan.lens.received:
         with torch.no_grad():
-            res.received = _received(plan, inp.q.detach(), inp.k.detach(), inp.v.detach(), lse)
-    return out, res.map_arrays(lambda t: t.detach().reshape(t.shape[lead:]))
+            res.received = _received(plan, inp.q.detach(), inp.k.detach(), inp.v.detach(), lse.detach())
+    # the lse keeps its gradient (as attention()'s does); the other lens fields carry none
+    return out, res.map_arrays(lambda t: (t if t is res.lse else t.detach()).reshape(t.shape[lead:]))

@@ -30,7 +30,7 @@ import torch
 from ..capabilities import FLOAT_DTYPES, Capabilities, MaskFeature, Memory
 from ..inputs import AttnInputs, stat_dtype
 
-__all__ = ["Backend", "Capabilities", "add_sink_grad"]
+__all__ = ["Backend", "Capabilities", "add_sink_grad", "sink_weights"]
 
 
 class Backend:
@@ -109,10 +109,15 @@ class Backend:
         """``(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) or None, LensResult or None)``; no autograd."""
         raise NotImplementedError
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
         """Add the gradients of the block into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)``,
         recomputing the weights ``exp(s - lse)`` from ``lse``; ``D_i = rowsum(dout ∘ out)`` from ``out``; and,
-        with sinks, into ``dsinks`` (the shape of ``inp.sinks``) through `add_sink_grad`."""
+        with sinks, into ``dsinks`` (the shape of ``inp.sinks``) through `add_sink_grad`.
+
+        ``dlse (B, Hq, Nq)`` or None: the gradient of the lse itself. Since ``∂lse_i/∂s_ij = P_ij`` it folds into the
+        row term, ``dS = P ∘ (dP - (D - dlse))`` (and the sink's ``-Σ_i P_sink,i (D_i - dlse_i)``), as split-KV and
+        ring implementations do: a caller that combines blocks through their lse (`attnlens.merge`) gets exact
+        gradients."""
         raise NotImplementedError(f"backend {self.name!r} has no backward primitive")
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
@@ -129,22 +134,34 @@ def _order(member) -> int:
     return list(type(member)).index(member)
 
 
-def add_sink_grad(inp: AttnInputs, out, lse, dout, dsinks) -> None:
+def sink_weights(inp: AttnInputs, lse) -> torch.Tensor:
+    """``P_sink,i = exp(sink - lse_i)`` ``(B, Hq, Nq)`` in the statistics dtype, 0 where ``lse = -inf``."""
+    cdt = stat_dtype(inp.q.dtype)
+    lse = lse.to(cdt)
+    sink = inp.sinks.detach().to(cdt)[..., None]  # (B|1, Hq, 1)
+    return torch.where(torch.isneginf(lse), torch.zeros((), dtype=cdt, device=lse.device), torch.exp(sink - lse))
+
+
+def add_sink_grad(inp: AttnInputs, out, lse, dout, dsinks, p_sink=None, dlse=None) -> None:
     """Add the gradient of the sink logits into ``dsinks`` (``inp.sinks``' shape ``(B|1, Hq)``), for every backend.
 
     The sink is one more softmax entry with no value, so with ``P_sink,i = exp(sink - lse_i)`` and
     ``D_i = rowsum(dO ∘ O)_i`` (the softmax Jacobian's row term, as in the backward of the scores)::
 
-        d sink = Σ_i P_sink,i · (0 - D_i)        summed over the batch where sinks are (1, Hq)
+        d sink = Σ_i P_sink,i · (0 - D_i + dlse_i)        summed over the batch where sinks are (1, Hq)
 
+    (``dlse``: the lse's own gradient, if any, as in `Backend.backward`).
+
+    ``p_sink (B, Hq, Nq)``: the sinks' weights where the backend rebuilt them more exactly than `sink_weights` (rows
+    whose lse lost ``log l`` to rounding: see `torch_chunked._own_row_factors`); default `sink_weights`.
     q, k and v's gradients need nothing new: their weights ``exp(s - lse)`` already use the lse with the sink.
     """
     if dsinks is None or inp.sinks is None:
         return
     cdt = stat_dtype(inp.q.dtype)
-    lse = lse.to(cdt)
-    sink = inp.sinks.detach().to(cdt)[..., None]  # (B|1, Hq, 1)
-    p = torch.where(torch.isneginf(lse), torch.zeros((), dtype=cdt, device=lse.device), torch.exp(sink - lse))
+    p = sink_weights(inp, lse) if p_sink is None else p_sink.to(cdt)
     di = torch.einsum("bhid,bhid->bhi", dout.to(cdt), out.to(cdt))  # (B, Hq, Nq)
+    if dlse is not None:
+        di = di - dlse.to(cdt)
     g = -(p * di).sum(-1)  # (B, Hq)
     dsinks += g.sum(0, keepdim=True).to(dsinks.dtype) if dsinks.shape[0] == 1 else g.to(dsinks.dtype)

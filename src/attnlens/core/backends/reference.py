@@ -11,7 +11,7 @@ import torch
 from ..capabilities import Capabilities, MaskFeature, Memory
 from ..inputs import AttnInputs, stat_dtype
 from ..reference import reference_attention, reference_backward, reference_lens
-from . import Backend, add_sink_grad
+from . import Backend, add_sink_grad, sink_weights
 
 
 def _np64(t):
@@ -53,13 +53,13 @@ class ReferenceBackend(Backend):
             res.topk_indices = res.topk_indices.masked_fill(res.topk_weights == 0, -1)
         return out_t, lse_t, res
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
-        w = _weights(inp, lse)
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
+        w, p_sink = _weights(inp, lse, with_sink=True)
         grads = reference_backward(_np64(inp.q), _np64(inp.k), _np64(inp.v), w, _np64(dout), scale=inp.scale,
-                                   softcap=inp.softcap)
+                                   softcap=inp.softcap, dlse=_np64(dlse))
         for buf, g in zip((dq, dk, dv), grads):
             buf += torch.from_numpy(g).to(device=buf.device, dtype=buf.dtype)
-        add_sink_grad(inp, out, lse, dout, dsinks)
+        add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else torch.from_numpy(p_sink), dlse=dlse)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         w = _weights(inp, lse)  # (B, Hq, Nq, Nk)
@@ -71,10 +71,22 @@ class ReferenceBackend(Backend):
         return torch.from_numpy(np.ascontiguousarray(cs)).to(device=inp.q.device, dtype=sd)
 
 
-def _weights(inp: AttnInputs, lse):
-    """``exp(s - lse)`` in float64 from the call's scores and a given ``lse`` (0 where lse = -inf)."""
+def _weights(inp: AttnInputs, lse, with_sink: bool = False):
+    """``exp(s - lse)`` in float64 from the call's scores and a given ``lse`` (0 where lse = -inf): the call's own
+    weights ``w · exp(own - lse)``, and exactly ``w`` where ``lse`` is the row's own log-sum-exp rounded to the
+    statistics dtype (``|own - lse| <= eps · (|lse| / 2 + 1)``, the torch backend's rule): a rounded lse loses
+    ``log l`` when fp32 cannot hold ``m + log l`` (scores near -1e30), which ``exp(s - lse)`` would turn into weights
+    l times too large. ``with_sink``: also the sinks' weights ``(B, Hq, Nq)`` by the same rule (None without sinks)."""
     _, w, own = _dense(inp)
     lse = _np64(lse)
+    eps = float(np.finfo(np.float32 if stat_dtype(inp.q.dtype) == torch.float32 else np.float64).eps)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         scale = np.where(np.isneginf(lse), 0.0, np.exp(own - np.where(np.isneginf(lse), 0.0, lse)))
-    return w * np.where(np.isneginf(own), 0.0, scale)[..., None]
+        rounded = np.isfinite(lse) & (np.abs(own - lse) <= eps * (0.5 * np.abs(lse) + 1.0))
+    p = w * np.where(np.isneginf(own), 0.0, np.where(rounded, 1.0, scale))[..., None]
+    if not with_sink:
+        return p
+    if inp.sinks is None:
+        return p, None
+    own_sw = reference_lens(w, own, sinks=_np64(inp.sinks)).sink_weight  # the oracle's own sink weights
+    return p, np.where(rounded, own_sw, sink_weights(inp, torch.from_numpy(lse)).numpy())

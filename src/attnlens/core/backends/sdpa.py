@@ -7,11 +7,15 @@ then prefers a linear-memory backend.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ..capabilities import Capabilities, Memory
 from ..inputs import AttnInputs
+from ..lens import MAX_BYTES
 from ..masks import band_keep
 from . import Backend
 
@@ -25,7 +29,25 @@ def _dense_band(inp: AttnInputs) -> bool:
     return inp.window is not None or (inp.causal and (inp.offset != 0 or inp.mask is not None or inp.scale <= 0))
 
 
+def _band_mask_bytes(inp: AttnInputs) -> int:
+    """Bytes of the dense masks `SdpaBackend.forward` builds for a band (0 without one): the ``(Nq, Nk)`` bool band,
+    and with a user mask the band combined with it, at the mask's broadcast shape (float: in q's dtype)."""
+    if not _dense_band(inp):
+        return 0
+    Nq, Nk = inp.shape[3], inp.shape[4]
+    n = Nq * Nk
+    m = inp.mask
+    if m is not None:
+        per = 1 if m.dtype == torch.bool else inp.q.element_size()
+        n += math.prod(torch.broadcast_shapes(tuple(m.shape), (Nq, Nk))) * per
+    return n
+
+
 class SdpaBackend(Backend):
+    """PyTorch's fused kernel. ``max_mask_bytes``: the largest dense band mask (windows, offsets; see
+    `_band_mask_bytes`) this backend object builds — a named ``sdpa`` call that needs more is refused with a reason
+    (default `attnlens.lens.MAX_BYTES`, 8 GiB; ``None``: no limit), e.g. ``backend=SdpaBackend(max_mask_bytes=None)``."""
+
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention (fused; output only)"
     capabilities = Capabilities(lens=frozenset(), block=False, score_mods=frozenset(), memory=Memory.LINEAR,
@@ -33,11 +55,27 @@ class SdpaBackend(Backend):
                                 notes="a dense (Nq, Nk) band mask for windows, offsets other than 0 with causal, or "
                                       "causal with a mask")
 
+    def __init__(self, max_mask_bytes: Optional[int] = MAX_BYTES):
+        mb = max_mask_bytes
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 0):
+            raise ValueError(f"max_mask_bytes must be an int >= 0 or None (no limit), got {mb!r}")
+        self.max_mask_bytes = mb
+
     def extra_reasons(self, inp: AttnInputs, reasons: list[str]) -> list[str]:
         out = []
+        n = _band_mask_bytes(inp)
+        if self.max_mask_bytes is not None and n > self.max_mask_bytes:
+            why = f"window={inp.window}" if inp.window is not None else f"causal with offset={inp.offset}"
+            if inp.window is None and inp.offset == 0:
+                why = "causal with a mask" if inp.mask is not None else f"causal with scale={inp.scale}"
+            out.append(f"{why} needs a dense (Nq, Nk) mask of {n / 1e9:.3g} GB here, above its max_mask_bytes = "
+                       f"{self.max_mask_bytes / 1e9:.3g} GB: use backend='torch' (linear memory), or allow it with "
+                       f"backend=attnlens.SdpaBackend(max_mask_bytes=None)")
         B, Hq, Hkv, *_ = inp.shape
         if Hq != Hkv and not _HAS_GQA:
             out.append("grouped-query attention needs torch >= 2.5 (enable_gqa)")
+        if inp.shape[4] == 0:
+            out.append("Nk = 0 (an empty key set; backend='torch' gives every row output 0, lse -inf)")
         if not reasons and not out and not inp.all_finite:
             out.append("q, k or v holds NaN/inf: the fused kernel may zero such rows or spread them to rows "
                        "that give them weight 0")

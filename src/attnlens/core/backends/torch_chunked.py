@@ -10,6 +10,7 @@ online rescaling) and every lens statistic comes from the same buffer of scores:
     max_weight = 1 / l                                (the max of e is exp(0) = 1)
     received += (1/l)ᵀ @ e                            (column sums, one matrix-vector product)
     received_from += pᵀ W ;  pooled += block sums of p   (Lens(received_from=W), Lens(pool=...))
+    weights_at = p[i, at]                             (Lens(at=...): gathered, not rebuilt from lse)
 
 Score modifications: softcap and ALiBi change the scores right after ``q kᵀ`` (`attnlens.core.scores.score_mods`, before any
 mask); a sink is one more entry of the row's softmax folded into ``m, l, t`` once the row's keys are done
@@ -26,7 +27,9 @@ lens field (its weights NaN at its visible keys only).
 Memory is O(chunk · Nk): the chunk is sized so its few score buffers fit in ``chunk_bytes``
 (`TorchChunkedBackend(chunk_bytes=...)`, default `CHUNK_BYTES`). Keys that no query of a chunk
 may see (causal, window, offset) are skipped, not masked. The backward pass and the column sums
-recompute each chunk's weights from a given ``lse``.
+recompute each chunk's weights from a given ``lse`` as ``exp(s - lse)``, and, in calls with rows of huge
+|lse| (scores near -1e30 or finfo.min, where fp32 rounds ``m + log l`` to ``m``), as the row's own weights
+``exp(s - lse) / r`` wherever ``lse`` is the row's own, rounded (`_own_row_factors`).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from ..inputs import AttnInputs, stat_dtype
 from ..lens import LensResult
 from ..masks import band_keep, key_range
 from ..scores import score_mods
-from . import Backend, add_sink_grad
+from . import Backend, add_sink_grad, sink_weights
 from . import native as _native
 
 NAN = float("nan")
@@ -259,6 +262,22 @@ class _Outputs:
             self.pooled = new(-(-Nq // self.pool[0]), -(-Nk // self.pool[1]))
         self.sinks = None if inp.sinks is None else inp.sinks.detach().to(cdt).reshape(-1, Hkv, G, 1, 1)
         self.sinkw = new(Nq) if lens is not None and self.sinks is not None else None
+        self.at, self.wat = inp.at, None
+        if self.at is not None:  # Lens(at=...): P[i, at] gathered from each chunk's weights
+            self.wat = new(Nq, self.at.shape[-1])
+
+    def write_keyless(self, ch: _Chunk):
+        """A chunk whose queries see no key (``ch.nk == 0``): zeros and lse ``-inf`` as initialised; with sinks every
+        row puts all its weight on its sink: lse = σ, sink weight 1 (0 for σ = -inf)."""
+        if self.sinks is None:
+            return
+        B, Hkv, G = self.lead
+        sk = self.sinks.expand(B, Hkv, G, ch.c, 1)[..., 0]  # (B, Hkv, G, c)
+        # exp(σ - σ): 1, NaN for a NaN or +inf sink (as the reference: a non-finite visible logit)
+        sw = torch.where(torch.isneginf(sk), torch.zeros((), dtype=sk.dtype, device=sk.device), torch.exp(sk - sk))
+        self.lse[:, :, :, ch.i0:ch.i1] = torch.where(sw.isnan(), sw, sk)
+        if self.sinkw is not None:
+            self.sinkw[:, :, :, ch.i0:ch.i1] = sw
 
     def write(self, ch: _Chunk, e, m, l, t, top, o, bad=None):
         """Chunk results: ``e = exp(s - m)`` ``(B, Hkv, G·c, nk)``, ``m, l, t`` ``(B, Hkv, G·c, 1)``
@@ -273,10 +292,10 @@ class _Outputs:
         if self.sinks is not None:  # one more entry per row, logit σ, no value
             sk = self.sinks.expand(-1, Hkv, G, c, 1).reshape(-1, Hkv, G * c, 1)
             m2 = torch.where((l == 0) & (sk > float("-inf")), sk, torch.maximum(m, sk))  # no key: exactly 1 on σ
-            a, es = torch.exp(m - m2), torch.exp(sk - m2)  # es = 0 for σ = -inf
-            if t is not None:
-                t = a * (t + l * (m - m2)) + torch.where(es > 0, es * (sk - m2), zero)
-            a = torch.where(l == 0, zero, a)  # rows that see no key: their keys' weights stay 0
+            # rows that see no key: their keys' weights stay 0 (exp(m - m2) may be inf there: m = 0, σ < -88)
+            a, es = torch.where(l == 0, zero, torch.exp(m - m2)), torch.exp(sk - m2)  # es = 0 for σ = -inf
+            if t is not None:  # a = 0: the keys' term is 0 (l·(m - m2) may overflow to -inf there, and 0·-inf = NaN)
+                t = torch.where(a > 0, a * (t + l * (m - m2)), zero) + torch.where(es > 0, es * (sk - m2), zero)
             l, m = l * a + es, m2
         inv = torch.where(l == 0, zero, 1.0 / l)  # 1/l, 0 for dead rows
         rl = inv if a is None else a * inv  # the keys' weights are rl · e
@@ -306,6 +325,8 @@ class _Outputs:
             self._write_topk(ch, top, m_keys, rl, stat_nan)
         if self.rows is not None:
             self._write_rows(ch, e, rl)
+        if self.wat is not None:
+            self._write_at(ch, e, rl)
         if self.rf is not None:
             p5 = (e * rl).view(B, Hkv, G, c, nk)  # the chunk's weights
             self.rf[..., ch.lo:ch.hi, :] += _pt_w(p5, self.w5[:, :, :, i0:i1])
@@ -335,9 +356,25 @@ class _Outputs:
         w = torch.exp(vals - m).mul_(rl)
         if stat_nan is not None:
             w = w + stat_nan  # weights NaN, indices -1 on rows with a non-finite visible score
+            if kk < self.topk:  # and in the slots beyond the chunk's nk keys (0 elsewhere)
+                self.tk_w[:, :, :, ch.i0:ch.i1, kk:] = stat_nan.view(B, Hkv, G, ch.c, 1)
         idx = torch.where(w > 0, idx + ch.lo, torch.full((), -1, dtype=torch.int64, device=idx.device))
         self.tk_w[:, :, :, ch.i0:ch.i1, :kk] = w.view(B, Hkv, G, ch.c, kk)
         self.tk_i[:, :, :, ch.i0:ch.i1, :kk] = idx.view(B, Hkv, G, ch.c, kk)
+
+    def _write_at(self, ch: _Chunk, e, rl):
+        """``weights_at`` of the chunk's rows: ``p = rl · e`` gathered at ``Lens(at=...)``'s keys, 0 at a key outside
+        the chunk's range ``[lo, hi)`` (no row of the chunk sees it) or -1. The same weights as every other field:
+        exact whatever the scores' magnitude, NaN at the visible keys of a row with a non-finite visible score."""
+        B, Hkv, G = self.lead
+        i0, i1, c = ch.i0, ch.i1, ch.c
+        at = self.at[:, :, i0:i1] if self.at.shape[2] > 1 else self.at  # (B|1, Hq|1, c|1, m)
+        m = at.shape[-1]
+        idx = at.expand(B, Hkv * G, c, m).reshape(B, Hkv, G * c, m) - ch.lo
+        inside = (idx >= 0) & (idx < ch.nk)
+        w = torch.gather(e, -1, idx.clamp(0, ch.nk - 1)).mul_(rl)
+        self.wat[:, :, :, i0:i1] = torch.where(inside, w, torch.zeros((), dtype=w.dtype, device=w.device)).view(
+            B, Hkv, G, c, m)
 
     def _write_rows(self, ch: _Chunk, e, rl):
         """Requested rows in this chunk: ``p = e / l`` written straight into ``weights``."""
@@ -366,7 +403,7 @@ class _Outputs:
                 res.topk_weights, res.topk_indices = flat(self.tk_w), flat(self.tk_i)
             if self.rows is not None:
                 res.weights, res.rows = flat(self.wrows), self.rows
-            res.received_from, res.pooled = flat(self.rf), flat(self.pooled)
+            res.received_from, res.pooled, res.weights_at = flat(self.rf), flat(self.pooled), flat(self.wat)
             res.sink_weight = flat(self.sinkw)
         return flat(self.out).to(self.inp.q.dtype), lse, res
 
@@ -435,8 +472,9 @@ def forward(inp: AttnInputs, rows_per_chunk: int):
     ebuf = torch.empty(n_buf, dtype=cdt, device=dev) if want_t and not native else None
     for ci, i0 in enumerate(range(0, Nq, rows_per_chunk)):
         ch = _Chunk(inp, qs, kc, i0, min(Nq, i0 + rows_per_chunk), sbuf, check)
-        if ch.nk == 0:
-            continue  # no query in this chunk sees a key: zeros, lse -inf
+        if ch.nk == 0:  # no query in this chunk sees a key: zeros, lse -inf (or the sink's)
+            outs.write_keyless(ch)
+            continue
         bad = vis = None
         if check:  # rows with a non-finite visible score (NaN after _Chunk's marking)
             bad = torch.isnan(ch.s).any(dim=-1, keepdim=True)
@@ -457,10 +495,56 @@ def _lse_inf(lse, B, Hkv, G, Nq, cdt):
     return torch.where(torch.isneginf(lse5), torch.full((), float("inf"), dtype=cdt, device=lse.device), lse5)
 
 
-def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, dsinks=None) -> None:
+#: rows whose |lse| exceeds this many ulps of 1 (``|lse| · eps``: 2**-12 is |lse| > 2**11 in float32, 2**40 in float64)
+#: have their weights rebuilt by `_own_row_factors`: below it the lse's rounding moves a weight by at most 2**-13
+#: relative, like the scores' own rounding at that size; above it ``exp(s - lse)`` drifts from the pass's weights
+#: (by a factor l once fp32 cannot hold ``m + log l``: scores near -1e30 or finfo.min). Calls without such rows skip
+#: the extra row sum.
+LSE_RENORM_ULPS = 2.0 ** -12
+
+
+def _needs_own_rows(lse) -> bool:
+    """Whether some finite row of ``lse`` is large enough for `_own_row_factors` (one reduction, once per call)."""
+    eps = torch.finfo(lse.dtype).eps
+    return bool((torch.isfinite(lse) & (lse.abs() * eps > LSE_RENORM_ULPS)).any())
+
+
+def _own_row_factors(p, lse_c, sinks):
+    """Row factors ``f (B, Hkv, G·c, 1)`` that make ``f · p`` the pass's own weights where ``lse`` is the row's own
+    log-sum-exp, for ``p = exp(s - lse)`` over the chunk's keys (all of the row's keys in the block).
+
+    ``lse = m + log l`` is rounded to the statistics dtype; where it is the row's own, the row's weights (sink
+    included) sum to ``r = 1`` up to that rounding, and ``p / r`` is ``e / l`` exactly — also when fp32 keeps none
+    of ``log l`` (``lse`` = m for scores near -1e30: ``p`` sums to l). A row is taken as its own where
+    ``|log r| <= eps · (|lse| / 2 + 1)`` (half an ulp of lse, plus the sums' rounding); elsewhere (the global lse of a
+    row that also sees other blocks' keys, dead and NaN rows) ``f = 1``: ``exp(s - lse)`` as given."""
+    r = p.sum(-1, keepdim=True)
+    if sinks is not None:
+        r = r + torch.exp(sinks - lse_c)  # 0 for a dead row (lse read as +inf) or a -inf sink
+    eps = torch.finfo(p.dtype).eps
+    own = torch.isfinite(lse_c) & (r > 0) & (r.log().abs() <= eps * (0.5 * lse_c.abs() + 1.0))
+    return torch.where(own, 1.0 / r, torch.ones((), dtype=p.dtype, device=p.device))
+
+
+def _chunk_weights(inp: AttnInputs, ch: _Chunk, lse5, own: bool):
+    """``p = exp(s - lse)`` of the chunk's rows in place on its scores ``(B, Hkv, G·c, nk)``, and `_own_row_factors`
+    (or None when ``own`` is False: the call has no row that needs them): the weights are ``f · p``."""
+    B, Hkv, G = lse5.shape[:3]
+    lse_c = lse5[:, :, :, ch.i0:ch.i1].reshape(B, Hkv, G * ch.c, 1)
+    p = ch.s.sub_(lse_c).exp_()
+    if not own:
+        return p, None
+    sk = None
+    if inp.sinks is not None:
+        sk = inp.sinks.detach().to(p.dtype).reshape(-1, Hkv, G, 1, 1).expand(B, Hkv, G, ch.c, 1).reshape(
+            B, Hkv, G * ch.c, 1)
+    return p, _own_row_factors(p, lse_c, sk)
+
+
+def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, dsinks=None, dlse=None) -> None:
     """Add the gradients into ``dq (B, Hq, Nq, D)``, ``dk (B, Hkv, Nk, D)``, ``dv (B, Hkv, Nk, Dv)`` (any float
-    dtype, strided views allowed), and ``dsinks`` (`add_sink_grad`), recomputing each chunk's weights from ``lse``;
-    O(chunk · Nk) memory."""
+    dtype, strided views allowed), and ``dsinks`` (`add_sink_grad`), recomputing each chunk's weights from ``lse``
+    (`_chunk_weights`); O(chunk · Nk) memory. ``dlse``: the lse's own gradient (`Backend.backward`)."""
     B, Hq, Hkv, Nq, Nk, D, Dv = inp.shape
     G = Hq // Hkv
     cdt, qs, kc, vc = _prepare(inp)
@@ -468,7 +552,13 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
     do = dout.to(cdt).reshape(B, Hkv, G, Nq, Dv)
     # Σ_j p_ij dp_ij = rowsum(dO ∘ O), (B, Hkv, G, Nq), as a batched dot product (no (Nq, Dv) temporary)
     di = torch.einsum("...d,...d->...", do, out.to(cdt).reshape(B, Hkv, G, Nq, Dv))
+    if dlse is not None:  # ∂lse_i/∂s_ij = P_ij: the lse's gradient joins the row term, dS = P ∘ (dP - (D - dlse))
+        di = di - dlse.to(cdt).reshape(B, Hkv, G, Nq)
     lse5 = _lse_inf(lse, B, Hkv, G, Nq, cdt)
+    own = _needs_own_rows(lse.to(cdt))
+    # the sinks' weights get the rows' own factors too (the sink is one more entry of each row)
+    p_sink = sink_weights(inp, lse).reshape(B, Hkv, G, Nq) if own and dsinks is not None and inp.sinks is not None \
+        else None
     dq5 = dq.unflatten(1, (Hkv, G))  # (B, Hkv, G, Nq, D), a view
     n_buf = B * Hq * min(Nq, rows_per_chunk) * Nk
     sbuf = torch.empty(n_buf, dtype=cdt, device=dev)  # score / weight workspace reused by every chunk
@@ -479,11 +569,13 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
         if ch.nk == 0:
             continue
         c, lo, hi = ch.c, ch.lo, ch.hi
-        p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).exp_()  # (B, Hkv, G·c, nk)
+        p, f = _chunk_weights(inp, ch, lse5, own)  # the weights are f · p: f scales rows of the small operands
+        if p_sink is not None:
+            p_sink[:, :, :, i0:i1] *= f.view(B, Hkv, G, c)
         do_c = do[:, :, :, i0:i1].reshape(B, Hkv, G * c, Dv)
         keep = _dropout_keep(inp, ci, p.shape, cdt) if inp.dropout_p > 0 else None
         pd = p * keep if keep is not None else p
-        dv[:, :, lo:hi] += torch.matmul(pd.transpose(-1, -2), do_c)
+        dv[:, :, lo:hi] += torch.matmul(pd.transpose(-1, -2), do_c if f is None else do_c * f)
         del pd
         dp = torch.matmul(do_c, vc[:, :, lo:hi].transpose(-1, -2), out=dpbuf[: p.numel()].view(p.shape))
         if keep is not None:
@@ -491,9 +583,10 @@ def backward(inp: AttnInputs, out, lse, dout, dq, dk, dv, rows_per_chunk: int, d
         ds = dp.sub_(di[:, :, :, i0:i1].reshape(B, Hkv, G * c, 1)).mul_(p)  # p ∘ (dp - di)
         if ch.dcap is not None:
             ds.mul_(ch.dcap)  # through c·tanh(s/c)
-        dq5[:, :, :, i0:i1] += torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale).view(B, Hkv, G, c, D)
-        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc)
-    add_sink_grad(inp, out, lse, dout, dsinks)
+        dqc = torch.matmul(ds, kc[:, :, lo:hi]).mul_(inp.scale)
+        dq5[:, :, :, i0:i1] += (dqc if f is None else dqc.mul_(f)).view(B, Hkv, G, c, D)
+        dk[:, :, lo:hi] += torch.matmul(ds.transpose(-1, -2), ch.qc if f is None else ch.qc * f)
+    add_sink_grad(inp, out, lse, dout, dsinks, None if p_sink is None else p_sink.reshape(B, Hq, Nq), dlse=dlse)
 
 
 def _pt_w(p5, w5):
@@ -514,17 +607,19 @@ def column_sums(inp: AttnInputs, lse, weights, rows_per_chunk: int):
         T = weights.shape[-1]
         w5 = weights.to(cdt).expand(B, Hq, Nq, T).reshape(B, Hkv, G, Nq, T)
     rec = torch.zeros((B, Hkv, G, Nk) + (() if w5 is None else (w5.shape[-1],)), dtype=cdt, device=qs.device)
+    own = _needs_own_rows(lse.to(cdt))
     for i0 in range(0, Nq, rows_per_chunk):
         i1 = min(Nq, i0 + rows_per_chunk)
         ch = _Chunk(inp, qs, kc, i0, i1)
         if ch.nk == 0:
             continue
-        p = ch.s.sub_(lse5[:, :, :, i0:i1].reshape(B, Hkv, G * ch.c, 1)).exp_()  # (B, Hkv, G·c, nk)
+        p, f = _chunk_weights(inp, ch, lse5, own)  # (B, Hkv, G·c, nk): the weights are f · p
         p5 = p.view(B, Hkv, G, ch.c, ch.nk)
         if w5 is None:
-            rec[..., ch.lo:ch.hi] += p5.sum(-2)
+            rec[..., ch.lo:ch.hi] += p5.sum(-2) if f is None else (f.view(B, Hkv, G, 1, ch.c) @ p5)[..., 0, :]
         else:
-            rec[..., ch.lo:ch.hi, :] += _pt_w(p5, w5[:, :, :, i0:i1])
+            wc = w5[:, :, :, i0:i1]
+            rec[..., ch.lo:ch.hi, :] += _pt_w(p5, wc if f is None else wc * f.view(B, Hkv, G, ch.c, 1))
     return rec.reshape(B, Hq, *rec.shape[3:])
 
 
@@ -546,8 +641,8 @@ class TorchChunkedBackend(Backend):
     def forward(self, inp: AttnInputs):
         return forward(inp, chunk_rows(inp, self.chunk_bytes))
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
-        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes), dsinks)
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
+        backward(inp, out, lse, dout, dq, dk, dv, chunk_rows(inp, self.chunk_bytes), dsinks, dlse)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         return column_sums(inp, lse, weights, chunk_rows(inp, self.chunk_bytes))

@@ -372,17 +372,19 @@ def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config,
     return w
 
 
-def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes):
+def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes,
+                   dlse=None):
     """Adds the gradients into ``dq, dk, dv``. The kernels store each tile's gradient once into fresh tensors, which
     are then added: a load-add-store of the accumulator tile inside the dK/dV kernel raised its register pressure
     into spills on sm_90 (the compile check showed 8-80 B per thread)."""
     new = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (dq, dk, dv)]
-    _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, *new, config, softcap, slopes)
+    _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, *new, config, softcap, slopes, dlse)
     for buf, g in zip((dq, dk, dv), new):
         buf.add_(g)
 
 
-def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes):
+def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes,
+                      dlse=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L, R, has_l, has_r = _band_args(left, right)
@@ -395,6 +397,8 @@ def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right,
         pre = 64
         _launch("attn_bwd_preprocess_kernel", (_cdiv(Nq, pre), B * Hq),
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv, BLOCK_M=pre, BLOCK_DV=_pow2(Dv))
+        if dlse is not None:  # the lse's own gradient: dS = P ∘ (dP - (D - dlse))
+            delta.sub_(dlse.to(torch.float32))
         cfg = block_config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config)
         _launch("attn_bwd_dkdv_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv),
             q, k, v, bias_t, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
@@ -434,13 +438,15 @@ def _attention_fake(q, k, v, bias, scale, offset, left, right, entropy, topk, co
 @torch.library.custom_op("attnlens::triton_attention_backward", mutates_args=("dq", "dk", "dv"))
 def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
                           lse: Tensor, scale: float, offset: int, left: int, right: int, dq: Tensor, dk: Tensor,
-                          dv: Tensor, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None) -> None:
-    _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes)
+                          dv: Tensor, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None,
+                          dlse: Optional[Tensor] = None) -> None:
+    _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes,
+                   dlse)
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config,
-                             softcap=0.0, slopes=None):
+                             softcap=0.0, slopes=None, dlse=None):
     return None
 
 
@@ -545,6 +551,8 @@ class TritonBackend(Backend):
         out = []
         if inp.q.dtype == torch.bfloat16 and _device_type(inp.q) == "cuda" and _capability(inp.q) < (8, 0):
             out.append("bfloat16 needs a GPU of compute capability >= 8.0")
+        if inp.shape[4] == 0:
+            out.append("Nk = 0 (an empty key set; backend='torch' gives every row output 0, lse -inf)")
         if not reasons and not out and not inp.all_finite:
             out.append("q, k or v holds NaN/inf: a fused kernel would spread it to rows that give it weight 0")
         return out
@@ -580,16 +588,17 @@ class TritonBackend(Backend):
             res.rows = inp.rows
         return out, lse, res  # received_from, weights_at, pooled: `finish_lens` (column-sum kernel, pair weights)
 
-    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None) -> None:
+    def backward(self, inp: AttnInputs, out, lse, dout, dq, dk, dv, dsinks=None, dlse=None) -> None:
         left, right = _band(inp)
         bufs = [b if b.dtype == torch.float32 else b.float() for b in (dq, dk, dv)]  # the kernels add in fp32
         attention_backward_op(dout.contiguous(), inp.q.detach(), inp.k.detach(), inp.v.detach(), key_bias(inp),
                               out.detach(), lse.to(torch.float32).contiguous(), inp.scale, inp.offset, left, right,
-                              *bufs, self.config, *_mods(inp))
+                              *bufs, self.config, *_mods(inp),
+                              None if dlse is None else dlse.detach().to(torch.float32).contiguous())
         for b, f in zip((dq, dk, dv), bufs):
             if f is not b:
                 b.copy_(f)
-        add_sink_grad(inp, out, lse, dout, dsinks)
+        add_sink_grad(inp, out, lse, dout, dsinks, dlse=dlse)
 
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         left, right = _band(inp)

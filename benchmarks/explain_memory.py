@@ -1,10 +1,10 @@
 """Peak memory and time of ``attnlens explain`` at several lengths, each in a fresh process, on this machine.
 
-    python benchmarks/explain_memory.py [--tokens 16,512,1300,4800,8192] [--model-dir DIR] [--src SRC]
+    python benchmarks/explain_memory.py [--tokens 16,512,965,1300,4800,8192] [--model-dir DIR] [--src SRC]
                                         [--out benchmarks/results/explain-memory-DATE]
 
 The model is all-MiniLM-L6-v2's weights with its position embeddings tiled to the longest length asked for
-(`benchmarks/report.py`'s ``build_model``; no download), saved to ``--model-dir`` (kept and reused when given, else
+(``examples/long_model.py``'s ``build_model``; no download), saved to ``--model-dir`` (kept and reused when given, else
 a temporary folder); the text is ``N`` tokens of this repository's README (``long_text``), passed with ``--file``.
 Each length runs ``attnlens explain --file TEXT --model DIR --out PAGE --force`` in a fresh process, under a fresh
 parent that reads its child's peak resident memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss``) and wall time.
@@ -61,7 +61,8 @@ def measure(n: int, folder: Path, tok, work: Path, src: str | None, text_arg: bo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="16,512,1300,4800,8192")
+    ap.add_argument("--tokens", default="16,512,965,1300,4800,8192",
+                    help="lengths in tokens (965: the longest for which explain keeps every weight of MiniLM)")
     ap.add_argument("--model-dir", default=None, help="keep the tiled model here (reused if it exists)")
     ap.add_argument("--src", default=None, help="PYTHONPATH for the explain processes (another checkout's src)")
     ap.add_argument("--label", default="", help="a name for this run in the output")

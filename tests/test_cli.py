@@ -457,6 +457,31 @@ def test_explain_reads_a_file_or_standard_input(tmp_path):
 
 
 @needs_hf
+def test_the_readme_long_text_path_takes_more_than_512_tokens(tmp_path):
+    """The README's "Your own long text": examples/long_model.py writes a MiniLM folder with its 512 position
+    embeddings tiled, and ``explain --file --model`` reads a text longer than MiniLM's 512 tokens, untruncated."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "examples" / "long_model.py"), "long", "--tokens", "600"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    pos = load_file(str(tmp_path / "long" / "model.safetensors"))["embeddings.position_embeddings.weight"]
+    assert pos.shape == (600, 384) and (pos[512:] == pos[:88]).all() and not (pos[1] == pos[0]).all()
+    (tmp_path / "t.txt").write_text("the cat sat on the mat . " * 80, encoding="utf-8")  # 560 tokens + 2
+    e = _python_m("explain", "--file", str(tmp_path / "t.txt"), "--model", str(tmp_path / "long"),
+                  "--out", str(tmp_path / "r.html"))
+    assert e.returncode == 0, e.stderr
+    assert e.stdout.startswith(f"{tmp_path / 'long'}: 562 tokens, 6 layers × 12 heads\n"), e.stdout[:200]
+    assert "truncat" not in e.stderr + e.stdout
+    bad = subprocess.run([sys.executable, str(root / "examples" / "long_model.py"), "x", "--tokens", "100"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--tokens: expected at least 512" in bad.stderr
+
+
+@needs_hf
 def test_explain_model_folder_that_is_not_a_model(capsys, tmp_path):
     _one_line_error(capsys, ["explain", "hi", "--model", str(tmp_path), "--out", str(tmp_path / "r.html")],
                     "not a model folder")

@@ -20,7 +20,11 @@ __all__ = ["ReportData", "from_records", "count", "opening_view", "rollout_views
            "row_ids", "pool_means", "FULL_BYTES", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
            "DEFAULT_MODEL_LABEL"]
 
-#: capture every weight row when L · H · N² float32 fit in this many bytes
+#: capture every weight row when L · H · N² float32 fit in this many bytes. Holding them costs several times
+#: their size (the capture's weights, the analyses' and the page's copies a layer at a time): `attnlens explain`
+#: on MiniLM peaks at 1.36 GB of resident memory at 965 tokens, the longest that fits, against 0.79 GB at 1,300
+#: and 1.52 GB at 8,192 tokens without them (measured 2026-12-03, 2-core CPU, benchmarks/explain_memory.py:
+#: benchmarks/results/explain-memory-2026-12-03.md)
 FULL_BYTES = 256 << 20
 #: top-k kept per query and head for the terminal summary and long inputs
 DEFAULT_TOPK = 8

@@ -6,9 +6,10 @@ tokenizes, runs the model once under `attnlens.hf.capture` and hands the records
 the data itself for a long input's pooled views); nothing here calls back up.
 
 Full weight rows are captured when all layers' ``(H, N, N)`` fit in ``FULL_BYTES`` (always for MiniLM's 512
-tokens: 75 MB); beyond that, nothing ``N × N`` is ever held: the capture keeps the lens statistics, top-k (the token
-view), pooled maps (``Lens(pool=...)``: the layer × head grid) and each layer's inputs, and the rollout (pooled to the
-page's size, plus exact rows) and the head scores are computed exactly from them (`attnlens.analysis`).
+tokens: 75 MB; up to 965 tokens, where `attnlens explain` peaks at 1.36 GB: see ``FULL_BYTES``); beyond that,
+nothing ``N × N`` is ever held: the capture keeps the lens statistics, top-k (the token view), pooled maps
+(``Lens(pool=...)``: the layer × head grid) and each layer's inputs, and the rollout (pooled to the page's size, plus
+exact rows) and the head scores are computed exactly from them (`attnlens.analysis`).
 
 Encoder-decoder models run once with teacher forcing: the encoder reads ``text``, the decoder reads ``target``
 (default: ``text``) shifted right behind the model's ``decoder_start_token_id``; the data's ``cross`` holds the

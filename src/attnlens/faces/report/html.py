@@ -12,7 +12,7 @@ The page itself is three package files next to this module, read with `importlib
 Size (what is embedded, and why it stays small at 512 tokens):
 
 - token view: the weights quantised to one byte (``round(255·w)``); the full ``(L, H, N, N)``
-  when it has at most ``FULL_CELLS`` cells (N ≲ 150 for 6 × 12 heads), else each query's top
+  when it has at most ``FULL_CELLS`` cells (N ≤ 166 for 6 × 12 heads), else each query's top
   ``k`` keys per head (2-byte index + float16 weight, so that the small weights of a long input keep 3
   significant digits): 6 × 12 × 512 × 8 × 4 B = 1.2 MB before base64. ``k`` is ``PAGE_TOPK``, lowered (to 1
   at least, with a warning on the page) so that this part stays under ``TOKEN_VIEW_BYTES``;

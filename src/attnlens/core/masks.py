@@ -10,10 +10,16 @@ key); ring attention and split-KV pass other offsets for blocks of a longer sequ
 
 and a user mask allows it (bool: True = may attend; float: added to the scores, ``-inf`` =
 may not attend). The functions here work on NumPy arrays and torch tensors alike.
+
+Padded batches (`SeqLens`, FlashAttention's varlen semantics): sequence b has ``Lq[b]`` queries (rows
+``[0, Lq[b])``) and ``Lk[b]`` keys (``[0, Lk[b])``), and its own offset ``off[b]`` (default ``Lk[b] - Lq[b]``,
+bottom-right per sequence). Query i of sequence b may see key j iff ``i < Lq[b]``, ``j < Lk[b]`` and the rules
+above hold with ``p = i + off[b]``.
 """
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -71,11 +77,12 @@ def key_range(i0: int, i1: int, nk: int, offset: int, causal: bool, window: Wind
     return lo, max(lo, hi)
 
 
-def band_keep(qi, kj, offset: int, causal: bool, window: Window):
+def band_keep(qi, kj, offset, causal: bool, window: Window):
     """Bool array ``keep[a, b]`` for query indices ``qi`` (column) and key indices ``kj`` (row).
 
     ``qi`` and ``kj`` are 1-D integer arrays (NumPy or torch); returns ``None`` when there is
-    no causal/window restriction at all.
+    no causal/window restriction at all. ``offset``: an int, or an integer array that broadcasts against
+    ``qi[:, None]`` (e.g. ``(B, 1, 1)`` per-sequence offsets give ``keep (B, len(qi), len(kj))``).
     """
     left, right = band(causal, window)
     if left is None and right is None:
@@ -89,6 +96,53 @@ def band_keep(qi, kj, offset: int, causal: bool, window: Window):
         lk = kk >= pos - left
         keep = lk if keep is None else (keep & lk)
     return keep
+
+
+@dataclass(frozen=True)
+class SeqLens:
+    """The per-sequence lengths of a padded batch (FlashAttention's varlen semantics, right padding), checked.
+
+    ``q (B,)``, ``k (B,)``: int64 lengths, sequence b's queries are rows ``[0, q[b])`` and its keys ``[0, k[b])``;
+    ``offset (B,)`` int64: query i of sequence b sits at key position ``i + offset[b]`` (default ``k - q``:
+    bottom-right per sequence). All three on q's device. ``bounds = (max q, max k, min offset, max offset)`` as
+    Python ints, so the chunk/tile geometry needs no device sync. Padded query rows (``i >= q[b]``) see nothing
+    (dead rows, not even a sink); padded keys (``j >= k[b]``) are seen by no query.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    offset: torch.Tensor
+    bounds: Tuple[int, int, int, int]
+
+    @classmethod
+    def make(cls, q, k, offset) -> "SeqLens":
+        """From int64 ``(B,)`` tensors on one device (the caller has checked them)."""
+        qs, ks, offs = q.tolist(), k.tolist(), offset.tolist()
+        return cls(q, k, offset, (max(qs, default=0), max(ks, default=0), min(offs, default=0), max(offs, default=0)))
+
+    def key_range(self, i0: int, i1: int, nk: int, causal: bool, window: Window) -> tuple[int, int]:
+        """Keys ``[lo, hi)`` that hold every key some query in rows ``[i0, i1)`` of some sequence may see (a hull
+        over the sequences: `keep` masks the rest); empty when no sequence has a query in those rows."""
+        qmax, kmax, omin, omax = self.bounds
+        if i0 >= qmax:
+            return 0, 0
+        lo = key_range(i0, i1, nk, omin, causal, window)[0]
+        hi = min(kmax, key_range(i0, i1, nk, omax, causal, window)[1])
+        return lo, max(lo, hi)
+
+    def positions(self, qi):
+        """``(B, len(qi))``: each sequence's key position of query indices ``qi`` (1-D torch)."""
+        return qi[None, :] + self.offset[:, None]
+
+    def keep(self, qi, kj, causal: bool, window: Window):
+        """Bool ``(B, len(qi), len(kj))``: query ``qi[a]`` of sequence b may see key ``kj[c]`` (band and lengths)."""
+        keep = (qi[None, :, None] < self.q[:, None, None]) & (kj[None, None, :] < self.k[:, None, None])
+        band_ = band_keep(qi, kj, self.offset[:, None, None], causal, window)
+        return keep if band_ is None else keep & band_
+
+    def rows(self, a: int, b: int) -> "SeqLens":
+        """The lengths of queries ``[a, b)`` taken alone: each sequence keeps its key positions (offset + a)."""
+        return SeqLens.make((self.q - a).clamp(0, b - a), self.k, self.offset + a)
 
 
 def padding_mask(lengths, n: int, *, device=None):

@@ -107,6 +107,9 @@ class Block:
                        mask=inp.mask if mask is None else mask, causal=inp.causal, window=inp.window, scale=inp.scale,
                        offset=offset, softcap=inp.softcap, sinks=inp.sinks, alibi_slopes=inp.alibi_slopes, lens=lens,
                        seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+        if new.seqlens is not None and not self.backend.capabilities.seqlens:
+            raise ValueError(f"backend {self.backend.name!r} has no per-sequence lengths (seqlens_q / seqlens_k), "
+                             f"asked of a derived block")
         if lens is not None:
             missing = new.lens.requested() - self.backend.capabilities.lens
             if missing:

@@ -241,50 +241,12 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
                       received_from=rf, at=at, seqlens=seqlens)
 
 
-def _lengths(x, name: str, device, B: int, n: int, what: str) -> torch.Tensor:
-    """One ``(B,)`` int64 tensor on ``device`` from ``x`` (torch, NumPy, or a list of ints), checked: an integer dtype,
-    shape ``(B,)``, values in ``[lo, n]`` (``n`` None: any int64)."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    elif isinstance(x, np.ndarray):
-        if x.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold integers ({what}), got NumPy dtype {x.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
-    elif isinstance(x, (list, tuple)) and all(isinstance(a, (numbers.Integral, np.integer))
-                                              and not isinstance(a, (bool, np.bool_)) for a in x):
-        t = torch.tensor([int(a) for a in x], dtype=torch.int64)
-    else:
-        raise TypeError(f"{name} must be a 1-D integer torch tensor, NumPy array or list of ints ({what}), got "
-                        f"{type(x).__name__}")
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"{name} must hold integers ({what}), got dtype {t.dtype}")
-    if tuple(t.shape) != (B,):
-        raise ValueError(f"{name} must have shape (B,) = ({B},), one entry per sequence ({what}), got shape "
-                         f"{tuple(t.shape)}")
-    t = t.to(device=device, dtype=torch.int64)
-    if n is not None and B and (int(t.min()) < 0 or int(t.max()) > n):
-        raise ValueError(f"{name} must lie in [0, {n}] ({what}), got {t.tolist()}")
-    if n is None and B and int(t.abs().max()) > MAX_OFFSET:
-        raise ValueError(f"{name} must lie in [-{MAX_OFFSET}, {MAX_OFFSET}], got {t.tolist()}")
-    return t
-
-
 def check_seqlens(seqlens_q, seqlens_k, offset, device, B: int, Nq: int, Nk: int) -> SeqLens:
-    """The checked `SeqLens` of a padded batch: ``seqlens_q`` / ``seqlens_k`` ``(B,)`` ints in ``[0, Nq]`` /
-    ``[0, Nk]`` (None: every sequence is full length); ``offset`` None (``seqlens_k - seqlens_q``, bottom-right per
-    sequence), an int (every sequence), or ``(B,)`` ints (one per sequence). TypeError / ValueError naming the
-    argument otherwise."""
-    lq = (torch.full((B,), Nq, dtype=torch.int64, device=device) if seqlens_q is None else
-          _lengths(seqlens_q, "seqlens_q", device, B, Nq, "sequence b's queries are rows [0, seqlens_q[b])"))
-    lk = (torch.full((B,), Nk, dtype=torch.int64, device=device) if seqlens_k is None else
-          _lengths(seqlens_k, "seqlens_k", device, B, Nk, "sequence b's keys are [0, seqlens_k[b])"))
-    if offset is None:
-        off = lk - lq
-    elif isinstance(offset, (torch.Tensor, np.ndarray, list, tuple)):
-        off = _lengths(offset, "offset", device, B, None, "with seqlens: one key position per sequence")
-    else:
-        off = torch.full((B,), check_offset(offset, Nq, Nk), dtype=torch.int64, device=device)
-    return SeqLens.make(lq, lk, off)
+    """The checked `SeqLens` of a padded batch (`SeqLens.check`); ``offset`` None (``seqlens_k - seqlens_q``,
+    bottom-right per sequence), an int (every sequence, `check_offset`), or ``(B,)`` ints (one per sequence)."""
+    if offset is not None and not isinstance(offset, (torch.Tensor, np.ndarray, list, tuple)):
+        offset = check_offset(offset, Nq, Nk)
+    return SeqLens.check(seqlens_q, seqlens_k, B, Nq, Nk, device, offset=offset, max_offset=MAX_OFFSET)
 
 
 def _check_qkv(q, k, v):

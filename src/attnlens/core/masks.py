@@ -22,6 +22,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 Window = Optional[Tuple[Optional[int], Optional[int]]]
@@ -115,6 +116,26 @@ class SeqLens:
     bounds: Tuple[int, int, int, int]
 
     @classmethod
+    def check(cls, seqlens_q, seqlens_k, B: int, Nq: int, Nk: int, device, offset=None,
+              max_offset: int = 2**53) -> "SeqLens":
+        """From the arguments of a call: ``seqlens_q`` / ``seqlens_k`` ``(B,)`` ints in ``[0, Nq]`` / ``[0, Nk]``
+        (torch, NumPy or a list; None: every sequence full length) and ``offset`` None (``seqlens_k - seqlens_q``),
+        an int (every sequence) or ``(B,)`` ints in ``[-max_offset, max_offset]``. TypeError / ValueError naming
+        the argument otherwise."""
+        lq = (torch.full((B,), Nq, dtype=torch.int64, device=device) if seqlens_q is None else
+              check_lengths(seqlens_q, "seqlens_q", device, B, Nq, "sequence b's queries are rows [0, seqlens_q[b])"))
+        lk = (torch.full((B,), Nk, dtype=torch.int64, device=device) if seqlens_k is None else
+              check_lengths(seqlens_k, "seqlens_k", device, B, Nk, "sequence b's keys are [0, seqlens_k[b])"))
+        if offset is None:
+            off = lk - lq
+        elif isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
+            off = torch.full((B,), int(offset), dtype=torch.int64, device=device)
+        else:
+            off = check_lengths(offset, "offset", device, B, None, "with seqlens: one key position per sequence",
+                          max_offset)
+        return cls.make(lq, lk, off)
+
+    @classmethod
     def make(cls, q, k, offset) -> "SeqLens":
         """From int64 ``(B,)`` tensors on one device (the caller has checked them)."""
         qs, ks, offs = q.tolist(), k.tolist(), offset.tolist()
@@ -143,6 +164,34 @@ class SeqLens:
     def rows(self, a: int, b: int) -> "SeqLens":
         """The lengths of queries ``[a, b)`` taken alone: each sequence keeps its key positions (offset + a)."""
         return SeqLens.make((self.q - a).clamp(0, b - a), self.k, self.offset + a)
+
+
+def check_lengths(x, name: str, device, B: int, n: Optional[int], what: str, max_offset: int = 2**53) -> torch.Tensor:
+    """One ``(B,)`` int64 tensor on ``device`` from ``x`` (torch, NumPy, or a list of ints), checked: an integer dtype,
+    shape ``(B,)``, values in ``[0, n]`` (``n`` None: offsets, within ``±max_offset``)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integers ({what}), got NumPy dtype {x.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+    elif isinstance(x, (list, tuple)) and all(isinstance(a, (numbers.Integral, np.integer))
+                                              and not isinstance(a, (bool, np.bool_)) for a in x):
+        t = torch.tensor([int(a) for a in x], dtype=torch.int64)
+    else:
+        raise TypeError(f"{name} must be a 1-D integer torch tensor, NumPy array or list of ints ({what}), got "
+                        f"{type(x).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integers ({what}), got dtype {t.dtype}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must have shape (B,) = ({B},), one entry per sequence ({what}), got shape "
+                         f"{tuple(t.shape)}")
+    t = t.to(device=device, dtype=torch.int64)
+    if n is not None and B and (int(t.min()) < 0 or int(t.max()) > n):
+        raise ValueError(f"{name} must lie in [0, {n}] ({what}), got {t.tolist()}")
+    if n is None and B and int(t.abs().max()) > max_offset:
+        raise ValueError(f"{name} must lie in [-{max_offset}, {max_offset}], got {t.tolist()}")
+    return t
 
 
 def padding_mask(lengths, n: int, *, device=None):

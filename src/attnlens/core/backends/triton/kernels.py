@@ -31,6 +31,11 @@ position ``p = i + OFFSET`` (a runtime argument; ``NK - NQ`` is bottom-right) se
 visits only the tiles that intersect the band, split into three ranges: partial tiles before
 (masked), tiles every row of the program sees completely (no mask at all), partial tiles after
 (masked; this range also holds the ragged last tile ``j >= NK``).
+
+Padded batches (HAS_SEQLENS, `attnlens.masks.SeqLens`): each program reads its batch's query length, key length
+and offset (`_seq_geometry`) and uses them for the band, the tile ranges and the loads in place of NQ, NK and
+OFFSET (the output layout keeps NQ, NK): keys past the sequence's length are masked (a tile holding them is never
+full), padded query rows are dead in the forward's epilogue and read their lse as +inf everywhere else.
 """
 
 import triton
@@ -48,8 +53,9 @@ I32_MIN = tl.constexpr(-(2**31))
 
 @triton.jit
 def _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Key tiles for query rows [row0, row0 + BLOCK_M): masked [lo, fl), full [fl, fh), masked [fh, hi)."""
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+    """Key tiles for query rows [row0, row0 + BLOCK_M): masked [lo, fl), full [fl, fh), masked [fh, hi). With
+    HAS_SEQLENS (NQ, NK: this sequence's lengths) nothing when no row is a query of it."""
     off = OFFSET
     row1 = tl.minimum(row0 + BLOCK_M, NQ)
     lo = row0 * 0
@@ -67,18 +73,21 @@ def _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_
     fl = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     fl = tl.maximum(fl, lo)
     fh = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, fl)
-    fh = tl.where(row0 + BLOCK_M <= NQ, fh, fl)  # rows past NQ (a padded sequence's) are masked: no full tile
-    none = row0 >= NQ  # no row of the program is a query (of this sequence)
-    return lo, tl.where(none, lo, fl), tl.where(none, lo, fh), tl.where(none, lo, hi)
+    if HAS_SEQLENS:  # a program of padded rows only: no tile (its rows are dead in the epilogue)
+        none = row0 >= NQ
+        fl, fh, hi = tl.where(none, lo, fl), tl.where(none, lo, fh), tl.where(none, lo, hi)
+    return lo, fl, fh, hi
 
 
 @triton.jit
 def _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEQLENS: tl.constexpr):
     """Query tiles that see keys [col0, col0 + BLOCK_N): masked [lo, fl), full [fl, fh), masked [fh, hi).
 
     Query i sees key j iff i >= j - off - RIGHT and i <= j - off + LEFT. Rows >= NQ need no mask:
-    their lse is loaded as +inf, so their weights are 0.
+    their lse is loaded as +inf, so their weights are 0. With HAS_SEQLENS (NQ, NK: this sequence's lengths) a
+    tile holding padded keys (>= NK, whose gradients and column sums are stored) is never full, and a tile of
+    padded keys only gets no query tile.
     """
     off = OFFSET
     col1 = tl.minimum(col0 + BLOCK_N, NK)
@@ -97,16 +106,18 @@ def _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOC
     fl = tl.minimum((full_lo + BLOCK_M - 1) // BLOCK_M, (hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     fl = tl.maximum(fl, lo)
     fh = tl.maximum((full_hi // BLOCK_M) * BLOCK_M, fl)
-    fh = tl.where(col0 + BLOCK_N <= NK, fh, fl)  # keys past NK (a padded sequence's) are masked: no full tile
-    none = col0 >= NK  # no key of the program is a key (of this sequence)
-    return lo, tl.where(none, lo, fl), tl.where(none, lo, fh), tl.where(none, lo, hi)
+    if HAS_SEQLENS:
+        fh = tl.where(col0 + BLOCK_N <= NK, fh, fl)
+        none = col0 >= NK
+        fl, fh, hi = tl.where(none, lo, fl), tl.where(none, lo, fh), tl.where(none, lo, hi)
+    return lo, fl, fh, hi
 
 
 @triton.jit
 def _band_mask(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """keep[a, b] for query rows (BLOCK_M,) and key cols (BLOCK_N,): in the band, rows < NQ and cols < NK."""
+    """keep[a, b] for query rows (BLOCK_M,) and key cols (BLOCK_N,): in the band and cols < NK."""
     pos = rows[:, None] + OFFSET
-    keep = (cols[None, :] < NK) & (rows[:, None] < NQ)  # broadcast to (BLOCK_M, BLOCK_N)
+    keep = (cols[None, :] < NK) & (rows[:, None] >= 0)  # broadcast to (BLOCK_M, BLOCK_N)
     if HAS_LEFT:
         keep = keep & (cols[None, :] >= pos - LEFT)
     if HAS_RIGHT:
@@ -118,7 +129,7 @@ def _band_mask(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT: tl.constexpr, 
 def _band_mask_t(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """The transpose of `_band_mask`: keep[b, a] of shape (BLOCK_N, BLOCK_M)."""
     pos = rows[None, :] + OFFSET
-    keep = (cols[:, None] < NK) & (rows[None, :] < NQ)
+    keep = (cols[:, None] < NK) & (rows[None, :] >= 0)
     if HAS_LEFT:
         keep = keep & (cols[:, None] >= pos - LEFT)
     if HAS_RIGHT:
@@ -352,7 +363,8 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
     tk = tl.zeros([BLOCK_M, TOPK_P], dtype=tl.int64) + (I64_MIN + 1) + tl.arange(0, TOPK_P)[None, :]
     thr = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
 
-    lo, fl, fh, hi = _key_bounds(row0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _key_bounds(row0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_bn, rows, offs_d, offs_dv, lo, fl, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
@@ -384,7 +396,10 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
         l_i = l_i * alpha + e_sink
         m_i = m_new
     # epilogue: rows that saw no key (l = 0) get out 0, lse -inf, max_weight 0, entropy 0
-    dead = (l_i == 0.0) | (rows >= nq)  # padded rows (a shorter sequence's) too, whatever their sink
+    dead = l_i == 0.0
+    if HAS_SEQLENS:  # padded rows (a shorter sequence's), whatever their sink or the keys a full tile gave them
+        dead = dead | (rows >= nq)
+        acc = tl.where(dead[:, None], 0.0, acc)
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = rows < NQ
@@ -474,7 +489,8 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
         rec = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
     else:
         rec = tl.zeros([BLOCK_N], dtype=tl.float32)
-    lo, fl, fh, hi = _query_bounds(col0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _query_bounds(col0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
                           offs_d, offs_t, lo, fl, nq, nk, D, T, qk_scale, off, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
                           HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
@@ -518,7 +534,10 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
     k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
-    lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, smask)
+    lmask = smask
+    if HAS_SEQLENS:  # padded rows: lse read as +inf, weights 0
+        lmask = lmask & (rows < nq)
+    lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, lmask)
     s, _ = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, nq, nk, qk_scale, off,
                 LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
                 DOT_PREC)
@@ -604,7 +623,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
     v = _load_tile(V + off_b * stride_vb + off_kh * stride_vh, cols, offs_dv, stride_vn, stride_vd, NK, DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo, fl, fh, hi = _query_bounds(col0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _query_bounds(col0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     for g in range(0, GROUP):
         off_h = off_kh * GROUP + g
         slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
@@ -688,13 +708,17 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
     do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
     stat_base = off_bh.to(tl.int64) * NQ
-    lse2 = _load_lse2(LSE + stat_base, rows, rmask)
+    lmask = rmask
+    if HAS_SEQLENS:  # padded rows: lse read as +inf, so their weights and dq are 0 whatever lse is passed
+        lmask = lmask & (rows < nq)
+    lse2 = _load_lse2(LSE + stat_base, rows, lmask)
     delta = tl.load(DELTA + stat_base + rows, mask=rmask, other=0.0)
     k_base = K + off_b * stride_kb + off_kh * stride_kh
     v_base = V + off_b * stride_vb + off_kh * stride_vh
     bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, fl, fh, hi = _key_bounds(row0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _key_bounds(row0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
                        stride_bn, rows, offs_d, offs_dv, lo, fl, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
                        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,

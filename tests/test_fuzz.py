@@ -7,8 +7,8 @@ up to ±1e4, q = 0, huge finite float-mask values and whole rows of them (-1e30,
 scores whose lse fp32 rounds to the max), attention sinks (finite or -inf), NaN/±inf in q, k or the float
 mask, float32 / float64, NumPy or torch, lens with top-k, rows and ``at``, padded batches with per-sequence
 lengths ``seqlens_q`` / ``seqlens_k`` — each sequence at its own bottom-right offset or the drawn one, lengths 0
-included); NumPy draws the values from a drawn seed. Every case runs on backends "torch" (at a drawn chunk size: one query row a chunk makes
-chunks that see no key), "reference" and "auto".
+included); NumPy draws the values from a drawn seed. Every case runs on backends "torch" (at a drawn chunk
+size: one query row a chunk makes chunks that see no key), "reference" and "auto".
 
 The NaN/inf rule (see `attnlens.attention`): a row with a visible non-finite score is NaN in out, lse,
 max_weight, entropy, sink_weight and every top-k slot (indices -1), its weights (rows, ``at``) NaN at its

@@ -230,8 +230,8 @@ def test_matches_flash_attention_attention_ref_varlen(spec, rng):
 
 
 def dense_grads(q, k, v, lq, lk, g, h, **kw):
-    """``(dq, dk, dv)`` of ``Σ out·g + Σ lse·h`` from each sequence alone (reference backend, its own default offset),
-    zero at the padded positions."""
+    """``(dq, dk, dv)`` of ``Σ out·g + Σ lse·h`` from each sequence alone (reference backend, its own default
+    offset), zero at the padded positions."""
     grads = [torch.zeros_like(x) for x in (q, k, v)]
     for b in range(q.shape[0]):
         a, n = int(lq[b]), int(lk[b])
@@ -287,7 +287,7 @@ def test_gradcheck_float64_with_sinks_and_lse():
 
 
 def test_rows_of_a_padded_block_keep_each_sequence_s_positions(rng):
-    """`Block.rows(a, b)` (what `AttnCall` and ring attention slice with) keeps per-sequence offsets and cuts lengths."""
+    """`Block.rows(a, b)` (what `AttnCall` slices with) keeps per-sequence offsets and cuts the lengths."""
     from attnlens.core import Block
 
     q, k, v, lq, lk = draw(rng, B=2, Nq=7, Nk=9, lq=[5, 7], lk=[9, 4])
@@ -345,3 +345,26 @@ def test_full_lengths_equal_no_lengths_and_int_offset(rng):
     each = al.attention(q, k, v, causal=True, seqlens_k=[8, 8], offset=[1, -2], backend="torch")
     assert torch.allclose(each[0], one[0])
     assert torch.allclose(each[1], al.attention(q[1:], k[1:], v[1:], causal=True, offset=-2, backend="torch")[0])
+
+
+def test_merge_of_padded_key_pieces_equals_the_whole(rng):
+    """Split-KV over a padded batch: piece [a, b) of the keys has lengths ``clamp(lk - a, 0, b - a)`` and offsets
+    ``lk - lq - a`` (``(B,)`` offsets, one per sequence); `merge` of the pieces is the whole call, gradients too."""
+    q, k, v, lq, lk = draw(rng, B=3, Nq=6, Nk=9, lq=[6, 2, 0], lk=[9, 3, 5])
+    lens = al.Lens(topk=2)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    parts = [al.attention(xs[0], xs[1][:, :, a:b], xs[2][:, :, a:b], causal=True, window=(3, None), seqlens_q=lq,
+                          seqlens_k=(lk - a).clamp(0, b - a), offset=lk - lq - a, backend="torch", lens=lens)
+             for a, b in ((0, 4), (4, 9))]
+    out, res = al.merge(parts)
+    whole, wres = al.attention(q, k, v, causal=True, window=(3, None), seqlens_q=lq, seqlens_k=lk, backend="torch",
+                               lens=lens)
+    assert_close(out, np64(whole), 1e-12, "out")
+    for f in ("lse", "max_weight", "entropy", "topk_weights"):
+        assert_close(getattr(res, f), np64(getattr(wres, f)), 1e-12, f)
+    assert torch.equal(res.topk_indices, wres.topk_indices)
+    g = torch.from_numpy(rng.standard_normal(out.shape))
+    (out * g).sum().backward()
+    want = dense_grads(q, k, v, lq, lk, g, torch.zeros(q.shape[:3], dtype=q.dtype), causal=True, window=(3, None))
+    for name, x, w in zip("qkv", xs, want):
+        assert_close(x.grad, np64(w), 1e-10, f"d{name}")

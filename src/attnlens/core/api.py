@@ -51,7 +51,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             The scores are formed in this order: ``s = (q_i · k_j) · scale``; ``softcap``; ``alibi_slopes``;
             then ``mask`` (float: added; bool: hides), ``causal`` and ``window`` hide keys.
         offset: query i sits at key position ``i + offset`` for ``causal`` and ``window``; default
-            ``Nk - Nq`` (bottom-right; with ``seqlens_q/k`` each sequence's own, see there). Any int: a block of a longer sequence whose first query sits
+            ``Nk - Nq`` (bottom-right; with ``seqlens_q/k`` each sequence's own, see there). Any int: a block of a
+            longer sequence whose first query sits
             at key position ``offset`` of the block's keys (ring attention, split-KV), e.g.
             ``offset=0`` is top-left alignment and ``offset=-2`` pushes the keys two positions later::
 

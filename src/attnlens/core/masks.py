@@ -132,7 +132,7 @@ class SeqLens:
             off = torch.full((B,), int(offset), dtype=torch.int64, device=device)
         else:
             off = check_lengths(offset, "offset", device, B, None, "with seqlens: one key position per sequence",
-                          max_offset)
+                                max_offset)
         return cls.make(lq, lk, off)
 
     @classmethod
@@ -166,7 +166,8 @@ class SeqLens:
         return SeqLens.make((self.q - a).clamp(0, b - a), self.k, self.offset + a)
 
 
-def check_lengths(x, name: str, device, B: int, n: Optional[int], what: str, max_offset: int = 2**53) -> torch.Tensor:
+def check_lengths(x, name: str, device, B: int, n: Optional[int], what: str,
+                  max_offset: int = 2**53) -> torch.Tensor:
     """One ``(B,)`` int64 tensor on ``device`` from ``x`` (torch, NumPy, or a list of ints), checked: an integer dtype,
     shape ``(B,)``, values in ``[0, n]`` (``n`` None: offsets, within ``±max_offset``)."""
     if isinstance(x, torch.Tensor):

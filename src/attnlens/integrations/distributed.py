@@ -238,7 +238,8 @@ class _Plan:
         lq, lk, delta = self.seq
         g0 = b.offset + b.koff - self.base
         return self.root.derive(qb, kb, vb, offset=b.offset + delta, lens=lens,
-                                seqlens_q=(lq - g0).clamp(0, b.i1 - b.i0), seqlens_k=(lk - b.koff).clamp(0, b.j1 - b.j0))
+                                seqlens_q=(lq - g0).clamp(0, b.i1 - b.i0),
+                                seqlens_k=(lk - b.koff).clamp(0, b.j1 - b.j0))
 
 
 def _segments(lengths: list, layout: str, what: str, offset: int = 0) -> list:
@@ -370,8 +371,8 @@ def _agree_seqlens(ring, seqlens_q, seqlens_k, B: int, NQ: int, NK: int, dev):
         raise ValueError(f"ring_attention: {err}") from None
     bad = [r for r, t in enumerate(every) if int(t[0]) != 0]
     if bad:
-        raise ValueError(f"ring_attention: rank(s) {bad} rejected seqlens_q / seqlens_k (see the error on those ranks); "
-                         f"no rank ran the ring")
+        raise ValueError(f"ring_attention: rank(s) {bad} rejected seqlens_q / seqlens_k (see the error on those "
+                         f"ranks); no rank ran the ring")
     if any(not torch.equal(t, mine) for t in every):
         shown = {r: (t[1:B + 1].tolist(), t[B + 1:].tolist()) for r, t in enumerate(every)}
         raise ValueError(f"ring_attention: ranks disagree on (seqlens_q, seqlens_k) ({shown} by rank); they are the "

@@ -96,7 +96,7 @@ class _Chunk:
         s5 = s.view(B, Hkv, G, self.c, nk)
         if inp.alibi_slopes is not None:  # - slope·|i + offset - j|
             rows = torch.arange(i0, i1, device=s.device)
-            pos = rows[:, None] + off if sl is None else sl.positions(rows)[:, None, None, :, None]  # (c, 1) | (B,1,1,c,1)
+            pos = rows[:, None] + off if sl is None else sl.positions(rows)[:, None, None, :, None]  # (c,1)|(B,1,1,c,1)
             dist = (pos - torch.arange(self.lo, self.hi, device=s.device)).abs()  # (c, nk) | (B, 1, 1, c, nk)
             score_mods(s5, None, inp.alibi_slopes.reshape(-1, Hkv, G, 1, 1), dist)
         m5 = None

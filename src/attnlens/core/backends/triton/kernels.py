@@ -637,18 +637,23 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
         if HAS_BIAS:
             bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, nq, nk, D, DV, qk_scale, off,
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, off,
                                  LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, nq, nk, D, DV, qk_scale, off,
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, off,
                                  LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, nq, nk, D, DV, qk_scale, off,
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, off,
                                  LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
     dk = dk * scale
+    if HAS_SEQLENS:  # the loops bound rows and keys by NQ, NK (fewer live registers: sm_80 spilled with nq, nk):
+        # padded rows weigh 0 through their saved lse (-inf); padded keys' columns are zeroed here
+        real = cols[:, None] < tl.load(SEQ + stride_seq + off_b)
+        dk = tl.where(real, dk, 0.0)
+        dv = tl.where(real, dv, 0.0)
     dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dk_mask = cmask[:, None] & (offs_d[None, :] < D)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)

@@ -183,9 +183,10 @@ def parse_config(text: str) -> dict:
 
 
 def block_config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch: int = 90, group: int = 1,
-            override: str = "") -> dict:
+            override: str = "", seqlens: bool = False) -> dict:
     """Block sizes, warps and stages per kernel kind ("fwd", "cols", "dkdv", "dq") for ``sm_<arch>``, ``group``
-    query heads per kv head, then the ``override`` (`parse_config`) on top.
+    query heads per kv head, ``seqlens`` (a padded batch's per-sequence lengths), then the ``override``
+    (`parse_config`) on top.
 
     Every entry is compiled for sm_90, sm_80, sm_86, sm_89 and sm_120 without a GPU by
     benchmarks/triton_compile.py (table in benchmarks/results/triton-compile-*.md; tests/test_triton_compile.py
@@ -232,6 +233,8 @@ def block_config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, 
             bm, bn, warps, stages = 16, 128, 8, 2  # 3 stages spilled 8 B at D = 128 once offsets arrived
         else:
             warps, stages = 8, 1
+    if kind == "dkdv" and seqlens and stages > 2:
+        stages = 2  # the sequence's offset stays live in the loop: 3 stages spilled 8 B on sm_80 (D = 64, window)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if override:
         table = parse_config(override)
@@ -404,7 +407,8 @@ def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right,
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv, BLOCK_M=pre, BLOCK_DV=_pow2(Dv))
         if dlse is not None:  # the lse's own gradient: dS = P ∘ (dP - (D - dlse))
             delta.sub_(dlse.to(torch.float32))
-        cfg = block_config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config)
+        cfg = block_config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config,
+                           seqlens=seqlens is not None)
         _launch("attn_bwd_dkdv_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv),
             q, k, v, bias_t, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
             *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R, *mods,
@@ -519,11 +523,21 @@ def _mods(inp: AttnInputs) -> tuple:
     return (0.0 if inp.softcap is None else inp.softcap), slopes
 
 
+#: per-sequence offsets within this bound travel as int32 (positions ``i + offset`` then stay in int32): three
+#: fewer registers per program than int64, which kept the dK/dV kernel (sm_90, D = 128) and the top-16 forward
+#: (sm_80) from spilling 8 B at 255 registers
+_INT32_OFFSET = 2**30
+
+
 def _seqlens(inp: AttnInputs) -> Optional[Tensor]:
-    """A padded batch's ``(3, B)`` int64 lengths and offsets (query lengths, key lengths, offsets) as the ops take
-    them, or None."""
+    """A padded batch's ``(3, B)`` lengths and offsets (query lengths, key lengths, offsets) as the ops take them —
+    int32 when the offsets lie within ``±2**30`` (lengths always fit: a dimension of a tensor), else int64 — or
+    None."""
     sl = inp.seqlens
-    return None if sl is None else torch.stack([sl.q, sl.k, sl.offset]).contiguous()
+    if sl is None:
+        return None
+    small = max(abs(sl.bounds[2]), abs(sl.bounds[3])) <= _INT32_OFFSET and max(sl.bounds[:2]) < 2**31
+    return torch.stack([sl.q, sl.k, sl.offset]).to(torch.int32 if small else torch.int64).contiguous()
 
 
 def _band(inp: AttnInputs) -> tuple[int, int]:

@@ -368,3 +368,19 @@ def test_merge_of_padded_key_pieces_equals_the_whole(rng):
     want = dense_grads(q, k, v, lq, lk, g, torch.zeros(q.shape[:3], dtype=q.dtype), causal=True, window=(3, None))
     for name, x, w in zip("qkv", xs, want):
         assert_close(x.grad, np64(w), 1e-10, f"d{name}")
+
+
+@pytest.mark.triton
+def test_triton_offsets_beyond_int32(rng):
+    """Per-sequence offsets beyond ±2**30 travel as int64 (the kernels' other specialisation): sequence 0 at key
+    position 2**40 sees every key under causal, sequence 1 at -2**40 none."""
+    q, k, v, lq, lk = draw(rng, B=2, Hq=2, Hkv=1, Nq=19, Nk=21, dtype=torch.float32, lq=[19, 7], lk=[21, 9])
+    off = torch.tensor([2**40, -2**40])
+    out, res = al.attention(q, k, v, causal=True, seqlens_q=lq, seqlens_k=lk, offset=off, backend=TRITON,
+                            lens=al.Lens(received=True))
+    want, wres = al.attention(q.double(), k.double(), v.double(), causal=True, seqlens_q=lq, seqlens_k=lk, offset=off,
+                              backend="reference", lens=al.Lens(received=True))
+    assert_close(out, np64(want), 2e-5, "out")
+    assert_close(res.lse, np64(wres.lse), 2e-5, "lse")
+    assert_close(res.received, np64(wres.received), 2e-5, "received")
+    assert torch.isneginf(res.lse[1]).all() and (res.received[1] == 0).all()

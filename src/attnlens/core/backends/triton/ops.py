@@ -23,7 +23,9 @@ usually an expanded view with zero strides; ``left``/``right`` are the band of `
 (causal folded in), -1 meaning unbounded; ``offset``: query i sits at key position ``i + offset``.
 ``config``: block-size overrides as `parse_config` reads them ("" = the table of `block_config`). Every op also
 takes the score modifications: ``softcap`` (0.0 = off) and ALiBi ``slopes (B|1, Hq)`` (float32, or None); the forward
-takes ``sinks (B|1, Hq)``. The other ops need no sinks: the saved lse includes them.
+takes ``sinks (B|1, Hq)``. The other ops need no sinks: the saved lse includes them. A padded batch: every op
+takes ``seqlens (3, B)`` (query lengths, key lengths, per-sequence offsets; int32, or int64 for offsets beyond
+``±2**30``; None otherwise), and ``offset`` is then unused (`_seqlens`).
 
 Precision: fp16/bf16 inputs use the tensor-core dot with fp32 accumulation and fp32 softmax;
 ``P`` is rounded to the input dtype before ``P @ V`` (as FlashAttention). fp32 inputs use IEEE

@@ -523,3 +523,13 @@ def test_an_empty_key_set(rng):
     assert (out == 0).all() and (res.topk_indices == -1).all()
     (out.sum() + res.lse[0, 0].sum()).backward()
     assert (q.grad == 0).all() and k.grad.shape == k.shape and torch.equal(sinks.grad, torch.tensor([3.0, 0.0]))
+
+
+def test_padded_batches_are_not_served(rng):
+    """Per-sequence lengths (seqlens_q / seqlens_k): the kernel does not declare them, so a named fused backend says
+    so and auto takes a backend that has them."""
+    q, k, v = make_inputs(2, 2, 2, 8, 8, 4, 4, rng=rng)
+    lengths = torch.tensor([8, 5])
+    inp = validate(q, k, v, seqlens_q=lengths, seqlens_k=lengths, lens=True)
+    assert any("per-sequence lengths" in r for r in BE.not_supported_reasons(inp))
+    assert dispatch.select(inp).name == "torch"

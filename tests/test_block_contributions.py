@@ -1,0 +1,253 @@
+"""Whole-block token contributions (Kobayashi et al. 2021 norms; ALTI, Ferrando et al. 2022) and their composition,
+against a dense float64 implementation written from the papers: the ``(N, N, E)`` transformed vectors ``T_i(x_j)``
+built from the model's own eager attention weights and value layers (no attnlens in the oracle), on MiniLM (BERT,
+post-LN) and on small random GPT-2 and Llama (pre-LN, grouped-query) models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
+
+import attnlens as al  # noqa: E402
+from attnlens import analysis, hf  # noqa: E402
+
+RTOL = 1e-6
+
+
+# ------------------------------------------------------------------------- the oracle, from the papers
+
+
+def _dense_layers(model, ids, kind, methods=("alti", "norm"), only=None):
+    """Per layer ``{method: C (N, N)}`` float64, the papers' way: every transformed vector ``T (N, N, E)`` at once.
+
+    ``T[i, j] = g_i(Σ_h P_h[i, j] (x_j W_V^h + b_V^h) W_O^h + δ_ij x_j)``, ``g_i`` = the LN's centring and scaling
+    by ``γ / s_i`` (post-LN) or the identity (pre-LN, where the values read ``LN1(x_j)``); ``y_i`` is the block
+    output the model itself computed (read by a hook)."""
+    outs, hooks = {}, []
+    blocks = _blocks(model, kind)
+    for li, (attn_parent, attn) in enumerate(blocks):
+        watched = attn_parent if kind == "bert" else attn
+        hooks.append(watched.register_forward_hook(lambda m, a, o, li=li: outs.__setitem__(li, o[0])))
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            o = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    hidden, atts = o.hidden_states, o.attentions
+    layers = []
+    with torch.no_grad():
+        for li, (parent, attn) in enumerate(blocks):
+            if only is not None and li not in only:
+                layers.append(None)
+                continue
+            layers.append(_dense_layer(kind, parent, attn, hidden[li][0], atts[li][0], outs[li][0], methods))
+    return layers
+
+
+def _dense_layer(kind, parent, attn, x, P, y, methods):
+    if True:
+        x = x.double()  # (N, E): the block's input
+        P = P.double()  # (H, N, N): the model's own eager weights
+        H, N, _ = P.shape
+        E = x.shape[-1]
+        if kind == "bert":
+            v = attn.value(x)  # (N, E): x W_V + b_V
+            wo, bo = parent.output.dense.weight.double().T, parent.output.dense.bias.double()
+            ln = parent.output.LayerNorm
+        elif kind == "gpt2":
+            h = parent.ln_1(x)
+            v = attn.c_attn(h)[:, 2 * E:]
+            wo, bo = attn.c_proj.weight.double(), attn.c_proj.bias.double()  # Conv1D: (in, out)
+        else:
+            h = parent.input_layernorm(x)
+            v = attn.v_proj(h)  # (N, Hkv · Dv)
+            wo, bo = attn.o_proj.weight.double().T, torch.zeros(E, dtype=torch.float64)
+        Dv = wo.shape[0] // H
+        v = v.double().reshape(N, -1, Dv).transpose(0, 1)  # (Hkv, N, Dv)
+        v = v.repeat_interleave(H // v.shape[0], dim=0)  # (H, N, Dv)
+        f = torch.einsum("hnd,hde->hne", v, wo.reshape(H, Dv, E))  # (H, N, E)
+        Z = torch.bmm(P.permute(2, 1, 0), f.transpose(0, 1)).transpose(0, 1)  # (N, N, E): Σ_h P_h[i, j] f_h(x_j)
+        Z[torch.arange(N), torch.arange(N)] += x  # the residual: δ_ij x_j
+        y = y.double()  # the model's own block output
+        if kind == "bert":
+            u = Z.sum(1) + bo
+            s = torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + ln.eps)  # (N, 1)
+            g = ln.weight.double()
+            T = g * (Z - Z.mean(-1, keepdim=True)) / s[:, None]
+            rebuilt = T.sum(1) + g * (bo - bo.mean()) / s + ln.bias.double()
+        else:
+            y = x + y  # the residual stream after attention
+            T = Z
+            rebuilt = T.sum(1) + bo
+        torch.testing.assert_close(rebuilt, y, rtol=1e-9, atol=1e-9)  # the decomposition is exact
+        return {m: _dense_contrib(T, y, m) for m in methods}
+
+
+def _dense_contrib(T, y, method):
+    if method == "norm":
+        return torch.linalg.vector_norm(T, dim=-1).numpy()
+    y1 = y.abs().sum(-1, keepdim=True)
+    c = (y1 - (y[:, None] - T).abs().sum(-1)).clamp(min=0)  # ALTI eqs. 8-9, L1
+    return (c / c.sum(-1, keepdim=True)).numpy()
+
+
+def _blocks(model, kind):
+    if kind == "bert":
+        return [(layer.attention, layer.attention.self) for layer in model.encoder.layer]
+    base = model.transformer if kind == "gpt2" else model.model
+    layers = base.h if kind == "gpt2" else base.layers
+    return [(layer, layer.attn if kind == "gpt2" else layer.self_attn) for layer in layers]
+
+
+# ------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def minilm64(minilm):
+    model, _ = minilm
+    return model.double()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_positions=128, n_embd=48, n_layer=2, n_head=4, attn_pdrop=0.0,
+                     resid_pdrop=0.0, embd_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval().double()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval().double()
+
+
+def _captured(model, ids):
+    with torch.no_grad(), hf.capture(model, lens=al.Lens(received=False)) as cap:
+        model(input_ids=ids)
+    return cap.layers()
+
+
+def _ids(n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (1, n), generator=g)
+
+
+def _check(got, want):
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
+
+
+# ------------------------------------------------------------------------- per layer
+
+
+@pytest.mark.parametrize("n", [64, 97])
+def test_minilm_block_contributions_match_the_papers(minilm64, n):
+    ids = _ids(n, 30000, n)
+    dense = _dense_layers(minilm64, ids, "bert")
+    recs = _captured(minilm64, ids)
+    rows = [0, 5, n // 2, n - 1]
+    for method in ("alti", "norm"):
+        for rec, want in zip(recs, dense):
+            assert rec.norm == "post"
+            _check(analysis.block_contributions(rec, rows=rows, method=method), want[method][rows])
+        # every row, in small key tiles (tiles that do not divide N)
+        _check(analysis.block_contributions(recs[-1], method=method, key_chunk=7), dense[-1][method])
+    got = analysis.block_contributions(recs[2], rows=[3, 3, -1], method="norm", normalize=True)
+    _check(got, dense[2]["norm"][[3, 3, n - 1]] / dense[2]["norm"][[3, 3, n - 1]].sum(-1, keepdims=True))
+
+
+def test_minilm_block_contributions_at_256_tokens(minilm64):
+    ids = _ids(256, 30000, 7)
+    dense = _dense_layers(minilm64, ids, "bert", methods=("alti",), only=(0, 5))  # the oracle's (N, N, E): 2 layers
+    recs = _captured(minilm64, ids)
+    for rec, want in zip(recs, dense):
+        if want is not None:
+            _check(analysis.block_contributions(rec, rows=[0, 100, 255]), want["alti"][[0, 100, 255]])
+
+
+@pytest.mark.parametrize("make,kind", [(_gpt2, "gpt2"), (_llama, "llama")], ids=["gpt2", "llama-gqa"])
+def test_causal_block_contributions_match_the_papers(make, kind):
+    model = make()
+    ids = _ids(50, 97, 3)
+    dense = _dense_layers(model, ids, kind)
+    recs = _captured(model, ids)
+    for method in ("alti", "norm"):
+        for rec, want in zip(recs, dense):
+            assert rec.norm == "pre"
+            got = analysis.block_contributions(rec, method=method, key_chunk=9)
+            _check(got, want[method])
+            assert np.all(np.triu(got, 1) == 0)  # causal: no later token contributes
+
+
+# ------------------------------------------------------------------------- composed across layers
+
+
+def _dense_composed(dense, method):
+    R = None
+    for layer in dense:
+        C = layer[method]
+        C = C / C.sum(-1, keepdims=True)
+        R = C if R is None else C @ R
+    return R
+
+
+@pytest.mark.parametrize("method", ["alti", "norm"])
+def test_composed_rows_and_pooled_means_match_the_dense_product(minilm64, method):
+    n = 64
+    ids = _ids(n, 30000, 11)
+    R = _dense_composed(_dense_layers(minilm64, ids, "bert", methods=(method,)), method)
+    recs = _captured(minilm64, ids)
+    rows = [0, 17, n - 1]
+    _check(analysis.compose_contributions(recs, rows, method=method), R[rows])
+    np.testing.assert_allclose(analysis.compose_contributions(recs, rows, method=method).sum(-1), 1.0, rtol=1e-9)
+    b = 10  # blocks that do not divide N
+    blocks = np.arange(n) // b
+    want = np.array([[R[np.ix_(blocks == p, blocks == q)].mean() for q in range(7)] for p in range(7)])
+    _check(analysis.compose_contributions(recs, method=method, pool=b), want)
+
+
+def test_composed_rows_on_llama():
+    model = _llama()
+    ids = _ids(40, 97, 5)
+    R = _dense_composed(_dense_layers(model, ids, "llama", methods=("alti",)), "alti")
+    recs = _captured(model, ids)
+    done = []
+    _check(analysis.compose_contributions(recs, [-1, 3], on_layer=done.append), R[[-1, 3]])
+    assert done == [1, 2]
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_block_contributions_errors(minilm64):
+    ids = _ids(12, 30000, 2)
+    recs = _captured(minilm64, ids)
+    with pytest.raises(ValueError, match="method must be one of"):
+        analysis.block_contributions(recs[0], rows=[0], method="l2")
+    with pytest.raises(ValueError, match="out of range"):
+        analysis.block_contributions(recs[0], rows=[12])
+    with torch.no_grad(), hf.capture(minilm64, keep_inputs=False) as cap:
+        minilm64(input_ids=ids)
+    with pytest.raises(ValueError, match="kept its inputs"):
+        analysis.block_contributions(cap.layers()[0], rows=[0])
+    with pytest.raises(ValueError, match="rows or pool"):
+        analysis.compose_contributions(recs, [0], pool=4)
+
+
+def test_batch_picks_the_sequence_and_hooks_are_removed():
+    model = _gpt2()
+    ids = torch.cat([_ids(30, 97, 8), _ids(30, 97, 9)])
+    recs = _captured(model, ids)
+    alone = _captured(model, ids[1:])
+    for rec, one in zip(recs, alone):
+        assert rec.block_input.shape == (2, 30, 48)
+        _check(analysis.block_contributions(rec, rows=[0, 29], batch=1), analysis.block_contributions(one, rows=[0, 29]))
+    assert all(not m._forward_pre_hooks for m in model.modules())  # the capture's hooks are gone

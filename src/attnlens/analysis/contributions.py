@@ -16,6 +16,8 @@ __all__ = ["contributions", "layer_contributions", "block_contributions", "compo
 
 #: the whole-block methods: ``"alti"`` (Ferrando et al. 2022) and ``"norm"`` (Kobayashi et al. 2021)
 METHODS = ("alti", "norm")
+#: the lens of a pass for weight rows only
+WEIGHT_ROWS = Lens(lse=False, max_weight=False, entropy=False, received=False, rows="all", max_bytes=None)
 #: elements of the largest temporary of a tile (rows × keys × E, or heads × rows × keys): 4 Mi
 TILE_ELEMS = 1 << 22
 
@@ -250,9 +252,31 @@ def _rows_of(rec, rows, batch: int) -> list:
     return [r % n for r in picked]
 
 
+def _weight_rows(whole, rows: list) -> tuple:
+    """``(P (Hq, len(rows), N), out (Hq, len(rows), Dv))``: the exact weight rows of ``rows`` (sorted) and their
+    attention outputs, from the call's `attnlens.core.Block`: one pass over only the queries of each run of
+    consecutive rows (`Block.rows`), not over all N queries."""
+    parts, outs, a = [], [], 0
+    while a < len(rows):
+        b = a + 1
+        while b < len(rows) and rows[b] == rows[b - 1] + 1:
+            b += 1
+        out, _, res = whole.rows(rows[a], rows[b - 1] + 1, lens=WEIGHT_ROWS).forward()
+        parts.append(res.weights[0])  # (Hq, run, N)
+        outs.append(out[0])  # (Hq, run, Dv)
+        a = b
+    return torch.cat(parts, dim=1), torch.cat(outs, dim=1)
+
+
 def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Optional[bool],
                         key_chunk: Optional[int]) -> Iterator[tuple]:
-    """Yield ``(tile rows, C (len(tile), N) float64)`` over tiles of ``rows`` (`block_contributions`)."""
+    """Yield ``(tile rows, C (len(tile), N) float64)`` over tiles of ``rows`` (`block_contributions`).
+
+    The LN's centring and ``γ`` are linear, so they are applied once per key (``f̃_hj = γ ⊙ (f_hj − mean f_hj)``,
+    linear memory) and ``T_i(x_j) = Σ_h (P_h[i, j] / s_i) f̃_hj`` (+ ``γ ⊙ (x_i − mean x_i) / s_i`` on j = i).
+    ALTI: ``y_i − T_i(x_j)`` for a tile of keys is one batched matmul (``baddbmm``, batched over the keys), then
+    its L1 norm. Norm: ``‖T_i(x_j)‖² = a_ijᵀ G_j a_ij`` with each key's ``H × H`` Gram matrix ``G_j = f̃_j f̃_jᵀ``
+    (``O(H²)`` a pair instead of ``O(H · E)``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if normalize is None:
@@ -278,38 +302,58 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
     if post:
         gamma = torch.ones(E, dtype=dt, device=dev) if parts.ln_weight is None else parts.ln_weight.to(dev, dt)
         beta = torch.zeros(E, dtype=dt, device=dev) if parts.ln_bias is None else parts.ln_bias.to(dev, dt)
-    elif parts.norm != "pre":
+        fc = gamma * (f - f.mean(-1, keepdim=True))  # (Hq, N, E): centred and scaled once per key
+        xc = gamma * (x - x.mean(-1, keepdim=True))  # (N, E)
+    elif parts.norm == "pre":
+        fc, xc = f, x
+    else:
         raise ValueError(f"block contributions: norm must be 'post' or 'pre', got {parts.norm!r}")
+    fk = fc.transpose(0, 1).contiguous()  # (N, Hq, E): keys first, for matmuls batched over keys
+    if method == "norm":
+        gram = fk @ fk.transpose(1, 2)  # (N, Hq, Hq): G_j
+        cross = torch.einsum("nhe,ne->nh", fk, xc)  # (N, Hq): f̃_hj · x̃_j, for the residual on j = i
+        xx = xc.square().sum(-1)  # (N,)
     r_step = max(1, TILE_ELEMS // max(1, Hq * n))
-    for a in range(0, len(rows), r_step):
-        tile = rows[a:a + r_step]
-        ri = torch.tensor(tile, device=dev)
-        lens = Lens(lse=False, max_weight=False, entropy=False, received=False, rows=tile, max_bytes=None)
-        P = call.ask(lens, batch=batch).weights[0].to(dt)  # (Hq, r, N): exact weight rows
-        u = x[ri] + torch.einsum("hrn,hne->re", P, f) + b_o  # (r, E): the residual stream after attention
-        if post:
-            mu = u.mean(-1, keepdim=True)
-            s = torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + parts.ln_eps)  # (r, 1): LN's own scale
-            y = gamma * (u - mu) / s + beta  # (r, E): the block's output, LN(u)
-        else:
-            y = u
-        y1 = y.abs().sum(-1, keepdim=True)  # (r, 1): ‖y_i‖₁
+    whole = call.block(WEIGHT_ROWS, batch=batch)  # a backend that returns weight rows
+    for a0 in range(0, len(rows), r_step):
+        tile = rows[a0:a0 + r_step]
         r = len(tile)
-        c_step = key_chunk or max(1, TILE_ELEMS // max(1, r * max(E, Hq)))
+        ri = torch.tensor(tile, device=dev)
+        P, o = _weight_rows(whole, tile)  # (Hq, r, N): exact weight rows; (Hq, r, Dv): their outputs Σ_j P v
+        P = P.to(dt)
+        u = x[ri] + torch.einsum("hrd,hde->re", o.to(dt), wo) + b_o  # (r, E): the residual stream after attention
+        if post:
+            s = torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + parts.ln_eps)  # (r, 1): LN's own scale
+            y = gamma * (u - u.mean(-1, keepdim=True)) / s + beta  # (r, E): the block's output, LN(u)
+        else:
+            s = torch.ones(r, 1, dtype=dt, device=dev)
+            y = u
+        A = (P / s[None]).permute(2, 1, 0).contiguous()  # (N, r, Hq): a_ij, keys first
+        own = xc[ri] / s  # (r, E): the residual's transformed vector, on j = i
         C = torch.empty(r, n, dtype=dt, device=dev)
-        for c0 in range(0, n, c_step):
-            c1 = min(n, c0 + c_step)
-            z = torch.einsum("hrc,hce->rce", P[:, :, c0:c1], f[:, c0:c1])  # (r, c, E): Σ_h P_h[i, j] f_h(x_j)
-            own = [(k, i - c0) for k, i in enumerate(tile) if c0 <= i < c1]  # the residual: j = i
-            if own:
-                kk, jj = zip(*own)
-                z[list(kk), list(jj)] += x[[tile[k] for k in kk]]
-            if post:
-                z = gamma * (z - z.mean(-1, keepdim=True)) / s[:, :, None]  # T_i(x_j)
-            if method == "norm":
-                C[:, c0:c1] = torch.linalg.vector_norm(z, dim=-1)
-            else:
-                C[:, c0:c1] = (y1 - (y[:, None, :] - z).abs().sum(-1)).clamp_(min=0)
+        if method == "alti":
+            y1 = y.abs().sum(-1)  # (r,): ‖y_i‖₁
+            c_step = key_chunk or max(1, (TILE_ELEMS // 4) // max(1, r * E))  # (c, r, E): ~1 Mi elements
+            for c0 in range(0, n, c_step):
+                c1 = min(n, c0 + c_step)
+                D = torch.baddbmm(y[None], A[c0:c1], fk[c0:c1], alpha=-1)  # (c, r, E): y_i − Σ_h a_hij f̃_hj
+                k = [t for t, i in enumerate(tile) if c0 <= i < c1]  # the residual: j = i
+                if k:
+                    D[[tile[t] - c0 for t in k], k] -= own[k]
+                C[:, c0:c1] = (y1[:, None] - torch.linalg.vector_norm(D, ord=1, dim=-1).T).clamp_(min=0)
+            none = (A == 0).all(-1)  # (N, r): T_i(x_j) = 0 (no weight, j ≠ i): exactly 0, not ‖y‖₁ − ‖y‖₁'s rounding
+            none[ri, torch.arange(r, device=dev)] = False
+            C[none.T] = 0.0
+        else:
+            c_step = key_chunk or max(1, TILE_ELEMS // max(1, r * Hq))
+            for c0 in range(0, n, c_step):
+                c1 = min(n, c0 + c_step)
+                Ac = A[c0:c1]  # (c, r, Hq)
+                C[:, c0:c1] = ((Ac @ gram[c0:c1]) * Ac).sum(-1).T  # a G aᵀ
+            d = C[torch.arange(r, device=dev), ri]  # j = i: + 2 a·(f̃ · x̃)/s + ‖x̃‖²/s²
+            d += 2 * (A[ri, torch.arange(r, device=dev)] * cross[ri]).sum(-1) / s[:, 0] + xx[ri] / s[:, 0] ** 2
+            C[torch.arange(r, device=dev), ri] = d
+            C = C.clamp_(min=0).sqrt_()
         if normalize:
             tot = C.sum(-1, keepdim=True)
             C = torch.where(tot > 0, C / torch.where(tot > 0, tot, 1), torch.zeros_like(C))

@@ -251,3 +251,80 @@ def test_batch_picks_the_sequence_and_hooks_are_removed():
         assert rec.block_input.shape == (2, 30, 48)
         _check(analysis.block_contributions(rec, rows=[0, 29], batch=1), analysis.block_contributions(one, rows=[0, 29]))
     assert all(not m._forward_pre_hooks for m in model.modules())  # the capture's hooks are gone
+
+
+# ------------------------------------------------------------------------- the report and the CLI
+
+TEXT = "The quick brown fox jumps over the lazy dog because it was tired of waiting."
+
+
+@pytest.fixture(scope="module")
+def report_data(minilm):
+    from attnlens.faces.report.from_model import collect
+
+    model, tok = minilm
+    model = model.float()
+    return collect(TEXT, model, tok, contributions=True), model, tok
+
+
+def test_report_holds_the_exact_composed_rows(report_data):
+    from attnlens.faces.report import html
+
+    data, model, tok = report_data
+    b = data.block
+    enc = tok(TEXT, return_tensors="pt")
+    recs = _captured(model, enc["input_ids"])
+    _check(b["rows"], analysis.compose_contributions(recs, b["row_ids"]))
+    assert b["layer_rows"].shape == (6, len(b["row_ids"]), data.n)
+    _check(b["layer_rows"][3], analysis.block_contributions(recs[3], rows=b["row_ids"]))
+    np.testing.assert_allclose(b["composed"].sum(-1), 1.0, rtol=1e-6)  # block means of rows that sum to 1
+    p = html.payload(data)["block"]
+    assert p["ids"] == b["row_ids"] and p["method"] == "alti" and p["t"] == data.n
+
+
+def test_explain_prints_the_top_contributors(report_data):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from attnlens.faces.cli import explain_summary
+
+    data, _, _ = report_data
+    buf = StringIO()
+    explain_summary(Console(file=buf, width=100), data)
+    out = buf.getvalue()
+    assert "Top contributors of the last token '[SEP]' #17" in out
+    row = data.block["rows"][data.block["row_ids"].index(data.n - 1)]
+    best = int(np.argmax(row))
+    lines = out.splitlines()
+    start = next(k for k, x in enumerate(lines) if "Top contributors" in x)
+    line = next(x for x in lines[start + 1:] if x.strip() and not x.strip().startswith(("─", "token")))
+    assert data.tokens[best] in line and f"{row[best]:.3f}" in line  # the first row is the largest contributor
+
+
+@pytest.mark.browser
+def test_contributions_card_in_chromium(browser, report_data, tmp_path):
+    from _browser import console_errors, open_page
+
+    from attnlens.faces.report import html
+
+    data, _, _ = report_data
+    html.write(data, tmp_path / "r.html")
+    open_page(browser, tmp_path / "r.html")
+    card = browser.find_element("id", "block-card")
+    assert card.is_displayed()
+    bars = browser.find_elements("css selector", "#blockrows .bar")
+    assert len(bars) == 10
+    row = data.block["rows"][-1]
+    assert data.tokens[int(np.argmax(row))] in bars[0].text and f"{row.max():.3f}" in bars[0].text
+    assert "In layer 0 alone" in browser.find_element("id", "blocklayer-title").text
+    assert console_errors(browser) == []
+    browser.execute_script("arguments[0].scrollIntoView()", card)
+    card.screenshot(str(tmp_path / "contributions.png"))
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "contributions.png").convert("RGB"))
+    assert img.shape[0] > 200 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50
+    keep = __import__("os").environ.get("ATTNLENS_SCREENSHOTS")
+    if keep:
+        __import__("shutil").copy(tmp_path / "contributions.png", keep)

@@ -16,6 +16,7 @@ import numpy as np
 from ... import analysis
 
 __all__ = ["ReportData", "from_records", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
+           "contribution_views", "set_contributions",
            "row_ids", "pool_means", "FULL_BYTES", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
            "DEFAULT_MODEL_LABEL"]
 
@@ -45,6 +46,9 @@ class ReportData:
     the weights were not kept; ``topk_idx`` / ``topk_w (L, H, N, k)`` always hold the top-k.
     ``rollout_rows (r, N)``: rows ``rollout_row_ids`` of the rollout, exact at any length (``rollout`` itself is
     pooled beyond the full-weight limit).
+    ``block``: contributions through the whole attention block (`set_contributions`): ``{"method": "alti",
+    "composed": (t, t)`` exact block means of the composed matrix, ``"rows": (r, N)`` its exact rows and
+    ``"layer_rows": (L, r, N)`` each layer's own rows, for the tokens ``"row_ids"``}, or ``None``.
     ``sink_weight (L, H)``: for a model with attention sinks (gpt-oss), the mean weight a query of each
     layer and head puts on its sink (its rows then sum to ``1 - sink weight``); ``None`` without sinks.
     """
@@ -72,6 +76,7 @@ class ReportData:
     sink_weight: Optional[np.ndarray] = None
     rollout_rows: Optional[np.ndarray] = None  # (r, N): exact rows of the rollout (every length), float64
     rollout_row_ids: Optional[list] = None  # (r,): the top-layer tokens those rows belong to
+    block: Optional[dict] = None  # whole-block contributions (`set_contributions`), or None when not asked
 
     @property
     def n(self) -> int:
@@ -113,14 +118,38 @@ def rollout_views(recs, n: int, t: int, rows=(), on_layer=None, batch: int = 0):
     """``(pooled (t, t), exact rows (len(rows), N))`` of the rollout, exactly, in linear memory, in one carry
     through the layers (``analysis.rollout(rows=...)``): the block means of its rows (`pool_means`' blocks), whose
     columns are then averaged by blocks, and the rows of the tokens ``rows``."""
+    start, edges, counts = _carry_start(n, t, rows)
+    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t + r, N)
+    return np.add.reduceat(R[:t], edges, axis=-1) / counts[None, :], R[t:]
+
+
+def _carry_start(n: int, t: int, rows) -> tuple:
+    """``(start (t + r, N), edges, counts)``: the rows carried through the layers for a pooled map and exact rows —
+    row b the mean of block b's rows (`pool_means`' blocks), then one row per chosen token."""
     edges = (np.arange(t) * n) // t
     counts = np.diff(np.append(edges, n))
     blocks = np.searchsorted(edges, np.arange(n), side="right") - 1  # (N,): each token's block
     start = np.zeros((t + len(rows), n))
-    start[blocks, np.arange(n)] = 1.0 / counts[blocks]  # row b: the mean of block b's rows
-    start[t + np.arange(len(rows)), list(rows)] = 1.0  # then one row per chosen token
-    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t + r, N)
+    start[blocks, np.arange(n)] = 1.0 / counts[blocks]
+    start[t + np.arange(len(rows)), list(rows)] = 1.0
+    return start, edges, counts
+
+
+def contribution_views(recs, n: int, t: int, rows=(), method: str = "alti", on_layer=None, batch: int = 0):
+    """``(pooled (t, t), exact rows (len(rows), N))`` of the composed whole-block contributions
+    (`attnlens.analysis.compose_contributions`), in one carry through the layers, as `rollout_views` does."""
+    start, edges, counts = _carry_start(n, t, rows)
+    R = analysis.compose_contributions(recs, start, method=method, on_layer=on_layer, batch=batch)  # (t + r, N)
     return np.add.reduceat(R[:t], edges, axis=-1) / counts[None, :], R[t:]
+
+
+def set_contributions(data, recs, rows: list, method: str = "alti", on_layer=None, batch: int = 0) -> None:
+    """``data.block``: the composed contributions pooled to ``ROLLOUT_BLOCKS`` block means (exact), their exact rows
+    and each layer's own rows (`attnlens.analysis.block_contributions`) for the tokens ``rows``."""
+    pooled, exact = contribution_views(recs, data.n, min(ROLLOUT_BLOCKS, data.n), rows, method, on_layer, batch)
+    per_layer = np.stack([analysis.block_contributions(r, rows=rows, method=method, batch=batch,
+                                                       normalize=True) for r in recs])
+    data.block = {"method": method, "composed": pooled, "rows": exact, "layer_rows": per_layer, "row_ids": list(rows)}
 
 
 def set_rollout(data, recs, full: bool, rows: list, on_layer=None, batch: int = 0) -> None:

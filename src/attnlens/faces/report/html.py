@@ -28,6 +28,9 @@ Size (what is embedded, and why it stays small at 512 tokens):
 - rollout rows: the exact rows ``ReportData.rollout_row_ids`` (at most ``ROLLOUT_ROWS``) ``(r, N)``, 2 bytes each,
   each row scaled to its own largest value.
 
+- block contributions (``ReportData.block``, when asked): the composed map pooled to at most ``ROLLOUT_MAX``, 1 byte;
+  its exact rows and each layer's own rows for the rollout's tokens, ``(r, N)`` and ``(L, r, N)``, 2 bytes each, each
+  row scaled to its own largest value.
 The bound: everything but the token view is linear in N with small constants (received 2·L·H·N bytes, value
 norms 4·L·H·N when the weights were kept, rollout rows 2·r·N, the tokens' text) or fixed (grid ≤ L·H·THUMB²,
 rollout map ≤ ROLLOUT_MAX²); the token view is at most ``TOKEN_VIEW_BYTES`` unless even ``k = 1`` exceeds it
@@ -159,7 +162,7 @@ def payload(data) -> dict:
                         "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
             "summary": summary, "warnings": list(data.warnings) + size_warnings,
-            "rows": _rollout_rows(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
+            "rows": _rollout_rows(data), "block": _block(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
 
 
@@ -172,16 +175,31 @@ def _page_topk(data) -> tuple:
     return max(1, min(wanted, TOKEN_VIEW_BYTES // per_key)), wanted
 
 
+def _rows16(R) -> dict:
+    """Rows ``(..., N)`` each scaled to its own largest value, 2-byte fixed point: ``{"max": [...], "w": base64}``."""
+    R = np.asarray(R, dtype=np.float64)
+    mx = R.max(-1)
+    scaled = np.divide(R, mx[..., None], out=np.zeros_like(R), where=mx[..., None] > 0)
+    return {"max": [float(m) for m in mx.ravel()], "w": _b64(np.clip(np.rint(scaled * 65535), 0, 65535).astype("<u2"))}
+
+
 def _rollout_rows(data):
     """The exact rollout rows of the payload (see the module docstring), or ``None``."""
     R = getattr(data, "rollout_rows", None)
     if R is None or len(R) == 0:
         return None
-    R = np.asarray(R, dtype=np.float64)
-    mx = R.max(-1)
-    scaled = np.divide(R, mx[:, None], out=np.zeros_like(R), where=mx[:, None] > 0)
-    return {"ids": [int(i) for i in data.rollout_row_ids], "max": [float(m) for m in mx],
-            "w": _b64(np.clip(np.rint(scaled * 65535), 0, 65535).astype("<u2"))}
+    return {"ids": [int(i) for i in data.rollout_row_ids], **_rows16(R)}
+
+
+def _block(data):
+    """The whole-block contributions part of the payload (see the module docstring), or ``None``."""
+    b = getattr(data, "block", None)
+    if b is None:
+        return None
+    m = pool_means(np.asarray(b["composed"], dtype=np.float64), min(ROLLOUT_MAX, b["composed"].shape[-1]))
+    mx = max(float(m.max()), 1e-12)
+    return {"method": b["method"], "t": int(m.shape[-1]), "map": _b64(_q8(m / mx)), "map_max": mx,
+            "ids": [int(i) for i in b["row_ids"]], "rows": _rows16(b["rows"]), "layers": _rows16(b["layer_rows"])}
 
 
 def _cross(cross):

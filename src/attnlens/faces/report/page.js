@@ -22,13 +22,18 @@ var norms = D.norms ? f32(D.norms) : null;  // (L, H, N): ‖v_j W_O^h‖ (or �
 var NK = D.norm_kind || "‖v‖";
 var viewSel = byId("view");
 var NKj = NK.replace("v", "vⱼ"), PNKj = "‖Pᵢⱼ " + NKj.slice(1);  // ‖vⱼ W_O‖, ‖Pᵢⱼ vⱼ W_O‖
+var BKF = D.block && D.block.full ? b64(D.block.full) : null;  // (L, N, N): whole-block contributions, 1 byte
 [["weights", "attention weights P"]].concat(norms ? [["contrib", "value-norm contributions ‖P " + NK.slice(1) + " (shares)"]] : [])
+  .concat(BKF ? [["block", "whole-block contributions (" + (D.block.method === "alti" ? "ALTI" : "norms") + ", all heads, residual, LN)"]] : [])
   .forEach(function(p){ var o = el("option", p[1]); o.value = p[0]; viewSel.appendChild(o); });
 function contribView(){ return viewSel.value === "contrib"; }
+function blockView(){ return viewSel.value === "block"; }
+function brow(l, i){ var out = new Float32Array(N), base = (l * N + i) * N; for (var j = 0; j < N; j++) out[j] = BKF[base + j] / 255; return out; }
 function viewNote(){
   byId("viewnote").textContent = (wts.mode === "full" ? "every weight (1-byte precision)" :
     "each query's top " + wts.k + " keys (the rest not embedded, to keep the page small)") +
-    (contribView() ? "; contributions = weight × value norm, as shares of the query's total" : "");
+    (contribView() ? "; contributions = weight × value norm, as shares of the query's total" : "") +
+    (blockView() ? "; whole-block contributions of the layer (every head, the residual and the layer norm; the head choice does not apply), 1-byte precision" : "");
 }
 
 // weights of query i in layer l, head h (h >= 0), as a Float32Array of N
@@ -44,6 +49,7 @@ function sum(a){ var s = 0; for (var j = 0; j < a.length; j++) s += a[j]; return
 function scaleBy(a, s){ for (var j = 0; j < a.length; j++) a[j] *= s; return a; }
 // the selected view's row: weights (h = -1: mean of heads), or contribution shares (h = -1: of all heads' sum)
 function row(l, h, i){
+  if (blockView()) return brow(l, i);  // the whole block: every head together, the residual and the layer norm
   var heads = h < 0 ? H : 1, h0 = h < 0 ? 0 : h, out = new Float32Array(N);
   for (var hh = h0; hh < h0 + heads; hh++){ var r = contribView() ? crow(l, hh, i) : wrow(l, hh, i); for (var j = 0; j < N; j++) out[j] += r[j]; }
   var s = contribView() ? sum(out) : heads;
@@ -58,8 +64,8 @@ for (var h = 0; h < H; h++){ var oh = el("option", h); oh.value = h; headSel.app
 layerSel.value = Math.min(Math.max(D.initial.layer, 0), L - 1);
 headSel.value = D.initial.head;
 function cur(){ return {l: +layerSel.value, h: +headSel.value}; }
-function where(c){ return "layer " + c.l + ", " + (c.h < 0 ? "mean of heads" : "head " + c.h); }
-function what(){ return contribView() ? "contribution shares" : "weights"; }
+function where(c){ return "layer " + c.l + ", " + (blockView() ? "whole block" : c.h < 0 ? "mean of heads" : "head " + c.h); }
+function what(){ return blockView() ? "whole-block contributions" : contribView() ? "contribution shares" : "weights"; }
 
 // ---- colour: linear from white (0) to blue (1)
 function rgb(x){ x = Math.max(0, Math.min(1, x)); return [Math.round(255 - 208 * x), Math.round(255 - 144 * x), Math.round(255 - 33 * x)]; }
@@ -157,7 +163,7 @@ function show(i){
   if (spans[i]) spans[i].classList.add("q");
   info.textContent = "";
   info.appendChild(el("b", D.tokens[i]));
-  info.appendChild(document.createTextNode(" (#" + i + ", " + where(c) + ") " + (contribView() ? "takes its output from: " : "draws on: ")));
+  info.appendChild(document.createTextNode(" (#" + i + ", " + where(c) + ") " + (contribView() || blockView() ? "takes its output from: " : "draws on: ")));
   topKeys(r, 5).forEach(function(j, n){ if (n) info.appendChild(document.createTextNode(" · ")); info.appendChild(jumpLink(j, D.tokens[j] + " #" + j)); info.appendChild(document.createTextNode(" " + fmt(r[j]))); });
 }
 function pin(i){
@@ -204,6 +210,7 @@ function drawMix(i){
   var box = byId("mix"), c = cur(); box.textContent = "";
   byId("mix-title").textContent = "Row view" + (i >= 0 ? " of “" + D.tokens[i] + "” #" + i : "") + " — " + where(c);
   if (i < 0){ box.appendChild(el("div", "Hover or click a token.", "note")); return; }
+  if (blockView()){ drawBlockMix(box, c, i); return; }
   var m = mixRows(c, i), order = topKeys(norms && contribView() ? m.c : m.w, 10), one = c.h >= 0;
   var t = el("table", null, "mix"), hr = el("tr");
   ["key", "#", one ? "weight Pᵢⱼ" : "mean weight"].concat(norms ? (one ? [NKj, PNKj] : ["Σ over heads " + PNKj]).concat(["share of output", ""]) : [""])
@@ -228,15 +235,30 @@ function drawMix(i){
   lines.forEach(function(s){ box.appendChild(el("div", s, "note")); });
 }
 
+function drawBlockMix(box, c, i){  // the row view in the whole-block view: each key's share of the block's output
+  var r = brow(c.l, i), t = el("table", null, "mix"), hr = el("tr");
+  ["key", "#", "contribution", "attention weight (mean of heads)", ""].forEach(function(s){ hr.appendChild(el("th", s)); });
+  t.appendChild(hr);
+  var w = mixRows({l: c.l, h: -1}, i).w;
+  topKeys(r, 10).forEach(function(j){
+    var tr = el("tr"); cell(tr, D.tokens[j], "lab " + segClass(j)); cell(tr, j); cell(tr, fmt(r[j])); cell(tr, fmt(w[j]));
+    var bar = el("span", null, "fill"); bar.style.width = Math.max(1, 120 * r[j]).toFixed(1) + "px"; cell(tr, null).appendChild(bar);
+    t.appendChild(tr);
+  });
+  box.appendChild(t);
+  box.appendChild(el("div", "The block's output for this token, split into one vector per input token (all heads through the output projection, its own residual, the layer norm); contribution = each vector's share (rows sum to 1). Compare with the weights: a token's own residual counts, and a large weight on a short value vector counts little.", "note"));
+}
+
 // ---- one bar per head per key, for one query (bertviz's head view, as numbers)
 function headColour(h){ return "hsl(" + Math.round(360 * h / H) + ",65%,50%)"; }
 function drawPerHead(i){
   var box = byId("perhead"), c = cur(); box.textContent = "";
   byId("heads-title").textContent = "Per head" + (i >= 0 ? " for “" + D.tokens[i] + "” #" + i : "") + " — layer " + c.l + ", all " + H + " heads";
-  byId("heads-note").textContent = "For each key, one bar per head: its " + (contribView() ? "contribution share" : "weight") + " from this query; bar height is linear, full height = 1.";
+  byId("heads-note").textContent = "For each key, one bar per head: its " + (contribView() ? "contribution share" : "weight") + " from this query; bar height is linear, full height = 1." +
+    (blockView() ? " (Whole-block contributions mix every head, so the bars show the weights.)" : "");
   if (i < 0){ box.appendChild(el("div", "Hover or click a token.", "note")); return; }
   var rows = [];
-  for (var hh = 0; hh < H; hh++) rows.push(row(c.l, hh, i));
+  for (var hh = 0; hh < H; hh++) rows.push(blockView() ? wrow(c.l, hh, i) : row(c.l, hh, i));
   var mean = new Float32Array(N);
   rows.forEach(function(r){ for (var j = 0; j < N; j++) mean[j] += r[j] / H; });
   topKeys(mean, 8).forEach(function(j){
@@ -273,7 +295,7 @@ function drawHeat(){
   var vals = new Float32Array(N * N);
   for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); vals.set(r, i * N); }
   for (p = 0; p < N * N; p++) vmax = Math.max(vmax, vals[p]);
-  byId("heat-title").textContent = (contribView() ? "Contribution shares" : "Weights") + " — " + where(c);
+  byId("heat-title").textContent = (blockView() ? "Whole-block contributions" : contribView() ? "Contribution shares" : "Weights") + " — " + where(c);
   heatmap(byId("heat"), vals, N, D.tokens, vmax, function(i, j, v){ return D.tokens[i] + " #" + i + " ← " + D.tokens[j] + " #" + j + ": " + fmt(v); },
           byId("heatinfo"), function(i){ pin(i); });
 }
@@ -302,7 +324,7 @@ function receivedRow(c){  // (N,): mean weight (or contribution share) a token r
   if (recMemo.key === key) return recMemo.vals;
   var vals = new Float32Array(N), j;
   recMemo = {key: key, vals: vals};
-  if (contribView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
+  if (contribView() || blockView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
   else { var heads = c.h < 0 ? H : 1, h0 = c.h < 0 ? 0 : c.h; for (var hh = h0; hh < h0 + heads; hh++) { var m = D.received_max[c.l * H + hh] / 65535 / heads; for (j = 0; j < N; j++) vals[j] += rec[(c.l * H + hh) * N + j] * m; } }
   return vals;
 }
@@ -324,8 +346,8 @@ function recBar(j, v, mx){
 function drawReceived(){
   var c = cur(), vals = receivedRow(c), mx = 0, j;
   recBox.textContent = "";
-  byId("rec-title").textContent = "Received " + (contribView() ? "contribution" : "attention") + " — " + where(c);
-  byId("rec-note").textContent = (contribView() ? "Mean contribution share each token gives a query (the column means of the shares)." :
+  byId("rec-title").textContent = "Received " + (contribView() || blockView() ? "contribution" : "attention") + " — " + where(c);
+  byId("rec-note").textContent = (contribView() || blockView() ? "Mean contribution share each token gives a query (the column means of the shares)." :
     "Mean weight each token receives from a query (column sums of P / N) in this layer and head. (The terminal's table averages all layers and heads.)") +
     (N > HM ? " The strip spans all " + N + " tokens (each pixel: the largest in its bin; click to go there); below, the 30 tokens that receive most." : "");
   for (j = 0; j < N; j++) mx = Math.max(mx, vals[j]);

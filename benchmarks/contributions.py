@@ -205,7 +205,8 @@ def main(argv=None) -> int:
              f"Command: `{cmd}` (under `flock -x /work/cpu.lock`).  ",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1.", "",
-             "| model | tokens | what | baseline (s) | capture (s) | contributions (s) | ratio | peak above model (GiB) |",
+             "| model | tokens | what | baseline (s) | capture (s) | contributions (s) | ratio "
+             "| peak above model (GiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, n, what, r in rows:
         if "error" in r:

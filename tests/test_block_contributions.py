@@ -262,7 +262,8 @@ def test_batch_picks_the_sequence_and_hooks_are_removed():
     alone = _captured(model, ids[1:])
     for rec, one in zip(recs, alone):
         assert rec.block_input.shape == (2, 30, 48)
-        _check(analysis.block_contributions(rec, rows=[0, 29], batch=1), analysis.block_contributions(one, rows=[0, 29]))
+        got = analysis.block_contributions(rec, rows=[0, 29], batch=1)
+        _check(got, analysis.block_contributions(one, rows=[0, 29]))
     assert all(not m._forward_pre_hooks for m in model.modules())  # the capture's hooks are gone
 
 

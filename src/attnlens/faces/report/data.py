@@ -16,9 +16,8 @@ import numpy as np
 from ... import analysis
 
 __all__ = ["ReportData", "from_records", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
-           "contribution_views", "set_contributions",
-           "row_ids", "pool_means", "FULL_BYTES", "BLOCK_FULL_CELLS", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
-           "DEFAULT_MODEL_LABEL"]
+           "contribution_views", "set_contributions", "row_ids", "pool_means", "FULL_BYTES", "BLOCK_FULL_CELLS",
+           "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB", "DEFAULT_MODEL_LABEL"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes
 FULL_BYTES = 512 << 20

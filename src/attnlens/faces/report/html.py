@@ -163,7 +163,8 @@ def payload(data) -> dict:
                         "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
             "summary": summary, "warnings": list(data.warnings) + size_warnings,
-            "rows": _rollout_rows(data), "block": _block(data), "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
+            "rows": _rollout_rows(data), "block": _block(data),
+            "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
 
 

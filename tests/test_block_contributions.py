@@ -108,8 +108,10 @@ def _blocks(model, kind):
 
 @pytest.fixture(scope="module")
 def minilm64(minilm):
+    import copy
+
     model, _ = minilm
-    return model.double()
+    return copy.deepcopy(model).double()  # the shared fixture's model stays float32
 
 
 def _gpt2():
@@ -277,7 +279,6 @@ def report_data(minilm):
     from attnlens.faces.report.from_model import collect
 
     model, tok = minilm
-    model = model.float()
     return collect(TEXT, model, tok, contributions=True), model, tok
 
 
@@ -369,3 +370,12 @@ def test_records_without_a_known_block_are_refused():
         mha(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="knows its attention block"):
         analysis.block_contributions(cap.results[0], rows=[0])
+
+
+def test_notebook_explain_with_contributions(minilm):
+    import attnlens
+
+    model, tok = minilm
+    r = attnlens.explain("a cat sat on the mat", model, tok, contributions=True)
+    assert r.data.block is not None and r.data.block["rows"].shape == (len(r.data.block["row_ids"]), r.data.n)
+    assert attnlens.explain("a cat sat on the mat", model, tok).data.block is None

@@ -3,8 +3,8 @@
     python benchmarks/report.py [--tokens 8192] [--opens 5] [--out benchmarks/results/report-DATE]
 
 1. A "small local model" that takes ``--tokens`` tokens: all-MiniLM-L6-v2's weights (6 layers × 12 heads) with its
-   512 position embeddings tiled to ``--tokens`` positions, saved with its tokenizer to a temporary folder (no
-   download; the attention patterns are MiniLM's, not a random model's).
+   512 position embeddings tiled to ``--tokens`` positions (examples/long_model.py), saved with its tokenizer to a
+   temporary folder (no download; the attention patterns are MiniLM's, not a random model's).
 2. ``attnlens explain TEXT --model FOLDER`` in a fresh process on ``--tokens`` tokens of English (this repository's
    README, repeated): wall time end to end and the report's size (target < 20 MB).
 3. The report opened ``--opens`` times in headless Chromium (a fresh tab each time): time from navigation start to
@@ -29,28 +29,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
 
-
-def build_model(folder: Path, n: int) -> None:
-    """MiniLM with its position embeddings tiled to ``n`` positions, and its tokenizer (``model_max_length=n``)."""
-    import torch
-    import transformers
-
-    from attnlens import hf
-
-    model, tok = hf.load_default()
-    old = model.embeddings.position_embeddings.weight.data  # (512, 384)
-    cfg = model.config
-    cfg.max_position_embeddings = n
-    big = transformers.BertModel(cfg)
-    state = model.state_dict()
-    state["embeddings.position_embeddings.weight"] = old.repeat(-(-n // old.shape[0]), 1)[:n].clone()
-    state = {k: v for k, v in state.items() if k in big.state_dict()}
-    state["embeddings.position_ids"] = torch.arange(n)[None]
-    big.load_state_dict(state, strict=False)
-    big.save_pretrained(folder)
-    tok.model_max_length = n
-    tok.save_pretrained(folder)
+from long_model import build_model  # noqa: E402  (examples/long_model.py: MiniLM, positions tiled)
 
 
 def long_text(tok, n: int) -> str:

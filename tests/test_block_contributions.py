@@ -335,7 +335,8 @@ def test_contributions_card_in_chromium(browser, report_data, tmp_path):
     assert len(bars) == 10
     row = data.block["rows"][-1]
     assert data.tokens[int(np.argmax(row))] in bars[0].text and f"{row.max():.3f}" in bars[0].text
-    assert "In layer 0 alone" in browser.find_element("id", "blocklayer-title").text
+    layer = browser.find_element("id", "layer").get_attribute("value")  # the page's opening layer
+    assert f"In layer {layer} alone" in browser.find_element("id", "blocklayer-title").text
     assert console_errors(browser) == []
     # the token view's whole-block view: the hovered token's row of layer 2's contributions
     from selenium.webdriver.common.action_chains import ActionChains

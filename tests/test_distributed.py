@@ -103,6 +103,13 @@ CASES = {
     "causal-window-zigzag": (3, 1, 2, 1, 27, 27, 4, 4, {"causal": True, "window": (4, None), "layout": "zigzag"},
                              None, None),
     "zigzag-noncausal": (3, 2, 2, 2, 25, 25, 3, 5, {"layout": "zigzag", "scale": 0.7}, None, None),
+    # world 3, padded batches (seqlens_q / seqlens_k of the whole sequences; lengths 0 included)
+    "varlen-causal-uneven": (3, 3, 2, 1, 23, 23, 4, 3, {"causal": True, "seqlens_q": [23, 10, 0],
+                                                        "seqlens_k": [15, 23, 7]}, [4, 12, 7], [4, 12, 7]),
+    "varlen-causal-Nq<Nk": (3, 2, 2, 2, 14, 31, 4, 2, {"causal": True, "seqlens_q": [14, 6], "seqlens_k": [31, 9]},
+                            [3, 6, 5], [11, 9, 11]),
+    "varlen-window-zigzag": (3, 2, 2, 1, 27, 27, 3, 3, {"window": (3, 2), "layout": "zigzag", "seqlens_q": [27, 5],
+                                                        "seqlens_k": [20, 27]}, None, None),
     # world 4
     "zigzag-causal-4": (4, 1, 4, 2, 37, 37, 4, 4, {"causal": True, "layout": "zigzag"}, None, None),
     "contiguous-causal-4": (4, 1, 2, 2, 22, 22, 3, 3, {"causal": True}, [1, 9, 2, 10], [1, 9, 2, 10]),
@@ -172,8 +179,9 @@ def _check_world(world, tmp_path):
             assert_close(a, e, atol=TOL, what=f"{what}: {key}")
         assert_close(got["topk_weights"], res.topk_weights, atol=TOL, what=f"{what}: topk_weights")
         assert torch.equal(got["topk_indices"], res.topk_indices), f"{what}: global top-k indices"
-        _, ref = reference(q, k, v, topk=LENS.topk, **akw)
-        check_topk(type(res)(topk_weights=got["topk_weights"], topk_indices=got["topk_indices"]), ref, atol=TOL)
+        if "seqlens_q" not in akw:  # a padded batch's top-k: checked against attention() above (oracle: test_varlen)
+            _, ref = reference(q, k, v, topk=LENS.topk, **akw)
+            check_topk(type(res)(topk_weights=got["topk_weights"], topk_indices=got["topk_indices"]), ref, atol=TOL)
         for key, t in (("dq", q), ("dk", k), ("dv", v)):
             assert_close(got[key], t.grad, atol=TOL, what=f"{what}: {key}")
 
@@ -210,6 +218,12 @@ def job_bad_calls(rank, world, outdir):
     msgs.append(str(e.value))
     with pytest.raises(ValueError) as e:  # ranks disagree on the lens: named fields, not internal codes
         ring_attention(q, k, v, lens=al.Lens(entropy=False, received=False) if rank == 0 else None)
+    msgs.append(str(e.value))
+    with pytest.raises(ValueError) as e:  # ranks disagree on a padded batch's lengths
+        ring_attention(q, k, v, causal=True, seqlens_q=[12 - rank], seqlens_k=[12])
+    msgs.append(str(e.value))
+    with pytest.raises(ValueError) as e:  # rank 0's key length is beyond the whole sequence (12 keys)
+        ring_attention(q, k, v, seqlens_k=[13 if rank == 0 else 12])
     msgs.append(str(e.value))
     # the group still works after all that
     out = ring_attention(q, k, v, causal=True)
@@ -306,6 +320,8 @@ def test_bad_calls_raise_on_every_rank(tmp_path):
     assert "ranks disagree on causal" in m0[1] and "ranks disagree on causal" in m1[1]
     assert "zigzag" in m0[2] and "chunks" in m0[2] and m0[2] == m1[2]
     assert "ranks disagree on lens ({0: 'Lens(lse, max_weight)', 1: 'None'}" in m0[3], m0[3]
+    assert "ranks disagree on (seqlens_q, seqlens_k) ({0: ([12], [12]), 1: ([11], [12])}" in m0[4] and m0[4] == m1[4]
+    assert "seqlens_k must lie in [0, 12]" in m0[5] and "rank(s) [0] rejected seqlens_q / seqlens_k" in m1[5]
 
 
 @pytest.mark.triton

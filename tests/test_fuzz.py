@@ -5,9 +5,10 @@ draws the call (rank 2-4, B, Hq, Hkv, Nq != Nk, odd D/Dv, causal, windows, offse
 whole query chunks without a key, bool/float masks with dead rows, scale incl. 0 and negative, scores
 up to ±1e4, q = 0, huge finite float-mask values and whole rows of them (-1e30, fp32's finfo.min: exact
 scores whose lse fp32 rounds to the max), attention sinks (finite or -inf), NaN/±inf in q, k or the float
-mask, float32 / float64, NumPy or torch, lens with top-k, rows and ``at``); NumPy draws the values from a
-drawn seed. Every case runs on backends "torch" (at a drawn chunk size: one query row a chunk makes
-chunks that see no key), "reference" and "auto".
+mask, float32 / float64, NumPy or torch, lens with top-k, rows and ``at``, padded batches with per-sequence
+lengths ``seqlens_q`` / ``seqlens_k`` — each sequence at its own bottom-right offset or the drawn one, lengths 0
+included); NumPy draws the values from a drawn seed. Every case runs on backends "torch" (at a drawn chunk
+size: one query row a chunk makes chunks that see no key), "reference" and "auto".
 
 The NaN/inf rule (see `attnlens.attention`): a row with a visible non-finite score is NaN in out, lse,
 max_weight, entropy, sink_weight and every top-k slot (indices -1), its weights (rows, ``at``) NaN at its
@@ -46,17 +47,24 @@ HUGE = (-3e38, -1e31, -2e30, -1e30, -2e29, -1e29, -1e20, -1e4, 1e4, 1e20)
 NAN, INF = float("nan"), float("inf")
 
 
-def oracle(q, k, v, mask, causal, window, scale, offset, sinks):
+def oracle(q, k, v, mask, causal, window, scale, offset, sinks, lq=None, lk=None):
     """Dense float64 softmax(q kᵀ·scale + mask) v on rank-4 arrays, a sink column per row when ``sinks (Hq,)``:
-    ``(out, P, lse, visible, bad, sink_weight)``; ``bad`` rows have a visible non-finite score (the NaN rule)."""
+    ``(out, P, lse, visible, bad, sink_weight)``; ``bad`` rows have a visible non-finite score (the NaN rule).
+    ``lq``, ``lk`` ``(B,)`` (a padded batch): sequence b's queries ``i < lq[b]`` see keys ``j < lk[b]`` only, at
+    ``offset`` (an int or ``(B,)``, one per sequence); the other queries see nothing, not even the sink."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     k, v = np.repeat(k, Hq // Hkv, axis=1), np.repeat(v, Hq // Hkv, axis=1)
     with np.errstate(all="ignore"):
         s = q @ k.swapaxes(-1, -2) * scale
+    offset = np.asarray(offset).reshape(-1, 1, 1, 1)  # (1|B, 1, 1, 1): one per sequence
     pos = np.arange(Nq)[:, None] + offset  # query i sits at key position i + offset
     j = np.arange(Nk)[None, :]
     vis = np.ones((B, Hq, Nq, Nk), dtype=bool)
+    alive = np.ones((B, 1, Nq, 1), dtype=bool)
+    if lq is not None:  # a padded batch
+        alive = np.arange(Nq)[None, None, :, None] < np.asarray(lq)[:, None, None, None]
+        vis &= alive & (j < np.asarray(lk)[:, None, None, None])
     if causal:
         vis &= j <= pos
     left, right = window if window is not None else (None, None)
@@ -73,11 +81,11 @@ def oracle(q, k, v, mask, causal, window, scale, offset, sinks):
     bad = (vis & ~np.isfinite(s)).any(-1, keepdims=True)
     s = np.where(vis & ~bad, s, -np.inf)
     sk = np.full((1, Hq, 1, 1), -np.inf) if sinks is None else sinks.reshape(1, Hq, 1, 1)
-    live = (vis & ~bad).any(-1, keepdims=True) | ((sk > -np.inf) & ~bad)
+    live = (vis & ~bad).any(-1, keepdims=True) | ((sk > -np.inf) & alive & ~bad)
     m = np.where(live, np.maximum(s.max(-1, keepdims=True, initial=-np.inf), sk), 0.0)
     with np.errstate(over="ignore"):  # rows that are not live (NaN rows): exp(σ - 0) may overflow, unused
         e = np.where(vis & ~bad, np.exp(s - m), 0.0)
-        es = np.where(sk > -np.inf, np.exp(sk - m), 0.0)
+        es = np.where((sk > -np.inf) & alive, np.exp(sk - m), 0.0)
     total = np.where(live, e.sum(-1, keepdims=True) + es, 1.0)
     p = e / total
     lse = np.where(live, m + np.log(total), -np.inf)
@@ -117,12 +125,14 @@ def calls(draw):
              dtype=draw(st.sampled_from(["float32", "float64"])), numpy=draw(st.booleans()),
              topk=draw(st.integers(0, min(Nk, 5) + 2)), rows=draw(st.sampled_from([None, "all", "some"])),
              at=draw(st.sampled_from([None, "vector", "per-query"])), chunk=draw(st.sampled_from([None, 1, 400])),
+             seqlens=draw(st.sampled_from([None, None, None, "q", "k", "both"])),
              seed=draw(st.integers(0, 2**32 - 1)))
     return c
 
 
 def make(c):
-    """The call's arrays (NumPy, in the drawn dtype) from the drawn seed: q, k, v, mask, sinks, at."""
+    """The call's arrays (NumPy, in the drawn dtype) from the drawn seed: q, k, v, mask, sinks, at, and the padded
+    batch's lengths seqlens_q, seqlens_k (None when not drawn)."""
     rng = np.random.default_rng(c["seed"])
     lead = (c["B"], c["Hq"], c["Hkv"])
     dt = np.dtype(c["dtype"])
@@ -162,7 +172,12 @@ def make(c):
     if c["at"] is not None:
         m = int(rng.integers(1, 5))
         at = rng.integers(-1, c["Nk"], size=(m,) if c["at"] == "vector" else (c["Nq"], m))
-    return q.astype(dt), k.astype(dt), v.astype(dt), mask, sinks, at
+    lq = lk = None
+    if c["seqlens"] in ("q", "both"):
+        lq = rng.integers(0, c["Nq"] + 1, c["B"])
+    if c["seqlens"] in ("k", "both"):
+        lk = rng.integers(0, c["Nk"] + 1, c["B"])
+    return q.astype(dt), k.astype(dt), v.astype(dt), mask, sinks, at, lq, lk
 
 
 def _shape_to_rank(x, rank):
@@ -184,13 +199,13 @@ def _close(got, want, tol, what):
     assert (err <= np.broadcast_to(tol, want.shape)).all(), what
 
 
-def check(c, backend, q, k, v, mask, sinks, at):
+def check(c, backend, q, k, v, mask, sinks, at, lq=None, lk=None):
     rank, dtype = c["rank"], c["dtype"]
     scale = 1 / np.sqrt(c["D"]) if c["scale"] is None else c["scale"]
     rows = {None: None, "all": "all", "some": [0, c["Nq"] // 2, -1]}[c["rows"]]
     args = [_shape_to_rank(x, rank) for x in (q, k, v)]
     m_in = None if mask is None else mask.reshape(mask.shape[max(0, mask.ndim - rank):])
-    kw_np = dict(sinks=sinks, at=at)
+    kw_np = dict(sinks=sinks, at=at, seqlens_q=lq, seqlens_k=lk)
     if not c["numpy"]:
         args = [torch.from_numpy(x) for x in args]
         m_in = None if m_in is None else torch.from_numpy(m_in)
@@ -199,7 +214,8 @@ def check(c, backend, q, k, v, mask, sinks, at):
     window = c["window"]
     be = al.TorchChunkedBackend(chunk_bytes=c["chunk"]) if backend == "torch" and c["chunk"] else backend
     out, res = al.attention(*args, mask=m_in, causal=c["causal"], window=window, scale=c["scale"], backend=be,
-                            lens=lens, offset=c["offset"], sinks=kw_np["sinks"])
+                            lens=lens, offset=c["offset"], sinks=kw_np["sinks"], seqlens_q=kw_np["seqlens_q"],
+                            seqlens_k=kw_np["seqlens_k"])
     assert isinstance(out, np.ndarray) == c["numpy"]
 
     m4 = None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
@@ -207,8 +223,12 @@ def check(c, backend, q, k, v, mask, sinks, at):
     q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
     m64 = m4 if m4 is None or m4.dtype == bool else m4.astype(np.float64)
     offset = c["Nk"] - c["Nq"] if c["offset"] is None else c["offset"]
+    if c["seqlens"] is not None:  # a padded batch: each sequence at its own bottom-right offset unless one is drawn
+        lq = np.full(c["B"], c["Nq"]) if lq is None else lq
+        lk = np.full(c["B"], c["Nk"]) if lk is None else lk
+        offset = lk - lq if c["offset"] is None else c["offset"]
     s64 = None if sinks is None else sinks.astype(np.float64)
-    r_out, p, lse, vis, bad, sw = oracle(q64, k64, v64, m64, c["causal"], win, scale, offset, s64)
+    r_out, p, lse, vis, bad, sw = oracle(q64, k64, v64, m64, c["causal"], win, scale, offset, s64, lq, lk)
     live = np.isfinite(lse) | bad  # rows with some weight (keys or sink), NaN rows included
     keys = vis.any(-1) & ~bad  # finite rows that see a key
 
@@ -272,6 +292,7 @@ def check(c, backend, q, k, v, mask, sinks, at):
 
 def test_fuzz_against_an_independent_numpy_oracle():
     ran = {b: 0 for b in BACKENDS}
+    padded = [0]  # cases of padded batches (seqlens_q / seqlens_k)
 
     @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not FULL, database=None,
               suppress_health_check=list(HealthCheck))
@@ -281,12 +302,13 @@ def test_fuzz_against_an_independent_numpy_oracle():
         for backend in BACKENDS:
             check(c, backend, *arrays)
             ran[backend] += 1
+            padded[0] += c["seqlens"] is not None
 
     t0 = time.perf_counter()
     run()
     took = time.perf_counter() - t0
     total = sum(ran.values())
-    print(f"\nfuzz: {total} cases ({ran}) in {took:.1f} s")
+    print(f"\nfuzz: {total} cases ({ran}; {padded[0]} of them padded batches with seqlens) in {took:.1f} s")
     assert total >= 0.9 * FUZZ_EXAMPLES * len(BACKENDS), f"only {total} cases ran"
 
 

@@ -1,6 +1,6 @@
 """`attnlens.analysis.head_kinds` (a name for each head from its exact scores) and the terminal summary of
 `attnlens explain` built on it: the kinds grid and table, and the informative links (query → key weights between
-real tokens, in heads that are not sinks, previous-token or self heads). The rules are checked on constructed
+real tokens, in heads that are not sinks, self or positional heads). The rules are checked on constructed
 scores; MiniLM (skipped without the hf extra) must show its previous-token head and the README sentence's
 "it → tired" link. The trained induction model is in tests/test_induction.py."""
 from __future__ import annotations
@@ -77,6 +77,39 @@ def test_nan_scores_never_apply():
     got = head_kinds(s, 8)
     assert got[0][0] == "mixed" and np.isnan(got[0][1])
     assert got[1] == ("previous-token", 0.8)
+
+
+def test_positional_kinds_sinks_and_the_local_window():
+    base = {"duplicate": 0.0, "induction": 0.0, "next": 0.1, "offset_score": 0.1, "offset": -3, "sink": 0.1,
+            "sink_at": 7, "local": 0.3, "local_uniform": 0.2}
+    for field, kind in [("next", "next-token"), ("offset_score", "offset"), ("sink", "sink")]:
+        assert head_kinds(summary(**{**base, field: 0.7}))[0] == (kind, pytest.approx(0.7))
+    s = summary(H=4, **{**base, "local": [0.6, 0.6, 0.49, 0.6], "local_uniform": [0.3, 0.41, 0.1, 0.39]})
+    # local window: at least 0.5 and at least LOCAL_LIFT (1.5) times what a uniform row puts in the window
+    assert [k for k, _ in head_kinds(s, 16)] == ["local window", "mixed", "mixed", "local window"]
+    assert analysis.LOCAL_LIFT == 1.5 and head_kinds(s, 16)[0] == ("local window", pytest.approx(0.6))
+    # the order: a sink before an offset (a sink's offset score can be large on a short text), a next-token head
+    # before a sink, any pattern before the local window
+    assert head_kinds(summary(**{**base, "sink": 0.6, "offset_score": 0.6}))[0][0] == "sink"
+    assert head_kinds(summary(**{**base, "first": 0.6, "offset_score": 0.6}))[0][0] == "first-token sink"
+    assert head_kinds(summary(**{**base, "next": 0.6, "sink": 0.6}))[0][0] == "next-token"
+    assert head_kinds(summary(**{**base, "offset_score": 0.6, "local": 0.9}))[0][0] == "offset"
+    labelled = summary(**{**base, "offset_score": 0.8})
+    assert analysis.kind_label("offset", labelled, 0) == "offset -3"
+    assert analysis.kind_label("sink", labelled, 0, [f"t{i}" for i in range(8)]) == "sink on t7 #7"
+    assert analysis.kind_label("broad", labelled, 0) == "broad"
+
+
+def test_links_of_positional_heads_are_left_out():
+    """A local-window, offset or next-token head's links are routine; a mixed head's are not; asked for by layer,
+    they come back."""
+    idx = np.array([[[[3], [4], [5], [6], [0], [1], [2]]] * 4])  # (L=1, H=4, N=7, k=1): every query → query + 3
+    w = np.full(idx.shape, 0.9)
+    kinds = [[("local window", 0.6), ("offset", 0.9), ("next-token", 0.9), ("mixed", 0.9)]]
+    links = analysis.informative_links(idx, w, TOKENS, kinds)
+    assert links and all(heads == [(0.9, 0, 3)] for _, _, heads in links)
+    assert all({h for _, _, h in heads} == {0, 1, 2, 3} for _, _, heads in
+               analysis.informative_links(idx, w, TOKENS, kinds, layer=0))
 
 
 def test_head_kinds_arguments():
@@ -213,6 +246,8 @@ def test_minilm_kinds(minilm_data):
     where = {kind: [(li, h) for li, row in enumerate(kinds) for h, (k, _) in enumerate(row) if k == kind]
              for kind in analysis.HEAD_KINDS}
     assert where["previous-token"] == [(0, 2)] and kinds[0][2][1] > 0.95
+    assert where["next-token"] == [(1, 8)]
+    assert where["local window"] == [(0, 4), (0, 5), (1, 2), (1, 4), (2, 8)]
     assert sum(k == "broad" for k, _ in kinds[0]) >= 8  # the first layer spreads its weight
     assert len(where["first-token sink"]) >= 20 and all(li > 0 for li, _ in where["first-token sink"])
     assert not where["induction"] and not where["duplicate"] and not where["self"]
@@ -224,4 +259,5 @@ def test_minilm_summary_shows_it_looks_at_tired(minilm_data):
     rows = link_rows(text)
     assert "it → tired" in rows and "L2 h3 0.61" in rows["it → tired"]  # L2 h1 has it more strongly (0.71)
     assert "it → animal" in rows
+    assert "t → didn" not in rows and "the → didn" not in rows  # local-window heads' links: positional
     assert not any(k.startswith(("[CLS]", "[SEP]")) or k.endswith(("[CLS]", "[SEP]")) for k in rows)

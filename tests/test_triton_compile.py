@@ -45,6 +45,11 @@ CALLS = {
     "hopper-bf16-score-mods": dict(arch=90, dtype="bfloat16", heads=4, kv_heads=2, n=1024, d=64, causal=True,
                                    lens=dict(topk=8, rows=[0, 5]), backward=True, softcap=30.0, sinks=True,
                                    alibi=True),
+    # a padded batch (seqlens_q / seqlens_k): every kernel with HAS_SEQLENS, on Hopper and Ampere
+    "hopper-bf16-seqlens": dict(arch=90, dtype="bfloat16", batch=3, heads=4, kv_heads=2, n=1024, d=128, causal=True,
+                                lens=dict(topk=8, rows=[0, 5]), backward=True, seqlens=True),
+    "ampere-fp16-window-seqlens": dict(arch=80, dtype="float16", batch=2, n=1000, nk=1500, d=64, window=[128, 0],
+                                       lens=dict(topk=16), backward=True, seqlens=True),
 }
 
 _SCRIPT = """
@@ -170,3 +175,13 @@ def test_auto_passes_over_triton_with_a_reason_on_cuda(as_cuda, monkeypatch):
         assert dispatch.select(inp, "auto").name != "triton"
     monkeypatch.setattr(ops, "_capability", lambda t: (7, 5))
     assert any("compute capability" in r for r in ops.TritonBackend().not_supported_reasons(validate(q, q, q)))
+
+
+@pytest.mark.parametrize("name,arch,mma", [("hopper-bf16-seqlens", 90, "wgmma"),
+                                           ("ampere-fp16-window-seqlens", 80, "mma")])
+def test_padded_batches_compile_without_spills(builds, name, arch, mma):
+    """Per-sequence lengths (HAS_SEQLENS) in every kernel a padded-batch call launches, forward, lens and backward."""
+    bs = builds[name]
+    assert {"attn_fwd_kernel", "attn_received_kernel"} | BWD_KERNELS <= {b.kernel for b in bs}
+    assert all(b.constants["HAS_SEQLENS"] for b in bs if "HAS_SEQLENS" in b.constants)
+    _check(bs, arch, mma)

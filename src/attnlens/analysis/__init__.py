@@ -16,9 +16,13 @@ Everything here works on one sequence at a time (``batch=`` picks it) from what 
   2022), for chosen rows at any length in key tiles; `compose_contributions`: those composed through the layers
   (exact rows carried down like rollout's, or pooled block means).
 - `head_summary`: per head, mean entropy and max weight, and how much each head attends to the first
-  token (attention sinks), itself, the previous token, earlier copies of the current token (duplicate-token
-  heads) and the token after them (induction heads), or a pattern of your own.
-- `head_kinds`: a name for each head from those scores (previous-token, first-token sink, induction, broad, ...).
+  token and to any fixed token (attention sinks), itself, the previous and next token, the token at each offset up
+  to ±8 and a window of ±2 around the query (positional heads), earlier copies of the current token
+  (duplicate-token heads) and the token after them (induction heads), or a pattern of your own — key sets taken
+  among the sequence's real tokens, so padding changes nothing; scaled as means over queries, or as
+  TransformerLens's ``detect_head`` scores (``convention="transformerlens"``).
+- `head_kinds`: a name for each head from those scores (previous-token, next-token, offset ±d, local window,
+  first-token sink, sink, induction, broad, ...); `kind_label` spells out an offset head's d and a sink's token.
 - `informative_links`: the strongest query → key weights between real tokens in the heads that are not routine.
 
 All of it is exact at any length, in linear memory, without full weights: a record of `hf.capture` /
@@ -36,12 +40,18 @@ from .contributions import block_contributions, compose_contributions, contribut
 from .heads import (
     BROAD_ENTROPY,
     BROAD_MAX_WEIGHT,
+    CONVENTIONS,
     HEAD_KINDS,
     KIND_SCORE,
+    LOCAL_LIFT,
+    LOCAL_WINDOW,
+    MAX_OFFSET,
+    OFFSETS,
     HeadSummary,
     earlier_same_token,
     head_kinds,
     head_summary,
+    kind_label,
 )
 from .links import focus_heads, informative_links, is_special_token
 from .records import as_numpy, has_full_weights, layer_weights, top_received, topk_dense, weights_at
@@ -51,4 +61,5 @@ __all__ = ["as_numpy", "layer_weights", "rollout", "contributions", "layer_contr
            "compose_contributions", "head_summary",
            "HeadSummary", "weights_at", "earlier_same_token", "top_received", "topk_dense", "head_kinds",
            "HEAD_KINDS", "KIND_SCORE", "BROAD_ENTROPY", "BROAD_MAX_WEIGHT", "has_full_weights", "informative_links",
+           "kind_label", "CONVENTIONS", "LOCAL_LIFT", "LOCAL_WINDOW", "MAX_OFFSET", "OFFSETS",
            "focus_heads", "is_special_token"]

@@ -1,8 +1,10 @@
-"""Informative links: where tokens look, past sinks, their neighbours and themselves — from each query's top-k keys.
+"""Informative links: where tokens look, past sinks, positional heads, neighbours and themselves — from each query's
+top-k keys.
 
 The terminal summary of ``attnlens explain`` and the report read a model through these: the strongest query → key
-weights between real tokens in the heads that are not routine (first-token sinks, previous-token and self heads,
-`attnlens.analysis.head_kinds`), each with every other head that carries the same link. Arrays are one sequence's
+weights between real tokens in the heads that are not routine (sinks, self heads and the positional heads —
+previous-token, next-token, fixed-offset and local-window heads, `attnlens.analysis.head_kinds`: their links say
+where a token sits, not what it reads), each with every other head that carries the same link. Arrays are one sequence's
 top-k per layer and head: ``topk_idx``, ``topk_w (L, H, N, k)`` (index -1 = none).
 """
 from __future__ import annotations
@@ -17,8 +19,9 @@ __all__ = ["is_special_token", "link_mask", "informative_links", "focus_heads", 
 #: informative links: at most this many distinct query → key pairs, each of weight at least LINK_MIN
 LINKS = 8
 LINK_MIN = 0.2
-#: head kinds that need no reading: their links are left out unless the heads are asked for by layer / head
-ROUTINE_KINDS = ("first-token sink", "previous-token", "self")
+#: head kinds that need no reading (sinks, self and positional heads): their links are left out unless the heads are
+#: asked for by layer / head
+ROUTINE_KINDS = ("first-token sink", "sink", "self", "previous-token", "next-token", "offset", "local window")
 #: heads `focus_heads` picks when only a layer or only a head is asked for
 FOCUSED_HEADS = 3
 

@@ -24,7 +24,8 @@ import torch
 from ..core import Lens
 
 __all__ = ["as_numpy", "result_of", "pick", "topk_dense", "query_count", "key_count", "has_full_weights",
-           "dense_weights", "row_stats", "weights_at", "weight_sums", "layer_weights", "top_received", "start_rows"]
+           "dense_weights", "dense_view", "row_stats", "weights_at", "weight_sums", "layer_weights", "top_received",
+           "start_rows"]
 
 
 def as_numpy(x) -> Optional[np.ndarray]:
@@ -90,14 +91,31 @@ def dense_weights(res, batch: int) -> Optional[np.ndarray]:
     return pick(res.weights, batch, 3) if has_full_weights(res) else None
 
 
+def dense_view(res, batch: int) -> Optional[np.ndarray]:
+    """The full weights ``(H, Nq, Nk)`` of sequence ``batch`` as kept, without a copy where it can (a float32 or
+    float64 CPU tensor's own memory), when every row was kept, else None. Read it, never write it: analyses that
+    gather a few weights or sum rows use it instead of `dense_weights`' float64 copy (``8 · H · N²`` bytes)."""
+    if not has_full_weights(res):
+        return None
+    w = res.weights
+    if isinstance(w, torch.Tensor):
+        w = w.detach()
+        w = w[batch] if w.ndim == 4 else w
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
+            w = w.float().cpu()
+        return w.numpy()
+    w = np.asarray(w)
+    return w[batch] if w.ndim == 4 else w
+
+
 def row_stats(rec, batch: int):
     """``(lse, entropy, max_weight)``, each ``(H, Nq)`` float64 for sequence ``batch``: from the record's result, or
     asked again from its kept call (one pass) when the capture's lens did not have them."""
     res = result_of(rec)
     have = [getattr(res, f) is not None for f in ("lse", "entropy", "max_weight")]
     if all(have[1:]) and (have[0] or has_full_weights(res)):
-        dense = dense_weights(res, batch)
-        lse = pick(res.lse, batch, 2) if have[0] else np.where(dense.sum(-1) > 0, 0.0, -np.inf)  # live rows only
+        lse = pick(res.lse, batch, 2) if have[0] else \
+            np.where(dense_view(res, batch).sum(-1, dtype=np.float64) > 0, 0.0, -np.inf)  # live rows only
         return lse, pick(res.entropy, batch, 2), pick(res.max_weight, batch, 2)
     call = getattr(rec, "call", None)
     if call is None:
@@ -121,9 +139,9 @@ def weights_at(rec, idx, *, batch: int = 0) -> np.ndarray:
     dot products, in query chunks, linear memory). ``idx (Nq, m)`` int, ``-1`` = none (weight 0)."""
     res = result_of(rec)
     idx = np.asarray(idx, dtype=np.int64)
-    dense = dense_weights(res, batch)
+    dense = dense_view(res, batch)
     if dense is not None:
-        got = np.take_along_axis(dense, np.maximum(idx, 0)[None], axis=-1)
+        got = np.take_along_axis(dense, np.maximum(idx, 0)[None], axis=-1).astype(np.float64)
         return np.where(idx[None] >= 0, got, 0.0)
     call = _kept_call(rec)
     lse = None if res.lse is None else res.lse[batch][None]
@@ -135,7 +153,7 @@ def weight_sums(rec, idx: np.ndarray, *, batch: int = 0, lse: Optional[np.ndarra
     else from the record's call (`attnlens.core.AttnCall.weight_sums`: only the pairs that exist, so a few long key
     sets among many short ones cost the sum of the sizes), with the call's ``lse (H, Nq)`` when known."""
     res = result_of(rec)
-    if dense_weights(res, batch) is not None or getattr(rec, "call", None) is None:
+    if has_full_weights(res) or getattr(rec, "call", None) is None:
         return weights_at(rec, idx, batch=batch).sum(-1)
     call = rec.call
     if res.lse is not None:

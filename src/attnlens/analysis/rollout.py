@@ -53,10 +53,16 @@ def rollout(layers: Sequence, *, residual: float = 0.5, batch: int = 0, rows=Non
     if rows is not None:
         R = _rollout_rows(list(layers), rows, residual, batch, on_layer)
         return (R, 1.0) if return_coverage else R
-    coverage = 1.0
+    covered = []
     if hasattr(result_of(layers[0]), "received") and not isinstance(layers[0], np.ndarray) \
             and not isinstance(layers[0], torch.Tensor):
-        mats, coverage = layer_weights(layers, batch=batch, allow_topk=allow_topk)
+        def one_by_one():  # a layer's float64 weights at a time, not all layers' at once
+            for layer in layers:
+                mats, cov = layer_weights([layer], batch=batch, allow_topk=allow_topk)
+                covered.append(cov)
+                yield mats[0]
+
+        mats = one_by_one()
     else:
         mats = []
         for w in layers:
@@ -76,6 +82,7 @@ def rollout(layers: Sequence, *, residual: float = 0.5, batch: int = 0, rows=Non
         if R is not None and R.shape != a.shape:
             raise ValueError(f"rollout: layers have different lengths {R.shape} and {a.shape}")
         R = a if R is None else a @ R
+    coverage = float(np.mean(covered)) if covered else 1.0
     return (R, coverage) if return_coverage else R
 
 

@@ -12,7 +12,7 @@ from .lens import Lens, LensResult, Merger
 
 
 def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offset=None, softcap=None, sinks=None,
-              alibi_slopes=None, dropout_p=0.0, backend="auto", lens=None):
+              alibi_slopes=None, seqlens_q=None, seqlens_k=None, dropout_p=0.0, backend="auto", lens=None):
     """Exact scaled dot-product attention, ``softmax(q kᵀ · scale + mask) v``, and what it does.
 
     Each output row is a convex combination of the rows of ``v``: row i of the output is
@@ -51,7 +51,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             The scores are formed in this order: ``s = (q_i · k_j) · scale``; ``softcap``; ``alibi_slopes``;
             then ``mask`` (float: added; bool: hides), ``causal`` and ``window`` hide keys.
         offset: query i sits at key position ``i + offset`` for ``causal`` and ``window``; default
-            ``Nk - Nq`` (bottom-right). Any int: a block of a longer sequence whose first query sits
+            ``Nk - Nq`` (bottom-right; with ``seqlens_q/k`` each sequence's own, see there). Any int: a block of a
+            longer sequence whose first query sits
             at key position ``offset`` of the block's keys (ring attention, split-KV), e.g.
             ``offset=0`` is top-left alignment and ``offset=-2`` pushes the keys two positions later::
 
@@ -78,6 +79,23 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             instead, a constant per row away from this one (for the default offset), so the weights, output and
             gradients are the same and only the lse differs: attnlens's is larger by ``slope · (Nq - 1 - i)``.
             The distance form holds for any offset and window and does not depend on Nk (split-KV blocks).
+        seqlens_q, seqlens_k: a padded batch of sequences of different lengths (FlashAttention's varlen semantics,
+            ``cu_seqlens_q/k``, in padded form): ``(B,)`` ints (torch, NumPy or a list), right padding — sequence
+            b's queries are rows ``[0, seqlens_q[b])`` and its keys ``[0, seqlens_k[b])``, with
+            ``0 <= seqlens_q[b] <= Nq`` and ``0 <= seqlens_k[b] <= Nk``; either may be None (every sequence full
+            length). Each sequence is attention on its own: its offset is by default
+            ``seqlens_k[b] - seqlens_q[b]`` (bottom-right *per sequence*, FlashAttention's), and ``causal``,
+            ``window`` and ALiBi are measured from it; ``offset`` may instead be an int (every sequence) or ``(B,)``
+            ints (one per sequence). Padded query rows (``i >= seqlens_q[b]``) are rows with no visible key — output
+            0, lse -inf, lens zeros, no sink weight — and padded keys receive 0 and get no gradient. Linear memory:
+            no mask is built. E.g. a sequence of 2 queries and 3 keys in a batch padded to Nq = 4, Nk = 5, causal::
+
+                seqlens_q=[2, ...], seqlens_k=[3, ...]   (its offset: 3 - 2 = 1)
+                        k0 k1 k2 k3 k4
+                    q0   x  x  .  .  .        q2, q3: padded rows (nothing)
+                    q1   x  x  x  .  .        k3, k4: padded keys (seen by no query)
+
+            Served by ``reference``, ``torch`` and ``triton``; ``sdpa`` declines (no per-sequence lengths).
         dropout_p: probability of dropping a weight (kept weights scaled by ``1/(1-p)``), in
             ``[0, 1)``. Applied whenever ``dropout_p > 0``, as in PyTorch's functional form
             (pass 0.0 at evaluation). The lens describes the weights before dropout.
@@ -117,7 +135,8 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
         TypeError / ValueError naming the argument, what was seen and what was expected.
     """
     blk = Block.build(q, k, v, mask=mask, causal=causal, window=window, scale=scale, offset=offset, softcap=softcap,
-                      sinks=sinks, alibi_slopes=alibi_slopes, dropout_p=dropout_p, lens=lens, backend=backend)
+                      sinks=sinks, alibi_slopes=alibi_slopes, seqlens_q=seqlens_q, seqlens_k=seqlens_k,
+                      dropout_p=dropout_p, lens=lens, backend=backend)
     out, _, res = blk.run()  # under the one autograd wrapper when a gradient is needed (sdpa: PyTorch's own)
     return blk.finish(out, res)
 

@@ -62,8 +62,8 @@ class Block:
 
     @classmethod
     def build(cls, q, k, v, *, mask=None, causal=False, window=None, scale=None, offset=None, softcap=None,
-              sinks=None, alibi_slopes=None, dropout_p=0.0, lens=None, backend="auto",
-              primitives: bool = False) -> "Block":
+              sinks=None, alibi_slopes=None, seqlens_q=None, seqlens_k=None, dropout_p=0.0, lens=None,
+              backend="auto", primitives: bool = False) -> "Block":
         """Check one call (the arguments of `attnlens.attention`, which documents them) and choose its backend:
         ``backend="auto"`` takes the first that serves it (``attnlens.backends()`` order), a name or a backend
         object must serve it. ``primitives=True``: the caller needs ``backward`` / ``column_sums`` too.
@@ -72,7 +72,8 @@ class Block:
             TypeError / ValueError naming the argument; ValueError listing the reasons when no backend serves it.
         """
         inp = validate(q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p, lens=lens,
-                       offset=offset, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+                       offset=offset, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, seqlens_q=seqlens_q,
+                       seqlens_k=seqlens_k)
         return cls(inp, dispatch.select(inp, backend, primitives=primitives), primitives)
 
     # ---- views of the call
@@ -86,18 +87,29 @@ class Block:
     def lens(self) -> Optional[Lens]:
         return self.inputs.lens
 
-    def derive(self, q=None, k=None, v=None, *, offset=None, lens=None, mask=None) -> "Block":
+    def derive(self, q=None, k=None, v=None, *, offset=None, lens=None, mask=None, seqlens_q=None,
+               seqlens_k=None) -> "Block":
         """A block of other tensors (``None``: this block's) under this block's rules — causal, window, scale, score
         modifications, and ``mask`` unless given — and its backend, with ``offset`` (default: ``Nk − Nq`` of the new
-        shapes) and ``lens``. Derived blocks have no dropout (re-asks describe the weights before dropout).
+        shapes) and ``lens``. Derived blocks have no dropout (re-asks describe the weights before dropout). A block of
+        a padded batch keeps its per-sequence lengths unless ``seqlens_q`` / ``seqlens_k`` are given (``offset``:
+        then None for each sequence's bottom-right, an int, or ``(B,)`` ints).
 
         The backend is not chosen again: the derived block has this block's dtype, device, head dims and flags, and
         its lens is checked against the backend's lens fields. Tensor values are not scanned again (a fused backend
         refuses NaN/inf inputs when a block is built)."""
         inp = self.inputs
+        sl = inp.seqlens
+        if sl is not None:
+            seqlens_q = sl.q if seqlens_q is None else seqlens_q
+            seqlens_k = sl.k if seqlens_k is None else seqlens_k
         new = validate(inp.q if q is None else q, inp.k if k is None else k, inp.v if v is None else v,
                        mask=inp.mask if mask is None else mask, causal=inp.causal, window=inp.window, scale=inp.scale,
-                       offset=offset, softcap=inp.softcap, sinks=inp.sinks, alibi_slopes=inp.alibi_slopes, lens=lens)
+                       offset=offset, softcap=inp.softcap, sinks=inp.sinks, alibi_slopes=inp.alibi_slopes, lens=lens,
+                       seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+        if new.seqlens is not None and not self.backend.capabilities.seqlens:
+            raise ValueError(f"backend {self.backend.name!r} has no per-sequence lengths (seqlens_q / seqlens_k), "
+                             f"asked of a derived block")
         if lens is not None:
             missing = new.lens.requested() - self.backend.capabilities.lens
             if missing:
@@ -115,6 +127,11 @@ class Block:
         mask = inp.mask
         if mask is not None and mask.shape[2] == Nq and Nq > 1:
             mask = mask[:, :, a:b]  # a mask that varies along the queries
+        sl = inp.seqlens
+        if sl is not None:  # each sequence keeps its key positions; its queries past b - a are cut
+            part = sl.rows(a, b)
+            return self.derive(q=inp.q[:, :, a:b], offset=part.offset, lens=lens, mask=mask, seqlens_q=part.q,
+                               seqlens_k=part.k)
         return self.derive(q=inp.q[:, :, a:b], offset=inp.offset + a, lens=lens, mask=mask)
 
     # ---- the block primitives

@@ -89,6 +89,8 @@ class Capabilities:
         dropout: applies dropout.
         backward: gradients (through the block primitive, or PyTorch's own autograd when ``block`` is False).
         block: implements the block primitives (forward with lse, backward into buffers, column sums).
+        seqlens: serves padded batches with per-sequence lengths (``seqlens_q`` / ``seqlens_k``: FlashAttention's
+            varlen semantics, each sequence's own offset and key bound in the band). Off unless declared.
         memory: the `Memory` class of an ordinary call.
         worst_memory: the `Memory` class of the calls that need more (``None``: none do); `Backend.memory` says
             which class a given call has.
@@ -105,6 +107,7 @@ class Capabilities:
     dropout: bool = True
     backward: bool = True
     block: bool = True
+    seqlens: bool = False
     memory: Memory = Memory.LINEAR
     worst_memory: Optional[Memory] = None
     notes: str = ""

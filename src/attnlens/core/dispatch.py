@@ -76,7 +76,11 @@ def describe(inp: AttnInputs) -> str:
         parts.append("causal")
     if inp.window is not None:
         parts.append(f"window={inp.window}")
-    if inp.offset != Nk - Nq:
+    if inp.seqlens is not None:
+        sl = inp.seqlens
+        parts.append(f"seqlens_q={sl.q.tolist()}, seqlens_k={sl.k.tolist()}, offsets={sl.offset.tolist()}"
+                     if sl.q.numel() <= 8 else f"seqlens (B={sl.q.numel()})")
+    elif inp.offset != Nk - Nq:
         parts.append(f"offset={inp.offset}")
     if inp.softcap is not None:
         parts.append(f"softcap={inp.softcap}")

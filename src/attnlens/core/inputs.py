@@ -11,7 +11,7 @@ import torch
 
 from .capabilities import FLOAT_DTYPES, MaskFeature, ScoreMod
 from .lens import Lens
-from .masks import Window, normalize_window
+from .masks import SeqLens, Window, normalize_window
 
 NP_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 _DIM_NAMES = {2: "(N, D)", 3: "(H, N, D)", 4: "(B, H, N, D)"}
@@ -50,6 +50,9 @@ class AttnInputs:
     received_from: Optional[torch.Tensor] = None
     #: ``Lens.at`` as a rank-4 int64 tensor ``(B|1, Hq|1, Nq|1, m)`` on q's device, or None
     at: Optional[torch.Tensor] = None
+    #: per-sequence lengths and offsets of a padded batch (``seqlens_q`` / ``seqlens_k``), or None; when set,
+    #: ``offset`` is unused (0) and each sequence's offset is ``seqlens.offset[b]``
+    seqlens: Optional[SeqLens] = None
 
     @property
     def shape(self):
@@ -204,7 +207,7 @@ def _per_head(x, name: str, numpy_io: bool, q: torch.Tensor, B: int, Hq: int, sh
 
 
 def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0, lens=None,
-             offset=None, softcap=None, sinks=None, alibi_slopes=None) -> AttnInputs:
+             offset=None, softcap=None, sinks=None, alibi_slopes=None, seqlens_q=None, seqlens_k=None) -> AttnInputs:
     """Check one `attnlens.attention` call (see its docstring) into a frozen `AttnInputs`; TypeError / ValueError
     naming the argument otherwise."""
     q4, k4, v4, rank, numpy_io = _check_qkv(q, k, v)
@@ -219,7 +222,12 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None (= 1/sqrt(D)), got {scale!r}")
     dropout_p = check_dropout(dropout_p)
-    offset = check_offset(offset, Nq, Nk)
+    seqlens = None
+    if seqlens_q is not None or seqlens_k is not None:
+        seqlens = check_seqlens(seqlens_q, seqlens_k, offset, q4.device, B, Nq, Nk)
+        offset = 0
+    else:
+        offset = check_offset(offset, Nq, Nk)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
     softcap = check_softcap(softcap, stat_dtype(q4.dtype))
     sinks, alibi_slopes = _check_per_head(sinks, alibi_slopes, numpy_io, q4, B, Hq)
@@ -230,7 +238,15 @@ def validate(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropo
     return AttnInputs(q=q4, k=k4, v=v4, mask=m4, causal=bool(causal), window=win, scale=float(scale),
                       dropout_p=float(dropout_p), lens=lens, rows=rows, rank=rank, numpy_io=numpy_io,
                       offset=offset, seed=seed, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
-                      received_from=rf, at=at)
+                      received_from=rf, at=at, seqlens=seqlens)
+
+
+def check_seqlens(seqlens_q, seqlens_k, offset, device, B: int, Nq: int, Nk: int) -> SeqLens:
+    """The checked `SeqLens` of a padded batch (`SeqLens.check`); ``offset`` None (``seqlens_k - seqlens_q``,
+    bottom-right per sequence), an int (every sequence, `check_offset`), or ``(B,)`` ints (one per sequence)."""
+    if offset is not None and not isinstance(offset, (torch.Tensor, np.ndarray, list, tuple)):
+        offset = check_offset(offset, Nq, Nk)
+    return SeqLens.check(seqlens_q, seqlens_k, B, Nq, Nk, device, offset=offset, max_offset=MAX_OFFSET)
 
 
 def _check_qkv(q, k, v):

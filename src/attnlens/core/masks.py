@@ -10,12 +10,19 @@ key); ring attention and split-KV pass other offsets for blocks of a longer sequ
 
 and a user mask allows it (bool: True = may attend; float: added to the scores, ``-inf`` =
 may not attend). The functions here work on NumPy arrays and torch tensors alike.
+
+Padded batches (`SeqLens`, FlashAttention's varlen semantics): sequence b has ``Lq[b]`` queries (rows
+``[0, Lq[b])``) and ``Lk[b]`` keys (``[0, Lk[b])``), and its own offset ``off[b]`` (default ``Lk[b] - Lq[b]``,
+bottom-right per sequence). Query i of sequence b may see key j iff ``i < Lq[b]``, ``j < Lk[b]`` and the rules
+above hold with ``p = i + off[b]``.
 """
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 Window = Optional[Tuple[Optional[int], Optional[int]]]
@@ -71,11 +78,12 @@ def key_range(i0: int, i1: int, nk: int, offset: int, causal: bool, window: Wind
     return lo, max(lo, hi)
 
 
-def band_keep(qi, kj, offset: int, causal: bool, window: Window):
+def band_keep(qi, kj, offset, causal: bool, window: Window):
     """Bool array ``keep[a, b]`` for query indices ``qi`` (column) and key indices ``kj`` (row).
 
     ``qi`` and ``kj`` are 1-D integer arrays (NumPy or torch); returns ``None`` when there is
-    no causal/window restriction at all.
+    no causal/window restriction at all. ``offset``: an int, or an integer array that broadcasts against
+    ``qi[:, None]`` (e.g. ``(B, 1, 1)`` per-sequence offsets give ``keep (B, len(qi), len(kj))``).
     """
     left, right = band(causal, window)
     if left is None and right is None:
@@ -89,6 +97,102 @@ def band_keep(qi, kj, offset: int, causal: bool, window: Window):
         lk = kk >= pos - left
         keep = lk if keep is None else (keep & lk)
     return keep
+
+
+@dataclass(frozen=True)
+class SeqLens:
+    """The per-sequence lengths of a padded batch (FlashAttention's varlen semantics, right padding), checked.
+
+    ``q (B,)``, ``k (B,)``: int64 lengths, sequence b's queries are rows ``[0, q[b])`` and its keys ``[0, k[b])``;
+    ``offset (B,)`` int64: query i of sequence b sits at key position ``i + offset[b]`` (default ``k - q``:
+    bottom-right per sequence). All three on q's device. ``bounds = (max q, max k, min offset, max offset)`` as
+    Python ints, so the chunk/tile geometry needs no device sync. Padded query rows (``i >= q[b]``) see nothing
+    (dead rows, not even a sink); padded keys (``j >= k[b]``) are seen by no query.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    offset: torch.Tensor
+    bounds: Tuple[int, int, int, int]
+
+    @classmethod
+    def check(cls, seqlens_q, seqlens_k, B: int, Nq: int, Nk: int, device, offset=None,
+              max_offset: int = 2**53) -> "SeqLens":
+        """From the arguments of a call: ``seqlens_q`` / ``seqlens_k`` ``(B,)`` ints in ``[0, Nq]`` / ``[0, Nk]``
+        (torch, NumPy or a list; None: every sequence full length) and ``offset`` None (``seqlens_k - seqlens_q``),
+        an int (every sequence) or ``(B,)`` ints in ``[-max_offset, max_offset]``. TypeError / ValueError naming
+        the argument otherwise."""
+        lq = (torch.full((B,), Nq, dtype=torch.int64, device=device) if seqlens_q is None else
+              check_lengths(seqlens_q, "seqlens_q", device, B, Nq, "sequence b's queries are rows [0, seqlens_q[b])"))
+        lk = (torch.full((B,), Nk, dtype=torch.int64, device=device) if seqlens_k is None else
+              check_lengths(seqlens_k, "seqlens_k", device, B, Nk, "sequence b's keys are [0, seqlens_k[b])"))
+        if offset is None:
+            off = lk - lq
+        elif isinstance(offset, numbers.Integral) and not isinstance(offset, bool):
+            off = torch.full((B,), int(offset), dtype=torch.int64, device=device)
+        else:
+            off = check_lengths(offset, "offset", device, B, None, "with seqlens: one key position per sequence",
+                                max_offset)
+        return cls.make(lq, lk, off)
+
+    @classmethod
+    def make(cls, q, k, offset) -> "SeqLens":
+        """From int64 ``(B,)`` tensors on one device (the caller has checked them)."""
+        qs, ks, offs = q.tolist(), k.tolist(), offset.tolist()
+        return cls(q, k, offset, (max(qs, default=0), max(ks, default=0), min(offs, default=0), max(offs, default=0)))
+
+    def key_range(self, i0: int, i1: int, nk: int, causal: bool, window: Window) -> tuple[int, int]:
+        """Keys ``[lo, hi)`` that hold every key some query in rows ``[i0, i1)`` of some sequence may see (a hull
+        over the sequences: `keep` masks the rest); empty when no sequence has a query in those rows."""
+        qmax, kmax, omin, omax = self.bounds
+        if i0 >= qmax:
+            return 0, 0
+        lo = key_range(i0, i1, nk, omin, causal, window)[0]
+        hi = min(kmax, key_range(i0, i1, nk, omax, causal, window)[1])
+        return lo, max(lo, hi)
+
+    def positions(self, qi):
+        """``(B, len(qi))``: each sequence's key position of query indices ``qi`` (1-D torch)."""
+        return qi[None, :] + self.offset[:, None]
+
+    def keep(self, qi, kj, causal: bool, window: Window):
+        """Bool ``(B, len(qi), len(kj))``: query ``qi[a]`` of sequence b may see key ``kj[c]`` (band and lengths)."""
+        keep = (qi[None, :, None] < self.q[:, None, None]) & (kj[None, None, :] < self.k[:, None, None])
+        band_ = band_keep(qi, kj, self.offset[:, None, None], causal, window)
+        return keep if band_ is None else keep & band_
+
+    def rows(self, a: int, b: int) -> "SeqLens":
+        """The lengths of queries ``[a, b)`` taken alone: each sequence keeps its key positions (offset + a)."""
+        return SeqLens.make((self.q - a).clamp(0, b - a), self.k, self.offset + a)
+
+
+def check_lengths(x, name: str, device, B: int, n: Optional[int], what: str,
+                  max_offset: int = 2**53) -> torch.Tensor:
+    """One ``(B,)`` int64 tensor on ``device`` from ``x`` (torch, NumPy, or a list of ints), checked: an integer dtype,
+    shape ``(B,)``, values in ``[0, n]`` (``n`` None: offsets, within ``±max_offset``)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integers ({what}), got NumPy dtype {x.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+    elif isinstance(x, (list, tuple)) and all(isinstance(a, (numbers.Integral, np.integer))
+                                              and not isinstance(a, (bool, np.bool_)) for a in x):
+        t = torch.tensor([int(a) for a in x], dtype=torch.int64)
+    else:
+        raise TypeError(f"{name} must be a 1-D integer torch tensor, NumPy array or list of ints ({what}), got "
+                        f"{type(x).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integers ({what}), got dtype {t.dtype}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must have shape (B,) = ({B},), one entry per sequence ({what}), got shape "
+                         f"{tuple(t.shape)}")
+    t = t.to(device=device, dtype=torch.int64)
+    if n is not None and B and (int(t.min()) < 0 or int(t.max()) > n):
+        raise ValueError(f"{name} must lie in [0, {n}] ({what}), got {t.tolist()}")
+    if n is None and B and int(t.abs().max()) > max_offset:
+        raise ValueError(f"{name} must lie in [-{max_offset}, {max_offset}], got {t.tolist()}")
+    return t
 
 
 def padding_mask(lengths, n: int, *, device=None):

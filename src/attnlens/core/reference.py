@@ -13,14 +13,17 @@ __all__ = ["reference_attention", "reference_lens", "reference_backward"]
 
 
 def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=None, offset=None, softcap=None,
-                        sinks=None, alibi_slopes=None):
+                        sinks=None, alibi_slopes=None, seqlens_q=None, seqlens_k=None):
     """softmax(q kᵀ · scale + mask) v in float64, with the weights and log-sum-exp.
 
     Args: rank-4 arrays ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``;
         ``mask`` bool or float broadcastable to ``(B, Hq, Nq, Nk)``; ``window`` as
         ``masks.normalize_window`` returns it; ``offset``: query i sits at key position ``i + offset``
         (default ``Nk - Nq``); ``softcap`` c > 0 or None; ``sinks`` and ``alibi_slopes`` broadcastable
-        to ``(B, Hq)`` or None.
+        to ``(B, Hq)`` or None. ``seqlens_q``, ``seqlens_k`` ``(B,)`` ints or None (full length): a padded batch,
+        sequence b's queries are rows ``[0, seqlens_q[b])`` and its keys ``[0, seqlens_k[b])``; its offset is
+        ``offset`` (an int, or ``(B,)`` ints) or by default ``seqlens_k[b] - seqlens_q[b]``. Query rows past a
+        sequence's length see nothing, not even the sink (out 0, lse -inf).
     Returns: ``out (B, Hq, Nq, Dv)``, ``weights (B, Hq, Nq, Nk)``, ``lse (B, Hq, Nq)`` (float64).
 
     Score order: ``s = (q_i · k_j) · scale``; ``s = c · tanh(s / c)`` (softcap); ``s -= slope · |i + offset - j|``
@@ -54,14 +57,24 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
         s = (q @ np.swapaxes(k, -1, -2)) * scale  # (B, Hq, Nq, Nk)
         if softcap is not None:
             s = softcap * np.tanh(s / softcap)
-        offset = Nk - Nq if offset is None else offset
+        varlen = seqlens_q is not None or seqlens_k is not None
+        lq = np.full(B, Nq) if seqlens_q is None else np.asarray(seqlens_q, dtype=np.int64)
+        lk = np.full(B, Nk) if seqlens_k is None else np.asarray(seqlens_k, dtype=np.int64)
+        if varlen:  # one offset per sequence, (B, 1, 1, 1): default bottom-right per sequence
+            offset = (lk - lq if offset is None else np.broadcast_to(np.asarray(offset, np.int64), (B,)))
+            offset = offset[:, None, None, None]
+        else:
+            offset = Nk - Nq if offset is None else offset
+        pos = np.arange(Nq)[:, None] + offset  # (Nq, 1), or (B, 1, Nq, 1) per sequence
         if alibi_slopes is not None:
-            dist = np.abs(np.arange(Nq)[:, None] + offset - np.arange(Nk)[None, :])  # (Nq, Nk)
+            dist = np.abs(pos - np.arange(Nk)[None, :])  # (Nq, Nk) or (B, 1, Nq, Nk)
             s = s - np.broadcast_to(np.asarray(alibi_slopes, np.float64), (B, Hq))[:, :, None, None] * dist
         keep = np.ones(s.shape, dtype=bool)  # visible (structural)
         band = band_keep(np.arange(Nq), np.arange(Nk), offset, causal, window)
         if band is not None:
             keep &= band
+        alive = np.arange(Nq)[None, None, :, None] < lq[:, None, None, None]  # (B, 1, Nq, 1): not a padded query
+        keep &= alive & (np.arange(Nk)[None, None, None, :] < lk[:, None, None, None])
         if mask is not None:
             mask = np.asarray(mask)
             if mask.dtype == bool:
@@ -72,7 +85,7 @@ def reference_attention(q, k, v, mask=None, causal=False, window=None, scale=Non
         if sinks is not None:  # the sink: one more column, visible unless its logit is -inf
             sk = np.broadcast_to(np.asarray(sinks, np.float64), (B, Hq))[:, :, None, None]
             s = np.concatenate([s, np.broadcast_to(sk, (B, Hq, Nq, 1))], axis=-1)
-            keep = np.concatenate([keep, np.broadcast_to(sk != -np.inf, (B, Hq, Nq, 1))], axis=-1)
+            keep = np.concatenate([keep, np.broadcast_to((sk != -np.inf) & alive, (B, Hq, Nq, 1))], axis=-1)
             v = np.concatenate([v, np.zeros((B, Hq, 1, v.shape[-1]))], axis=2)  # the sink has no value
         bad = (keep & ~np.isfinite(s)).any(axis=-1, keepdims=True)  # a non-finite visible score
         ok = keep & ~bad

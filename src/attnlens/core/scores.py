@@ -68,7 +68,13 @@ def _visible(inp: AttnInputs, s: torch.Tensor, i: torch.Tensor, idx: torch.Tenso
     lead = (1,) * (s.ndim - 2)
     valid = (idx >= 0) & (idx < Nk)
     j = idx.clamp(0, Nk - 1)
-    pos = i + inp.offset  # each query's key position
+    sl = inp.seqlens
+    if sl is None:
+        pos = i + inp.offset  # each query's key position
+    else:  # a padded batch: each sequence's own offset, and only its own queries and keys
+        per_seq = (B, 1, *lead)
+        pos = i + sl.offset.reshape(per_seq)
+        valid = valid & (i < sl.q.reshape(per_seq)) & (idx < sl.k.reshape(per_seq))
     slopes = None if inp.alibi_slopes is None else inp.alibi_slopes.reshape(*inp.alibi_slopes.shape, *lead)
     s = score_mods(s, inp.softcap, slopes, (pos - j).abs())
     keep = valid

@@ -2,8 +2,8 @@
 
     attnlens walkthrough [--tokens "the cat sat on mat"] [--dim 2] [--seed 6] [--causal] [--backend auto]
     attnlens info
-    attnlens explain TEXT [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR] [--layer L] [--head H]
-                     [--truncate] [--contributions]
+    attnlens explain TEXT | --file PATH|- [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR]
+                     [--layer L] [--head H] [--truncate] [--kv METHOD[:RATIO[:WINDOW]]] [--contributions]
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
 (embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view, the column view
@@ -15,11 +15,12 @@ through `attnlens.hf.capture`, prints a short summary and writes a self-containe
 (`explain_summary`): the tokens that receive the most attention; what kind of head each head is
 (`attnlens.analysis.head_kinds`: previous-token, first-token sink, self, duplicate, induction, broad, mixed) as a
 layer × head grid of letters and a table of the strongest heads of each kind; and the informative links, the
-strongest query → key weights between real tokens in the heads that are not sinks, previous-token or self heads
+strongest query → key weights between real tokens in the heads that are not sinks, self or positional heads
 (``it → tired 0.71 L2 h1``). ``--layer`` / ``--head`` narrow the links to those heads and add each token's most
-attended token in them. ``--contributions`` adds what each token contributes through the whole attention block
-(ALTI, composed through the layers: `attnlens.analysis.compose_contributions`) to the report and prints the top
-contributors of the last token.
+attended token in them. ``--kv snapkv:0.5`` (a causal decoder's folder as ``--model``) adds what `attnlens.kv`'s
+compression keeps of each layer's KV cache: a layer × token strip in the terminal and on the page.
+``--contributions`` adds what each token contributes through the whole attention block (ALTI, composed through the
+layers: `attnlens.analysis.compose_contributions`) to the report and prints the top contributors of the last token.
 """
 from __future__ import annotations
 
@@ -38,14 +39,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis import HEAD_KINDS, focus_heads, head_kinds, informative_links
+from ..analysis import HEAD_KINDS, focus_heads, head_kinds, informative_links, kind_label
 from ..analysis.links import LINK_MIN
 from ..core import backends
 from ..core.dispatch import INFO_COLUMNS, info
 from . import walkthrough as lesson
 from .report import html, plots
-from .report.from_model import collect_any
-from .report.data import DEFAULT_MODEL_LABEL
+from .report.from_model import collect_any, kv_view, tokenize
+from .report.data import DEFAULT_MODEL_LABEL, count
+from ..integrations.model_folder import check_model_folder, config_shape
 from .report.files import TargetError, check_target
 from .walkthrough import DEFAULT_SEED, DEFAULT_TOKENS, MAX_DIM, MAX_TOKENS, build_example, parse_tokens
 
@@ -178,9 +180,10 @@ SUMMARY_TOKENS = 24
 LINK_ALSO = 2
 #: one letter per head kind in the layer × head grid (shown up to GRID_LAYERS × GRID_HEADS), and the strongest
 #: KIND_TOP heads of each kind in the table
-KIND_CODES = {"previous-token": "P", "first-token sink": "F", "self": "S", "duplicate": "D", "induction": "I",
-              "broad": "B", "mixed": "·"}
-KIND_STYLES = {"previous-token": "cyan", "first-token sink": "dim", "self": "blue", "duplicate": "magenta",
+KIND_CODES = {"previous-token": "P", "next-token": "N", "offset": "O", "local window": "W", "first-token sink": "F",
+              "sink": "K", "self": "S", "duplicate": "D", "induction": "I", "broad": "B", "mixed": "·"}
+KIND_STYLES = {"previous-token": "cyan", "next-token": "cyan", "offset": "cyan", "local window": "cyan",
+               "first-token sink": "dim", "sink": "dim", "self": "blue", "duplicate": "magenta",
                "induction": "bold magenta", "broad": "green"}
 GRID_LAYERS, GRID_HEADS = 48, 32
 KIND_TOP = 3
@@ -196,8 +199,10 @@ def _quiet_transformers():
 
 
 def _progress(console):
+    """Transient progress bars on a terminal; nothing on a pipe or a file (where a finished bar leaves a blank
+    line before whatever follows, such as an error)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
 def _check_unicode(name: str, text: str) -> None:
@@ -221,6 +226,48 @@ def _target_error(option: str, e) -> CLIError:
     return CLIError(f"{option}: {e}{hint.get(e.kind, '')}")
 
 
+def _read_text(args) -> str:
+    """The text to explain: TEXT, or the file ``--file PATH`` (``-``: standard input) as UTF-8 — exactly one."""
+    if args.file is None:
+        if args.text is None:
+            raise CLIError("TEXT: expected the text to explain, or --file PATH (--file - reads standard input)")
+        return args.text
+    if args.text is not None:
+        raise CLIError("TEXT and --file: give the text or a file, not both")
+    name = "standard input" if args.file == "-" else repr(args.file)
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise CLIError(f"--file: could not read {name}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"--file: {name} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8") \
+            from None
+
+
+def _check_model(args) -> None:
+    """--model names a model folder, and --layer / --head exist in it (from its config.json) — checked before
+    transformers is imported and the weights are loaded (seconds)."""
+    try:
+        path = check_model_folder(args.model)
+    except ValueError as e:
+        raise CLIError(f"--model: {str(e).removeprefix('model: ')}" if args.model else str(e)) from None
+    _check_layer_head(args, *config_shape(path))
+
+
+def _check_layer_head(args, L, H) -> None:
+    """--layer / --head against the model's ``L`` layers and ``H`` heads per layer (``None``: unknown)."""
+    if args.layer is not None and L and args.layer >= L:
+        raise CLIError(f"--layer: the model has {count(L, 'layer')} (0..{L - 1}), got {args.layer}")
+    if args.head is not None and H and args.head >= H:
+        raise CLIError(f"--head: the model has {count(H, 'head')} per layer (0..{H - 1}), got {args.head}")
+
+
 def _explain_targets(args):
     """Check the options of `explain` that need no model, and the files it will write, before loading.
 
@@ -228,9 +275,11 @@ def _explain_targets(args):
     be replaced (with --force, or when --out was not given: the default report.html of a re-run).
     A symbolic link is followed only with --force.
     """
+    args.text = _read_text(args)
     _check_unicode("TEXT", args.text)
     if not args.text.strip():
-        raise CLIError("TEXT: expected some text to explain, got an empty string")
+        raise CLIError(f"{'--file' if args.file is not None else 'TEXT'}: expected some text to explain, got "
+                       f"{'an empty file' if args.file is not None else 'an empty string'}")
     if args.pair is not None:
         _check_unicode("--pair", args.pair)
         if not args.pair.strip():
@@ -241,6 +290,12 @@ def _explain_targets(args):
             raise CLIError(f"--{name}: expected an int >= 0, got {val}")
     if args.topk < 1:
         raise CLIError(f"--topk: expected an int >= 1, got {args.topk}")
+    if args.kv is not None and args.model is None:
+        raise CLIError(f"--kv: the default model ({DEFAULT_MODEL_LABEL}) is an encoder: it reads the whole text at "
+                       f"once and keeps no KV cache to compress; pass --model with a local causal decoder folder "
+                       f"(Llama, Qwen2, Mistral, Gemma 2, ...)")
+    if args.kv is not None and args.pair is not None:
+        raise CLIError("--kv: scores the KV cache of one text; drop --pair")
     out = os.path.abspath(DEFAULT_OUT if args.out is None else args.out)
     overwrite = args.force or args.out is None
     try:
@@ -262,6 +317,7 @@ def _explain_targets(args):
 
 def _cmd_explain(args, console) -> int:
     out, overwrite = _explain_targets(args)
+    _check_model(args)
     _quiet_transformers()
     try:
         from ..integrations import hf  # noqa: F401  (lazy: transformers; a missing extra fails before any work)
@@ -270,6 +326,7 @@ def _cmd_explain(args, console) -> int:
     err = Console(stderr=True, highlight=False, emoji=False)
     with _progress(err) as progress:
         model, tok = _load_model(args, progress)
+        kv_data = None if args.kv is None else _kv_data(args, model, tok, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
         run = progress.add_task("running the model", total=L or None)
         ana = progress.add_task("exact head scores and rollout" + (" and contributions" if args.contributions else ""),
@@ -281,9 +338,9 @@ def _cmd_explain(args, console) -> int:
                                on_analysis=lambda d, t: progress.update(ana, completed=d, total=t, visible=True))
         except ValueError as e:
             raise CLIError(str(e).replace("rollout_rows:", "--rollout-rows:", 1))
+        data.kv = kv_data
         data.model_name = DEFAULT_MODEL_LABEL if args.model is None else str(args.model)
-        data.initial_layer = args.layer if args.layer is not None else 0
-        data.initial_head = args.head if args.head is not None else -1
+        data.initial_layer, data.initial_head = args.layer, args.head  # neither: the page picks (opening_view)
         progress.add_task("writing the report", total=1)
         size, pngs = _write_report(args, data, out, overwrite)
     for w in data.warnings:
@@ -293,6 +350,20 @@ def _cmd_explain(args, console) -> int:
     if pngs:
         console.print(f"PNGs: {', '.join(str(p) for p in pngs)}", markup=False)
     return 0
+
+
+def _kv_data(args, model, tok, progress) -> dict:
+    """What --kv's compression keeps of TEXT (`attnlens.report.from_model.kv_view`), or a one-line `CLIError`."""
+    method, ratio, window = args.kv
+    task = progress.add_task(f"KV-cache scores ({method})", total=1)
+    try:
+        enc, _ = tokenize(args.text, model, tok, truncate=args.truncate)
+        out = kv_view(model, enc["input_ids"], method, ratio, window)
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("pass a smaller one)", f"pass a smaller one, e.g. --kv {method}:{ratio}:8)")
+        raise CLIError(f"--kv: {msg}") from None
+    progress.advance(task)
+    return out
 
 
 def _load_model(args, progress):
@@ -311,10 +382,7 @@ def _load_model(args, progress):
     progress.advance(task)
     L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
     H = int(getattr(model.config, "num_attention_heads", 0) or getattr(model.config, "n_head", 0) or 0)
-    if args.layer is not None and L and args.layer >= L:
-        raise CLIError(f"--layer: the model has {L} layers (0..{L - 1}), got {args.layer}")
-    if args.head is not None and H and args.head >= H:
-        raise CLIError(f"--head: the model has {H} heads per layer (0..{H - 1}), got {args.head}")
+    _check_layer_head(args, L, H)  # again, from the loaded config (a config.json may name its counts otherwise)
     return model, tok
 
 
@@ -329,8 +397,9 @@ def _write_report(args, data, out, overwrite):
     if args.png is None:
         return size, []
     try:
-        return size, plots.write_pngs(data, args.png, layer=data.initial_layer, head=data.initial_head,
-                                      overwrite=args.force, follow_symlinks=args.force)
+        head = -1 if args.head is None else args.head
+        return size, plots.write_pngs(data, args.png, layer=args.layer or 0, head=head, overwrite=args.force,
+                                      follow_symlinks=args.force)
     except TargetError as e:
         raise _target_error("--png", e) from None
     except OSError as e:
@@ -345,7 +414,8 @@ def explain_summary(console, data, *, layer=None, head=None):
     ``layer`` / ``head`` (--layer / --head), the links are those heads' and a table shows each token's most attended
     token in them."""
     n = data.n
-    console.print(Text(f"{data.model_name}: {n} tokens, {data.n_layers} layers × {data.n_heads} heads"))
+    console.print(Text(f"{data.model_name}: {count(n, 'token')}, {count(data.n_layers, 'layer')} × "
+                       f"{count(data.n_heads, 'head')}"))
     if data.sink_weight is not None:
         sw = data.sink_weight  # (L, H)
         li, h = np.unravel_index(int(np.argmax(sw)), sw.shape)
@@ -355,7 +425,9 @@ def explain_summary(console, data, *, layer=None, head=None):
     kinds = [head_kinds(s, n) for s in data.summaries] if data.summaries else None
     if kinds is not None:
         _kinds_grid(console, kinds)
-        _kinds_table(console, kinds, data.summaries[0].induction is not None)
+        _kinds_table(console, kinds, data.summaries[0].induction is not None, data.summaries, data.tokens)
+    if getattr(data, "kv", None) is not None:
+        _kv_table(console, data)
     links = informative_links(data.topk_idx, data.topk_w, data.tokens, kinds, layer=layer, head=head)
     _links_table(console, data, links, focus=layer is not None or head is not None)
     if layer is not None or head is not None:
@@ -398,6 +470,33 @@ def _received_table(console, data):
     _show(console, t)
 
 
+#: the terminal's KV strip shows one character per token up to this many tokens
+KV_STRIP_TOKENS = 96
+
+
+def _kv_table(console, data):
+    """Per layer, how many keys its KV cache keeps (--kv) and, for short texts, a strip of the tokens: █ kept by every
+    KV head, ▒ by some, · by none."""
+    kv = data.kv
+    title = f"KV cache after {kv['method']} at ratio {kv['ratio']}" + (f", window {kv['window']}" if kv["window"] else "")
+    t = _table(title)
+    t.add_column("layer", justify="right")
+    t.add_column("kept per KV head", justify="right")
+    strip = data.n <= KV_STRIP_TOKENS
+    if strip:
+        t.add_column("tokens (█ kept by every KV head, ▒ by some, · evicted)", no_wrap=True)
+    for li, kept, budget, w in zip(kv["layers"], kv["kept"], kv["budget"], kv["sliding"]):
+        cells = [f"L{li}", f"{budget} of {data.n}" + (f" (window {w})" if w else "")]
+        if strip:
+            cells.append("".join("█" if k == kv["heads"] else ("▒" if k else "·") for k in kept))
+        t.add_row(*cells)
+    _show(console, t)
+    gone = [data.tokens[j] for j in range(data.n) if not kv["kept"][:, j].any()]
+    if gone:
+        more = f" … +{len(gone) - 12} more" if len(gone) > 12 else ""
+        console.print(Text(f"evicted by every layer and KV head: {' '.join(gone[:12])}{more}", style="dim"))
+
+
 def _kinds_grid(console, kinds):
     """Every head's kind as one letter, a line per layer, heads in groups of four (up to GRID_LAYERS × GRID_HEADS:
     76 columns at 32 × 32)."""
@@ -420,29 +519,37 @@ def _kinds_grid(console, kinds):
     console.print()
 
 
-def _kinds_table(console, kinds, has_ids: bool):
-    """Per kind: how many heads, and the strongest (for "broad": the broadest) with their scores."""
+def _kinds_table(console, kinds, has_ids: bool, summaries=None, tokens=None):
+    """Per kind: how many heads, and the strongest (for "broad": the broadest) with their scores (an offset head
+    with its d, a sink with its token: `attnlens.analysis.kind_label`)."""
     t = _table("Heads by kind")
     t.add_column("kind", no_wrap=True)
     t.add_column("", style="dim", no_wrap=True)
     t.add_column("heads", justify="right", no_wrap=True)
     t.add_column("top heads (score)")  # the one column that may wrap on a narrow terminal
+
+    def extra(kind, li, h):
+        if summaries is None or kind not in ("offset", "sink"):
+            return ""
+        return f" ({kind_label(kind, summaries[li], h, tokens).removeprefix(kind + ' ')})"
+
     for kind in HEAD_KINDS:
         found = [(s, li, h) for li, row in enumerate(kinds) for h, (k, s) in enumerate(row) if k == kind]
         if not found:
             continue
         found.sort(key=lambda f: f[0] if kind == "broad" else -f[0])  # stable: layer, head order on ties
-        top = ", ".join(f"L{li} h{h} {s:.2f}" for s, li, h in found[:KIND_TOP])
+        top = ", ".join(f"L{li} h{h} {s:.2f}{extra(kind, li, h)}" for s, li, h in found[:KIND_TOP])
         more = f" +{len(found) - KIND_TOP} more" if len(found) > KIND_TOP else ""
         t.add_row(Text(kind, style=KIND_STYLES.get(kind, "")), KIND_CODES[kind], str(len(found)), Text(top + more))
     console.print(t)
-    note = "score: the mean weight a query puts on the kind's keys; for broad and mixed, its mean largest weight"
+    note = ("score: the mean weight a query puts on the kind's keys (local window: within 2 tokens); for broad and "
+            "mixed, its mean largest weight")
     console.print(Text(f"({note}{'' if has_ids else '; duplicate-token and induction heads need the token ids'})",
                        style="dim"))
 
 
 def _links_table(console, data, links, *, focus: bool):
-    where = "in the heads asked for" if focus else "in the heads that are not first-token sinks, previous-token or self"
+    where = "in the heads asked for" if focus else "in the heads that are not sinks, self or positional heads"
     if not links:
         console.print(Text(f"informative links: none of weight >= {LINK_MIN} {where}"))
         return
@@ -551,7 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="how much each token attends to every other, in a real model: HTML report",
                        description="Run a Hugging Face model (default: the bundled all-MiniLM-L6-v2, offline) on TEXT "
                                    "with attnlens attention, print a summary and write a self-contained HTML report.")
-    e.add_argument("text", metavar="TEXT", help="the text to explain (at most the model's maximum length)")
+    e.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                   help="the text to explain (at most the model's maximum length); or --file")
+    e.add_argument("--file", default=None, metavar="PATH",
+                   help="read the text to explain from a UTF-8 file instead (- reads standard input)")
     e.add_argument("--pair", default=None, metavar="TEXT2",
                    help="a second text: an encoder reads TEXT and TEXT2 as one sentence pair ([CLS] TEXT [SEP] TEXT2 "
                         "[SEP] for BERT; the report marks where the second segment starts); an encoder-decoder model "
@@ -580,8 +690,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokens) for the report, and print the top contributors of the last token")
     e.add_argument("--truncate", action="store_true", help="keep the first tokens of a text longer than the "
                                                            "model's maximum (with a warning) instead of refusing it")
+    e.add_argument("--kv", default=None, type=_kv_spec, metavar="METHOD[:RATIO[:WINDOW]]",
+                   help="for a causal decoder (--model): mark which tokens each layer's KV cache keeps after "
+                        "attnlens.kv compresses it (h2o, snapkv, pyramidkv, tova, streamingllm, knorm; RATIO = the "
+                        "fraction evicted, default 0.5; WINDOW = SnapKV's observation window, default 64), e.g. "
+                        "--kv snapkv:0.5:8")
     e.set_defaults(func=_cmd_explain)
     return parser
+
+
+def _kv_spec(text: str) -> tuple:
+    """``"snapkv:0.5:8"`` → ``("snapkv", 0.5, 8)`` (argparse type of --kv; the method and ranges are checked by
+    `attnlens.kv.Method` once the model is loaded)."""
+    parts = text.split(":")
+    try:
+        if not 1 <= len(parts) <= 3 or not parts[0]:
+            raise ValueError
+        ratio = float(parts[1]) if len(parts) > 1 else 0.5
+        window = int(parts[2]) if len(parts) > 2 else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METHOD[:RATIO[:WINDOW]] (e.g. snapkv:0.5 or snapkv:0.5:8), "
+                                         f"got {text!r}") from None
+    return parts[0], ratio, window
 
 
 def _positions(text: str) -> list:

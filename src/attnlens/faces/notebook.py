@@ -19,10 +19,12 @@ the notebook (no same-origin access, no forms, no top navigation).
 from __future__ import annotations
 
 import html as _html
+import warnings
 from pathlib import Path
 from typing import Optional
 
 from .report import DEFAULT_MODEL_LABEL, from_records, html
+from .report.data import count
 from .report.files import write_atomic
 from .report.from_model import collect_any
 
@@ -60,7 +62,8 @@ class Report:
 
     def __repr__(self) -> str:
         d = self.data
-        return f"<attnlens Report: {d.model_name}, {d.n} tokens, {d.n_layers} layers × {d.n_heads} heads>"
+        return (f"<attnlens Report: {d.model_name}, {count(d.n, 'token')}, {count(d.n_layers, 'layer')} × "
+                f"{count(d.n_heads, 'head')}>")
 
 
 def explain(text: str, model=None, tokenizer=None, *, pair: Optional[str] = None, topk: int = 8,
@@ -74,7 +77,9 @@ def explain(text: str, model=None, tokenizer=None, *, pair: Optional[str] = None
     rows the report holds exactly) as in `attnlens explain`; ``contributions``: also the whole-block contributions
     (`attnlens.analysis.compose_contributions`, the report's contributions card; ``attnlens explain --contributions``).
     """
-    from ..integrations import hf  # lazy: transformers (seconds) loads only when a model is run
+    with warnings.catch_warnings():  # transformers imports tqdm.auto, which warns in a notebook without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
+        from ..integrations import hf  # lazy: transformers (seconds) loads only when a model is run
 
     m, tok = hf.load(model, tokenizer)
     data = collect_any(text, m, tok, topk=topk, truncate=truncate, pair=pair, rollout_rows=rollout_rows,

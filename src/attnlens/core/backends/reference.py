@@ -20,15 +20,18 @@ def _np64(t):
 
 def _dense(inp: AttnInputs):
     """``out, weights, lse`` in float64 NumPy."""
+    sl = inp.seqlens
+    lengths = {} if sl is None else dict(seqlens_q=sl.q.cpu().numpy(), seqlens_k=sl.k.cpu().numpy())
     return reference_attention(_np64(inp.q), _np64(inp.k), _np64(inp.v), mask=_np64(inp.mask), causal=inp.causal,
-                               window=inp.window, scale=inp.scale, offset=inp.offset, softcap=inp.softcap,
-                               sinks=_np64(inp.sinks), alibi_slopes=_np64(inp.alibi_slopes))
+                               window=inp.window, scale=inp.scale,
+                               offset=inp.offset if sl is None else sl.offset.cpu().numpy(), softcap=inp.softcap,
+                               sinks=_np64(inp.sinks), alibi_slopes=_np64(inp.alibi_slopes), **lengths)
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     description = "NumPy float64, dense weights: the oracle (small inputs only)"
-    capabilities = Capabilities(dropout=False, memory=Memory.DENSE,
+    capabilities = Capabilities(dropout=False, memory=Memory.DENSE, seqlens=True,
                                 masks=frozenset({MaskFeature.BOOL, MaskFeature.FLOAT, MaskFeature.QUERY}),
                                 notes="computes on the CPU in float64; the oracle of every test")
 

@@ -70,8 +70,11 @@ class _Chunk:
         B, Hq, Hkv, Nq, Nk, D, _ = inp.shape
         G = Hq // Hkv
         self.i0, self.i1, self.c = i0, i1, i1 - i0
-        off = inp.offset
-        self.lo, self.hi = key_range(i0, i1, Nk, off, inp.causal, inp.window)
+        off, sl = inp.offset, inp.seqlens
+        if sl is None:
+            self.lo, self.hi = key_range(i0, i1, Nk, off, inp.causal, inp.window)
+        else:  # a padded batch: the hull of the sequences' key ranges; `SeqLens.keep` masks the rest below
+            self.lo, self.hi = sl.key_range(i0, i1, Nk, inp.causal, inp.window)
         self.nk = nk = self.hi - self.lo
         if nk == 0:
             return
@@ -92,8 +95,9 @@ class _Chunk:
             s.mul_(inp.softcap)
         s5 = s.view(B, Hkv, G, self.c, nk)
         if inp.alibi_slopes is not None:  # - slope·|i + offset - j|
-            pos = torch.arange(i0, i1, device=s.device) + off
-            dist = (pos[:, None] - torch.arange(self.lo, self.hi, device=s.device)[None, :]).abs()  # (c, nk)
+            rows = torch.arange(i0, i1, device=s.device)
+            pos = rows[:, None] + off if sl is None else sl.positions(rows)[:, None, None, :, None]  # (c,1)|(B,1,1,c,1)
+            dist = (pos - torch.arange(self.lo, self.hi, device=s.device)).abs()  # (c, nk) | (B, 1, 1, c, nk)
             score_mods(s5, None, inp.alibi_slopes.reshape(-1, Hkv, G, 1, 1), dist)
         m5 = None
         if inp.mask is not None:
@@ -108,6 +112,12 @@ class _Chunk:
             s.masked_fill_(~torch.isfinite(s), NAN)
         if m5 is not None and (check or m5.dtype == torch.bool):
             s5.masked_fill_(~m5 if m5.dtype == torch.bool else torch.isneginf(m5), NEG_INF)
+        if sl is not None:  # each sequence's band and lengths: (B, 1, 1, c, nk), the size of one head's scores
+            keep = sl.keep(torch.arange(i0, i1, device=s.device), torch.arange(self.lo, self.hi, device=s.device),
+                           inp.causal, inp.window)
+            s5.masked_fill_(~keep[:, None, None], NEG_INF)
+            self.s = s
+            return
         # causal / window: keys [lo_last, hi_first) are seen by every row of the chunk; mask only the
         # columns outside it (for causal, just the diagonal block)
         lo_last = key_range(i1 - 1, i1, Nk, off, inp.causal, inp.window)[0]
@@ -261,10 +271,17 @@ class _Outputs:
         if self.pool is not None:
             self.pooled = new(-(-Nq // self.pool[0]), -(-Nk // self.pool[1]))
         self.sinks = None if inp.sinks is None else inp.sinks.detach().to(cdt).reshape(-1, Hkv, G, 1, 1)
+        if self.sinks is not None and inp.seqlens is not None:  # padded query rows see no sink either: -inf there
+            alive = (torch.arange(Nq, device=dev)[None, :] < inp.seqlens.q[:, None]).reshape(B, 1, 1, Nq, 1)
+            self.sinks = self.sinks.expand(B, Hkv, G, Nq, 1).masked_fill(~alive, NEG_INF)
         self.sinkw = new(Nq) if lens is not None and self.sinks is not None else None
         self.at, self.wat = inp.at, None
         if self.at is not None:  # Lens(at=...): P[i, at] gathered from each chunk's weights
             self.wat = new(Nq, self.at.shape[-1])
+
+    def _sinks(self, ch: _Chunk):
+        """The sink logits of the chunk's rows, ``(B|1, Hkv, G, c|1, 1)`` (per row in a padded batch)."""
+        return self.sinks if self.sinks.shape[3] == 1 else self.sinks[:, :, :, ch.i0:ch.i1]
 
     def write_keyless(self, ch: _Chunk):
         """A chunk whose queries see no key (``ch.nk == 0``): zeros and lse ``-inf`` as initialised; with sinks every
@@ -272,7 +289,7 @@ class _Outputs:
         if self.sinks is None:
             return
         B, Hkv, G = self.lead
-        sk = self.sinks.expand(B, Hkv, G, ch.c, 1)[..., 0]  # (B, Hkv, G, c)
+        sk = self._sinks(ch).expand(B, Hkv, G, ch.c, 1)[..., 0]  # (B, Hkv, G, c)
         # exp(σ - σ): 1, NaN for a NaN or +inf sink (as the reference: a non-finite visible logit)
         sw = torch.where(torch.isneginf(sk), torch.zeros((), dtype=sk.dtype, device=sk.device), torch.exp(sk - sk))
         self.lse[:, :, :, ch.i0:ch.i1] = torch.where(sw.isnan(), sw, sk)
@@ -290,7 +307,7 @@ class _Outputs:
         m_keys = m  # e = exp(s - m_keys)
         a = None
         if self.sinks is not None:  # one more entry per row, logit σ, no value
-            sk = self.sinks.expand(-1, Hkv, G, c, 1).reshape(-1, Hkv, G * c, 1)
+            sk = self._sinks(ch).expand(-1, Hkv, G, c, 1).reshape(-1, Hkv, G * c, 1)
             m2 = torch.where((l == 0) & (sk > float("-inf")), sk, torch.maximum(m, sk))  # no key: exactly 1 on σ
             # rows that see no key: their keys' weights stay 0 (exp(m - m2) may be inf there: m = 0, σ < -88)
             a, es = torch.where(l == 0, zero, torch.exp(m - m2)), torch.exp(sk - m2)  # es = 0 for σ = -inf
@@ -630,7 +647,7 @@ class TorchChunkedBackend(Backend):
     name = "torch"
     description = "eager PyTorch over query chunks: exact, lens, autograd, O(chunk·Nk) memory"
     capabilities = Capabilities(masks=frozenset({MaskFeature.BOOL, MaskFeature.FLOAT, MaskFeature.QUERY}),
-                                memory=Memory.CHUNKED,
+                                memory=Memory.CHUNKED, seqlens=True,
                                 notes="any torch device; fp16/bf16 computed in fp32")
 
     def __init__(self, chunk_bytes: int = CHUNK_BYTES):

@@ -14,13 +14,18 @@ from typing import Optional
 import numpy as np
 
 from ... import analysis
+from ...analysis.records import dense_view
 
-__all__ = ["ReportData", "from_records", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
-           "contribution_views", "set_contributions", "row_ids", "pool_means", "FULL_BYTES", "BLOCK_FULL_CELLS",
-           "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB", "DEFAULT_MODEL_LABEL"]
+__all__ = ["ReportData", "from_records", "count", "opening_view", "rollout_views", "pooled_rollout", "set_rollout",
+           "default_rollout_rows", "contribution_views", "set_contributions", "row_ids", "pool_means", "FULL_BYTES",
+           "BLOCK_FULL_CELLS", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB", "DEFAULT_MODEL_LABEL"]
 
-#: capture every weight row when L · H · N² float32 fit in this many bytes
-FULL_BYTES = 512 << 20
+#: capture every weight row when L · H · N² float32 fit in this many bytes. Holding them costs several times
+#: their size (the capture's weights, the analyses' and the page's copies a layer at a time): `attnlens explain`
+#: on MiniLM peaks at 1.36 GB of resident memory at 965 tokens, the longest that fits, against 0.79 GB at 1,300
+#: and 1.52 GB at 8,192 tokens without them (measured 2026-12-03, 2-core CPU, benchmarks/explain_memory.py:
+#: benchmarks/results/explain-memory-2026-12-03.md)
+FULL_BYTES = 256 << 20
 #: top-k kept per query and head for the terminal summary and long inputs
 DEFAULT_TOPK = 8
 #: without full weights, the rollout is carried as this many block means of its rows (each costs one column of
@@ -79,21 +84,57 @@ class ReportData:
     rollout_rows: Optional[np.ndarray] = None  # (r, N): exact rows of the rollout (every length), float64
     rollout_row_ids: Optional[list] = None  # (r,): the top-layer tokens those rows belong to
     block: Optional[dict] = None  # whole-block contributions (`set_contributions`), or None when not asked
+    kv: Optional[dict] = None  # what a KV-cache compression keeps (`attnlens.report.from_model.kv_view`), or None
+    initial_layer: Optional[int] = None  # the layer, head and token (its row) the page opens on; None: `opening_view`
+    initial_head: Optional[int] = None  # (-1: the mean of the heads)
+    initial_token: Optional[int] = None  # (-1: none)
 
     @property
     def n(self) -> int:
         return len(self.tokens)
 
 
+def opening_view(data) -> tuple:
+    """``(layer, head, token)`` the page opens on (head -1: the mean of the heads; token: the query whose row it
+    shows first, -1: none).
+
+    What ``data.initial_layer`` / ``initial_head`` / ``initial_token`` say; where neither a layer nor a head is
+    given, the head that holds the strongest informative link (`attnlens.analysis.informative_links`, in the heads
+    `attnlens.analysis.head_kinds` does not call routine), showing that link's query — the page then opens on
+    something worth reading (MiniLM on the README's sentence: "it → tired" in layer 2, head 1), not on layer 0's
+    mean of heads, which it falls back to when there is no link."""
+    layer, head = data.initial_layer, data.initial_head
+    token = -1 if data.initial_token is None else int(data.initial_token)
+    if layer is None and head is None:
+        kinds = [analysis.head_kinds(s, data.n) for s in data.summaries] if data.summaries else None
+        links = analysis.informative_links(data.topk_idx, data.topk_w, data.tokens, kinds, limit=1)
+        if not links:
+            return 0, -1, token
+        i, _, heads = links[0]
+        return heads[0][1], heads[0][2], i if data.initial_token is None else token
+    return (0 if layer is None else int(layer)), (-1 if head is None else int(head)), token
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and the noun, singular for one: ``1 layer``, ``6 layers`` (how the report, the terminal and the notebook
+    say sizes)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def pool_means(m: np.ndarray, t: int) -> np.ndarray:
     """Block-mean pool the last two axes of ``m (..., N, N)`` to ``(..., t, t)`` (t <= N): blocks cut at
-    ``(arange(t) · N) // t`` — the page's thumbnails and the pooled rollout use these blocks."""
+    ``(arange(t) · N) // t`` — the page's thumbnails and the pooled rollout use these blocks. Sums in float64, one
+    ``(N, N)`` map at a time (a float32 ``m (L, H, N, N)`` is never copied whole)."""
     n = m.shape[-1]
     if t >= n:
-        return m
+        return m.astype(np.float64)
     edges = (np.arange(t) * n) // t
     counts = np.diff(np.append(edges, n))
-    s = np.add.reduceat(np.add.reduceat(m, edges, axis=-1), edges, axis=-2)
+    flat = m.reshape(-1, m.shape[-2], n)
+    s = np.empty((flat.shape[0], t, t))
+    for i, one in enumerate(flat):
+        s[i] = np.add.reduceat(np.add.reduceat(one.astype(np.float64), edges, axis=-1), edges, axis=-2)
+    s = s.reshape(m.shape[:-2] + (t, t))
     return s / (counts[:, None] * counts[None, :])
 
 
@@ -233,7 +274,8 @@ def from_records(records, tokens, *, text: str = "", model_name: str = "", batch
         raise ValueError("records: exact head scores and rollout need every weight (Lens(rows='all')) or the "
                          "records' inputs (capture with keep_inputs=True, the default)")
     if full:
-        data.weights = per_layer("weights").astype(np.float32)
+        data.weights = np.stack([dense_view(getattr(r, "result", r), batch) for r in recs]).astype(np.float32,
+                                                                                              copy=False)
         if all(getattr(r, "value_norms", None) is not None for r in recs):
             data.contrib = np.stack([analysis.contributions(r, batch=batch).astype(np.float32) for r in recs])
             data.contrib_kind = "‖α v W_O‖" if getattr(recs[0], "out_norms", None) is not None else "‖α v‖"

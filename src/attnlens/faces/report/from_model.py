@@ -6,9 +6,10 @@ tokenizes, runs the model once under `attnlens.hf.capture` and hands the records
 the data itself for a long input's pooled views); nothing here calls back up.
 
 Full weight rows are captured when all layers' ``(H, N, N)`` fit in ``FULL_BYTES`` (always for MiniLM's 512
-tokens: 75 MB); beyond that, nothing ``N × N`` is ever held: the capture keeps the lens statistics, top-k (the token
-view), pooled maps (``Lens(pool=...)``: the layer × head grid) and each layer's inputs, and the rollout (pooled to the
-page's size, plus exact rows) and the head scores are computed exactly from them (`attnlens.analysis`).
+tokens: 75 MB; up to 965 tokens, where `attnlens explain` peaks at 1.36 GB: see ``FULL_BYTES``); beyond that,
+nothing ``N × N`` is ever held: the capture keeps the lens statistics, top-k (the token view), pooled maps
+(``Lens(pool=...)``: the layer × head grid) and each layer's inputs, and the rollout (pooled to the page's size, plus
+exact rows) and the head scores are computed exactly from them (`attnlens.analysis`).
 
 Encoder-decoder models run once with teacher forcing: the encoder reads ``text``, the decoder reads ``target``
 (default: ``text``) shifted right behind the model's ``decoder_start_token_id``; the data's ``cross`` holds the
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ... import analysis
+from ...analysis.records import dense_view
 from ...core import Lens
 from .data import (
     DEFAULT_TOPK,
@@ -36,7 +38,7 @@ from .data import (
 )
 
 __all__ = ["collect_any", "collect", "collect_seq2seq", "tokenize", "model_max_length", "segments",
-           "is_encoder_decoder", "is_cross_attention"]
+           "is_encoder_decoder", "is_cross_attention", "kv_view"]
 
 _CROSS = re.compile(r"encoder_attn|encdecattention|crossattention|cross_attn", re.I)
 
@@ -166,9 +168,13 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     set_rollout(data, recs, full, chosen, on_layer=tick)
     if contributions:
         set_contributions(data, recs, chosen, on_layer=tick)
-    if full:
-        data.weights = stack(lambda r: r.result.weights).astype(np.float32)
-        data.contrib = np.stack([analysis.contributions(r).astype(np.float32) for r in recs])
+    if full:  # a layer at a time, each capture's weights let go once copied: 2 × L·H·N² float32 at most, not 3
+        data.weights = np.empty((len(recs), data.n_heads, n, n), dtype=np.float32)
+        data.contrib = np.empty_like(data.weights)
+        for li, r in enumerate(recs):
+            data.weights[li] = dense_view(r.result, 0)
+            data.contrib[li] = analysis.contributions(r)
+            r.result.weights = None
         data.contrib_kind = "‖α v W_O‖" if recs[0].out_norms is not None else "‖α v‖"
     else:
         sizes = np.diff(np.minimum(np.arange(0, n + blk, blk), n))[: -(-n // blk)]  # tokens per block
@@ -177,6 +183,24 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
                              f"head scores, received attention and the chosen rollout rows are exact, the head grid "
                              f"and the rollout map exact block means")
     return data
+
+
+def kv_view(model, input_ids, method: str = "snapkv", ratio: float = 0.5, window: Optional[int] = None) -> dict:
+    """What `attnlens.kv` keeps of ``input_ids (1, N)`` (one sequence) in each layer of a causal decoder: the report's
+    ``kv`` (`ReportData.kv`). ``window``: SnapKV/PyramidKV's observation window (default: `attnlens.kv`'s 64).
+
+    Returns ``{"method", "ratio", "window", "heads": Hkv, "layers": [l...], "kept": (L, N) uint8 = how many KV heads
+    of each layer keep each token, "budget": keys kept per KV head by each layer, "sliding": each layer's sliding
+    window or None}``. Raises ValueError for a model without a decoder KV cache (an encoder) or a bad setting."""
+    from ...integrations import kv  # lazy: transformers (seconds to import), only when a model is run
+
+    kw = {} if window is None else {"window": window}
+    layers = kv.scores(model, input_ids, method=method, ratio=ratio, **kw)
+    kept = np.stack([ls.kept()[0].sum(0).cpu().numpy() for ls in layers]).astype(np.uint8)  # (L, N)
+    m = kv.Method(method, ratio, **kw)
+    return {"method": m.name, "ratio": m.ratio, "window": m.window if m.name in kv.WINDOW_METHODS else None,
+            "heads": int(layers[0].keep.shape[1]), "layers": [ls.layer for ls in layers], "kept": kept,
+            "budget": [int(ls.budget[0]) for ls in layers], "sliding": [ls.window for ls in layers]}
 
 
 def segments(enc) -> list:

@@ -12,7 +12,7 @@ The page itself is three package files next to this module, read with `importlib
 Size (what is embedded, and why it stays small at 512 tokens):
 
 - token view: the weights quantised to one byte (``round(255·w)``); the full ``(L, H, N, N)``
-  when it has at most ``FULL_CELLS`` cells (N ≲ 150 for 6 × 12 heads), else each query's top
+  when it has at most ``FULL_CELLS`` cells (N ≤ 166 for 6 × 12 heads), else each query's top
   ``k`` keys per head (2-byte index + float16 weight, so that the small weights of a long input keep 3
   significant digits): 6 × 12 × 512 × 8 × 4 B = 1.2 MB before base64. ``k`` is ``PAGE_TOPK``, lowered (to 1
   at least, with a warning on the page) so that this part stays under ``TOKEN_VIEW_BYTES``;
@@ -26,7 +26,8 @@ Size (what is embedded, and why it stays small at 512 tokens):
 - rollout: pooled to at most ``ROLLOUT_MAX`` × ``ROLLOUT_MAX``, 1 byte;
 - received: ``(L, H, N)`` as 2-byte fixed point relative to each head's largest (``received_max``);
 - rollout rows: the exact rows ``ReportData.rollout_row_ids`` (at most ``ROLLOUT_ROWS``) ``(r, N)``, 2 bytes each,
-  each row scaled to its own largest value.
+  each row scaled to its own largest value;
+- kv: with ``attnlens explain --kv``, how many KV heads of each layer keep each token ``(L, N)``, 1 byte each.
 
 - block contributions (``ReportData.block``, when asked): the composed map pooled to at most ``ROLLOUT_MAX``, 1 byte;
   its exact rows and each layer's own rows for the rollout's tokens, ``(r, N)`` and ``(L, r, N)``, 2 bytes each, each
@@ -47,11 +48,11 @@ from importlib import resources
 
 import numpy as np
 
-from ...analysis import head_kinds
-from .data import THUMB, pool_means
+from ...analysis import head_kinds, is_special_token, kind_label
+from .data import THUMB, count, opening_view, pool_means
 from .files import write_atomic
 
-__all__ = ["render", "write", "payload", "value_norms", "FULL_CELLS", "PAGE_TOPK", "TOKEN_VIEW_BYTES", "THUMB",
+__all__ = ["render", "write", "payload", "value_norms", "word_pieces", "FULL_CELLS", "PAGE_TOPK", "TOKEN_VIEW_BYTES", "THUMB",
            "ROLLOUT_MAX", "HEAT_MAX", "PAGE_TOKENS"]
 
 FULL_CELLS = 2_000_000
@@ -95,18 +96,25 @@ def value_norms(data):
     """
     if data.contrib is None or data.weights is None:
         return None
-    c = data.contrib.astype(np.float64).sum(-2)
-    w = data.weights.astype(np.float64).sum(-2)  # (L, H, N): received
+    c = data.contrib.sum(-2, dtype=np.float64)  # summed in float64, without a float64 copy of (L, H, N, N)
+    w = data.weights.sum(-2, dtype=np.float64)  # (L, H, N): received
     return np.divide(c, w, out=np.zeros_like(c), where=w > 0)
 
 
 def _sparse(vals: np.ndarray, k: int):
-    """Top-``k`` of each row of ``(L, H, N, N)``: (uint16 indices, float16 values)."""
+    """Top-``k`` of each row of ``(L, H, N, N)``: (uint16 indices, float16 values), one head's map at a time (the
+    partition's int64 indices of one ``(N, N)`` map, not of all)."""
     k = min(k, vals.shape[-1])
-    idx = np.argpartition(-vals, k - 1, axis=-1)[..., :k]
-    v = np.take_along_axis(vals, idx, -1)
-    order = np.argsort(-v, axis=-1, kind="stable")
-    return np.take_along_axis(idx, order, -1).astype("<u2"), np.take_along_axis(v, order, -1).astype("<f2")
+    idx = np.empty(vals.shape[:-1] + (k,), dtype="<u2")
+    out = np.empty(vals.shape[:-1] + (k,), dtype="<f2")
+    for li in range(vals.shape[0]):
+        for h in range(vals.shape[1]):
+            m = vals[li, h]
+            top = np.argpartition(-m, k - 1, axis=-1)[..., :k]
+            v = np.take_along_axis(m, top, -1)
+            order = np.argsort(-v, axis=-1, kind="stable")
+            idx[li, h], out[li, h] = np.take_along_axis(top, order, -1), np.take_along_axis(v, order, -1)
+    return idx, out
 
 
 def payload(data) -> dict:
@@ -121,17 +129,17 @@ def payload(data) -> dict:
         k, wanted = _page_topk(data)
         if k < wanted:
             size_warnings.append(f"to keep the page small, the token view embeds each query's top {k} keys (not "
-                                 f"{wanted}): {L} layers × {H} heads × {N} tokens")
-        if data.weights is not None:
+                                 f"{wanted}): {count(L, 'layer')} × {count(H, 'head')} × {count(N, 'token')}")
+        if data.weights is not None and data.topk_idx.shape[-1] < k:  # the lens kept fewer: from the weights
             i, w = _sparse(data.weights, k)
-        else:
+        else:  # the lens's own top k (exact weights from the attention pass)
             i = np.where(data.topk_idx[..., :k] >= 0, data.topk_idx[..., :k], 0).astype("<u2")
             w = np.where(data.topk_idx[..., :k] >= 0, data.topk_w[..., :k], 0).astype("<f2")
         views["weights"] = {"mode": "topk", "k": int(i.shape[-1]), "idx": _b64(i), "w": _b64(w)}
     norms = value_norms(data)
     t = min(THUMB, N)
     if data.weights is not None:
-        thumbs = pool_means(data.weights.astype(np.float64), t)
+        thumbs = pool_means(data.weights, t)
     elif getattr(data, "thumbs", None) is not None:  # pooled in the attention pass (Lens(pool=...)), exact
         thumbs = data.thumbs.astype(np.float64)
         t = thumbs.shape[-1]
@@ -151,7 +159,8 @@ def payload(data) -> dict:
             summary.append({"layer": li, "head": h, "entropy": round(float(s.entropy[h]), 4),
                             "max_weight": round(float(s.max_weight[h]), 4), "first": round(float(s.first[h]), 4),
                             "prev": round(float(s.prev[h]), 4), "self": round(float(s.self[h]), 4),
-                            "kind": kinds[h][0]})
+                            "next": round(float(s.next[h]), 4) if s.next is not None else None,
+                            "kind": kind_label(kinds[h][0], s, h, data.tokens)})
     return {"version": 1, "text": data.text, "tokens": list(data.tokens), "model": data.model_name,
             "L": L, "H": H, "N": N, "views": views,
             "norms": None if norms is None else _b64(norms.astype("<f4")),
@@ -163,9 +172,46 @@ def payload(data) -> dict:
                         "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
             "summary": summary, "warnings": list(data.warnings) + size_warnings,
-            "rows": _rollout_rows(data), "block": _block(data),
+            "rows": _rollout_rows(data), "block": _block(data), "kv": _kv(getattr(data, "kv", None)),
             "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
-            "initial": {"layer": int(getattr(data, "initial_layer", 0)), "head": int(getattr(data, "initial_head", -1))}}
+            "initial": dict(zip(("layer", "head", "token"), opening_view(data))),
+            "pieces": word_pieces(data.tokens)}
+
+
+def word_pieces(tokens) -> dict | None:
+    """How the token view joins subword pieces into the words a reader sees: ``{"scheme", "text", "join"}`` —
+    ``text[i]``: token i without its subword mark, ``join[i]``: it continues the word of token i - 1 (drawn without
+    a space, with a thin boundary mark; each piece stays its own hoverable token) — or ``None`` when the tokens
+    carry no subword marks.
+
+    - ``"wordpiece"`` (BERT): a piece ``##x`` continues the word before it;
+    - ``"bpe"`` (byte-level BPE: GPT-2, RoBERTa): a piece ``Ġx`` (or ``Ċ``, a line break) starts a word, any other
+      piece continues one;
+    - ``"sentencepiece"`` (T5, Llama): a piece ``▁x`` starts a word, any other piece continues one.
+
+    Special tokens (``[CLS]``, ``<s>``) and the first token never continue a word, and nothing continues one.
+    """
+    toks = [str(t) for t in tokens]
+    if any(t.startswith("##") and len(t) > 2 for t in toks):
+        scheme, mark = "wordpiece", "##"
+    elif any(t[:1] in ("Ġ", "Ċ") for t in toks):
+        scheme, mark = "bpe", "Ġ"
+    elif any(t.startswith("▁") for t in toks):
+        scheme, mark = "sentencepiece", "▁"
+    else:
+        return None
+    special = [is_special_token(t) for t in toks]
+    text, join = [], []
+    for i, t in enumerate(toks):
+        if scheme == "wordpiece":
+            cont = t.startswith("##") and len(t) > 2
+        else:
+            cont = not t.startswith(mark) and not (scheme == "bpe" and t.startswith("Ċ"))
+        cont = cont and i > 0 and not special[i] and not special[i - 1]
+        bare = t[len(mark):] if t.startswith(mark) and len(t) > len(mark) else t
+        text.append(bare.replace("Ċ", "↵") if scheme == "bpe" else bare)
+        join.append(bool(cont))
+    return {"scheme": scheme, "text": text, "join": join}
 
 
 def _page_topk(data) -> tuple:
@@ -203,6 +249,18 @@ def _block(data):
     return {"method": b["method"], "t": int(m.shape[-1]), "map": _b64(_q8(m / mx)), "map_max": mx,
             "ids": [int(i) for i in b["row_ids"]], "rows": _rows16(b["rows"]), "layers": _rows16(b["layer_rows"]),
             "full": None if b.get("full") is None else _b64(_q8(b["full"]))}
+
+
+def _kv(kv):
+    """The KV-cache part of the payload: the method and, per layer and token, how many KV heads keep it (1 byte each,
+    ``(L_kv, N)``), or ``None``."""
+    if kv is None:
+        return None
+    kept = np.asarray(kv["kept"])
+    return {"method": kv["method"], "ratio": float(kv["ratio"]), "window": kv.get("window"),
+            "heads": int(kv["heads"]), "layers": [int(x) for x in kv["layers"]], "budget": [int(x) for x in kv["budget"]],
+            "sliding": [None if w is None else int(w) for w in kv["sliding"]],
+            "kept": _b64(kept.astype(np.uint8))}
 
 
 def _cross(cross):

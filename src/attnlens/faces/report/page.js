@@ -12,7 +12,8 @@ function f32(s){ var b = b64(s); return new Float32Array(b.buffer, b.byteOffset,
 function fmt(x){ return x < 0.0005 && x > 0 ? "<0.001" : x.toFixed(3); }
 function byId(id){ return document.getElementById(id); }
 
-byId("sub").textContent = "model " + D.model + " · " + N + " tokens · " + L + " layers × " + H + " heads";
+function count(n, noun){ return n + " " + noun + (n === 1 ? "" : "s"); }  // 1 layer, 6 layers
+byId("sub").textContent = "model " + D.model + " · " + count(N, "token") + " · " + count(L, "layer") + " × " + count(H, "head");
 D.warnings.forEach(function(w){ byId("warnings").appendChild(el("div", "⚠ " + w, "warn")); });
 
 // ---- data: the weights (full, or each query's top k keys) and the value norms, decoded once
@@ -88,12 +89,12 @@ function heatmap(box, vals, t, labels, vmax, hover, info, onclick, c, rowLabels)
   var px = Math.max(1, Math.min(18, Math.floor(420 / Math.max(t, c)))), g = el("div", null, "hm"), cv = document.createElement("canvas");
   var showLabels = labels && px >= 9, rl = rowLabels || labels;
   g.appendChild(el("div")); var xl = el("div", null, "xl"); g.appendChild(xl);
-  var yl = el("div", null, "yl"); g.appendChild(yl); g.appendChild(cv);
+  var yl = el("div", null, "yl"), wrap = el("div", null, "hmwrap"); g.appendChild(yl); wrap.appendChild(cv); g.appendChild(wrap);
   if (showLabels){
     labels.forEach(function(s, k){ var a = el("span", s, segClass(k)); a.style.width = px + "px"; a.title = s + " #" + k; xl.appendChild(a); });
     rl.forEach(function(s, k){ var b = el("span", s, rowLabels ? "" : segClass(k)); b.style.height = px + "px"; b.style.lineHeight = px + "px"; b.title = s + " #" + k; yl.appendChild(b); });
   }
-  paint(cv, vals, t, vmax, c); cv.style.width = (c * px) + "px"; cv.style.height = (t * px) + "px";
+  paint(cv, vals, t, vmax, c); cv.style.width = (c * px) + "px"; cv.style.height = (t * px) + "px"; cv.setAttribute("data-px", px);
   cv.addEventListener("mousemove", function(ev){
     var r = cv.getBoundingClientRect(), j = Math.floor((ev.clientX - r.left) / r.width * c), i = Math.floor((ev.clientY - r.top) / r.height * t);
     if (i >= 0 && j >= 0 && i < t && j < c) info.textContent = hover(i, j, vals[i * c + j]);
@@ -109,14 +110,17 @@ function segClass(k){ return D.segments && D.segments[k] ? "seg1" : ""; }
 var tokBox = byId("tokens"), info = byId("info"), PT = D.limits.page_tokens, paged = N > PT, pages = Math.ceil(N / PT);
 var pageSel = byId("page"), colourSel = byId("colour"), page = 0, spans = {}, pinned = -1, shown = -1;
 function tokIndex(t){ return t && t.classList && t.classList.contains("tok") ? +t.getAttribute("data-i") : -1; }
+var PC = D.pieces;  // subword pieces: the text without its mark, and whether it continues the word before it
 function drawTokens(){
   tokBox.textContent = ""; spans = {};
   var a = paged ? page * PT : 0, b = paged ? Math.min(N, a + PT) : N;
   for (var i = a; i < b; i++){
     if (D.segments && i > 0 && D.segments[i] !== D.segments[i - 1]) tokBox.appendChild(el("span", "¦ segment " + "AB".charAt(D.segments[i]) + ":", "segmark"));
-    var s = el("span", D.tokens[i], "tok " + segClass(i)); s.setAttribute("data-i", i); s.title = "#" + i;
+    var joined = PC && PC.join[i] && i > a, s = el("span", PC ? PC.text[i] : D.tokens[i], "tok " + segClass(i) + (joined ? " cont" : ""));
+    s.setAttribute("data-i", i); s.title = "#" + i + (PC && PC.text[i] !== D.tokens[i] ? " " + D.tokens[i] : "");
     if (i === pinned) s.classList.add("pinned");
-    tokBox.appendChild(s); tokBox.appendChild(document.createTextNode(" ")); spans[i] = s;
+    if (i > a && !joined) tokBox.appendChild(document.createTextNode(" "));
+    tokBox.appendChild(s); spans[i] = s;
   }
 }
 function setPage(p){ if (!paged || p === page) return; page = p; pageSel.value = p; drawTokens(); show(pinned >= 0 ? pinned : -1); }
@@ -169,6 +173,7 @@ function show(i){
 function pin(i){
   if (pinned >= 0 && spans[pinned]) spans[pinned].classList.remove("pinned");
   pinned = pinned === i ? -1 : i;
+  markHeatRow();
   if (pinned >= 0){ if (spans[pinned]) spans[pinned].classList.add("pinned"); show(pinned); selectRollRow(pinned); }
 }
 tokBox.addEventListener("mouseover", function(ev){ var i = tokIndex(ev.target); if (i >= 0 && pinned < 0 && i !== shown) show(i); });
@@ -280,6 +285,15 @@ function pooledHead(c){  // (T, T) block means of the head's weights (mean of he
   for (var hh = h0; hh < h0 + heads; hh++){ var k = c.l * H + hh, m = D.thumb.max[k] / 255 / heads; for (var p = 0; p < T * T; p++) vals[p] += thumbs[k * T * T + p] * m; }
   return vals;
 }
+function markHeatRow(){  // an outline over the pinned query's row (its block's row when pooled)
+  var cv = byId("heat").querySelector("canvas"), old = byId("heat").querySelector(".hmrow");
+  if (old) old.parentNode.removeChild(old);
+  if (!cv || pinned < 0) return;
+  var px = +cv.getAttribute("data-px"), r = pinned;
+  if (N > HM){ r = 0; while (r + 1 < T && Math.floor((r + 1) * N / T) <= pinned) r++; }
+  var m = el("div", null, "hmrow"); m.style.top = (1 + r * px) + "px"; m.style.height = px + "px"; m.style.width = cv.style.width;
+  m.title = "pinned: " + D.tokens[pinned] + " #" + pinned; cv.parentNode.appendChild(m);
+}
 function drawHeat(){
   var c = cur(), vmax = 0, p;
   if (N > HM){
@@ -290,6 +304,7 @@ function drawHeat(){
             byId("heatinfo"), function(i){ goTo(Math.floor(i * N / T)); });
     byId("heat").appendChild(el("div", "Each cell: the mean weight from the queries of a block of ~" + Math.round(N / T) + " tokens to the keys of another (exact block means from the attention pass" +
       (contribView() ? "; the pooled map shows weights, not contributions" : "") + "). Click a row to go to its tokens.", "note"));
+    markHeatRow();
     return;
   }
   var vals = new Float32Array(N * N);
@@ -298,6 +313,7 @@ function drawHeat(){
   byId("heat-title").textContent = (blockView() ? "Whole-block contributions" : contribView() ? "Contribution shares" : "Weights") + " — " + where(c);
   heatmap(byId("heat"), vals, N, D.tokens, vmax, function(i, j, v){ return D.tokens[i] + " #" + i + " ← " + D.tokens[j] + " #" + j + ": " + fmt(v); },
           byId("heatinfo"), function(i){ pin(i); });
+  markHeatRow();
 }
 
 // ---- grid of heads (always the weights)
@@ -431,23 +447,44 @@ function drawBlockRow(){
    "Rollout map: " + (D.rollout.t < N ? "exact block means pooled to " + D.rollout.t + "×" + D.rollout.t + "; " : "exact; ") + (RR ? RR.ids.length + " rows exact (below it)." : "no exact rows."),
    "Head summary: exact means over every query (from the inputs, not from the top keys).",
    BK ? "Contributions through the whole block: " + (BK.t < N ? "map as exact block means pooled to " + BK.t + "×" + BK.t + "; " : "map exact; ") + BK.ids.length + " rows exact (composed, and per layer; 2-byte precision relative to each row's largest)." : "Contributions through the whole block: not computed (attnlens explain --contributions).",
+   D.kv ? "KV cache: the keys " + D.kv.method + " keeps, exactly as attnlens.kv.compress would keep them (scores from each layer's own attention call)." : "",
    "Size: linear in the number of tokens (the token view's top keys, received, the exact rollout rows) plus fixed-size pooled maps."
-  ].forEach(function(t){ ul.appendChild(el("li", t)); });
+  ].forEach(function(t){ if (t) ul.appendChild(el("li", t)); });
 })();
 
 // ---- summary table
-var st = byId("summary"), cols = ["layer", "head", "kind", "entropy", "max_weight", "first", "prev", "self"];
-var thr = el("tr"); ["layer", "head", "kind", "entropy", "max weight", "→ first", "→ previous", "→ self"].forEach(function(c){ thr.appendChild(el("th", c)); }); st.appendChild(thr);
+var st = byId("summary"), cols = ["layer", "head", "kind", "entropy", "max_weight", "first", "prev", "next", "self"];
+var thr = el("tr"); ["layer", "head", "kind", "entropy", "max weight", "→ first", "→ previous", "→ next", "→ self"].forEach(function(c){ thr.appendChild(el("th", c)); }); st.appendChild(thr);
 var sumRows = [];
 D.summary.forEach(function(s){
   var tr = el("tr");
   cols.forEach(function(c){
-    var v = s[c], txt = (c === "layer" || c === "head" || c === "kind") ? String(v) : v.toFixed(3);
+    var v = s[c], txt = (c === "layer" || c === "head" || c === "kind") ? String(v) : v === null || v === undefined ? "—" : v.toFixed(3);
     tr.appendChild(el("td", txt));
   });
   tr.addEventListener("click", function(){ layerSel.value = s.layer; headSel.value = s.head; refresh(); });
   st.appendChild(tr); sumRows.push(tr);
 });
+
+// ---- what a KV-cache compression keeps (attnlens explain --kv): layers (rows) × tokens (columns), shade = KV heads keeping it
+(function(){
+  var K = D.kv;
+  if (!K) return;
+  var kept = b64(K.kept), nl = K.layers.length, vals = new Float32Array(nl * N);
+  for (var p = 0; p < nl * N; p++) vals[p] = kept[p] / K.heads;
+  byId("kv-card").hidden = false;
+  byId("kv-title").textContent = "What the KV cache keeps — " + K.method + ", ratio " + K.ratio + (K.window ? ", window " + K.window : "");
+  byId("kv-note").textContent = "After the prefill, attnlens.kv scores every key from the layer's own attention and keeps the best " +
+    Math.round((1 - K.ratio) * 100) + "% per KV head; generation continues on those. Rows: layers, columns: tokens; shade = how many of the layer's " +
+    K.heads + " KV heads keep the token (white = evicted by all, darkest = kept by all). Click a column to find the token." +
+    (K.sliding.some(function(w){ return w; }) ? " Sliding-window layers keep only from their last window − 1 tokens." : "");
+  heatmap(byId("kv"), vals, nl, D.tokens, 1, function(i, j){
+      return "layer " + K.layers[i] + (K.sliding[i] ? " (sliding window " + K.sliding[i] + ")" : "") + ", " + D.tokens[j] + " #" + j +
+        ": kept by " + kept[i * N + j] + " of " + K.heads + " KV heads (the layer keeps " + K.budget[i] + " keys per head)"; },
+    byId("kvinfo"), null, N, K.layers.map(function(l){ return "L" + l; }));
+  byId("kv").querySelector("canvas").addEventListener("click", function(ev){
+    var r = ev.target.getBoundingClientRect(); goTo(Math.min(N - 1, Math.floor((ev.clientX - r.left) / r.width * N))); });
+})();
 
 // ---- an encoder-decoder model's cross-attention: decoder tokens (rows) over the encoder's (columns)
 var X = D.cross, xw = X ? b64(X.w) : null, xlayer = byId("xlayer");
@@ -484,6 +521,7 @@ function refresh(){
 }
 [layerSel, headSel, viewSel].forEach(function(s){ s.addEventListener("change", refresh); });
 refresh();
+if (D.initial.token >= 0 && D.initial.token < N){ setPage(Math.floor(D.initial.token / PT)); show(D.initial.token); }  // shown, not pinned: hovering works at once
 document.body.setAttribute("data-ready-ms", String(Math.round(performance.now())));  // since navigation start
 document.body.setAttribute("data-ready", "1");
 })();

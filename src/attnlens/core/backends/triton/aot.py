@@ -163,14 +163,16 @@ def compile_attention(*, arch: int = 90, dtype: torch.dtype = torch.bfloat16, ba
                       kv_heads: Optional[int] = None, n: int = 2048, nk: Optional[int] = None, d: int = 64,
                       dv: Optional[int] = None, causal: bool = False, window=None, key_padding: bool = False,
                       lens: Optional[Lens] = None, backward: bool = False, config: str = "",
-                      softcap: Optional[float] = None, sinks: bool = False, alibi: bool = False) -> list[KernelBuild]:
+                      softcap: Optional[float] = None, sinks: bool = False, alibi: bool = False,
+                      seqlens: bool = False) -> list[KernelBuild]:
     """Compile, for ``sm_<arch>``, every kernel one `attnlens.attention` call with these arguments launches
     (the lens' column pass when ``lens`` asks for received/rows; the three backward kernels with ``backward``).
 
     Shapes matter through what Triton specialises on (divisibility by 16 of sizes and strides; a GQA group of
     1, i.e. ``kv_heads == heads``, compiles the dK/dV kernel's loop over query heads away) and through the block
     sizes `ops.block_config` picks from the head dims, dtype, architecture and group (``config``: overrides, as
-    `ops.parse_config` reads them). ``softcap``, ``sinks`` and ``alibi`` compile the score modifications in.
+    `ops.parse_config` reads them). ``softcap``, ``sinks`` and ``alibi`` compile the score modifications in;
+    ``seqlens`` a padded batch's per-sequence lengths (sequence b of ``n - b`` queries and ``nk - 2b`` keys).
     Raises the backend's ValueError if it would refuse the call on a GPU.
     """
     nk = n if nk is None else nk
@@ -182,6 +184,9 @@ def compile_attention(*, arch: int = 90, dtype: torch.dtype = torch.bfloat16, ba
     mask = torch.ones(batch, 1, 1, nk, dtype=torch.bool) if key_padding else None
     mods = dict(softcap=softcap, sinks=torch.zeros(heads, requires_grad=backward) if sinks else None,
                 alibi_slopes=torch.ones(heads) if alibi else None)
+    if seqlens:
+        mods.update(seqlens_q=[max(0, n - b) for b in range(batch)],
+                    seqlens_k=[max(0, nk - 2 * b) for b in range(batch)])
     with compile_launches(arch) as builds:
         inp = validate(q, k, v, mask=mask, causal=causal, window=window, lens=lens, **mods)
         backend = ops.TritonBackend(config=config)

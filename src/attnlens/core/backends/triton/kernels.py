@@ -31,6 +31,11 @@ position ``p = i + OFFSET`` (a runtime argument; ``NK - NQ`` is bottom-right) se
 visits only the tiles that intersect the band, split into three ranges: partial tiles before
 (masked), tiles every row of the program sees completely (no mask at all), partial tiles after
 (masked; this range also holds the ragged last tile ``j >= NK``).
+
+Padded batches (HAS_SEQLENS, `attnlens.masks.SeqLens`): each program reads its batch's query length, key length
+and offset (`_seq_geometry`) and uses them for the band, the tile ranges and the loads in place of NQ, NK and
+OFFSET (the output layout keeps NQ, NK): keys past the sequence's length are masked (a tile holding them is never
+full), padded query rows are dead in the forward's epilogue and read their lse as +inf everywhere else.
 """
 
 import triton
@@ -48,8 +53,9 @@ I32_MIN = tl.constexpr(-(2**31))
 
 @triton.jit
 def _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Key tiles for query rows [row0, row0 + BLOCK_M): masked [lo, fl), full [fl, fh), masked [fh, hi)."""
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+    """Key tiles for query rows [row0, row0 + BLOCK_M): masked [lo, fl), full [fl, fh), masked [fh, hi). With
+    HAS_SEQLENS (NQ, NK: this sequence's lengths) nothing when no row is a query of it."""
     off = OFFSET
     row1 = tl.minimum(row0 + BLOCK_M, NQ)
     lo = row0 * 0
@@ -67,16 +73,21 @@ def _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_
     fl = tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
     fl = tl.maximum(fl, lo)
     fh = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, fl)
+    if HAS_SEQLENS:  # a program of padded rows only: no tile (its rows are dead in the epilogue)
+        none = row0 >= NQ
+        fl, fh, hi = tl.where(none, lo, fl), tl.where(none, lo, fh), tl.where(none, lo, hi)
     return lo, fl, fh, hi
 
 
 @triton.jit
 def _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SEQLENS: tl.constexpr):
     """Query tiles that see keys [col0, col0 + BLOCK_N): masked [lo, fl), full [fl, fh), masked [fh, hi).
 
     Query i sees key j iff i >= j - off - RIGHT and i <= j - off + LEFT. Rows >= NQ need no mask:
-    their lse is loaded as +inf, so their weights are 0.
+    their lse is loaded as +inf, so their weights are 0. With HAS_SEQLENS (NQ, NK: this sequence's lengths) a
+    tile holding padded keys (>= NK, whose gradients and column sums are stored) is never full, and a tile of
+    padded keys only gets no query tile.
     """
     off = OFFSET
     col1 = tl.minimum(col0 + BLOCK_N, NK)
@@ -95,6 +106,10 @@ def _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M: tl.constexpr, BLOC
     fl = tl.minimum((full_lo + BLOCK_M - 1) // BLOCK_M, (hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     fl = tl.maximum(fl, lo)
     fh = tl.maximum((full_hi // BLOCK_M) * BLOCK_M, fl)
+    if HAS_SEQLENS:
+        fh = tl.where(col0 + BLOCK_N <= NK, fh, fl)
+        none = col0 >= NK
+        fl, fh, hi = tl.where(none, lo, fl), tl.where(none, lo, fh), tl.where(none, lo, hi)
     return lo, fl, fh, hi
 
 
@@ -120,6 +135,22 @@ def _band_mask_t(rows, cols, NQ, NK, OFFSET, LEFT, RIGHT, HAS_LEFT: tl.constexpr
     if HAS_RIGHT:
         keep = keep & (cols[:, None] <= pos + RIGHT)
     return keep
+
+
+@triton.jit
+def _seq_geometry(SEQ, stride_seq, off_b, NQ, NK, OFFSET, HAS_SEQLENS: tl.constexpr):
+    """``(nq, nk, offset)`` of batch ``off_b``: with HAS_SEQLENS a padded batch's own lengths and offset from
+    ``SEQ (3, B)`` int64 (rows: query lengths, key lengths, offsets; ``stride_seq`` = B), else the call's. Band
+    geometry, loads and masks use these; output layout keeps NQ, NK."""
+    if HAS_SEQLENS:
+        nq = tl.load(SEQ + off_b)
+        nk = tl.load(SEQ + stride_seq + off_b)
+        off = tl.load(SEQ + 2 * stride_seq + off_b)
+    else:
+        nq = NQ
+        nk = NK
+        off = OFFSET
+    return nq, nk, off
 
 
 @triton.jit
@@ -299,16 +330,17 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
                     stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                     stride_ob, stride_oh, stride_om, stride_od,
                     HQ, GROUP, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh, cap_in,
-                    cap_out,
+                    cap_out, SEQ, stride_seq,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     HAS_SINKS: tl.constexpr, WANT_ENT: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    HAS_SEQLENS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program = BLOCK_M queries of one (batch, query head); K/V of head ``h // GROUP`` by index."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // HQ).to(tl.int64)
+    nq, nk, off = _seq_geometry(SEQ, stride_seq, off_b, NQ, NK, OFFSET, HAS_SEQLENS)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
     slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
@@ -331,20 +363,21 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
     tk = tl.zeros([BLOCK_M, TOPK_P], dtype=tl.int64) + (I64_MIN + 1) + tl.arange(0, TOPK_P)[None, :]
     thr = tl.zeros([BLOCK_M], dtype=tl.float32) + float("-inf")
 
-    lo, fl, fh, hi = _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _key_bounds(row0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+        stride_bn, rows, offs_d, offs_dv, lo, fl, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
         BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK,
         DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+        stride_bn, rows, offs_d, offs_dv, fl, fh, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
         BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT,
         TOPK, DOT_PREC)
     acc, l_i, m_i, t_i, tk, thr = _fwd_inner(
         acc, l_i, m_i, t_i, tk, thr, q, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+        stride_bn, rows, offs_d, offs_dv, fh, hi, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
         BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WANT_ENT, TOPK,
         DOT_PREC)
 
@@ -364,6 +397,9 @@ def attn_fwd_kernel(Q, K, V, BIAS, OUT, LSE, MAXW, ENT, TK_IDX, TK_W, SINKS, SIN
         m_i = m_new
     # epilogue: rows that saw no key (l = 0) get out 0, lse -inf, max_weight 0, entropy 0
     dead = l_i == 0.0
+    if HAS_SEQLENS:  # padded rows (a shorter sequence's), whatever their sink or the keys a full tile gave them
+        dead = dead | (rows >= nq)
+        acc = tl.where(dead[:, None], 0.0, acc)
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = rows < NQ
@@ -424,16 +460,17 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_bb, stride_bh, stride_bn, stride_wb, stride_wh, stride_wm, stride_wt,
                          HQ, GROUP, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
-                         cap_in, cap_out,
+                         cap_in, cap_out, SEQ, stride_seq,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                         WEIGHTED: tl.constexpr, DOT_PREC: tl.constexpr):
+                         WEIGHTED: tl.constexpr, HAS_SEQLENS: tl.constexpr, DOT_PREC: tl.constexpr):
     """REC[b, h, j] = Σ_i 2^(s2_ij - lse2_i), or with WEIGHTED, REC[b, h, j, t] = Σ_i 2^(s2_ij - lse2_i) W[b, h, i, t]
     (``Pᵀ W``): one program per key tile loops over query tiles (no atomics)."""
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // HQ).to(tl.int64)
+    nq, nk, off = _seq_geometry(SEQ, stride_seq, off_b, NQ, NK, OFFSET, HAS_SEQLENS)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
     slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
@@ -452,15 +489,16 @@ def attn_received_kernel(Q, K, BIAS, LSE, W, REC,
         rec = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
     else:
         rec = tl.zeros([BLOCK_N], dtype=tl.float32)
-    lo, fl, fh, hi = _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _query_bounds(col0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
-                          offs_d, offs_t, lo, fl, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
+                          offs_d, offs_t, lo, fl, nq, nk, D, T, qk_scale, off, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
                           HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
-                          offs_d, offs_t, fl, fh, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, False, HAS_LEFT,
+                          offs_d, offs_t, fl, fh, nq, nk, D, T, qk_scale, off, LEFT, RIGHT, BLOCK_M, False, HAS_LEFT,
                           HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
     rec = _received_inner(rec, k, bias2, q_base, lse_base, w_base, stride_qm, stride_qd, stride_wm, stride_wt, cols,
-                          offs_d, offs_t, fh, hi, NQ, NK, D, T, qk_scale, OFFSET, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
+                          offs_d, offs_t, fh, hi, nq, nk, D, T, qk_scale, off, LEFT, RIGHT, BLOCK_M, True, HAS_LEFT,
                           HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI, WEIGHTED, DOT_PREC)
     if WEIGHTED:
         r_ptrs = REC + (off_bh.to(tl.int64) * NK + cols[:, None]) * T + offs_t[None, :]
@@ -474,16 +512,17 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_bb, stride_bh, stride_bn,
                         HQ, GROUP, NQ, NK, D, R, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
-                        cap_in, cap_out,
+                        cap_in, cap_out, SEQ, stride_seq,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
+                        HAS_SEQLENS: tl.constexpr, DOT_PREC: tl.constexpr):
     """W[b, h, r, j] = weight of query ROWS[r] on key j, from the final lse (one (row block, key tile) each)."""
     start_r = tl.program_id(0)
     start_n = tl.program_id(1)
     off_bh = tl.program_id(2)
     off_b = (off_bh // HQ).to(tl.int64)
+    nq, nk, off = _seq_geometry(SEQ, stride_seq, off_b, NQ, NK, OFFSET, HAS_SEQLENS)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
     slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
@@ -495,8 +534,11 @@ def attn_weights_kernel(Q, K, BIAS, LSE, ROWS, W,
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
     k = _load_tile(K + off_b * stride_kb + off_kh * stride_kh, cols, offs_d, stride_kn, stride_kd, NK, D, True)
-    lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, smask)
-    s, _ = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, NQ, NK, qk_scale, OFFSET,
+    lmask = smask
+    if HAS_SEQLENS:  # padded rows: lse read as +inf, weights 0
+        lmask = lmask & (rows < nq)
+    lse2 = _load_lse2(LSE + off_bh.to(tl.int64) * NQ, rows, lmask)
+    s, _ = _scores(q, k, BIAS + off_b * stride_bb + off_h * stride_bh, stride_bn, rows, cols, nq, nk, qk_scale, off,
                 LEFT, RIGHT, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
                 DOT_PREC)
     p = tl.math.exp2(s - lse2[:, None])  # 0 outside the band (s = -inf) and on dead rows (lse2 = +inf)
@@ -561,15 +603,16 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                          HQ, HKV, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb,
-                         stride_slh, cap_in, cap_out,
+                         stride_slh, cap_in, cap_out, SEQ, stride_seq,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         HAS_SEQLENS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program = one key tile of one (batch, kv head); sums over the GROUP query heads that share it."""
     start_n = tl.program_id(0)
     off_bkh = tl.program_id(1)
     off_b = (off_bkh // HKV).to(tl.int64)
+    nq, nk, off = _seq_geometry(SEQ, stride_seq, off_b, NQ, NK, OFFSET, HAS_SEQLENS)
     off_kh = (off_bkh % HKV).to(tl.int64)
     col0 = start_n * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
@@ -580,7 +623,8 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
     v = _load_tile(V + off_b * stride_vb + off_kh * stride_vh, cols, offs_dv, stride_vn, stride_vd, NK, DV, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo, fl, fh, hi = _query_bounds(col0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _query_bounds(col0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     for g in range(0, GROUP):
         off_h = off_kh * GROUP + g
         slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
@@ -593,18 +637,23 @@ def attn_bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV_,
         if HAS_BIAS:
             bias2 = _key_bias2(BIAS + off_b * stride_bb + off_h * stride_bh, cols, stride_bn, NK)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET,
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, off,
                                  LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET,
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, off,
                                  LEFT, RIGHT, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, bias2, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET,
+                                 stride_dm, stride_dd, cols, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, off,
                                  LEFT, RIGHT, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2,
                                  HAS_SOFTCAP, HAS_ALIBI, DOT_PREC)
     dk = dk * scale
+    if HAS_SEQLENS:  # the loops bound rows and keys by NQ, NK (fewer live registers: sm_80 spilled with nq, nk):
+        # padded rows weigh 0 through their saved lse (-inf); padded keys' columns are zeroed here
+        real = cols[:, None] < tl.load(SEQ + stride_seq + off_b)
+        dk = tl.where(real, dk, 0.0)
+        dv = tl.where(real, dv, 0.0)
     dk_ptrs = DK + off_b * stride_dkb + off_kh * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dk_mask = cmask[:, None] & (offs_d[None, :] < D)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
@@ -644,14 +693,15 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
                        stride_vb, stride_vh, stride_vn, stride_vd, stride_bb, stride_bh, stride_bn,
                        stride_db, stride_dh, stride_dm, stride_dd, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                        HQ, GROUP, NQ, NK, D, DV, scale, qk_scale, OFFSET, LEFT, RIGHT, SLOPES, stride_slb, stride_slh,
-                       cap_in, cap_out,
+                       cap_in, cap_out, SEQ, stride_seq,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
+                       HAS_SEQLENS: tl.constexpr, DOT_PREC: tl.constexpr):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // HQ).to(tl.int64)
+    nq, nk, off = _seq_geometry(SEQ, stride_seq, off_b, NQ, NK, OFFSET, HAS_SEQLENS)
     off_h = (off_bh % HQ).to(tl.int64)
     off_kh = off_h // GROUP
     slope2 = _load_slope2(SLOPES, off_b, off_h, stride_slb, stride_slh, HAS_ALIBI)
@@ -663,23 +713,27 @@ def attn_bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, rows, offs_d, stride_qm, stride_qd, NQ, D, True)
     do = _load_tile(DO + off_b * stride_db + off_h * stride_dh, rows, offs_dv, stride_dm, stride_dd, NQ, DV, True)
     stat_base = off_bh.to(tl.int64) * NQ
-    lse2 = _load_lse2(LSE + stat_base, rows, rmask)
+    lmask = rmask
+    if HAS_SEQLENS:  # padded rows: lse read as +inf, so their weights and dq are 0 whatever lse is passed
+        lmask = lmask & (rows < nq)
+    lse2 = _load_lse2(LSE + stat_base, rows, lmask)
     delta = tl.load(DELTA + stat_base + rows, mask=rmask, other=0.0)
     k_base = K + off_b * stride_kb + off_kh * stride_kh
     v_base = V + off_b * stride_vb + off_kh * stride_vh
     bias_base = BIAS + off_b * stride_bb + off_h * stride_bh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, fl, fh, hi = _key_bounds(row0, NQ, NK, OFFSET, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, fl, fh, hi = _key_bounds(row0, nq, nk, off, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                 HAS_SEQLENS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bn, rows, offs_d, offs_dv, lo, fl, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+                       stride_bn, rows, offs_d, offs_dv, lo, fl, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
                        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
                        DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bn, rows, offs_d, offs_dv, fl, fh, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+                       stride_bn, rows, offs_d, offs_dv, fl, fh, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
                        BLOCK_N, False, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
                        DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                       stride_bn, rows, offs_d, offs_dv, fh, hi, NQ, NK, D, DV, qk_scale, OFFSET, LEFT, RIGHT,
+                       stride_bn, rows, offs_d, offs_dv, fh, hi, nq, nk, D, DV, qk_scale, off, LEFT, RIGHT,
                        BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_BIAS, cap_in, cap_out, slope2, HAS_SOFTCAP, HAS_ALIBI,
                        DOT_PREC)
     dq = dq * scale

@@ -23,7 +23,9 @@ usually an expanded view with zero strides; ``left``/``right`` are the band of `
 (causal folded in), -1 meaning unbounded; ``offset``: query i sits at key position ``i + offset``.
 ``config``: block-size overrides as `parse_config` reads them ("" = the table of `block_config`). Every op also
 takes the score modifications: ``softcap`` (0.0 = off) and ALiBi ``slopes (B|1, Hq)`` (float32, or None); the forward
-takes ``sinks (B|1, Hq)``. The other ops need no sinks: the saved lse includes them.
+takes ``sinks (B|1, Hq)``. The other ops need no sinks: the saved lse includes them. A padded batch: every op
+takes ``seqlens (3, B)`` (query lengths, key lengths, per-sequence offsets; int32, or int64 for offsets beyond
+``±2**30``; None otherwise), and ``offset`` is then unused (`_seqlens`).
 
 Precision: fp16/bf16 inputs use the tensor-core dot with fp32 accumulation and fp32 softmax;
 ``P`` is rounded to the input dtype before ``P @ V`` (as FlashAttention). fp32 inputs use IEEE
@@ -183,9 +185,10 @@ def parse_config(text: str) -> dict:
 
 
 def block_config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, arch: int = 90, group: int = 1,
-            override: str = "") -> dict:
+            override: str = "", seqlens: bool = False) -> dict:
     """Block sizes, warps and stages per kernel kind ("fwd", "cols", "dkdv", "dq") for ``sm_<arch>``, ``group``
-    query heads per kv head, then the ``override`` (`parse_config`) on top.
+    query heads per kv head, ``seqlens`` (a padded batch's per-sequence lengths), then the ``override``
+    (`parse_config`) on top.
 
     Every entry is compiled for sm_90, sm_80, sm_86, sm_89 and sm_120 without a GPU by
     benchmarks/triton_compile.py (table in benchmarks/results/triton-compile-*.md; tests/test_triton_compile.py
@@ -232,6 +235,8 @@ def block_config(kind: str, D: int, Dv: int, dtype: torch.dtype, topk: int = 0, 
             bm, bn, warps, stages = 16, 128, 8, 2  # 3 stages spilled 8 B at D = 128 once offsets arrived
         else:
             warps, stages = 8, 1
+    if kind == "dkdv" and seqlens and stages > 2:
+        stages = 2  # the sequence's offset stays live in the loop: 3 stages spilled 8 B on sm_80 (D = 64, window)
     cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     if override:
         table = parse_config(override)
@@ -278,13 +283,16 @@ def _head_strides(t: Tensor) -> tuple:
     return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
 
 
-def _mod_args(scale: float, softcap: float, slopes: Optional[Tensor], dummy: Tensor) -> tuple:
-    """The score-modification arguments of every kernel: ``SLOPES, stride_slb, stride_slh, cap_in, cap_out`` and the
-    ``HAS_SOFTCAP`` / ``HAS_ALIBI`` flags (``softcap`` 0.0 = off; ``slopes (B|1, Hq)`` or None)."""
+def _mod_args(scale: float, softcap: float, slopes: Optional[Tensor], dummy: Tensor,
+              seqlens: Optional[Tensor] = None) -> tuple:
+    """The score-modification and geometry arguments of every kernel: ``SLOPES, stride_slb, stride_slh, cap_in,
+    cap_out, SEQ, stride_seq`` and the ``HAS_SOFTCAP`` / ``HAS_ALIBI`` / ``HAS_SEQLENS`` flags (``softcap`` 0.0 = off;
+    ``slopes (B|1, Hq)`` or None; ``seqlens (3, B)`` int64 — query lengths, key lengths, offsets — or None)."""
     sl, sls = (dummy, (0, 0)) if slopes is None else (slopes, _head_strides(slopes))
     cap = softcap > 0
-    args = (sl, *sls, scale / softcap if cap else 0.0, softcap * LOG2E if cap else 0.0)
-    return args, dict(HAS_SOFTCAP=cap, HAS_ALIBI=slopes is not None)
+    seq = (dummy, 0) if seqlens is None else (seqlens.contiguous(), seqlens.shape[1])
+    args = (sl, *sls, scale / softcap if cap else 0.0, softcap * LOG2E if cap else 0.0, *seq)
+    return args, dict(HAS_SOFTCAP=cap, HAS_ALIBI=slopes is not None, HAS_SEQLENS=seqlens is not None)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -298,7 +306,8 @@ LOG2E = 1.4426950408889634
 # launchers
 
 
-def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap, slopes, sinks):
+def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap, slopes, sinks,
+                  seqlens=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -312,7 +321,7 @@ def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, conf
     cfg = block_config("fwd", D, Dv, q.dtype, topk, _arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
-    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse, seqlens)
     sk, sks = (lse, (0, 0)) if sinks is None else (sinks, _head_strides(sinks))
     grid = (_cdiv(Nq, cfg["BLOCK_M"]), B * Hq)
     with _device_ctx(q):
@@ -329,13 +338,13 @@ def _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, conf
     return out, lse, maxw, ent, tk_i, tk_w, sinkw
 
 
-def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config, softcap, slopes):
+def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config, softcap, slopes, seqlens=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     cfg = block_config("cols", D, D, q.dtype, arch=_arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
-    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse, seqlens)
     T = 0 if weights is None else weights.shape[-1]
     rec = torch.empty((B, Hq, Nk, T) if T else (B, Hq, Nk), dtype=torch.float32, device=q.device)
     if weights is None:
@@ -353,13 +362,13 @@ def _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, conf
     return rec
 
 
-def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config, softcap, slopes):
+def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config, softcap, slopes, seqlens=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     cfg = block_config("cols", D, D, q.dtype, arch=_arch(q), override=config)
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
-    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse, seqlens)
     nr = rows.numel()
     w = torch.empty((B, Hq, nr, Nk), dtype=torch.float32, device=q.device)
     if nr:
@@ -373,24 +382,25 @@ def _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config,
 
 
 def _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes,
-                   dlse=None):
+                   dlse=None, seqlens=None):
     """Adds the gradients into ``dq, dk, dv``. The kernels store each tile's gradient once into fresh tensors, which
     are then added: a load-add-store of the accumulator tile inside the dK/dV kernel raised its register pressure
     into spills on sm_90 (the compile check showed 8-80 B per thread)."""
     new = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (dq, dk, dv)]
-    _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, *new, config, softcap, slopes, dlse)
+    _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, *new, config, softcap, slopes, dlse,
+                      seqlens)
     for buf, g in zip((dq, dk, dv), new):
         buf.add_(g)
 
 
 def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes,
-                      dlse=None):
+                      dlse=None, seqlens=None):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     L, R, has_l, has_r = _band_args(left, right)
     bias_t, sb, has_b = _bias_args(bias, lse)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)  # D_i = rowsum(dO ∘ O)
-    mods, mod_flags = _mod_args(scale, softcap, slopes, lse)
+    mods, mod_flags = _mod_args(scale, softcap, slopes, lse, seqlens)
     flags = dict(BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), HAS_LEFT=has_l, HAS_RIGHT=has_r, HAS_BIAS=has_b, **mod_flags,
                  DOT_PREC=_dot_prec(q.dtype))
     with _device_ctx(q):
@@ -399,7 +409,8 @@ def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right,
             out, dout, delta, *out.stride(), *dout.stride(), Hq, Nq, Dv, BLOCK_M=pre, BLOCK_DV=_pow2(Dv))
         if dlse is not None:  # the lse's own gradient: dS = P ∘ (dP - (D - dlse))
             delta.sub_(dlse.to(torch.float32))
-        cfg = block_config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config)
+        cfg = block_config("dkdv", D, Dv, q.dtype, arch=_arch(q), group=Hq // Hkv, override=config,
+                           seqlens=seqlens is not None)
         _launch("attn_bwd_dkdv_kernel", (_cdiv(Nk, cfg["BLOCK_N"]), B * Hkv),
             q, k, v, bias_t, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *sb, *dout.stride(),
             *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, scale, scale * LOG2E, offset, L, R, *mods,
@@ -418,14 +429,15 @@ def _backward_kernels(dout, q, k, v, bias, out, lse, scale, offset, left, right,
 @torch.library.custom_op("attnlens::triton_attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float, offset: int, left: int,
                  right: int, entropy: bool, topk: int, config: str, softcap: float = 0.0,
-                 slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None
+                 slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None, seqlens: Optional[Tensor] = None
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap, slopes, sinks)
+    return _forward_impl(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap, slopes, sinks,
+                         seqlens)
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, bias, scale, offset, left, right, entropy, topk, config, softcap=0.0, slopes=None,
-                    sinks=None):
+                    sinks=None, seqlens=None):
     B, Hq, Nq, _ = q.shape
     st = dict(dtype=torch.float32, device=q.device)
     return (q.new_empty((B, Hq, Nq, v.shape[3])), q.new_empty((B, Hq, Nq), **st), q.new_empty((B, Hq, Nq), **st),
@@ -439,26 +451,27 @@ def _attention_fake(q, k, v, bias, scale, offset, left, right, entropy, topk, co
 def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
                           lse: Tensor, scale: float, offset: int, left: int, right: int, dq: Tensor, dk: Tensor,
                           dv: Tensor, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None,
-                          dlse: Optional[Tensor] = None) -> None:
+                          dlse: Optional[Tensor] = None, seqlens: Optional[Tensor] = None) -> None:
     _backward_impl(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config, softcap, slopes,
-                   dlse)
+                   dlse, seqlens)
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, bias, out, lse, scale, offset, left, right, dq, dk, dv, config,
-                             softcap=0.0, slopes=None, dlse=None):
+                             softcap=0.0, slopes=None, dlse=None, seqlens=None):
     return None
 
 
 @torch.library.custom_op("attnlens::triton_column_sums", mutates_args=())
 def column_sums_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, weights: Optional[Tensor], scale: float,
                    offset: int, left: int, right: int, config: str, softcap: float = 0.0,
-                   slopes: Optional[Tensor] = None) -> Tensor:
-    return _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config, softcap, slopes)
+                   slopes: Optional[Tensor] = None, seqlens: Optional[Tensor] = None) -> Tensor:
+    return _column_sums_impl(q, k, bias, lse, weights, scale, offset, left, right, config, softcap, slopes, seqlens)
 
 
 @column_sums_op.register_fake
-def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, config, softcap=0.0, slopes=None):
+def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, config, softcap=0.0, slopes=None,
+                      seqlens=None):
     B, Hq, Nk = q.shape[0], q.shape[1], k.shape[2]
     shape = (B, Hq, Nk) if weights is None else (B, Hq, Nk, weights.shape[-1])
     return q.new_empty(shape, dtype=torch.float32)
@@ -466,12 +479,14 @@ def _column_sums_fake(q, k, bias, lse, weights, scale, offset, left, right, conf
 
 @torch.library.custom_op("attnlens::triton_weight_rows", mutates_args=())
 def weight_rows_op(q: Tensor, k: Tensor, bias: Optional[Tensor], lse: Tensor, rows: Tensor, scale: float, offset: int,
-                   left: int, right: int, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None) -> Tensor:
-    return _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config, softcap, slopes)
+                   left: int, right: int, config: str, softcap: float = 0.0, slopes: Optional[Tensor] = None,
+                   seqlens: Optional[Tensor] = None) -> Tensor:
+    return _weight_rows_impl(q, k, bias, lse, rows, scale, offset, left, right, config, softcap, slopes, seqlens)
 
 
 @weight_rows_op.register_fake
-def _weight_rows_fake(q, k, bias, lse, rows, scale, offset, left, right, config, softcap=0.0, slopes=None):
+def _weight_rows_fake(q, k, bias, lse, rows, scale, offset, left, right, config, softcap=0.0, slopes=None,
+                      seqlens=None):
     return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], k.shape[2]), dtype=torch.float32)
 
 
@@ -510,6 +525,23 @@ def _mods(inp: AttnInputs) -> tuple:
     return (0.0 if inp.softcap is None else inp.softcap), slopes
 
 
+#: per-sequence offsets within this bound travel as int32 (positions ``i + offset`` then stay in int32): three
+#: fewer registers per program than int64, which kept the dK/dV kernel (sm_90, D = 128) and the top-16 forward
+#: (sm_80) from spilling 8 B at 255 registers
+_INT32_OFFSET = 2**30
+
+
+def _seqlens(inp: AttnInputs) -> Optional[Tensor]:
+    """A padded batch's ``(3, B)`` lengths and offsets (query lengths, key lengths, offsets) as the ops take them —
+    int32 when the offsets lie within ``±2**30`` (lengths always fit: a dimension of a tensor), else int64 — or
+    None."""
+    sl = inp.seqlens
+    if sl is None:
+        return None
+    small = max(abs(sl.bounds[2]), abs(sl.bounds[3])) <= _INT32_OFFSET and max(sl.bounds[:2]) < 2**31
+    return torch.stack([sl.q, sl.k, sl.offset]).to(torch.int32 if small else torch.int64).contiguous()
+
+
 def _band(inp: AttnInputs) -> tuple[int, int]:
     left, right = band(inp.causal, inp.window)
     return -1 if left is None else left, -1 if right is None else right
@@ -524,7 +556,7 @@ class TritonBackend(Backend):
     capabilities = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16,
                                                                                 torch.float32}),
                                 max_head_dim=MAX_HEAD_DIM, max_topk=MAX_TOPK, masks=frozenset({MaskFeature.BOOL, MaskFeature.FLOAT}),
-                                dropout=False, memory=Memory.LINEAR,
+                                dropout=False, memory=Memory.LINEAR, seqlens=True,
                                 notes="CPU only under TRITON_INTERPRET=1 with backend='triton' (the test mode); "
                                       "FlashAttention-2 backward")
 
@@ -572,7 +604,8 @@ class TritonBackend(Backend):
         q, k, v = inp.q.detach(), inp.k.detach(), inp.v.detach()
         sinks = None if inp.sinks is None else inp.sinks.detach().to(torch.float32)
         out, lse, maxw, ent, tk_i, tk_w, sinkw = attention_op(q, k, v, bias, inp.scale, inp.offset, left, right,
-                                                              want_ent, topk, self.config, *_mods(inp), sinks)
+                                                              want_ent, topk, self.config, *_mods(inp), sinks,
+                                                              _seqlens(inp))
         if lens is None:
             return out, lse, None
         res = LensResult(lse=lse if lens.lse else None, max_weight=maxw if lens.max_weight else None,
@@ -584,7 +617,7 @@ class TritonBackend(Backend):
         if inp.rows is not None:
             rows = torch.tensor(inp.rows, dtype=torch.int32, device=q.device)
             res.weights = weight_rows_op(q, k, bias, lse, rows, inp.scale, inp.offset, left, right, self.config,
-                                         *_mods(inp))
+                                         *_mods(inp), _seqlens(inp))
             res.rows = inp.rows
         return out, lse, res  # received_from, weights_at, pooled: `finish_lens` (column-sum kernel, pair weights)
 
@@ -594,7 +627,7 @@ class TritonBackend(Backend):
         attention_backward_op(dout.contiguous(), inp.q.detach(), inp.k.detach(), inp.v.detach(), key_bias(inp),
                               out.detach(), lse.to(torch.float32).contiguous(), inp.scale, inp.offset, left, right,
                               *bufs, self.config, *_mods(inp),
-                              None if dlse is None else dlse.detach().to(torch.float32).contiguous())
+                              None if dlse is None else dlse.detach().to(torch.float32).contiguous(), _seqlens(inp))
         for b, f in zip((dq, dk, dv), bufs):
             if f is not b:
                 b.copy_(f)
@@ -603,4 +636,4 @@ class TritonBackend(Backend):
     def column_sums(self, inp: AttnInputs, lse, weights=None):
         left, right = _band(inp)
         return column_sums_op(inp.q.detach(), inp.k.detach(), key_bias(inp), lse.to(torch.float32).contiguous(),
-                              weights, inp.scale, inp.offset, left, right, self.config, *_mods(inp))
+                              weights, inp.scale, inp.offset, left, right, self.config, *_mods(inp), _seqlens(inp))

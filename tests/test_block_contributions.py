@@ -380,3 +380,13 @@ def test_notebook_explain_with_contributions(minilm):
     r = attnlens.explain("a cat sat on the mat", model, tok, contributions=True)
     assert r.data.block is not None and r.data.block["rows"].shape == (len(r.data.block["row_ids"]), r.data.n)
     assert attnlens.explain("a cat sat on the mat", model, tok).data.block is None
+
+
+def test_keep_blocks_false_keeps_the_call_only():
+    model = _gpt2()
+    with torch.no_grad(), hf.capture(model, keep_blocks=False) as cap:
+        model(input_ids=_ids(10, 97, 1))
+    rec = cap.layers()[0]
+    assert rec.call is not None and rec.block_input is None
+    with pytest.raises(ValueError, match="input was not kept"):
+        analysis.block_contributions(rec, rows=[0])

@@ -149,7 +149,9 @@ class HFRecord(Record):
         why = []
         if self.call is None:
             why.append("the record kept no inputs (capture with keep_inputs=True)")
-        elif self.block_input is None or self.norm is None:
+        elif self.norm is not None and self.block_input is None:
+            why.append("the block's input was not kept (capture with keep_blocks=True, the default)")
+        elif self.norm is None:
             why.append(f"the block around {self.name!r} is not recognised (a post-LN parent with .output.LayerNorm "
                        f"and .output.dense, as BERT; or a pre-LN layer with one of {_PRE_NORMS})")
         wo = self.output_heads()
@@ -389,7 +391,8 @@ def _impl_of(model) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True):
+def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True,
+            keep_blocks: Optional[bool] = None):
     """Within the block, every attention call inside ``model`` runs through `attnlens.attention`
     and records an `HFRecord`.
 
@@ -413,11 +416,12 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
             tensors the layer made, kept alive: ``B · N · (Hq + 2 · Hkv) · D`` elements per layer in the
             model's dtype (24 MiB per layer at 32k tokens with 8 query and 2 key/value heads of D = 16 in
             float32), plus the mask the model built, if any (transformers builds a dense
-            ``(B, 1, N, N)`` bool mask only for padding or windows), and the hidden states entering each
-            attention block, ``B · N · E`` more per layer (``HFRecord.block_input``, for
-            `attnlens.analysis.block_contributions`). In generation each step's record keeps
+            ``(B, 1, N, N)`` bool mask only for padding or windows). In generation each step's record keeps
             the keys and values of the cache so far, which adds up over long generations: pass
             ``keep_inputs=False`` there. ``False`` keeps none.
+        keep_blocks: with ``keep_inputs``, also keep the hidden states entering each attention block
+            (``HFRecord.block_input``, read by `attnlens.analysis.block_contributions`): ``B · N · E`` more per
+            layer. ``None`` (the default) = ``keep_inputs``; ``False`` keeps the call's inputs only.
 
     Yields:
         an `HFCapture`; ``cap.results`` lists `HFRecord` in call order.
@@ -433,7 +437,7 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
         raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
     cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
     cap.names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
-    hooks = _hook_block_inputs(cap) if keep_inputs else []
+    hooks = _hook_block_inputs(cap) if keep_inputs and (keep_blocks is None or keep_blocks) else []
     try:
         with activate(cap), attnlens_attention(model):
             yield cap

@@ -134,7 +134,8 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     blk = -(-n // min(THUMB, n))  # thumbnail blocks of blk × blk tokens
     lens = Lens(topk=min(topk, n), rows="all" if full else None, pool=None if full else (blk, blk))
     cb = (lambda rec: on_layer(rec.index)) if on_layer is not None else None
-    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb, keep_inputs=contributions or not full) as cap:
+    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb, keep_inputs=contributions or not full,
+                                          keep_blocks=contributions) as cap:
         model(**enc)
     recs = cap.layers()
     if not recs:

@@ -11,6 +11,10 @@ Everything here works on one sequence at a time (``batch=`` picks it) from what 
   ``‖α_ij v_j W_O^h‖`` (what head h actually adds to the residual stream).
 - `layer_contributions`: the same through all heads together, ``‖Σ_h α^h_ij v_j W_O^h‖`` — the figure the
   paper reports (the per-head sum is only an upper bound) — for chosen query rows.
+- `block_contributions`: what each token contributes through the *whole* attention block — heads, output
+  projection, residual and layer norm — by L2 norm (Kobayashi et al. 2021) or by L1 distance (ALTI, Ferrando et al.
+  2022), for chosen rows at any length in key tiles; `compose_contributions`: those composed through the layers
+  (exact rows carried down like rollout's, or pooled block means).
 - `head_summary`: per head, mean entropy and max weight, and how much each head attends to the first
   token and to any fixed token (attention sinks), itself, the previous and next token, the token at each offset up
   to ±8 and a window of ±2 around the query (positional heads), earlier copies of the current token
@@ -32,7 +36,7 @@ Modules: `records` (reading a record; the record protocol), `rollout`, `heads` (
 `contributions`, `links`. The analyses use only the core's public API (`attnlens.core`: `Lens`, `AttnCall`'s
 re-asks through the block API), never an integration: a record is read through the protocol `records` describes.
 """
-from .contributions import contributions, layer_contributions
+from .contributions import block_contributions, compose_contributions, contributions, layer_contributions
 from .heads import (
     BROAD_ENTROPY,
     BROAD_MAX_WEIGHT,
@@ -53,7 +57,8 @@ from .links import focus_heads, informative_links, is_special_token
 from .records import as_numpy, has_full_weights, layer_weights, top_received, topk_dense, weights_at
 from .rollout import rollout
 
-__all__ = ["as_numpy", "layer_weights", "rollout", "contributions", "layer_contributions", "head_summary",
+__all__ = ["as_numpy", "layer_weights", "rollout", "contributions", "layer_contributions", "block_contributions",
+           "compose_contributions", "head_summary",
            "HeadSummary", "weights_at", "earlier_same_token", "top_received", "topk_dense", "head_kinds",
            "HEAD_KINDS", "KIND_SCORE", "BROAD_ENTROPY", "BROAD_MAX_WEIGHT", "has_full_weights", "informative_links",
            "kind_label", "CONVENTIONS", "LOCAL_LIFT", "LOCAL_WINDOW", "MAX_OFFSET", "OFFSETS",

@@ -1,16 +1,25 @@
-"""Value-norm contributions (Kobayashi et al. 2020, "Attention is not only a weight"): per head and through all heads
-together, for chosen rows at any length."""
+"""Token contributions: value-norm contributions of the attention alone (Kobayashi et al. 2020, "Attention is not
+only a weight"), per head and through all heads together; and contributions through the whole attention block — heads,
+output projection, residual and layer norm — by norm (Kobayashi et al. 2021) or by distance (ALTI, Ferrando et al.
+2022), composed across layers like rollout. All for chosen rows at any length, in linear memory."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..core import Lens
-from .records import as_numpy
+from .records import as_numpy, start_rows
 
-__all__ = ["contributions", "layer_contributions"]
+__all__ = ["contributions", "layer_contributions", "block_contributions", "compose_contributions", "METHODS"]
+
+#: the whole-block methods: ``"alti"`` (Ferrando et al. 2022) and ``"norm"`` (Kobayashi et al. 2021)
+METHODS = ("alti", "norm")
+#: the lens of a pass for weight rows only
+WEIGHT_ROWS = Lens(lse=False, max_weight=False, entropy=False, received=False, rows="all", max_bytes=None)
+#: elements of the largest temporary of a tile (rows × keys × E, or heads × rows × keys): 4 Mi
+TILE_ELEMS = 1 << 22
 
 
 def contributions(weights, norms=None, *, batch: int = 0, use_output_projection: bool = True):
@@ -96,3 +105,262 @@ def layer_contributions(rec, rows, *, batch: int = 0, use_output_projection: boo
         f = torch.einsum("hnd,hde->hne", v[:, a:a + step], wo)  # (Hq, c, E): each head's value, projected
         out[:, a:a + step] = torch.linalg.vector_norm(torch.einsum("hrn,hne->rne", P[..., a:a + step], f), dim=-1)
     return as_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-block contributions (Kobayashi et al. 2021; ALTI, Ferrando et al. 2022)
+
+
+def block_contributions(rec, rows=None, *, method: str = "alti", batch: int = 0, normalize: Optional[bool] = None,
+                        key_chunk: Optional[int] = None) -> np.ndarray:
+    """How much each input token ``j`` contributes to the output ``y_i`` of the whole attention block, for the query
+    rows ``rows``: exact, in key tiles (never an ``N × N × E`` array), at any length.
+
+    The block's output is split into one *transformed vector* per input token (the papers' ``T_i(x_j)``, Kobayashi
+    et al. 2021 §3, eqs. 5–9; Ferrando et al. 2022 §3, eqs. 4–7) plus terms no token owns::
+
+        z_ij = Σ_h P_h[i, j] · v_{h,j} W_O^h  +  δ_ij · x_i       all heads together, the residual on j = i
+        post-LN (BERT):  y_i = LN(x_i + Σ_j Σ_h P_h[i, j] v_{h,j} W_O^h + b_O)
+                         T_i(x_j) = γ ⊙ (z_ij − mean(z_ij)) / s_i,   s_i = sqrt(Var(u_i) + eps),  u_i the LN's input
+                         y_i = Σ_j T_i(x_j) + γ ⊙ (b_O − mean(b_O)) / s_i + β
+        pre-LN (GPT-2, Llama):  y_i = x_i + Σ_j Σ_h P_h[i, j] v_{h,j} W_O^h + b_O   (the residual stream after
+                         attention), T_i(x_j) = z_ij,  y_i = Σ_j T_i(x_j) + b_O
+
+    - ``v_{h,j}`` is the value vector the layer computed (the kept call's ``v``): it holds the value bias ``b_V``
+      (for pre-LN models also the first LN, applied to ``x_j`` alone, so ``T_i(x_j)`` depends on ``x_j`` only).
+      Kobayashi et al. 2020/2021 and the ALTI authors' code put ``b_V`` into ``f(x_j)`` the same way.
+    - The output bias ``b_O`` and the LN's ``β`` belong to no token: they stay out of every ``T_i(x_j)`` (as in both
+      papers) but are part of the real output ``y_i``, which ALTI measures distances to.
+    - ``s_i`` is the LN's own ``sqrt(biased variance + eps)`` of its real input, so ``Σ_j T_i(x_j)`` plus the bias
+      terms is exactly the layer's output (the ALTI authors' code divides by ``std(u_i + eps)``, the unbiased std;
+      we keep the decomposition exact instead).
+    - Pre-LN blocks have no LN after the residual inside the attention block: the next LN belongs to the MLP (its
+      decomposition is GlobEnc's, Modarressi et al. 2022, not done here). This follows ALTI's extension to
+      pre-LN decoders (Ferrando et al. 2023, "Explaining How Transformers Use Context to Build Predictions").
+
+    Methods:
+        ``"norm"`` (Kobayashi et al. 2021, "Incorporating Residual and Normalization Layers into Analysis of Masked
+        Language Models", the "ATB + RES + LN" figure): ``C[i, j] = ‖T_i(x_j)‖₂``, L2 norms, not normalised unless
+        ``normalize=True`` (each row divided by its sum; what composition uses).
+
+        ``"alti"`` (Ferrando et al. 2022, "Measuring the Mixing of Contextual Information in the Transformer",
+        eqs. 8–9): ``d_ij = ‖y_i − T_i(x_j)‖₁`` (L1, the paper's choice), ``c_ij = max(0, ‖y_i‖₁ − d_ij)``,
+        ``C[i, j] = c_ij / Σ_k c_ik``: rows sum to 1 (0 where every ``c_ik`` is 0).
+
+    Args:
+        rec: a record of `attnlens.hf.capture` that kept its inputs (``record.block_parts()``: the block's input,
+            W_O, b_O and the layer norm; see `attnlens.analysis.records`). Self-attention without a cache only.
+        rows: query rows (ints, negative from the end); ``None`` = all rows (an ``N × N`` result).
+        method: ``"alti"`` or ``"norm"``.
+        batch: which sequence.
+        normalize: divide each row by its sum (default: True for ALTI, which defines it so; False for norm).
+        key_chunk: keys per tile (default: keeps the ``rows × keys × E`` temporary under `TILE_ELEMS`).
+
+    Returns:
+        ``C (len(rows), N)`` float64, computed in the call's float64 when the model runs in float64, else float32.
+        Cost: one attention pass over only the chosen queries (each run of consecutive rows) for their weight rows
+        and outputs; then ALTI ``O(len(rows) · N · Hq · E)`` (one batched matmul and an L1 norm per key tile) and the
+        norm ``O(len(rows) · N · Hq²)`` (per-key Gram matrices). Memory: ``O(N · Hq · E)`` for the per-key vectors plus
+        tiles of at most `TILE_ELEMS` elements — never ``N × N × E``.
+    """
+    rows_list = _rows_of(rec, rows, batch)
+    out = np.zeros((len(rows_list), _block_size(rec, batch)))
+    pos = {r: t for t, r in enumerate(rows_list)}
+    for tile, C in _contribution_tiles(rec, sorted(set(rows_list)), method, batch, normalize, key_chunk):
+        for a, r in enumerate(tile):
+            out[pos[r]] = C[a]
+    if len(pos) != len(rows_list):  # repeated rows
+        for t, r in enumerate(rows_list):
+            out[t] = out[pos[r]]
+    return out
+
+
+def compose_contributions(records: Sequence, rows=None, *, method: str = "alti", batch: int = 0,
+                          pool: Optional[int] = None, key_chunk: Optional[int] = None,
+                          on_layer: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    """Contributions composed through the layers (ALTI's §4, like rollout without the added identity, since each
+    layer's matrix already holds the residual)::
+
+        R = C_L · … · C_2 · C_1        C_l: layer l's `block_contributions` matrix, rows summing to 1
+                                       (ALTI by definition; for ``"norm"`` each row divided by its sum, GlobEnc's way)
+
+    ``R[i, j]``: how much input token j makes up top-layer token i. Exact rows at any length, in linear memory:
+    like ``rollout(rows=...)`` each row vector is carried down from the top, ``w ← C_lᵀ w``, the products ``C_lᵀ W``
+    of all carried rows together taken tile by tile (`block_contributions`' row and key tiles), only over the rows
+    where some ``w`` is not zero — the top layer costs ``len(rows)`` rows, each layer below up to all ``N``.
+
+    Args:
+        records: one record per layer, bottom to top (``cap.layers()`` of `attnlens.hf.capture`).
+        rows: rows of ``R`` (ints, negative from the end), or a ``(T, N)`` float array of row combinations;
+            ``None`` = all rows.
+        method: ``"alti"`` or ``"norm"``.
+        pool: block size b: instead return the ``(⌈N/b⌉, ⌈N/b⌉)`` means of ``R`` over ``b × b`` blocks (a thumbnail
+            at any length: ``⌈N/b⌉`` block-mean rows carried, then averaged over blocks of columns).
+        on_layer: called with the number of layers done (a progress bar).
+
+    Returns:
+        ``(len(rows), N)`` float64 (or ``(T, N)``, or the pooled ``(⌈N/b⌉, ⌈N/b⌉)``).
+    """
+    if len(records) == 0:
+        raise ValueError("compose_contributions: expected at least one layer record, got none")
+    n = _block_size(records[-1], batch)
+    if pool is not None:
+        if rows is not None:
+            raise ValueError("compose_contributions: pass rows or pool, not both")
+        b = int(pool)
+        if b < 1:
+            raise ValueError(f"compose_contributions: pool must be an int >= 1, got {pool}")
+        blocks = np.arange(n) // b
+        nb = int(blocks[-1]) + 1
+        comb = np.zeros((nb, n))
+        comb[blocks, np.arange(n)] = 1.0
+        comb /= comb.sum(1, keepdims=True)
+        full = compose_contributions(records, comb, method=method, batch=batch, key_chunk=key_chunk,
+                                     on_layer=on_layer)  # (nb, N): block means of R's rows
+        return full @ comb.T  # (nb, nb): and of its columns
+    u = start_rows(np.arange(n) if rows is None else rows, n, who="compose_contributions")  # (N, T)
+    for done, rec in enumerate(reversed(list(records))):
+        if _block_size(rec, batch) != n:
+            raise ValueError(f"compose_contributions: layers have different lengths {n} and {_block_size(rec, batch)}")
+        live = np.flatnonzero(np.any(u != 0, axis=1)).tolist()
+        nxt = np.zeros_like(u)
+        for tile, C in _contribution_tiles(rec, live, method, batch, True, key_chunk):
+            nxt += C.T @ u[tile]  # Cᵀ w over this tile of rows
+        u = nxt
+        if on_layer is not None:
+            on_layer(done + 1)
+    return u.T.copy()
+
+
+def _block_size(rec, batch: int) -> int:
+    call = getattr(rec, "call", None)
+    if call is None:
+        raise ValueError("block contributions need a record that kept its inputs (hf.capture, keep_inputs=True)")
+    B, _, nq, _ = call.q.shape
+    if not -B <= batch < B:
+        raise ValueError(f"batch={batch} is out of range for a call of batch size {B}")
+    if nq != call.k.shape[2]:
+        raise ValueError(f"block contributions need self-attention without a cache (Nq == Nk), got Nq={nq} and "
+                         f"Nk={call.k.shape[2]}")
+    return nq
+
+
+def _rows_of(rec, rows, batch: int) -> list:
+    n = _block_size(rec, batch)
+    if rows is None:
+        return list(range(n))
+    picked = [int(r) for r in np.atleast_1d(np.asarray(rows))]
+    if any(not -n <= r < n for r in picked):
+        raise ValueError(f"rows: {picked} out of range for N={n}")
+    return [r % n for r in picked]
+
+
+def _weight_rows(whole, rows: list) -> tuple:
+    """``(P (Hq, len(rows), N), out (Hq, len(rows), Dv))``: the exact weight rows of ``rows`` (sorted) and their
+    attention outputs, from the call's `attnlens.core.Block`: one pass over only the queries of each run of
+    consecutive rows (`Block.rows`), not over all N queries."""
+    parts, outs, a = [], [], 0
+    while a < len(rows):
+        b = a + 1
+        while b < len(rows) and rows[b] == rows[b - 1] + 1:
+            b += 1
+        out, _, res = whole.rows(rows[a], rows[b - 1] + 1, lens=WEIGHT_ROWS).forward()
+        parts.append(res.weights[0])  # (Hq, run, N)
+        outs.append(out[0])  # (Hq, run, Dv)
+        a = b
+    return torch.cat(parts, dim=1), torch.cat(outs, dim=1)
+
+
+def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Optional[bool],
+                        key_chunk: Optional[int]) -> Iterator[tuple]:
+    """Yield ``(tile rows, C (len(tile), N) float64)`` over tiles of ``rows`` (`block_contributions`).
+
+    The LN's centring and ``γ`` are linear, so they are applied once per key (``f̃_hj = γ ⊙ (f_hj − mean f_hj)``,
+    linear memory) and ``T_i(x_j) = Σ_h (P_h[i, j] / s_i) f̃_hj`` (+ ``γ ⊙ (x_i − mean x_i) / s_i`` on j = i).
+    ALTI: ``y_i − T_i(x_j)`` for a tile of keys is one batched matmul (``baddbmm``, batched over the keys), then
+    its L1 norm. Norm: ``‖T_i(x_j)‖² = a_ijᵀ G_j a_ij`` with each key's ``H × H`` Gram matrix ``G_j = f̃_j f̃_jᵀ``
+    (``O(H²)`` a pair instead of ``O(H · E)``)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if normalize is None:
+        normalize = method == "alti"
+    n = _block_size(rec, batch)
+    if not callable(getattr(rec, "block_parts", None)):
+        raise ValueError(f"block contributions need a record that knows its attention block (an attnlens.hf.capture "
+                         f"record: HFRecord.block_parts()), got {type(rec).__name__}")
+    parts = rec.block_parts()
+    call = rec.call
+    dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+    dev = call.q.device
+    Hq, Dv = call.q.shape[1], call.v.shape[-1]
+    v = call.select(batch).v[0].to(dt)  # (Hkv, N, Dv)
+    v = v.repeat_interleave(Hq // v.shape[0], dim=0)  # (Hq, N, Dv)
+    wo = parts.w_o.to(dev, dt)  # (Hq, Dv, E)
+    if tuple(wo.shape[:2]) != (Hq, Dv):
+        raise ValueError(f"block contributions: W_O by head is {tuple(wo.shape)}, expected ({Hq}, {Dv}, E)")
+    f = torch.einsum("hnd,hde->hne", v, wo)  # (Hq, N, E): what head h carries from token j, f_h(x_j) = v_hj W_O^h
+    E = f.shape[-1]
+    x = parts.x[batch].to(dev, dt)  # (N, E)
+    if tuple(x.shape) != (n, E):
+        raise ValueError(f"block contributions: the block input is {tuple(x.shape)}, expected ({n}, {E})")
+    b_o = torch.zeros(E, dtype=dt, device=dev) if parts.b_o is None else parts.b_o.to(dev, dt)
+    post = parts.norm == "post"
+    if post:
+        gamma = torch.ones(E, dtype=dt, device=dev) if parts.ln_weight is None else parts.ln_weight.to(dev, dt)
+        beta = torch.zeros(E, dtype=dt, device=dev) if parts.ln_bias is None else parts.ln_bias.to(dev, dt)
+        fc = gamma * (f - f.mean(-1, keepdim=True))  # (Hq, N, E): centred and scaled once per key
+        xc = gamma * (x - x.mean(-1, keepdim=True))  # (N, E)
+    elif parts.norm == "pre":
+        fc, xc = f, x
+    else:
+        raise ValueError(f"block contributions: norm must be 'post' or 'pre', got {parts.norm!r}")
+    fk = fc.transpose(0, 1).contiguous()  # (N, Hq, E): keys first, for matmuls batched over keys
+    if method == "norm":
+        gram = fk @ fk.transpose(1, 2)  # (N, Hq, Hq): G_j
+        cross = torch.einsum("nhe,ne->nh", fk, xc)  # (N, Hq): f̃_hj · x̃_j, for the residual on j = i
+        xx = xc.square().sum(-1)  # (N,)
+    r_step = max(1, TILE_ELEMS // max(1, Hq * n))
+    whole = call.block(WEIGHT_ROWS, batch=batch)  # a backend that returns weight rows
+    for a0 in range(0, len(rows), r_step):
+        tile = rows[a0:a0 + r_step]
+        r = len(tile)
+        ri = torch.tensor(tile, device=dev)
+        P, o = _weight_rows(whole, tile)  # (Hq, r, N): exact weight rows; (Hq, r, Dv): their outputs Σ_j P v
+        P = P.to(dt)
+        u = x[ri] + torch.einsum("hrd,hde->re", o.to(dt), wo) + b_o  # (r, E): the residual stream after attention
+        if post:
+            s = torch.sqrt(u.var(-1, unbiased=False, keepdim=True) + parts.ln_eps)  # (r, 1): LN's own scale
+            y = gamma * (u - u.mean(-1, keepdim=True)) / s + beta  # (r, E): the block's output, LN(u)
+        else:
+            s = torch.ones(r, 1, dtype=dt, device=dev)
+            y = u
+        A = (P / s[None]).permute(2, 1, 0).contiguous()  # (N, r, Hq): a_ij, keys first
+        own = xc[ri] / s  # (r, E): the residual's transformed vector, on j = i
+        C = torch.empty(r, n, dtype=dt, device=dev)
+        if method == "alti":
+            y1 = y.abs().sum(-1)  # (r,): ‖y_i‖₁
+            c_step = key_chunk or max(1, (TILE_ELEMS // 4) // max(1, r * E))  # (c, r, E): ~1 Mi elements
+            for c0 in range(0, n, c_step):
+                c1 = min(n, c0 + c_step)
+                D = torch.baddbmm(y[None], A[c0:c1], fk[c0:c1], alpha=-1)  # (c, r, E): y_i − Σ_h a_hij f̃_hj
+                k = [t for t, i in enumerate(tile) if c0 <= i < c1]  # the residual: j = i
+                if k:
+                    D[[tile[t] - c0 for t in k], k] -= own[k]
+                C[:, c0:c1] = (y1[:, None] - torch.linalg.vector_norm(D, ord=1, dim=-1).T).clamp_(min=0)
+            none = (A == 0).all(-1)  # (N, r): T_i(x_j) = 0 (no weight, j ≠ i): exactly 0, not ‖y‖₁ − ‖y‖₁'s rounding
+            none[ri, torch.arange(r, device=dev)] = False
+            C[none.T] = 0.0
+        else:
+            c_step = key_chunk or max(1, TILE_ELEMS // max(1, r * Hq))
+            for c0 in range(0, n, c_step):
+                c1 = min(n, c0 + c_step)
+                Ac = A[c0:c1]  # (c, r, Hq)
+                C[:, c0:c1] = ((Ac @ gram[c0:c1]) * Ac).sum(-1).T  # a G aᵀ
+            d = C[torch.arange(r, device=dev), ri]  # j = i: + 2 a·(f̃ · x̃)/s + ‖x̃‖²/s²
+            d += 2 * (A[ri, torch.arange(r, device=dev)] * cross[ri]).sum(-1) / s[:, 0] + xx[ri] / s[:, 0] ** 2
+            C[torch.arange(r, device=dev), ri] = d
+            C = C.clamp_(min=0).sqrt_()
+        if normalize:
+            tot = C.sum(-1, keepdim=True)
+            C = torch.where(tot > 0, C / torch.where(tot > 0, tot, 1), torch.zeros_like(C))
+        yield tile, as_numpy(C)

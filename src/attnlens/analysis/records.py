@@ -8,6 +8,9 @@ through this protocol only (no integration is imported):
                          asked again exactly through the block API (``call.ask``, ``weights_at``, ``received_from``)
     record.q_offset      optional: the first query's key position (``Nk - Nq`` by default)
     record.value_norms, record.out_norms, record.output_heads()   optional (Hugging Face records): value norms, W_O
+    record.block_parts()  optional (Hugging Face records): the attention block around the call — ``x (B, N, E)`` the
+                         residual stream entering it, ``w_o (Hq, Dv, E)``, ``b_o (E,)|None``, ``norm`` ``"post"`` (with
+                         ``ln_weight``, ``ln_bias``, ``ln_eps``) or ``"pre"``; raises ``ValueError`` when unknown
 
 A bare `LensResult` also works wherever no re-ask is needed (full weights kept with ``Lens(rows="all")``).
 """
@@ -21,7 +24,8 @@ import torch
 from ..core import Lens
 
 __all__ = ["as_numpy", "result_of", "pick", "topk_dense", "query_count", "key_count", "has_full_weights",
-           "dense_weights", "dense_view", "row_stats", "weights_at", "weight_sums", "layer_weights", "top_received"]
+           "dense_weights", "dense_view", "row_stats", "weights_at", "weight_sums", "layer_weights", "top_received",
+           "start_rows"]
 
 
 def as_numpy(x) -> Optional[np.ndarray]:
@@ -204,3 +208,19 @@ def top_received(rec, k: int = 5, *, batch: int = 0, heads=None):
     k = min(k, m.shape[0])
     idx = np.argsort(-m, kind="stable")[:k]
     return idx, m[idx]
+
+
+def start_rows(rows, n: int, *, who: str = "rollout") -> np.ndarray:
+    """``(N, T)`` float64 for carrying rows down the layers: column t selects row ``rows[t]`` (ints, negative from the
+    end), or is row t of a ``(T, N)`` float array of row combinations (block means for a pooled map)."""
+    arr = np.asarray(as_numpy(rows))
+    if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
+        if arr.shape[1] != n:
+            raise ValueError(f"{who}: rows as combinations must be (T, N={n}), got {arr.shape}")
+        return arr.T.astype(np.float64)
+    picked = [int(r) for r in np.atleast_1d(arr)]
+    if any(not -n <= r < n for r in picked):
+        raise ValueError(f"{who}: rows {picked} out of range for N={n}")
+    u = np.zeros((n, len(picked)))
+    u[[r % n for r in picked], np.arange(len(picked))] = 1.0
+    return u

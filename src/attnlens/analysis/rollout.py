@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..core import Lens
-from .records import as_numpy, dense_weights, layer_weights, pick, result_of, row_stats
+from .records import as_numpy, dense_weights, layer_weights, pick, result_of, row_stats, start_rows
 
 __all__ = ["rollout"]
 
@@ -121,21 +121,6 @@ def _carry(layer, dense, x: np.ndarray, batch: int) -> np.ndarray:
     return as_numpy(rf)[0].mean(0)  # (N, T)
 
 
-def _start_rows(rows, n: int) -> np.ndarray:
-    """``(N, T)``: column t selects row ``rows[t]`` (ints), or is row t of a ``(T, N)`` float array of combinations."""
-    arr = np.asarray(as_numpy(rows))
-    if arr.ndim == 2 and np.issubdtype(arr.dtype, np.floating):
-        if arr.shape[1] != n:
-            raise ValueError(f"rollout: rows as combinations must be (T, N={n}), got {arr.shape}")
-        return arr.T.astype(np.float64)
-    picked = [int(r) for r in np.atleast_1d(arr)]
-    if any(not -n <= r < n for r in picked):
-        raise ValueError(f"rollout: rows {picked} out of range for N={n}")
-    u = np.zeros((n, len(picked)))
-    u[[r % n for r in picked], np.arange(len(picked))] = 1.0
-    return u
-
-
 def _rollout_rows(layers: list, rows, residual: float, batch: int, on_layer) -> np.ndarray:
     """Rows of the rollout, carried from the top layer down (see `rollout`)."""
     n = None
@@ -144,7 +129,7 @@ def _rollout_rows(layers: list, rows, residual: float, batch: int, on_layer) -> 
         mass = _row_mass(layer, dense, batch)  # (N,)
         if n is None:
             n = mass.shape[0]
-            u = _start_rows(rows, n)
+            u = start_rows(rows, n)
         if mass.shape[0] != n:
             raise ValueError(f"rollout: layers have different lengths {n} and {mass.shape[0]}")
         d = (residual + (1.0 - residual) * mass)[:, None]

@@ -3,7 +3,7 @@
     attnlens walkthrough [--tokens "the cat sat on mat"] [--dim 2] [--seed 6] [--causal] [--backend auto]
     attnlens info
     attnlens explain TEXT | --file PATH|- [--pair TEXT2] [--model PATH] [--out report.html] [--png DIR]
-                     [--layer L] [--head H] [--truncate] [--kv METHOD[:RATIO[:WINDOW]]]
+                     [--layer L] [--head H] [--truncate] [--kv METHOD[:RATIO[:WINDOW]]] [--contributions]
 
 ``walkthrough`` computes attention on a few words with tiny embeddings and prints every step
 (embeddings, Q/K/V, the dot-product scores, the row-wise softmax, the row view, the column view
@@ -19,6 +19,8 @@ strongest query → key weights between real tokens in the heads that are not si
 (``it → tired 0.71 L2 h1``). ``--layer`` / ``--head`` narrow the links to those heads and add each token's most
 attended token in them. ``--kv snapkv:0.5`` (a causal decoder's folder as ``--model``) adds what `attnlens.kv`'s
 compression keeps of each layer's KV cache: a layer × token strip in the terminal and on the page.
+``--contributions`` adds what each token contributes through the whole attention block (ALTI, composed through the
+layers: `attnlens.analysis.compose_contributions`) to the report and prints the top contributors of the last token.
 """
 from __future__ import annotations
 
@@ -327,10 +329,11 @@ def _cmd_explain(args, console) -> int:
         kv_data = None if args.kv is None else _kv_data(args, model, tok, progress)
         L = int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0) or 0)
         run = progress.add_task("running the model", total=L or None)
-        ana = progress.add_task("exact head scores and rollout", total=None, visible=False)
+        ana = progress.add_task("exact head scores and rollout" + (" and contributions" if args.contributions else ""),
+                                total=None, visible=False)
         try:
             data = collect_any(args.text, model, tok, topk=args.topk, truncate=args.truncate, pair=args.pair,
-                               rollout_rows=args.rollout_rows,
+                               rollout_rows=args.rollout_rows, contributions=args.contributions,
                                on_layer=lambda i: progress.update(run, completed=i + 1),
                                on_analysis=lambda d, t: progress.update(ana, completed=d, total=t, visible=True))
         except ValueError as e:
@@ -429,6 +432,31 @@ def explain_summary(console, data, *, layer=None, head=None):
     _links_table(console, data, links, focus=layer is not None or head is not None)
     if layer is not None or head is not None:
         _targets_table(console, data, focus_heads(data.topk_idx, data.topk_w, data.tokens, kinds, layer, head), kinds)
+    if data.block is not None:
+        _contributors_table(console, data)
+
+
+def _contributors_table(console, data, top: int = 8):
+    """The input tokens that contribute most to the last token through every layer's whole attention block (the
+    composed row of `ReportData.block`), beside what rollout's weights say."""
+    b = data.block
+    k = b["row_ids"].index(data.n - 1) if data.n - 1 in b["row_ids"] else len(b["row_ids"]) - 1
+    i = b["row_ids"][k]
+    row = b["rows"][k]
+    roll = None
+    if data.rollout_rows is not None and i in (data.rollout_row_ids or []):
+        roll = data.rollout_rows[data.rollout_row_ids.index(i)]
+    name = "ALTI" if b["method"] == "alti" else "norms"
+    t = _table(f"Top contributors of the last token {data.tokens[i]!r} #{i} (whole block, {name}, all layers)")
+    t.add_column("token")
+    t.add_column("#", justify="right")
+    t.add_column("contribution", justify="right")
+    if roll is not None:
+        t.add_column("rollout", justify="right", style="dim")
+    for j in np.argsort(-row, kind="stable")[:top]:
+        cells = [Text(data.tokens[j]), str(j), f"{row[j]:.3f}"] + ([f"{roll[j]:.3f}"] if roll is not None else [])
+        t.add_row(*cells)
+    _show(console, t)
 
 
 def _received_table(console, data):
@@ -656,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rollout-rows", default=None, type=_positions, metavar="I,J,...",
                    help="tokens (0-based positions, negative from the end) whose rollout rows the report holds "
                         "exactly at any length (default: 8 evenly spaced, the first and the last among them)")
+    e.add_argument("--contributions", action="store_true",
+                   help="also compute what each token contributes through the whole attention block (ALTI, "
+                        "composed through the layers; exact, about N² · hidden size work per layer: seconds at 512 "
+                        "tokens) for the report, and print the top contributors of the last token")
     e.add_argument("--truncate", action="store_true", help="keep the first tokens of a text longer than the "
                                                            "model's maximum (with a warning) instead of refusing it")
     e.add_argument("--kv", default=None, type=_kv_spec, metavar="METHOD[:RATIO[:WINDOW]]",

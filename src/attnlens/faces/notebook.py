@@ -67,21 +67,23 @@ class Report:
 
 
 def explain(text: str, model=None, tokenizer=None, *, pair: Optional[str] = None, topk: int = 8,
-            truncate: bool = False, rollout_rows=None) -> Report:
+            truncate: bool = False, rollout_rows=None, contributions: bool = False) -> Report:
     """Run a Hugging Face model on ``text`` with attnlens attention and return its `Report`.
 
     ``model``: ``None`` (all-MiniLM-L6-v2, offline), a local model folder, or a loaded model (then
     ``tokenizer`` too, or it is loaded from the model's ``name_or_path``). ``pair``: a second text
     (a sentence pair, for an encoder; the decoder's text, for an encoder-decoder model, whose report
     then shows its cross-attention). ``topk``, ``truncate`` and ``rollout_rows`` (the tokens whose rollout
-    rows the report holds exactly) as in `attnlens explain`.
+    rows the report holds exactly) as in `attnlens explain`; ``contributions``: also the whole-block contributions
+    (`attnlens.analysis.compose_contributions`, the report's contributions card; ``attnlens explain --contributions``).
     """
     with warnings.catch_warnings():  # transformers imports tqdm.auto, which warns in a notebook without ipywidgets
         warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
         from ..integrations import hf  # lazy: transformers (seconds) loads only when a model is run
 
     m, tok = hf.load(model, tokenizer)
-    data = collect_any(text, m, tok, topk=topk, truncate=truncate, pair=pair, rollout_rows=rollout_rows)
+    data = collect_any(text, m, tok, topk=topk, truncate=truncate, pair=pair, rollout_rows=rollout_rows,
+                       contributions=contributions)
     data.model_name = DEFAULT_MODEL_LABEL if model is None else (
         str(model) if isinstance(model, (str, Path)) else str(getattr(m.config, "name_or_path", "") or
                                                               type(m).__name__))

@@ -53,7 +53,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("attnlens.hf needs transformers: pip install 'attnlens[hf]'") from e
 
 __all__ = ["IMPLEMENTATION", "register", "attention_forward", "mask_function", "capture", "attnlens_attention",
-           "HFCapture", "HFRecord", "load", "load_default", "default_model_path", "output_projection", "head_slices"]
+           "HFCapture", "HFRecord", "load", "load_default", "default_model_path", "output_projection", "head_slices",
+           "BlockParts", "block_layout"]
 
 #: the name under which attnlens registers with transformers (``model.set_attn_implementation(IMPLEMENTATION)``)
 IMPLEMENTATION = "attnlens"
@@ -119,6 +120,11 @@ class HFRecord(Record):
         call: the call's inputs (`attnlens.core.AttnCall`: post-rotary q and k, v, mask, flags) unless
             captured with ``keep_inputs=False``; ``ask(lens)`` recomputes the layer with another lens.
         out_proj: the attention module's output projection (`output_projection`), or ``None``.
+        block_input: ``(B, N, E)`` the residual stream entering the attention block (what the residual connection
+            adds back), kept with the inputs for `block_parts`; ``None`` when the layout is not recognised
+            (`block_layout`) or with ``keep_inputs=False``.
+        norm: ``"post"`` (BERT: ``LayerNorm(x + Attn(x))``, ``norm_module`` is that LayerNorm), ``"pre"``
+            (GPT-2, Llama: ``x + Attn(LN(x))``; the LN is inside the values) or ``None`` (not recognised).
     """
 
     layer: int
@@ -126,6 +132,9 @@ class HFRecord(Record):
     out_norms: Optional[torch.Tensor] = None
     q_offset: int = 0
     out_proj: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+    block_input: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    norm: Optional[str] = None
+    norm_module: Optional[nn.Module] = field(default=None, repr=False, compare=False)
 
     def output_heads(self) -> Optional[torch.Tensor]:
         """``W_O`` cut by head, ``(Hq, Dv, E)`` float32 (`head_slices`), or ``None`` without a recognised output
@@ -133,6 +142,78 @@ class HFRecord(Record):
         if self.out_proj is None or self.call is None:
             return None
         return head_slices(self.out_proj, self.call.q.shape[1], self.call.v.shape[-1])
+
+    def block_parts(self) -> "BlockParts":
+        """What `attnlens.analysis.block_contributions` needs beyond the kept call: the block's input, ``W_O`` cut by
+        head, its bias and the layer norm (`BlockParts`). ``ValueError`` saying what is missing otherwise."""
+        why = []
+        if self.call is None:
+            why.append("the record kept no inputs (capture with keep_inputs=True)")
+        elif self.norm is not None and self.block_input is None:
+            why.append("the block's input was not kept (capture with keep_blocks=True, the default)")
+        elif self.norm is None:
+            why.append(f"the block around {self.name!r} is not recognised (a post-LN parent with .output.LayerNorm "
+                       f"and .output.dense, as BERT; or a pre-LN layer with one of {_PRE_NORMS})")
+        wo = self.output_heads()
+        if self.call is not None and wo is None:
+            why.append(f"no output projection of {self.call.q.shape[1]} heads x {self.call.v.shape[-1]} recognised")
+        if why:
+            raise ValueError("block contributions: " + "; ".join(why))
+        wo = head_slices(self.out_proj, self.call.q.shape[1], self.call.v.shape[-1], dtype=None)  # its own dtype
+        bias = getattr(self.out_proj, "bias", None)
+        if self.norm != "post":  # pre-LN: the norm is inside the values
+            return BlockParts(x=self.block_input, w_o=wo, b_o=None if bias is None else bias.detach(), norm=self.norm)
+        ln = self.norm_module
+        w, b = getattr(ln, "weight", None), getattr(ln, "bias", None)
+        return BlockParts(x=self.block_input, w_o=wo, b_o=None if bias is None else bias.detach(), norm="post",
+                          ln_weight=None if w is None else w.detach(), ln_bias=None if b is None else b.detach(),
+                          ln_eps=float(getattr(ln, "eps", 0.0)))
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """One attention block's parts around its attention call (the record protocol of `attnlens.analysis.records`).
+
+    ``x (B, N, E)``: the residual stream entering the block; ``w_o (Hq, Dv, E)``: ``W_O`` by head (the model's dtype);
+    ``b_o (E,)`` or ``None``; ``norm``: ``"post"`` (``y = LN(x + Attn(x) W_O + b_O)``, BERT) with the LayerNorm's
+    ``ln_weight``, ``ln_bias``, ``ln_eps``, or ``"pre"`` (``y = x + Attn(LN(x)) W_O + b_O``, GPT-2 / Llama: the LN
+    is applied token by token before the values, so it is already inside the kept ``v``)."""
+
+    x: torch.Tensor
+    w_o: torch.Tensor
+    b_o: Optional[torch.Tensor]
+    norm: str
+    ln_weight: Optional[torch.Tensor] = None
+    ln_bias: Optional[torch.Tensor] = None
+    ln_eps: float = 0.0
+
+
+#: the names of the norm a pre-LN layer applies before its attention (GPT-2, Llama/Mistral/Qwen, Falcon, ...)
+_PRE_NORMS = ("ln_1", "input_layernorm", "attention_norm", "ln_attn", "norm1", "pre_attention_layernorm")
+
+
+def block_layout(model: nn.Module, name: str):
+    """``(kind, hooked, norm)`` for the attention module named ``name``: where its block's input is read and which
+    norm closes or opens the block — ``("post", attention module, parent.output.LayerNorm)`` when the parent has
+    ``output.dense`` and ``output.LayerNorm`` (BERT, RoBERTa, MiniLM: the input of the attention module is the
+    block's input), ``("pre", parent layer, its pre-attention norm)`` when the parent holds one of ``_PRE_NORMS``
+    (GPT-2, Llama, ...: the parent layer's input is the residual stream), else ``None`` (also for cross-attention)."""
+    if not name or "." not in name or re.search(r"cross|encoder_attn|encdec", name, re.I):
+        return None  # cross-attention: its keys are another sequence, there is no residual to attribute
+    parent = model.get_submodule(name.rsplit(".", 1)[0])
+    out = getattr(parent, "output", None)
+    if isinstance(getattr(out, "LayerNorm", None), nn.Module) and isinstance(getattr(out, "dense", None), nn.Module):
+        return "post", model.get_submodule(name), out.LayerNorm
+    for n in _PRE_NORMS:
+        if isinstance(getattr(parent, n, None), nn.Module):
+            return "pre", parent, getattr(parent, n)
+    return None
+
+
+def _hidden_of(args, kwargs) -> Optional[torch.Tensor]:
+    """The ``hidden_states`` a module was called with (first positional argument or keyword)."""
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    return h if isinstance(h, torch.Tensor) else None
 
 
 @dataclass(kw_only=True)
@@ -144,6 +225,7 @@ class HFCapture(Recorder):
     on_record: Any = None
     _layers: dict = field(default_factory=dict, repr=False)  # attention module -> layer index
     _wo: dict = field(default_factory=dict, repr=False)  # (module, Hq, Dv) -> (Hq, Dv, Dv) Gram of W_O^h, or None
+    _inputs: dict = field(default_factory=dict, repr=False)  # hooked module -> the hidden states of its last call
 
     def layers(self) -> list[HFRecord]:
         """The first record of each layer, ordered by layer (one forward pass)."""
@@ -182,9 +264,16 @@ class HFCapture(Recorder):
         module, Hq = call.module, call.q.shape[1]
         norms, out_norms = self._value_stats(module, call.v, Hq) if self.values else (None, None)
         name = self.names.get(module, "")
+        layout = block_layout(self.model, name)
+        x = None
+        if layout is not None and self.keep_inputs:
+            x = self._inputs.get(layout[1])
+            x = x.detach() if x is not None and x.shape[:2] == (call.q.shape[0], call.q.shape[2]) else None
         rec = HFRecord(layer=self._layer_of(module), index=len(self.results), name=name,
                        result=result, call=self.kept(call), value_norms=norms, out_norms=out_norms,
-                       q_offset=call.k.shape[2] - call.q.shape[2], out_proj=output_projection(self.model, module, name))
+                       q_offset=call.k.shape[2] - call.q.shape[2], out_proj=output_projection(self.model, module, name),
+                       block_input=x, norm=None if layout is None else layout[0],
+                       norm_module=None if layout is None else layout[2])
         self.results.append(rec)
         if self.on_record is not None:
             self.on_record(rec)
@@ -271,10 +360,12 @@ def output_projection(model: nn.Module, module: nn.Module, name: str = "") -> Op
     return None
 
 
-def head_slices(proj, Hq: int, Dv: int) -> Optional[torch.Tensor]:
-    """``W_O`` as ``(Hq, Dv, E)`` head slices (``y = x W``), or None when its input is not ``Hq · Dv`` wide: the one
-    place that cuts an output projection (``nn.Linear`` or GPT-2's ``Conv1D``) by head."""
-    w = proj.weight.detach().float()
+def head_slices(proj, Hq: int, Dv: int, dtype=torch.float32) -> Optional[torch.Tensor]:
+    """``W_O`` as ``(Hq, Dv, E)`` head slices (``y = x W``) in ``dtype`` (None: the weight's own), or None when its
+    input is not ``Hq · Dv`` wide: the one place that cuts an output projection (``nn.Linear`` or GPT-2's ``Conv1D``)
+    by head."""
+    w = proj.weight.detach()
+    w = w if dtype is None else w.to(dtype)
     w = w.t() if isinstance(proj, nn.Linear) else w  # GPT-2's Conv1D stores (in, out)
     if w.shape[0] != Hq * Dv:
         return None
@@ -300,7 +391,8 @@ def _impl_of(model) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True):
+def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True,
+            keep_blocks: Optional[bool] = None):
     """Within the block, every attention call inside ``model`` runs through `attnlens.attention`
     and records an `HFRecord`.
 
@@ -327,6 +419,9 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
             ``(B, 1, N, N)`` bool mask only for padding or windows). In generation each step's record keeps
             the keys and values of the cache so far, which adds up over long generations: pass
             ``keep_inputs=False`` there. ``False`` keeps none.
+        keep_blocks: with ``keep_inputs``, also keep the hidden states entering each attention block
+            (``HFRecord.block_input``, read by `attnlens.analysis.block_contributions`): ``B · N · E`` more per
+            layer. ``None`` (the default) = ``keep_inputs``; ``False`` keeps the call's inputs only.
 
     Yields:
         an `HFCapture`; ``cap.results`` lists `HFRecord` in call order.
@@ -342,8 +437,14 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
         raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
     cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
     cap.names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
-    with activate(cap), attnlens_attention(model):
-        yield cap
+    hooks = _hook_block_inputs(cap) if keep_inputs and (keep_blocks is None or keep_blocks) else []
+    try:
+        with activate(cap), attnlens_attention(model):
+            yield cap
+    finally:
+        for h in hooks:
+            h.remove()
+        cap._inputs.clear()
 
 
 @contextlib.contextmanager
@@ -367,6 +468,29 @@ def attnlens_attention(model):
     finally:
         if switched and previous is not None and _impl_of(model) != previous:
             model.set_attn_implementation(previous)
+
+
+def _hook_block_inputs(cap: HFCapture) -> list:
+    """Forward pre-hooks that note the hidden states entering each attention block (`block_layout`) while the
+    capture is open, for `HFRecord.block_input`; returns their handles."""
+    def note(module, args, kwargs):
+        h = _hidden_of(args, kwargs)
+        if h is not None:
+            cap._inputs[module] = h
+    hooked, handles = set(), []
+    for name in list(cap.names.values()):
+        layout = block_layout(cap.model, name) if name and _looks_like_attention(cap.model.get_submodule(name)) \
+            else None
+        if layout is not None and layout[1] not in hooked:
+            hooked.add(layout[1])
+            handles.append(layout[1].register_forward_pre_hook(note, with_kwargs=True))
+    return handles
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """A module that may call the attention function: it holds query (or fused query/key/value) layers."""
+    return any(isinstance(getattr(module, n, None), nn.Module)
+               for n in ("q_proj", "query", "c_attn", "qkv_proj", "Wqkv", "query_key_value", "q_lin"))
 
 
 # ---------------------------------------------------------------------------------------------

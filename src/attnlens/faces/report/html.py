@@ -29,6 +29,10 @@ Size (what is embedded, and why it stays small at 512 tokens):
   each row scaled to its own largest value;
 - kv: with ``attnlens explain --kv``, how many KV heads of each layer keep each token ``(L, N)``, 1 byte each.
 
+- block contributions (``ReportData.block``, when asked): the composed map pooled to at most ``ROLLOUT_MAX``, 1 byte;
+  its exact rows and each layer's own rows for the rollout's tokens, ``(r, N)`` and ``(L, r, N)``, 2 bytes each, each
+  row scaled to its own largest value; at short lengths (``BLOCK_FULL_CELLS``) every layer's ``(L, N, N)``
+  contributions, 1 byte each (rows sum to 1), for the token view's "whole-block contributions".
 The bound: everything but the token view is linear in N with small constants (received 2·L·H·N bytes, value
 norms 4·L·H·N when the weights were kept, rollout rows 2·r·N, the tokens' text) or fixed (grid ≤ L·H·THUMB²,
 rollout map ≤ ROLLOUT_MAX²); the token view is at most ``TOKEN_VIEW_BYTES`` unless even ``k = 1`` exceeds it
@@ -168,7 +172,7 @@ def payload(data) -> dict:
                         "coverage": round(float(data.rollout_coverage), 4)},
             "received": _b64(rec.astype("<u2")), "received_max": [float(m) for m in rmax.ravel()],
             "summary": summary, "warnings": list(data.warnings) + size_warnings,
-            "rows": _rollout_rows(data), "kv": _kv(getattr(data, "kv", None)),
+            "rows": _rollout_rows(data), "block": _block(data), "kv": _kv(getattr(data, "kv", None)),
             "limits": {"heat_max": HEAT_MAX, "page_tokens": PAGE_TOKENS},
             "initial": dict(zip(("layer", "head", "token"), opening_view(data))),
             "pieces": word_pieces(data.tokens)}
@@ -219,16 +223,32 @@ def _page_topk(data) -> tuple:
     return max(1, min(wanted, TOKEN_VIEW_BYTES // per_key)), wanted
 
 
+def _rows16(R) -> dict:
+    """Rows ``(..., N)`` each scaled to its own largest value, 2-byte fixed point: ``{"max": [...], "w": base64}``."""
+    R = np.asarray(R, dtype=np.float64)
+    mx = R.max(-1)
+    scaled = np.divide(R, mx[..., None], out=np.zeros_like(R), where=mx[..., None] > 0)
+    return {"max": [float(m) for m in mx.ravel()], "w": _b64(np.clip(np.rint(scaled * 65535), 0, 65535).astype("<u2"))}
+
+
 def _rollout_rows(data):
     """The exact rollout rows of the payload (see the module docstring), or ``None``."""
     R = getattr(data, "rollout_rows", None)
     if R is None or len(R) == 0:
         return None
-    R = np.asarray(R, dtype=np.float64)
-    mx = R.max(-1)
-    scaled = np.divide(R, mx[:, None], out=np.zeros_like(R), where=mx[:, None] > 0)
-    return {"ids": [int(i) for i in data.rollout_row_ids], "max": [float(m) for m in mx],
-            "w": _b64(np.clip(np.rint(scaled * 65535), 0, 65535).astype("<u2"))}
+    return {"ids": [int(i) for i in data.rollout_row_ids], **_rows16(R)}
+
+
+def _block(data):
+    """The whole-block contributions part of the payload (see the module docstring), or ``None``."""
+    b = getattr(data, "block", None)
+    if b is None:
+        return None
+    m = pool_means(np.asarray(b["composed"], dtype=np.float64), min(ROLLOUT_MAX, b["composed"].shape[-1]))
+    mx = max(float(m.max()), 1e-12)
+    return {"method": b["method"], "t": int(m.shape[-1]), "map": _b64(_q8(m / mx)), "map_max": mx,
+            "ids": [int(i) for i in b["row_ids"]], "rows": _rows16(b["rows"]), "layers": _rows16(b["layer_rows"]),
+            "full": None if b.get("full") is None else _b64(_q8(b["full"]))}
 
 
 def _kv(kv):

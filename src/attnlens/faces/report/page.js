@@ -23,13 +23,18 @@ var norms = D.norms ? f32(D.norms) : null;  // (L, H, N): ‖v_j W_O^h‖ (or �
 var NK = D.norm_kind || "‖v‖";
 var viewSel = byId("view");
 var NKj = NK.replace("v", "vⱼ"), PNKj = "‖Pᵢⱼ " + NKj.slice(1);  // ‖vⱼ W_O‖, ‖Pᵢⱼ vⱼ W_O‖
+var BKF = D.block && D.block.full ? b64(D.block.full) : null;  // (L, N, N): whole-block contributions, 1 byte
 [["weights", "attention weights P"]].concat(norms ? [["contrib", "value-norm contributions ‖P " + NK.slice(1) + " (shares)"]] : [])
+  .concat(BKF ? [["block", "whole-block contributions (" + (D.block.method === "alti" ? "ALTI" : "norms") + ", all heads, residual, LN)"]] : [])
   .forEach(function(p){ var o = el("option", p[1]); o.value = p[0]; viewSel.appendChild(o); });
 function contribView(){ return viewSel.value === "contrib"; }
+function blockView(){ return viewSel.value === "block"; }
+function brow(l, i){ var out = new Float32Array(N), base = (l * N + i) * N; for (var j = 0; j < N; j++) out[j] = BKF[base + j] / 255; return out; }
 function viewNote(){
   byId("viewnote").textContent = (wts.mode === "full" ? "every weight (1-byte precision)" :
     "each query's top " + wts.k + " keys (the rest not embedded, to keep the page small)") +
-    (contribView() ? "; contributions = weight × value norm, as shares of the query's total" : "");
+    (contribView() ? "; contributions = weight × value norm, as shares of the query's total" : "") +
+    (blockView() ? "; whole-block contributions of the layer (every head, the residual and the layer norm; the head choice does not apply), 1-byte precision" : "");
 }
 
 // weights of query i in layer l, head h (h >= 0), as a Float32Array of N
@@ -45,6 +50,7 @@ function sum(a){ var s = 0; for (var j = 0; j < a.length; j++) s += a[j]; return
 function scaleBy(a, s){ for (var j = 0; j < a.length; j++) a[j] *= s; return a; }
 // the selected view's row: weights (h = -1: mean of heads), or contribution shares (h = -1: of all heads' sum)
 function row(l, h, i){
+  if (blockView()) return brow(l, i);  // the whole block: every head together, the residual and the layer norm
   var heads = h < 0 ? H : 1, h0 = h < 0 ? 0 : h, out = new Float32Array(N);
   for (var hh = h0; hh < h0 + heads; hh++){ var r = contribView() ? crow(l, hh, i) : wrow(l, hh, i); for (var j = 0; j < N; j++) out[j] += r[j]; }
   var s = contribView() ? sum(out) : heads;
@@ -59,8 +65,8 @@ for (var h = 0; h < H; h++){ var oh = el("option", h); oh.value = h; headSel.app
 layerSel.value = Math.min(Math.max(D.initial.layer, 0), L - 1);
 headSel.value = D.initial.head;
 function cur(){ return {l: +layerSel.value, h: +headSel.value}; }
-function where(c){ return "layer " + c.l + ", " + (c.h < 0 ? "mean of heads" : "head " + c.h); }
-function what(){ return contribView() ? "contribution shares" : "weights"; }
+function where(c){ return "layer " + c.l + ", " + (blockView() ? "whole block" : c.h < 0 ? "mean of heads" : "head " + c.h); }
+function what(){ return blockView() ? "whole-block contributions" : contribView() ? "contribution shares" : "weights"; }
 
 // ---- colour: linear from white (0) to blue (1)
 function rgb(x){ x = Math.max(0, Math.min(1, x)); return [Math.round(255 - 208 * x), Math.round(255 - 144 * x), Math.round(255 - 33 * x)]; }
@@ -161,7 +167,7 @@ function show(i){
   if (spans[i]) spans[i].classList.add("q");
   info.textContent = "";
   info.appendChild(el("b", D.tokens[i]));
-  info.appendChild(document.createTextNode(" (#" + i + ", " + where(c) + ") " + (contribView() ? "takes its output from: " : "draws on: ")));
+  info.appendChild(document.createTextNode(" (#" + i + ", " + where(c) + ") " + (contribView() || blockView() ? "takes its output from: " : "draws on: ")));
   topKeys(r, 5).forEach(function(j, n){ if (n) info.appendChild(document.createTextNode(" · ")); info.appendChild(jumpLink(j, D.tokens[j] + " #" + j)); info.appendChild(document.createTextNode(" " + fmt(r[j]))); });
 }
 function pin(i){
@@ -209,6 +215,7 @@ function drawMix(i){
   var box = byId("mix"), c = cur(); box.textContent = "";
   byId("mix-title").textContent = "Row view" + (i >= 0 ? " of “" + D.tokens[i] + "” #" + i : "") + " — " + where(c);
   if (i < 0){ box.appendChild(el("div", "Hover or click a token.", "note")); return; }
+  if (blockView()){ drawBlockMix(box, c, i); return; }
   var m = mixRows(c, i), order = topKeys(norms && contribView() ? m.c : m.w, 10), one = c.h >= 0;
   var t = el("table", null, "mix"), hr = el("tr");
   ["key", "#", one ? "weight Pᵢⱼ" : "mean weight"].concat(norms ? (one ? [NKj, PNKj] : ["Σ over heads " + PNKj]).concat(["share of output", ""]) : [""])
@@ -233,15 +240,30 @@ function drawMix(i){
   lines.forEach(function(s){ box.appendChild(el("div", s, "note")); });
 }
 
+function drawBlockMix(box, c, i){  // the row view in the whole-block view: each key's share of the block's output
+  var r = brow(c.l, i), t = el("table", null, "mix"), hr = el("tr");
+  ["key", "#", "contribution", "attention weight (mean of heads)", ""].forEach(function(s){ hr.appendChild(el("th", s)); });
+  t.appendChild(hr);
+  var w = mixRows({l: c.l, h: -1}, i).w;
+  topKeys(r, 10).forEach(function(j){
+    var tr = el("tr"); cell(tr, D.tokens[j], "lab " + segClass(j)); cell(tr, j); cell(tr, fmt(r[j])); cell(tr, fmt(w[j]));
+    var bar = el("span", null, "fill"); bar.style.width = Math.max(1, 120 * r[j]).toFixed(1) + "px"; cell(tr, null).appendChild(bar);
+    t.appendChild(tr);
+  });
+  box.appendChild(t);
+  box.appendChild(el("div", "The block's output for this token, split into one vector per input token (all heads through the output projection, its own residual, the layer norm); contribution = each vector's share (rows sum to 1). Compare with the weights: a token's own residual counts, and a large weight on a short value vector counts little.", "note"));
+}
+
 // ---- one bar per head per key, for one query (bertviz's head view, as numbers)
 function headColour(h){ return "hsl(" + Math.round(360 * h / H) + ",65%,50%)"; }
 function drawPerHead(i){
   var box = byId("perhead"), c = cur(); box.textContent = "";
   byId("heads-title").textContent = "Per head" + (i >= 0 ? " for “" + D.tokens[i] + "” #" + i : "") + " — layer " + c.l + ", all " + H + " heads";
-  byId("heads-note").textContent = "For each key, one bar per head: its " + (contribView() ? "contribution share" : "weight") + " from this query; bar height is linear, full height = 1.";
+  byId("heads-note").textContent = "For each key, one bar per head: its " + (contribView() ? "contribution share" : "weight") + " from this query; bar height is linear, full height = 1." +
+    (blockView() ? " (Whole-block contributions mix every head, so the bars show the weights.)" : "");
   if (i < 0){ box.appendChild(el("div", "Hover or click a token.", "note")); return; }
   var rows = [];
-  for (var hh = 0; hh < H; hh++) rows.push(row(c.l, hh, i));
+  for (var hh = 0; hh < H; hh++) rows.push(blockView() ? wrow(c.l, hh, i) : row(c.l, hh, i));
   var mean = new Float32Array(N);
   rows.forEach(function(r){ for (var j = 0; j < N; j++) mean[j] += r[j] / H; });
   topKeys(mean, 8).forEach(function(j){
@@ -288,7 +310,7 @@ function drawHeat(){
   var vals = new Float32Array(N * N);
   for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); vals.set(r, i * N); }
   for (p = 0; p < N * N; p++) vmax = Math.max(vmax, vals[p]);
-  byId("heat-title").textContent = (contribView() ? "Contribution shares" : "Weights") + " — " + where(c);
+  byId("heat-title").textContent = (blockView() ? "Whole-block contributions" : contribView() ? "Contribution shares" : "Weights") + " — " + where(c);
   heatmap(byId("heat"), vals, N, D.tokens, vmax, function(i, j, v){ return D.tokens[i] + " #" + i + " ← " + D.tokens[j] + " #" + j + ": " + fmt(v); },
           byId("heatinfo"), function(i){ pin(i); });
   markHeatRow();
@@ -318,7 +340,7 @@ function receivedRow(c){  // (N,): mean weight (or contribution share) a token r
   if (recMemo.key === key) return recMemo.vals;
   var vals = new Float32Array(N), j;
   recMemo = {key: key, vals: vals};
-  if (contribView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
+  if (contribView() || blockView()){ for (var i = 0; i < N; i++){ var r = row(c.l, c.h, i); for (j = 0; j < N; j++) vals[j] += r[j] / N; } }
   else { var heads = c.h < 0 ? H : 1, h0 = c.h < 0 ? 0 : c.h; for (var hh = h0; hh < h0 + heads; hh++) { var m = D.received_max[c.l * H + hh] / 65535 / heads; for (j = 0; j < N; j++) vals[j] += rec[(c.l * H + hh) * N + j] * m; } }
   return vals;
 }
@@ -340,8 +362,8 @@ function recBar(j, v, mx){
 function drawReceived(){
   var c = cur(), vals = receivedRow(c), mx = 0, j;
   recBox.textContent = "";
-  byId("rec-title").textContent = "Received " + (contribView() ? "contribution" : "attention") + " — " + where(c);
-  byId("rec-note").textContent = (contribView() ? "Mean contribution share each token gives a query (the column means of the shares)." :
+  byId("rec-title").textContent = "Received " + (contribView() || blockView() ? "contribution" : "attention") + " — " + where(c);
+  byId("rec-note").textContent = (contribView() || blockView() ? "Mean contribution share each token gives a query (the column means of the shares)." :
     "Mean weight each token receives from a query (column sums of P / N) in this layer and head. (The terminal's table averages all layers and heads.)") +
     (N > HM ? " The strip spans all " + N + " tokens (each pixel: the largest in its bin; click to go there); below, the 30 tokens that receive most." : "");
   for (j = 0; j < N; j++) mx = Math.max(mx, vals[j]);
@@ -383,6 +405,37 @@ function drawRollRow(){
 }
 drawRollRow();
 
+// ---- whole-block contributions (ALTI / norms: heads, W_O, residual, LayerNorm), composed through the layers
+var BK = D.block, bkRows = BK ? u16(BK.rows.w) : null, bkLayers = BK ? u16(BK.layers.w) : null, bkSel = byId("blockrow");
+function bkRow(w, mx, k){ var r = new Float32Array(N); for (var j = 0; j < N; j++) r[j] = w[k * N + j] / 65535 * mx; return r; }
+if (BK){
+  byId("block-card").hidden = false;
+  var BT = BK.t, bm = b64(BK.map), bvals = new Float32Array(BT * BT);
+  for (var p0 = 0; p0 < BT * BT; p0++) bvals[p0] = bm[p0] / 255 * BK.map_max;
+  byId("block-title").textContent = "Contributions through the whole block (" + (BK.method === "alti" ? "ALTI" : "norms") + ", composed through the layers)";
+  byId("block-note").textContent = "What each input token makes up of a token's output, through the whole attention block: all heads mixed by the output projection, the residual connection and the layer norm " +
+    (BK.method === "alti" ? "(ALTI, Ferrando et al. 2022: L1 distance of each token's transformed vector to the block output, rows normalised)" : "(Kobayashi et al. 2021: L2 norms of each token's transformed vector, rows normalised)") +
+    "; each layer's matrix multiplied through the layers like rollout. Unlike attention weights, a token's own residual counts, and a large weight on a small value vector counts little. Map: rows = top-layer tokens, columns = input tokens" +
+    (BT < N ? " (exact block means, pooled to " + BT + "×" + BT + ")" : "") + ".";
+  heatmap(byId("blockmap"), bvals, BT, BT === N ? D.tokens : null, BK.map_max, function(ci, cj, v){
+    return BT < N ? range(ci, BT) + " ← " + range(cj, BT) + ": " + fmt(v) : D.tokens[ci] + " #" + ci + " ← " + D.tokens[cj] + " #" + cj + ": " + fmt(v);
+  }, byId("blockinfo"));
+  BK.ids.forEach(function(i, k){ var o = el("option", D.tokens[i] + " #" + i); o.value = k; bkSel.appendChild(o); });
+  bkSel.value = BK.ids.length - 1;
+  bkSel.addEventListener("change", drawBlockRow);
+}
+function drawBlockRow(){
+  if (!BK) return;
+  var k = +bkSel.value, i = BK.ids[k], l = +layerSel.value, box = byId("blockrows"), lbox = byId("blocklayer");
+  var r = bkRow(bkRows, BK.rows.max[k], k), lr = bkRow(bkLayers.subarray(l * BK.ids.length * N), BK.layers.max[l * BK.ids.length + k], k);
+  box.textContent = ""; lbox.textContent = "";
+  var hov = el("div", null, "hminfo");
+  strip(box, r, goTo, function(q){ return D.tokens[q] + " #" + q + ": " + fmt(r[q]); }, hov); box.appendChild(hov);
+  topKeys(r, 10).forEach(function(q){ box.appendChild(recBar(q, r[q], BK.rows.max[k])); });
+  byId("blocklayer-title").textContent = "In layer " + l + " alone (its block's contributions to “" + D.tokens[i] + "” #" + i + ")";
+  topKeys(lr, 6).forEach(function(q){ lbox.appendChild(recBar(q, lr[q], BK.layers.max[l * BK.ids.length + k])); });
+}
+
 // ---- what is exact and what is pooled
 (function(){
   var ul = byId("exactness"), k = wts.mode === "full" ? 0 : wts.k;
@@ -393,6 +446,7 @@ drawRollRow();
    "Layer × head grid: " + (D.thumb.pooled ? "exact block means pooled to " + T + "×" + T + "." : "every weight."),
    "Rollout map: " + (D.rollout.t < N ? "exact block means pooled to " + D.rollout.t + "×" + D.rollout.t + "; " : "exact; ") + (RR ? RR.ids.length + " rows exact (below it)." : "no exact rows."),
    "Head summary: exact means over every query (from the inputs, not from the top keys).",
+   BK ? "Contributions through the whole block: " + (BK.t < N ? "map as exact block means pooled to " + BK.t + "×" + BK.t + "; " : "map exact; ") + BK.ids.length + " rows exact (composed, and per layer; 2-byte precision relative to each row's largest)." : "Contributions through the whole block: not computed (attnlens explain --contributions).",
    D.kv ? "KV cache: the keys " + D.kv.method + " keeps, exactly as attnlens.kv.compress would keep them (scores from each layer's own attention call)." : "",
    "Size: linear in the number of tokens (the token view's top keys, received, the exact rollout rows) plus fixed-size pooled maps."
   ].forEach(function(t){ if (t) ul.appendChild(el("li", t)); });
@@ -463,7 +517,7 @@ function refresh(){
   byId("tok-title").textContent = "Token to token — " + what() + ", " + where(c);
   canv.forEach(function(rowc, l){ rowc.forEach(function(cv, h){ cv.classList.toggle("sel", l === c.l && (c.h < 0 || h === c.h)); }); });
   sumRows.forEach(function(tr, k){ tr.classList.toggle("sel", D.summary[k].layer === c.l && (c.h < 0 || D.summary[k].head === c.h)); });
-  viewNote(); drawHeat(); drawReceived(); show(pinned >= 0 ? pinned : shown);
+  viewNote(); drawHeat(); drawReceived(); drawBlockRow(); show(pinned >= 0 ? pinned : shown);
 }
 [layerSel, headSel, viewSel].forEach(function(s){ s.addEventListener("change", refresh); });
 refresh();

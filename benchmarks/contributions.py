@@ -73,7 +73,7 @@ def llama(n_pos: int):
 
 
 def capture(model, ids):
-    with torch.no_grad(), hf.capture(model, lens=al.Lens()) as cap:
+    with torch.no_grad(), hf.capture(model, lens=al.Lens(), keep_blocks=True) as cap:
         model(input_ids=ids)
     return cap.layers()
 

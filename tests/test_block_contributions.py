@@ -133,7 +133,7 @@ def _llama():
 
 
 def _captured(model, ids):
-    with torch.no_grad(), hf.capture(model, lens=al.Lens(received=False)) as cap:
+    with torch.no_grad(), hf.capture(model, lens=al.Lens(received=False), keep_blocks=True) as cap:
         model(input_ids=ids)
     return cap.layers()
 
@@ -249,7 +249,7 @@ def test_padded_batch_matches_the_papers(minilm64):
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, 31:] = 0  # the second sequence is padded: its last 9 keys are masked
     dense = _dense_layers(minilm64, ids, "bert", methods=("alti",), mask=mask, b=1)
-    with torch.no_grad(), hf.capture(minilm64, lens=al.Lens(received=False)) as cap:
+    with torch.no_grad(), hf.capture(minilm64, lens=al.Lens(received=False), keep_blocks=True) as cap:
         minilm64(input_ids=ids, attention_mask=mask)
     for rec, want in zip(cap.layers(), dense):
         got = analysis.block_contributions(rec, rows=[0, 20, 30, 35], batch=1)
@@ -382,11 +382,15 @@ def test_notebook_explain_with_contributions(minilm):
     assert attnlens.explain("a cat sat on the mat", model, tok).data.block is None
 
 
-def test_keep_blocks_false_keeps_the_call_only():
+def test_block_inputs_are_kept_only_when_asked():
     model = _gpt2()
-    with torch.no_grad(), hf.capture(model, keep_blocks=False) as cap:
+    with torch.no_grad(), hf.capture(model) as cap:  # the default: the call's inputs only (no B·N·E per layer)
         model(input_ids=_ids(10, 97, 1))
     rec = cap.layers()[0]
     assert rec.call is not None and rec.block_input is None
-    with pytest.raises(ValueError, match="input was not kept"):
+    with pytest.raises(ValueError, match="input was not kept.*keep_blocks=True"):
         analysis.block_contributions(rec, rows=[0])
+    with pytest.raises(ValueError, match="keep_blocks=True needs keep_inputs=True"):
+        with hf.capture(model, keep_inputs=False, keep_blocks=True):
+            pass
+    assert all(not m._forward_pre_hooks for m in model.modules())  # refused before any hook was set

@@ -150,7 +150,7 @@ class HFRecord(Record):
         if self.call is None:
             why.append("the record kept no inputs (capture with keep_inputs=True)")
         elif self.norm is not None and self.block_input is None:
-            why.append("the block's input was not kept (capture with keep_blocks=True, the default)")
+            why.append("the block's input was not kept (capture with hf.capture(..., keep_blocks=True))")
         elif self.norm is None:
             why.append(f"the block around {self.name!r} is not recognised (a post-LN parent with .output.LayerNorm "
                        f"and .output.dense, as BERT; or a pre-LN layer with one of {_PRE_NORMS})")
@@ -392,7 +392,7 @@ def _impl_of(model) -> Optional[str]:
 
 @contextlib.contextmanager
 def capture(model, *, lens=None, values: bool = True, on_record=None, keep_inputs: bool = True,
-            keep_blocks: Optional[bool] = None):
+            keep_blocks: bool = False):
     """Within the block, every attention call inside ``model`` runs through `attnlens.attention`
     and records an `HFRecord`.
 
@@ -419,9 +419,10 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
             ``(B, 1, N, N)`` bool mask only for padding or windows). In generation each step's record keeps
             the keys and values of the cache so far, which adds up over long generations: pass
             ``keep_inputs=False`` there. ``False`` keeps none.
-        keep_blocks: with ``keep_inputs``, also keep the hidden states entering each attention block
-            (``HFRecord.block_input``, read by `attnlens.analysis.block_contributions`): ``B · N · E`` more per
-            layer. ``None`` (the default) = ``keep_inputs``; ``False`` keeps the call's inputs only.
+        keep_blocks: also keep the hidden states entering each attention block (``HFRecord.block_input``, what
+            `attnlens.analysis.block_contributions` and ``compose_contributions`` read): ``B · N · E`` more elements
+            per layer (256 MiB per layer at 32k tokens with E = 4096 in float16), so off by default. Needs
+            ``keep_inputs``.
 
     Yields:
         an `HFCapture`; ``cap.results`` lists `HFRecord` in call order.
@@ -437,7 +438,9 @@ def capture(model, *, lens=None, values: bool = True, on_record=None, keep_input
         raise TypeError("lens must be None, True, or an attnlens.Lens (a capture records statistics), got False")
     cap = HFCapture(model=model, lens=lens, values=bool(values), on_record=on_record, keep_inputs=bool(keep_inputs))
     cap.names = {m: n for n, m in model.named_modules()}  # any of them may call the attention function
-    hooks = _hook_block_inputs(cap) if keep_inputs and (keep_blocks is None or keep_blocks) else []
+    if keep_blocks and not keep_inputs:
+        raise ValueError("keep_blocks=True needs keep_inputs=True (block contributions re-ask each layer's call)")
+    hooks = _hook_block_inputs(cap) if keep_blocks else []
     try:
         with activate(cap), attnlens_attention(model):
             yield cap

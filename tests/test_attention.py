@@ -592,6 +592,9 @@ def test_backends_listed_in_priority_order():
     assert caps["sdpa"].memory is Memory.LINEAR and caps["sdpa"].worst_memory is Memory.DENSE
     assert MaskFeature.QUERY in caps["torch"].masks and MaskFeature.QUERY not in caps["triton"].masks
     assert ScoreMod.SINKS in caps["triton"].score_mods and not caps["sdpa"].score_mods
+    shown = {r.name: r.describe()["masks"] for r in rows}  # per-sequence lengths shown where a backend serves them
+    assert {n for n, m in shown.items() if "seqlens" in m} == {n for n, c in caps.items() if c.seqlens} \
+        == {"triton", "torch", "reference"}
     text = al.info()
     for n in names:
         assert n in text

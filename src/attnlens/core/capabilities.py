@@ -129,7 +129,8 @@ class Capabilities:
         return {"lens": lens, "grad": grad, "dropout": "yes" if self.dropout else "no",
                 "dtypes": ", ".join(_DTYPE_NAMES[d] for d in FLOAT_DTYPES if d in self.dtypes),
                 "devices": "any" if self.devices is None else ", ".join(sorted(self.devices)),
-                "masks": ", ".join(str(m) for m in MaskFeature if m in self.masks) or "none",
+                "masks": ", ".join([str(m) for m in MaskFeature if m in self.masks]
+                                   + (["seqlens"] if self.seqlens else [])) or "none",
                 "score mods": ", ".join(str(m) for m in ScoreMod if m in self.score_mods) or "none",
                 "head dims": "any" if self.max_head_dim is None else f"<= {self.max_head_dim}",
                 "memory": str(self.memory) + ("" if self.worst_memory is None else f", {self.worst_memory} for some")}

@@ -130,13 +130,16 @@ static inline vf vldz(vm m, const float *p) {
     return r;
 }
 static inline vf vldf(vm m, const float *p, float fill) {
+    if (m == 0xffff) return vld(p);
     vf r = vzero() + fill;
     for (int l = 0; l < 16; ++l) if (m >> l & 1) r[l] = p[l];
     return r;
 }
 static inline int vcompress(float *cv, int32_t *ci, vm m, vf x, int64_t j0) {
-    int n = 0;
-    for (int l = 0; l < 16; ++l) if (m >> l & 1) { cv[n] = x[l]; ci[n] = (int32_t)(j0 + l); ++n; }
+    int n = 0; /* the set lanes only, lowest first (few lanes pass the k-th score) */
+    float xs[16];
+    memcpy(xs, &x, sizeof x);
+    for (unsigned b = m; b; b &= b - 1) { const int l = __builtin_ctz(b); cv[n] = xs[l]; ci[n] = (int32_t)(j0 + l); ++n; }
     return n;
 }
 static inline void vst(float *p, vf x) { memcpy(p, &x, sizeof x); }
@@ -801,32 +804,22 @@ static void qk(int64_t R, const float *const *arow, int64_t K, const float *bt, 
 /* ---------------------------------------------------------------------------------------------------------
  * top-k of a row's raw scores, streaming: cv[0:k) holds the k largest so far (largest first; ties: the lower key
  * first), cv[k:k+n) the candidates since — scores above the k-th, appended a key vector at a time without
- * branches (compress-store). A merge selects the k largest of the k + n (k max-extractions; the first position
- * among equal values, which is the lower key: the list precedes the candidates, which are in key order). */
+ * branches (compress-store). A merge inserts the candidates into the list (the first position among equal
+ * values, which is the lower key: the list precedes the candidates, which are in key order). */
 #define TKCAP 128 /* candidates kept before a merge must run (a merge runs once 64 are waiting) */
 
 static void topk_merge(float *cv, int32_t *ci, int k, int n) {
-    float ov[MAXK];
-    int32_t oi[MAXK];
-    const int tot = k + n, nv = (tot + 15) / 16;
-    int x = 0;
-    for (; x < k; ++x) {
-        vf mx = vset(-INFINITY);
-        for (int v = 0; v < nv; ++v) mx = vmax(mx, vldf(lanes_below(tot - 16 * v), cv + 16 * v, -INFINITY));
-        const float m = vhmax(mx);
-        if (!(m > -INFINITY)) break;
-        int pos = -1;
-        for (int v = 0; v < nv && pos < 0; ++v) {
-            vm eq = (vm)(~vne(vld(cv + 16 * v), vset(m))) & lanes_below(tot - 16 * v);
-            if (eq) pos = 16 * v + __builtin_ctz((unsigned)eq);
-        }
-        ov[x] = m;
-        oi[x] = ci[pos];
-        cv[pos] = -INFINITY;
+    /* insertion of each candidate, in key order, into the sorted list: it moves only past strictly smaller scores,
+     * so among equal scores the earlier (the lower key) stays first; candidates are > -inf and never NaN */
+    for (int c = k; c < k + n; ++c) {
+        const float x = cv[c];
+        const int32_t xi = ci[c];
+        if (!(x > cv[k - 1])) continue;
+        int pos = k - 1;
+        while (pos > 0 && x > cv[pos - 1]) { cv[pos] = cv[pos - 1]; ci[pos] = ci[pos - 1]; --pos; }
+        cv[pos] = x;
+        ci[pos] = xi;
     }
-    for (; x < k; ++x) { ov[x] = -INFINITY; oi[x] = -1; }
-    memcpy(cv, ov, (size_t)k * 4);
-    memcpy(ci, oi, (size_t)k * 4);
 }
 
 /* the candidates of one tile row s (raw scores, keys j0..) above the k-th largest so far */

@@ -1198,6 +1198,25 @@ static inline void col_exp(float *s, float lse, float rd, int check) {
 }
 #endif
 
+/* acc[0:BK) += Σ_{r < n} S[r][0:BK) (each column summed over the rows in row order) */
+#if !FUSED_AVX512 && defined(__AVX2__)
+static inline void col_sum(float *acc, const float *S, int64_t n) { /* all BK sums in 8 registers */
+    __m256 c[BK / 8];
+    for (int v = 0; v < BK / 8; ++v) c[v] = _mm256_loadu_ps(acc + 8 * v);
+    for (int64_t r = 0; r < n; ++r)
+        for (int v = 0; v < BK / 8; ++v) c[v] = _mm256_add_ps(c[v], _mm256_loadu_ps(S + r * BK + 8 * v));
+    for (int v = 0; v < BK / 8; ++v) _mm256_storeu_ps(acc + 8 * v, c[v]);
+}
+#else
+static inline void col_sum(float *acc, const float *S, int64_t n) {
+    for (int v = 0; v < NVK; ++v) {
+        vf x = vld(acc + 16 * v);
+        for (int64_t r = 0; r < n; ++r) x = vadd(x, vld(S + r * BK + 16 * v));
+        vst(acc + 16 * v, x);
+    }
+}
+#endif
+
 /* The column pass. A work item owns CT key tiles of one (batch, kv head) — its columns of received, Pᵀ W and the
  * weight rows are its own — and runs, per query head of the group, the query rows that see them in blocks of CR:
  * a block's rows are set up once and meet the item's tiles one after another (the block's q rows stay in L1). */
@@ -1277,12 +1296,7 @@ int attnlens_fused_columns(const Args *a) {
                                         vst(pacc + tl * BK + 16 * v, vadd(vld(pacc + tl * BK + 16 * v), vld(s + 16 * v)));
                                 }
                             }
-                            if (a->received)
-                                for (int v = 0; v < NVK; ++v) { /* column sums of the block's weights */
-                                    vf acc = vld(rec + tl * BK + 16 * v);
-                                    for (int64_t r = 0; r < n; ++r) acc = vadd(acc, vld(S + r * BK + 16 * v));
-                                    vst(rec + tl * BK + 16 * v, acc);
-                                }
+                            if (a->received) col_sum(rec + tl * BK, S, n); /* column sums of the block's weights */
                             if (a->rf)
                                 for (int64_t t = 0; t < T; ++t)
                                     for (int v = 0; v < NVK; ++v) {

@@ -24,7 +24,9 @@
  *
  * q, k, v are read through their strides in float32, float16 or bfloat16 and packed once per call in float32:
  * q scaled, K transposed per key tile of BK keys (the inner loop runs over keys), V with rows padded to 16.
- * SIMD: GCC vector extensions of 16 floats (any x86-64, ARM); AVX-512 intrinsics only when asked (see below).
+ * SIMD: GCC vector extensions of 16 floats (any x86-64, ARM); AVX-512 intrinsics only when asked (see below); on
+ * AVX2 + FMA without them, the per-score work (online_row, col_exp, col_sum) on 8-float AVX2 registers, lane for lane
+ * what the generic path computes (benchmarks/results/cpu-2026-12-03.md, "After").
  * OpenMP shares PyTorch's runtime and thread count. Built on first use by fused.py through native.py. */
 #include <math.h>
 #include <omp.h>

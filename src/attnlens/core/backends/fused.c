@@ -24,7 +24,9 @@
  *
  * q, k, v are read through their strides in float32, float16 or bfloat16 and packed once per call in float32:
  * q scaled, K transposed per key tile of BK keys (the inner loop runs over keys), V with rows padded to 16.
- * SIMD: GCC vector extensions of 16 floats (any x86-64, ARM); AVX-512 intrinsics only when asked (see below).
+ * SIMD: GCC vector extensions of 16 floats (any x86-64, ARM); AVX-512 intrinsics only when asked (see below); on
+ * AVX2 + FMA without them, the per-score work (online_row, col_exp, col_sum) on 8-float AVX2 registers, lane for lane
+ * what the generic path computes (benchmarks/results/cpu-2026-12-03.md, "After").
  * OpenMP shares PyTorch's runtime and thread count. Built on first use by fused.py through native.py. */
 #include <math.h>
 #include <omp.h>
@@ -105,11 +107,22 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vm;
 static const vi LANEBIT = {1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7,
                            1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15};
+#if defined(__AVX__)
+#include <immintrin.h>
+/* the sign bits of the two 8-lane halves (vmovmskps): the per-lane loop below costs ~16 scalar extractions */
+static inline vm vbits(vi c) {
+    __m256 lo, hi;
+    memcpy(&lo, &c, 32);
+    memcpy(&hi, (const char *)&c + 32, 32);
+    return (vm)_mm256_movemask_ps(lo) | (vm)_mm256_movemask_ps(hi) << 8;
+}
+#else
 static inline vm vbits(vi c) {
     vm r = 0;
     for (int l = 0; l < 16; ++l) r |= c[l] ? 1u << l : 0u;
     return r;
 }
+#endif
 static inline vi vlanes(vm m) { return (LANEBIT & (int32_t)m) != 0; }
 static inline vf vzero(void) { vf r = {0}; return r; }
 static inline vf vld(const float *p) { vf r; memcpy(&r, p, sizeof r); return r; }
@@ -119,13 +132,16 @@ static inline vf vldz(vm m, const float *p) {
     return r;
 }
 static inline vf vldf(vm m, const float *p, float fill) {
+    if (m == 0xffff) return vld(p);
     vf r = vzero() + fill;
     for (int l = 0; l < 16; ++l) if (m >> l & 1) r[l] = p[l];
     return r;
 }
 static inline int vcompress(float *cv, int32_t *ci, vm m, vf x, int64_t j0) {
-    int n = 0;
-    for (int l = 0; l < 16; ++l) if (m >> l & 1) { cv[n] = x[l]; ci[n] = (int32_t)(j0 + l); ++n; }
+    int n = 0; /* the set lanes only, lowest first (few lanes pass the k-th score) */
+    float xs[16];
+    memcpy(xs, &x, sizeof x);
+    for (unsigned b = m; b; b &= b - 1) { const int l = __builtin_ctz(b); cv[n] = xs[l]; ci[n] = (int32_t)(j0 + l); ++n; }
     return n;
 }
 static inline void vst(float *p, vf x) { memcpy(p, &x, sizeof x); }
@@ -188,7 +204,7 @@ static inline vf vexp(vf x) { /* scalef gives 2^n for any n (inf above the range
 }
 #else
 static inline vf vexp(vf x) {
-    vm under = vlt(x, vset(EXP_LO));
+    const vi under = x < vset(EXP_LO); /* a lane mask, not bits: no round trip through vbits / vlanes */
     vf xc = vmin(vset(88.0f), vmax(vset(EXP_LO), x)); /* constant first: NaN passes through */
     vf n = vround(vmul(xc, vset(1.44269504088896341f)));
     vf r = vfma(n, vset(-0.693359375f), xc);
@@ -200,7 +216,7 @@ static inline vf vexp(vf x) {
     y = vfma(y, r, vset(5.0000001201e-1f));
     y = vfma(y, r, vset(1.0f));
     y = vfma(y, r, vset(1.0f));
-    return vsel(under, vzero(), vscale2(y, n));
+    return vselv(under, vzero(), vscale2(y, n));
 }
 #endif
 
@@ -219,7 +235,11 @@ static inline vf vtanh(vf x) {
     q = vfma(x2, q, vset(2.26843463243900e-03f));
     q = vfma(x2, q, vset(4.89352518554385e-03f));
     vf t = vdiv(p, q);
+#if FUSED_AVX512
     return vsel(vlt(vabs(xc), vset(4e-4f)), xc, t);
+#else
+    return vselv(vabs(xc) < vset(4e-4f), xc, t);
+#endif
 }
 
 /* which SIMD path this library was built with */
@@ -786,32 +806,22 @@ static void qk(int64_t R, const float *const *arow, int64_t K, const float *bt, 
 /* ---------------------------------------------------------------------------------------------------------
  * top-k of a row's raw scores, streaming: cv[0:k) holds the k largest so far (largest first; ties: the lower key
  * first), cv[k:k+n) the candidates since — scores above the k-th, appended a key vector at a time without
- * branches (compress-store). A merge selects the k largest of the k + n (k max-extractions; the first position
- * among equal values, which is the lower key: the list precedes the candidates, which are in key order). */
+ * branches (compress-store). A merge inserts the candidates into the list (the first position among equal
+ * values, which is the lower key: the list precedes the candidates, which are in key order). */
 #define TKCAP 128 /* candidates kept before a merge must run (a merge runs once 64 are waiting) */
 
 static void topk_merge(float *cv, int32_t *ci, int k, int n) {
-    float ov[MAXK];
-    int32_t oi[MAXK];
-    const int tot = k + n, nv = (tot + 15) / 16;
-    int x = 0;
-    for (; x < k; ++x) {
-        vf mx = vset(-INFINITY);
-        for (int v = 0; v < nv; ++v) mx = vmax(mx, vldf(lanes_below(tot - 16 * v), cv + 16 * v, -INFINITY));
-        const float m = vhmax(mx);
-        if (!(m > -INFINITY)) break;
-        int pos = -1;
-        for (int v = 0; v < nv && pos < 0; ++v) {
-            vm eq = (vm)(~vne(vld(cv + 16 * v), vset(m))) & lanes_below(tot - 16 * v);
-            if (eq) pos = 16 * v + __builtin_ctz((unsigned)eq);
-        }
-        ov[x] = m;
-        oi[x] = ci[pos];
-        cv[pos] = -INFINITY;
+    /* insertion of each candidate, in key order, into the sorted list: it moves only past strictly smaller scores,
+     * so among equal scores the earlier (the lower key) stays first; candidates are > -inf and never NaN */
+    for (int c = k; c < k + n; ++c) {
+        const float x = cv[c];
+        const int32_t xi = ci[c];
+        if (!(x > cv[k - 1])) continue;
+        int pos = k - 1;
+        while (pos > 0 && x > cv[pos - 1]) { cv[pos] = cv[pos - 1]; ci[pos] = ci[pos - 1]; --pos; }
+        cv[pos] = x;
+        ci[pos] = xi;
     }
-    for (; x < k; ++x) { ov[x] = -INFINITY; oi[x] = -1; }
-    memcpy(cv, ov, (size_t)k * 4);
-    memcpy(ci, oi, (size_t)k * 4);
 }
 
 /* the candidates of one tile row s (raw scores, keys j0..) above the k-th largest so far */
@@ -851,6 +861,103 @@ typedef struct {
 /* One row's share of a key tile, online: s (BK prepared scores) becomes e = exp(s - m) with the row's reference
  * max m, which moves (rescaling l, t and O by alpha = exp(m - m')) only when a score exceeds it by more than LAZY
  * — after the first tiles almost never. Returns 1 when the row was rescaled (alpha != 1). */
+#if !FUSED_AVX512 && defined(__AVX2__) && defined(__FMA__)
+/* AVX2 (16 registers of 8 floats): the per-score work of online_row on 8-float registers. The generic 16-float
+ * vectors went through the stack and per-lane scalar code (mask bits, selects); here every 16-float vector of the
+ * generic path is a pair (lanes 0-7, 8-15) of __m256, so each lane computes exactly what it computes there. */
+static inline __m256 exp8(__m256 x) { /* vexp on 8 lanes: the same operations in the same order */
+    const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LO), _CMP_LT_OQ);
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x)); /* NaN stays */
+    const __m256 t = _mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 half = _mm256_or_ps(_mm256_and_ps(t, _mm256_set1_ps(-0.0f)), _mm256_set1_ps(0.5f));
+    const __m256i ni = _mm256_cvttps_epi32(_mm256_add_ps(t, half)); /* to nearest, halves away from zero */
+    const __m256 n = _mm256_cvtepi32_ps(ni);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t j0) {
+    __m256 x[2 * NVK];
+    x[0] = _mm256_loadu_ps(s);
+    x[1] = _mm256_loadu_ps(s + 8);
+    __m256 mx0 = x[0], mx1 = x[1]; /* max(a, b) is b where either is NaN, as vmax */
+    for (int v = 1; v < NVK; ++v) {
+        x[2 * v] = _mm256_loadu_ps(s + 16 * v);
+        x[2 * v + 1] = _mm256_loadu_ps(s + 16 * v + 8);
+        mx0 = _mm256_max_ps(mx0, x[2 * v]);
+        mx1 = _mm256_max_ps(mx1, x[2 * v + 1]);
+    }
+    float m = f->m[r], al = 1.0f;
+    int moved = 0;
+    if (m == -INFINITY || _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(mx0, _mm256_set1_ps(m + LAZY), _CMP_GT_OQ),
+                                                          _mm256_cmp_ps(mx1, _mm256_set1_ps(m + LAZY), _CMP_GT_OQ)))) {
+        vf mxv;
+        memcpy(&mxv, &mx0, 32);
+        memcpy((char *)&mxv + 32, &mx1, 32);
+        float mt = vhmax(mxv);
+        if (!(mt > -INFINITY)) { /* nothing visible in this tile yet (NaN: the row is marked bad) */
+            if (mt != mt) f->m[r] = mt;
+            for (int v = 0; v < NVK; ++v) vst(s + 16 * v, vzero());
+            f->alpha[r] = 1.0f;
+            return 0;
+        }
+        al = m == -INFINITY ? 0.0f : expf(m - mt);
+        vf va = vset(al);
+        f->tv_[r] = vmul(va, vfma(f->lv[r], vset(m == -INFINITY ? 0.0f : m - mt), f->tv_[r]));
+        f->lv[r] = vmul(va, f->lv[r]);
+        m = f->m[r] = mt;
+        moved = 1;
+    }
+    float *mvp = (float *)&f->mv[r], *lvp = (float *)&f->lv[r], *tvp = (float *)&f->tv_[r];
+    _mm256_storeu_ps(mvp, _mm256_max_ps(_mm256_loadu_ps(mvp), mx0));
+    _mm256_storeu_ps(mvp + 8, _mm256_max_ps(_mm256_loadu_ps(mvp + 8), mx1));
+    f->alpha[r] = al;
+    float *cv = f->tv + r * (MAXK + TKCAP);
+    if (k) {
+        const __m256 thr = _mm256_set1_ps(cv[k - 1]);
+        if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(mx0, thr, _CMP_GT_OQ), _mm256_cmp_ps(mx1, thr, _CMP_GT_OQ))))
+            topk_add(cv, f->ti + r * (MAXK + TKCAP), &f->cnt[r], k, s, j0);
+    }
+    const __m256 vm_ = _mm256_set1_ps(m), lo = _mm256_set1_ps(EXP_LO);
+    __m256 ls0 = _mm256_loadu_ps(lvp), ls1 = _mm256_loadu_ps(lvp + 8);
+    if (want_t) {
+        __m256 ts0 = _mm256_loadu_ps(tvp), ts1 = _mm256_loadu_ps(tvp + 8);
+        for (int v = 0; v < NVK; ++v) {
+            const __m256 d0 = _mm256_sub_ps(x[2 * v], vm_), d1 = _mm256_sub_ps(x[2 * v + 1], vm_);
+            const __m256 e0 = exp8(d0), e1 = exp8(d1);
+            _mm256_storeu_ps(s + 16 * v, e0);
+            _mm256_storeu_ps(s + 16 * v + 8, e1);
+            ls0 = _mm256_add_ps(ls0, e0);
+            ls1 = _mm256_add_ps(ls1, e1);
+            /* e = 0 wherever d < EXP_LO (masked keys: d = -inf) */
+            ts0 = _mm256_fmadd_ps(e0, _mm256_max_ps(lo, d0), ts0);
+            ts1 = _mm256_fmadd_ps(e1, _mm256_max_ps(lo, d1), ts1);
+        }
+        _mm256_storeu_ps(tvp, ts0);
+        _mm256_storeu_ps(tvp + 8, ts1);
+    } else {
+        for (int v = 0; v < NVK; ++v) {
+            const __m256 e0 = exp8(_mm256_sub_ps(x[2 * v], vm_)), e1 = exp8(_mm256_sub_ps(x[2 * v + 1], vm_));
+            _mm256_storeu_ps(s + 16 * v, e0);
+            _mm256_storeu_ps(s + 16 * v + 8, e1);
+            ls0 = _mm256_add_ps(ls0, e0);
+            ls1 = _mm256_add_ps(ls1, e1);
+        }
+    }
+    _mm256_storeu_ps(lvp, ls0);
+    _mm256_storeu_ps(lvp + 8, ls1);
+    return moved;
+}
+#else
 static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t j0) {
     vf x[NVK];
     x[0] = vld(s);
@@ -889,6 +996,7 @@ static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t
     f->tv_[r] = ts;
     return moved;
 }
+#endif
 
 /* value rows with NaN/inf in this tile: added only where their weight is > 0 */
 static void add_bad_values(const Args *a, const Pack *p, Fwd *f, int64_t R, int64_t bh, int64_t j0) {
@@ -1068,6 +1176,49 @@ static void pool_flush(const Args *a, float *pl, float *pacc, int64_t j0, int64_
     memset(pacc, 0, BK * 4);
 }
 
+/* one tile row of scores s (BK) becomes its weights exp(s - lse - rd); with `check`, a NaN lse gives NaN where the
+ * key is visible (the row's NaN rule) and 0 elsewhere */
+#if !FUSED_AVX512 && defined(__AVX2__) && defined(__FMA__)
+static inline void col_exp(float *s, float lse, float rd, int check) { /* on 8-float registers, as online_row */
+    const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(rd), ninf = _mm256_set1_ps(-INFINITY);
+    for (int c = 0; c < BK; c += 8) {
+        const __m256 sv = _mm256_loadu_ps(s + c);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_sub_ps(sv, vl), vd));
+        if (check) e = _mm256_and_ps(_mm256_cmp_ps(sv, ninf, _CMP_NEQ_UQ), e);
+        _mm256_storeu_ps(s + c, e);
+    }
+}
+#else
+static inline void col_exp(float *s, float lse, float rd, int check) {
+    const vf vl = vset(lse), vd = vset(rd);
+    for (int v = 0; v < NVK; ++v) {
+        const vf sv = vld(s + 16 * v);
+        vf e = vexp(vsub(vsub(sv, vl), vd));
+        if (check) e = vmaskz(vne(sv, vset(-INFINITY)), e);
+        vst(s + 16 * v, e);
+    }
+}
+#endif
+
+/* acc[0:BK) += Σ_{r < n} S[r][0:BK) (each column summed over the rows in row order) */
+#if !FUSED_AVX512 && defined(__AVX2__)
+static inline void col_sum(float *acc, const float *S, int64_t n) { /* all BK sums in 8 registers */
+    __m256 c[BK / 8];
+    for (int v = 0; v < BK / 8; ++v) c[v] = _mm256_loadu_ps(acc + 8 * v);
+    for (int64_t r = 0; r < n; ++r)
+        for (int v = 0; v < BK / 8; ++v) c[v] = _mm256_add_ps(c[v], _mm256_loadu_ps(S + r * BK + 8 * v));
+    for (int v = 0; v < BK / 8; ++v) _mm256_storeu_ps(acc + 8 * v, c[v]);
+}
+#else
+static inline void col_sum(float *acc, const float *S, int64_t n) {
+    for (int v = 0; v < NVK; ++v) {
+        vf x = vld(acc + 16 * v);
+        for (int64_t r = 0; r < n; ++r) x = vadd(x, vld(S + r * BK + 16 * v));
+        vst(acc + 16 * v, x);
+    }
+}
+#endif
+
 /* The column pass. A work item owns CT key tiles of one (batch, kv head) — its columns of received, Pᵀ W and the
  * weight rows are its own — and runs, per query head of the group, the query rows that see them in blocks of CR:
  * a block's rows are set up once and meet the item's tiles one after another (the block's q rows stay in L1). */
@@ -1133,13 +1284,7 @@ int attnlens_fused_columns(const Args *a) {
                             for (int64_t r = 0; r < n; ++r) { /* P = exp(s - lse) */
                                 float *s = S + r * BK;
                                 prep_row(a, &rows[r], s, NULL, j0);
-                                const vf vl = vset(lse[r]), vd = vset(rd[r]);
-                                for (int v = 0; v < NVK; ++v) {
-                                    const vf sv = vld(s + 16 * v);
-                                    vf e = vexp(vsub(vsub(sv, vl), vd));
-                                    if (a->check) e = vmaskz(vne(sv, vset(-INFINITY)), e); /* NaN lse: NaN where visible */
-                                    vst(s + 16 * v, e);
-                                }
+                                col_exp(s, lse[r], rd[r], a->check);
                                 if (a->wrows && a->wpos[rows[r].i] >= 0)
                                     memcpy(a->wrows + ((bhq * a->nwrows + a->wpos[rows[r].i]) * Nk) + j0, s, (size_t)nk * 4);
                                 if (a->pooled) {
@@ -1153,12 +1298,7 @@ int attnlens_fused_columns(const Args *a) {
                                         vst(pacc + tl * BK + 16 * v, vadd(vld(pacc + tl * BK + 16 * v), vld(s + 16 * v)));
                                 }
                             }
-                            if (a->received)
-                                for (int v = 0; v < NVK; ++v) { /* column sums of the block's weights */
-                                    vf acc = vld(rec + tl * BK + 16 * v);
-                                    for (int64_t r = 0; r < n; ++r) acc = vadd(acc, vld(S + r * BK + 16 * v));
-                                    vst(rec + tl * BK + 16 * v, acc);
-                                }
+                            if (a->received) col_sum(rec + tl * BK, S, n); /* column sums of the block's weights */
                             if (a->rf)
                                 for (int64_t t = 0; t < T; ++t)
                                     for (int v = 0; v < NVK; ++v) {
@@ -1269,13 +1409,8 @@ int attnlens_fused_backward(const Args *a) {
                                     float *s = S + r * BK;
                                     if (r < n) prep_row(a, &rows[r], s, dc ? dc + r * BK : NULL, j0);
                                     else if (dc) memset(dc + r * BK, 0, BK * 4); /* a padding row: no stale NaN */
-                                    const vf vl = vset(lse[r]), vd = vset(rd[r]);
-                                    for (int v = 0; v < NVK; ++v) {
-                                        const vf sv = vld(s + 16 * v);
-                                        vf e = r < n ? vexp(vsub(vsub(sv, vl), vd)) : vzero();
-                                        if (a->check) e = vmaskz(vne(sv, vset(-INFINITY)), e);
-                                        vst(s + 16 * v, e);
-                                    }
+                                    if (r < n) col_exp(s, lse[r], rd[r], a->check);
+                                    else memset(s, 0, BK * 4);
                                 }
                                 outer(dV, Dvp, S, BK, dorow, R);                  /* dV += Pᵀ dO */
                                 qk(R, dorow, Dv, vt, dP);                         /* dP = dO Vᵀ */

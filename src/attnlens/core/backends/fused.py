@@ -34,8 +34,9 @@ when the pass itself runs the column pass), so rows of scores near -1e30 keep th
 The library is built on first use by `attnlens.core.backends.native` (private verified cache, atomic builds under
 a lock, compile timeout); where it cannot be built this backend gives that as its reason and ``auto`` takes another
 (``attnlens info`` says which and why). ``auto`` takes this backend only where it measured faster than what auto
-takes otherwise (`measured_faster`, `AUTO_RULE`): on the build measured so far (GCC vector extensions on a 2-core
-AVX2 CPU) it is slower than SDPA and, with the lens, than the torch backend, so it serves calls that name it.
+takes otherwise (`measured_faster`, `AUTO_RULE`): on the build measured so far (GCC vector extensions with AVX2
+intrinsics for the per-score work, 2-core AVX2 CPU) it is not faster in every cell of the grid — with the default lens
+(entropy, received) slower than the torch backend in every cell — so it serves calls that name it.
 """
 from __future__ import annotations
 
@@ -93,12 +94,13 @@ def library():
 
 
 #: where ``backend="auto"`` takes the kernel: where it measured faster than what auto takes otherwise (SDPA for a plain
-#: call, the torch backend for a lens call). benchmarks/results/cpu-2026-12-03.md (2-core AMD EPYC, AVX2, the portable
-#: build; N = 1024, D = 16-128, causal and not): no lens 1.6-4.5x SDPA's time, lens (entropy, received) 2.0-5.5x the
-#: torch backend's, forward + backward 1.2-2.4x SDPA's (faster than the torch backend's only there, for causal calls)
-#: — slower than auto's choice in every cell, so auto does not take it yet; name it (``backend="fused"``) to use it.
-AUTO_RULE = ("nowhere yet: it measured slower than what auto takes otherwise (SDPA; the torch backend with a lens) on "
-             "this build (benchmarks/cpu.py)")
+#: call, the torch backend for a lens call). benchmarks/results/cpu-2026-12-03.md, section "After" (2-core AMD EPYC,
+#: AVX2; N = 1024, D = 16-128, causal and not): no lens 0.94-1.40x SDPA's time; lens (entropy, max weight) faster than
+#: the torch backend in 6 of 8 cells, lens (entropy, received) in 3 (1.50-2.10x SDPA against the torch backend's
+#: 1.26-2.54x), + top-8 in 3; forward + backward 0.73-1.22x SDPA's. Not faster than auto's choice in every cell of a
+#: kind of call, so auto does not take it yet; name it (``backend="fused"``) to use it.
+AUTO_RULE = ("nowhere yet: it measured slower than what auto takes otherwise (SDPA; the torch backend with a lens) in "
+             "some cells of the grid on this build (benchmarks/cpu.py)")
 
 
 def measured_faster(inp: AttnInputs) -> bool:

@@ -339,14 +339,19 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
         C = torch.empty(r, n, dtype=dt, device=dev)
         if method == "alti":
             y1 = y.abs().sum(-1)  # (r,): ‖y_i‖₁
-            c_step = key_chunk or max(1, (TILE_ELEMS // 4) // max(1, r * E))  # (c, r, E): ~1 Mi elements
+            c_step = key_chunk or max(1, (TILE_ELEMS // 2) // max(1, r * E))  # (c, r, E): ~2 Mi elements
+            buf = torch.empty(min(c_step, n), r, E, dtype=dt, device=dev)  # reused: no allocation per key tile
+            Ct = torch.empty(n, r, dtype=dt, device=dev)  # keys first: each tile's sums land contiguous
             for c0 in range(0, n, c_step):
                 c1 = min(n, c0 + c_step)
-                D = torch.baddbmm(y[None], A[c0:c1], fk[c0:c1], alpha=-1)  # (c, r, E): y_i − Σ_h a_hij f̃_hj
+                D = torch.bmm(A[c0:c1], fk[c0:c1], out=buf[:c1 - c0])  # (c, r, E): Σ_h a_hij f̃_hj
                 k = [t for t, i in enumerate(tile) if c0 <= i < c1]  # the residual: j = i
-                if k:
-                    D[[tile[t] - c0 for t in k], k] -= own[k]
-                C[:, c0:c1] = (y1[:, None] - torch.linalg.vector_norm(D, ord=1, dim=-1).T).clamp_(min=0)
+                if k:  # D[i − c0, t] += own[t], one index_add_ on the flat (c · r, E) view
+                    at = torch.tensor([(tile[t] - c0) * r + t for t in k], device=dev)
+                    D.view(-1, E).index_add_(0, at, own[k])
+                D.sub_(y)  # T_i(x_j) − y_i, in place (the sign does not change the L1 norm)
+                torch.sum(D.abs_(), dim=-1, out=Ct[c0:c1])  # d_ij = ‖y_i − T_i(x_j)‖₁
+            C = (y1[:, None] - Ct.T).clamp_(min=0)
             none = (A == 0).all(-1)  # (N, r): T_i(x_j) = 0 (no weight, j ≠ i): exactly 0, not ‖y‖₁ − ‖y‖₁'s rounding
             none[ri, torch.arange(r, device=dev)] = False
             C[none.T] = 0.0

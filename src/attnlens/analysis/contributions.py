@@ -268,6 +268,8 @@ def _weight_rows(whole, rows: list) -> tuple:
         parts.append(res.weights[0])  # (Hq, run, N)
         outs.append(out[0])  # (Hq, run, Dv)
         a = b
+    if len(parts) == 1:  # one run of rows: no copy
+        return parts[0], outs[0]
     return torch.cat(parts, dim=1), torch.cat(outs, dim=1)
 
 
@@ -334,37 +336,40 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
         else:
             s = torch.ones(r, 1, dtype=dt, device=dev)
             y = u
-        A = (P / s[None]).permute(2, 1, 0).contiguous()  # (N, r, Hq): a_ij, keys first
-        own = xc[ri] / s  # (r, E): the residual's transformed vector, on j = i
-        C = torch.empty(r, n, dtype=dt, device=dev)
+        # a_ij = P[:, i, j] / s_i: the 1/s_i is taken out of every product below (no pass over P for it), and the keys
+        # brought first by one 2-D transpose (H, r·N) -> (r·N, H), ~2.5x quicker than a 3-D permute; A is its
+        # (N, r, Hq) view (strided: each key's (r, Hq) matrix has row stride N·Hq, which bmm takes as it is)
+        A = P.reshape(Hq, r * n).T.contiguous().view(r, n, Hq).transpose(0, 1)  # (N, r, Hq): P_hij, keys first
+        own = xc[ri]  # (r, E): the residual's transformed vector on j = i, times s_i
+        rr = torch.arange(r, device=dev)
         if method == "alti":
             y1 = y.abs().sum(-1)  # (r,): ‖y_i‖₁
+            ys = y * s  # (r, E): s_i y_i, so that s_i (y_i − T_i(x_j)) = s_i y_i − Σ_h P_hij f̃_hj (− own on j = i)
             c_step = key_chunk or max(1, (TILE_ELEMS // 2) // max(1, r * E))  # (c, r, E): ~2 Mi elements
             buf = torch.empty(min(c_step, n), r, E, dtype=dt, device=dev)  # reused: no allocation per key tile
             Ct = torch.empty(n, r, dtype=dt, device=dev)  # keys first: each tile's sums land contiguous
             for c0 in range(0, n, c_step):
                 c1 = min(n, c0 + c_step)
-                D = torch.bmm(A[c0:c1], fk[c0:c1], out=buf[:c1 - c0])  # (c, r, E): Σ_h a_hij f̃_hj
+                D = torch.bmm(A[c0:c1], fk[c0:c1], out=buf[:c1 - c0])  # (c, r, E): Σ_h P_hij f̃_hj
                 k = [t for t, i in enumerate(tile) if c0 <= i < c1]  # the residual: j = i
                 if k:  # D[i − c0, t] += own[t], one index_add_ on the flat (c · r, E) view
                     at = torch.tensor([(tile[t] - c0) * r + t for t in k], device=dev)
                     D.view(-1, E).index_add_(0, at, own[k])
-                D.sub_(y)  # T_i(x_j) − y_i, in place (the sign does not change the L1 norm)
-                torch.sum(D.abs_(), dim=-1, out=Ct[c0:c1])  # d_ij = ‖y_i − T_i(x_j)‖₁
-            C = (y1[:, None] - Ct.T).clamp_(min=0)
-            none = (A == 0).all(-1)  # (N, r): T_i(x_j) = 0 (no weight, j ≠ i): exactly 0, not ‖y‖₁ − ‖y‖₁'s rounding
-            none[ri, torch.arange(r, device=dev)] = False
-            C[none.T] = 0.0
+                D.sub_(ys)  # s_i (T_i(x_j) − y_i), in place (the sign does not change the L1 norm)
+                torch.sum(D.abs_(), dim=-1, out=Ct[c0:c1])  # s_i d_ij = s_i ‖y_i − T_i(x_j)‖₁
+            C = (y1[:, None] - Ct.T / s).clamp_(min=0)
+            none = (P == 0).all(0)  # (r, N): T_i(x_j) = 0 (no weight, j ≠ i): exactly 0, not ‖y‖₁ − ‖y‖₁'s rounding
+            none[rr, ri] = False
+            C[none] = 0.0
         else:
+            C = torch.empty(r, n, dtype=dt, device=dev)
             c_step = key_chunk or max(1, TILE_ELEMS // max(1, r * Hq))
             for c0 in range(0, n, c_step):
                 c1 = min(n, c0 + c_step)
                 Ac = A[c0:c1]  # (c, r, Hq)
-                C[:, c0:c1] = ((Ac @ gram[c0:c1]) * Ac).sum(-1).T  # a G aᵀ
-            d = C[torch.arange(r, device=dev), ri]  # j = i: + 2 a·(f̃ · x̃)/s + ‖x̃‖²/s²
-            d += 2 * (A[ri, torch.arange(r, device=dev)] * cross[ri]).sum(-1) / s[:, 0] + xx[ri] / s[:, 0] ** 2
-            C[torch.arange(r, device=dev), ri] = d
-            C = C.clamp_(min=0).sqrt_()
+                C[:, c0:c1] = ((Ac @ gram[c0:c1]) * Ac).sum(-1).T  # s_i² ‖T_i(x_j)‖² = P_ij G_j P_ijᵀ (j ≠ i)
+            C[rr, ri] += 2 * (A[ri, rr] * cross[ri]).sum(-1) + xx[ri]  # j = i: + 2 P·(f̃ · x̃) + ‖x̃‖²
+            C = (C / s.square()).clamp_(min=0).sqrt_()
         if normalize:
             tot = C.sum(-1, keepdim=True)
             C = torch.where(tot > 0, C / torch.where(tot > 0, tot, 1), torch.zeros_like(C))

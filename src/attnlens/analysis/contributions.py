@@ -279,9 +279,11 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
 
     The LN's centring and ``γ`` are linear, so they are applied once per key (``f̃_hj = γ ⊙ (f_hj − mean f_hj)``,
     linear memory) and ``T_i(x_j) = Σ_h (P_h[i, j] / s_i) f̃_hj`` (+ ``γ ⊙ (x_i − mean x_i) / s_i`` on j = i).
-    ALTI: ``y_i − T_i(x_j)`` for a tile of keys is one batched matmul (``baddbmm``, batched over the keys), then
-    its L1 norm. Norm: ``‖T_i(x_j)‖² = a_ijᵀ G_j a_ij`` with each key's ``H × H`` Gram matrix ``G_j = f̃_j f̃_jᵀ``
-    (``O(H²)`` a pair instead of ``O(H · E)``)."""
+    ALTI: ``s_i (T_i(x_j) − y_i)`` for a tile of keys is one batched matmul (``bmm`` batched over the keys, into a
+    reused buffer) and an in-place subtraction, then its L1 norm, divided by ``s_i``. Norm:
+    ``s_i² ‖T_i(x_j)‖² = Σ_h Σ_g P_h[i, j] P_g[i, j] G_j[h, g]`` with each key's ``H × H`` Gram matrix
+    ``G_j = f̃_j f̃_jᵀ`` (``O(H²)`` a pair instead of ``O(H · E)``), in ``H (H + 1) / 2`` element-wise passes over the
+    weight rows (``key_chunk`` is ALTI's only)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if normalize is None:
@@ -318,7 +320,7 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
         raise ValueError(f"block contributions: norm must be 'post' or 'pre', got {parts.norm!r}")
     fk = fc.transpose(0, 1).contiguous()  # (N, Hq, E): keys first, for matmuls batched over keys
     if method == "norm":
-        gram = fk @ fk.transpose(1, 2)  # (N, Hq, Hq): G_j
+        gram = (fk @ fk.transpose(1, 2)).permute(1, 2, 0).contiguous()  # (Hq, Hq, N): G_j[h, g] = f̃_hj · f̃_gj
         cross = torch.einsum("nhe,ne->nh", fk, xc)  # (N, Hq): f̃_hj · x̃_j, for the residual on j = i
         xx = xc.square().sum(-1)  # (N,)
     r_step = max(1, TILE_ELEMS // max(1, Hq * n))
@@ -339,12 +341,12 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
         # a_ij = P[:, i, j] / s_i: the 1/s_i is taken out of every product below (no pass over P for it), and the keys
         # brought first by one 2-D transpose (H, r·N) -> (r·N, H), ~2.5x quicker than a 3-D permute; A is its
         # (N, r, Hq) view (strided: each key's (r, Hq) matrix has row stride N·Hq, which bmm takes as it is)
-        A = P.reshape(Hq, r * n).T.contiguous().view(r, n, Hq).transpose(0, 1)  # (N, r, Hq): P_hij, keys first
         own = xc[ri]  # (r, E): the residual's transformed vector on j = i, times s_i
         rr = torch.arange(r, device=dev)
         if method == "alti":
             y1 = y.abs().sum(-1)  # (r,): ‖y_i‖₁
             ys = y * s  # (r, E): s_i y_i, so that s_i (y_i − T_i(x_j)) = s_i y_i − Σ_h P_hij f̃_hj (− own on j = i)
+            A = P.reshape(Hq, r * n).T.contiguous().view(r, n, Hq).transpose(0, 1)  # (N, r, Hq): P_hij, keys first
             c_step = key_chunk or max(1, (TILE_ELEMS // 2) // max(1, r * E))  # (c, r, E): ~2 Mi elements
             buf = torch.empty(min(c_step, n), r, E, dtype=dt, device=dev)  # reused: no allocation per key tile
             Ct = torch.empty(n, r, dtype=dt, device=dev)  # keys first: each tile's sums land contiguous
@@ -362,13 +364,15 @@ def _contribution_tiles(rec, rows: list, method: str, batch: int, normalize: Opt
             none[rr, ri] = False
             C[none] = 0.0
         else:
-            C = torch.empty(r, n, dtype=dt, device=dev)
-            c_step = key_chunk or max(1, TILE_ELEMS // max(1, r * Hq))
-            for c0 in range(0, n, c_step):
-                c1 = min(n, c0 + c_step)
-                Ac = A[c0:c1]  # (c, r, Hq)
-                C[:, c0:c1] = ((Ac @ gram[c0:c1]) * Ac).sum(-1).T  # s_i² ‖T_i(x_j)‖² = P_ij G_j P_ijᵀ (j ≠ i)
-            C[rr, ri] += 2 * (A[ri, rr] * cross[ri]).sum(-1) + xx[ri]  # j = i: + 2 P·(f̃ · x̃) + ‖x̃‖²
+            # s_i² ‖T_i(x_j)‖² = Σ_h Σ_g P_hij P_gij G_j[h, g] (j ≠ i): H (H + 1) / 2 element-wise passes over the
+            # (r, N) weight rows as they come (G symmetric), no transpose and no per-key small matmuls
+            C = torch.zeros(r, n, dtype=dt, device=dev)
+            tmp = torch.empty(r, n, dtype=dt, device=dev)
+            for h in range(Hq):
+                C.addcmul_(torch.mul(P[h], P[h], out=tmp), gram[h, h])
+                for g in range(h + 1, Hq):
+                    C.addcmul_(torch.mul(P[h], P[g], out=tmp), gram[h, g], value=2)
+            C[rr, ri] += 2 * (P[:, rr, ri].T * cross[ri]).sum(-1) + xx[ri]  # j = i: + 2 P·(f̃ · x̃) + ‖x̃‖²
             C = (C / s.square()).clamp_(min=0).sqrt_()
         if normalize:
             tot = C.sum(-1, keepdim=True)

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 import attnlens as al  # noqa: E402
 from attnlens import analysis, hf  # noqa: E402
+from analysis import rss_bytes  # noqa: E402  (benchmarks/analysis.py: this process's resident set)
 
 GIB = float(1 << 30)
 CHILD_TIMEOUT = 420
@@ -51,14 +52,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def peak_above(rss0: int) -> float:

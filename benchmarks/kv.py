@@ -41,6 +41,7 @@ from attnlens import kv  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import _kv_oracle as oracle  # noqa: E402  (the float64 oracle of the tests)
+from analysis import rss_bytes  # noqa: E402  (benchmarks/analysis.py: this process's resident set)
 
 GIB = float(1 << 30)
 VOCAB = 32000
@@ -53,14 +54,6 @@ def llama(n_pos: int):
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=n_pos)
     return LlamaForCausalLM(cfg).eval()
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------

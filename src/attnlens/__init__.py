@@ -15,6 +15,7 @@ The public module paths ``attnlens.nn``, ``attnlens.hf``, ``attnlens.distributed
 """
 from .core import (
     FLOAT_DTYPES,
+    INFO_COLUMNS,
     AttnCall,
     BackendInfo,
     Block,
@@ -22,6 +23,7 @@ from .core import (
     LensResult,
     attention,
     backends,
+    info,
     masks,
     merge,
     use_backend,
@@ -31,7 +33,6 @@ from .core.backends.reference import ReferenceBackend
 from .core.backends.sdpa import SdpaBackend
 from .core.backends.torch_chunked import TorchChunkedBackend
 from .core.backends.triton import TritonBackend
-from .core.dispatch import INFO_COLUMNS, info
 from .core.version import __version__
 from .faces.notebook import Report, explain, explain_capture
 from .integrations import nn

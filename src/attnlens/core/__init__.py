@@ -22,13 +22,13 @@ from . import masks
 from .api import attention, merge
 from .blocks import AttnCall, Block, differentiable
 from .capabilities import FLOAT_DTYPES, Capabilities, LensField, MaskFeature, Memory, ScoreMod
-from .dispatch import BackendInfo, table, use_backend
+from .dispatch import INFO_COLUMNS, BackendInfo, info, table, use_backend
 from .inputs import check_dropout, check_softcap, stat_dtype
 from .lens import Lens, LensResult, Merger
 from .version import __version__
 
 __all__ = ["attention", "merge", "Block", "AttnCall", "differentiable", "Lens", "LensResult", "Merger", "masks",
-           "FLOAT_DTYPES", "Capabilities", "LensField", "MaskFeature", "Memory", "ScoreMod", "BackendInfo",
+           "FLOAT_DTYPES", "Capabilities", "LensField", "MaskFeature", "Memory", "ScoreMod", "BackendInfo", "INFO_COLUMNS", "info",
            "use_backend", "check_dropout", "check_softcap", "stat_dtype", "backends", "__version__"]
 
 

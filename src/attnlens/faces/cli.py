@@ -41,8 +41,8 @@ from rich.text import Text
 
 from ..analysis import HEAD_KINDS, focus_heads, head_kinds, informative_links, kind_label
 from ..analysis.links import LINK_MIN
-from ..core import backends
-from ..core.dispatch import INFO_COLUMNS, info
+from ..core import INFO_COLUMNS, info
+from ..core import table as backend_table  # = attnlens.backends(): BackendInfo rows in auto order
 from . import walkthrough as lesson
 from .report import html, plots
 from .report.from_model import collect_any, kv_view, tokenize
@@ -602,7 +602,7 @@ def _cmd_walkthrough(args, console) -> int:
         raise CLIError(f"--dim: {args.dim} is too large for readable tables; use at most {MAX_DIM}")
     if args.seed < 0:
         raise CLIError(f"--seed: expected an int >= 0, got {args.seed}")
-    lens_backends = [b.name for b in backends() if b.capabilities.lens]
+    lens_backends = [b.name for b in backend_table() if b.capabilities.lens]
     if args.backend != "auto" and args.backend not in lens_backends:
         raise CLIError(f"--backend: expected one of {['auto'] + lens_backends} (the walkthrough needs the lens), "
                        f"got {args.backend!r}")
@@ -618,7 +618,7 @@ def _cmd_info(args, console) -> int:
                   title_justify="left")
     for c in INFO_COLUMNS:
         table.add_column(c, overflow="fold")
-    for b in backends():
+    for b in backend_table():
         row = b.describe()
         table.add_row(*(row[c] for c in INFO_COLUMNS))
     console.print(table)

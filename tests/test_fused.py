@@ -385,6 +385,31 @@ def test_column_sums_under_a_global_lse(rng):
     check("Pᵀ W", BE.column_sums(inp, lse + shift, W), np.swapaxes(scaled, -1, -2) @ np64(W), 1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("case", ["65-causal-gqa8", "49x130-window", "keymask-dead", "d128", "long-gqa4"])
+def test_received_in_the_pass_matches_the_column_pass(case, threads, rng, monkeypatch):
+    """``received`` from the forward's own tiles (threads own contiguous ranges of items, sums added in thread order)
+    equals the column pass's and the reference's, for any thread count, and is the same bits on every run."""
+    if case == "long-gqa4":
+        q, k, v = make_inputs(1, 8, 2, 300, 300, 16, 16, rng=rng)
+        kw = {"causal": True}
+    else:
+        q, k, v, kw = draw(case, rng)
+    lens = al.Lens(entropy=True, received=True, topk=3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernel's thread count (a.nthreads)
+    (_, _, res), inp = run_forward(q, k, v, lens, **kw)
+    (_, _, again), _ = run_forward(q, k, v, lens, **kw)
+    assert torch.equal(res.received, again.received), "the same sums in the same order on every run"
+    _, w, _, ref = ref_all(inp, lens)
+    n_p = naive32(inp)[1]
+    check("received", res.received, ref.received, tol(None, n_p, w) * q.shape[2])
+    monkeypatch.setattr(_fused, "IN_PASS_BYTES", 0)  # the column pass instead
+    (_, _, col), _ = run_forward(q, k, v, lens, **kw)
+    assert torch.allclose(res.received, col.received, rtol=1e-5, atol=1e-6)
+    for f in ("entropy", "topk_weights", "topk_indices"):
+        assert torch.equal(getattr(res, f), getattr(col, f)), f
+
+
 # --------------------------------------------------------------------------------------------
 # dispatch
 

@@ -6,7 +6,9 @@
  *                            the key tiles its band can see, with online softmax (running max m, sum l):
  *                            out, lse, max weight (1/l), entropy (running t = Σ e·(s − m), rescaled with the
  *                            max), top-k (a sorted list per row, k <= 64, a key vector scanned only when it
- *                            holds a score above the k-th) and the sink weight — in the same loop.
+ *                            holds a score above the k-th) and the sink weight — in the same loop; and, when
+ *                            asked, received: the tile's weights stay in a per-thread buffer (rows × keys seen)
+ *                            and are summed per column once the rows' m and l are final (no second Q·Kᵀ).
  *   attnlens_fused_columns   with a known lse, key-tile-major: each work item owns a range of keys and runs
  *                            every query row that sees it, so the column accumulators stay in cache:
  *                            received (Σ_i P_ij), Pᵀ W, pooled block sums, and weight rows for chosen queries.
@@ -58,14 +60,6 @@ static inline vf vzero(void) { return _mm512_setzero_ps(); }
 static inline vf vld(const float *p) { return _mm512_loadu_ps(p); }
 static inline vf vldz(vm m, const float *p) { return _mm512_maskz_loadu_ps(m, p); }
 static inline vf vldf(vm m, const float *p, float fill) { return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p); }
-/* append the lanes of x (and their keys j0 + lane) selected by m at cv, ci; returns how many */
-static inline int vcompress(float *cv, int32_t *ci, vm m, vf x, int64_t j0) {
-    _mm512_mask_compressstoreu_ps(cv, m, x);
-    __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                   _mm512_set1_epi32((int32_t)j0));
-    _mm512_mask_compressstoreu_epi32(ci, m, idx);
-    return __builtin_popcount((unsigned)m);
-}
 static inline void vst(float *p, vf x) { _mm512_storeu_ps(p, x); }
 static inline void vstm(float *p, vm m, vf x) { _mm512_mask_storeu_ps(p, m, x); }
 static inline vf vset(float x) { return _mm512_set1_ps(x); }
@@ -136,13 +130,6 @@ static inline vf vldf(vm m, const float *p, float fill) {
     vf r = vzero() + fill;
     for (int l = 0; l < 16; ++l) if (m >> l & 1) r[l] = p[l];
     return r;
-}
-static inline int vcompress(float *cv, int32_t *ci, vm m, vf x, int64_t j0) {
-    int n = 0; /* the set lanes only, lowest first (few lanes pass the k-th score) */
-    float xs[16];
-    memcpy(xs, &x, sizeof x);
-    for (unsigned b = m; b; b &= b - 1) { const int l = __builtin_ctz(b); cv[n] = xs[l]; ci[n] = (int32_t)(j0 + l); ++n; }
-    return n;
 }
 static inline void vst(float *p, vf x) { memcpy(p, &x, sizeof x); }
 static inline void vstm(float *p, vm m, vf x) { for (int l = 0; l < 16; ++l) if (m >> l & 1) p[l] = x[l]; }
@@ -805,36 +792,89 @@ static void qk(int64_t R, const float *const *arow, int64_t K, const float *bt, 
 
 /* ---------------------------------------------------------------------------------------------------------
  * top-k of a row's raw scores, streaming: cv[0:k) holds the k largest so far (largest first; ties: the lower key
- * first), cv[k:k+n) the candidates since — scores above the k-th, appended a key vector at a time without
- * branches (compress-store). A merge inserts the candidates into the list (the first position among equal
- * values, which is the lower key: the list precedes the candidates, which are in key order). */
-#define TKCAP 128 /* candidates kept before a merge must run (a merge runs once 64 are waiting) */
+ * first). A tile row's scores above the k-th are inserted at once, in key order, so the k-th — the filter of the
+ * next scores — rises with every insertion (few scores of a row ever pass it: about k·ln(N/k) on random scores).
+ * An insertion moves a score only past strictly smaller ones, so among equal scores the lower key stays first. */
+static inline void topk_insert(float *cv, int32_t *ci, int k, float x, int32_t j) {
+    if (!(x > cv[k - 1])) return; /* NaN and -inf never enter */
+    int pos = k - 1;
+    while (pos > 0 && x > cv[pos - 1]) { cv[pos] = cv[pos - 1]; ci[pos] = ci[pos - 1]; --pos; }
+    cv[pos] = x;
+    ci[pos] = j;
+}
 
-static void topk_merge(float *cv, int32_t *ci, int k, int n) {
-    /* insertion of each candidate, in key order, into the sorted list: it moves only past strictly smaller scores,
-     * so among equal scores the earlier (the lower key) stays first; candidates are > -inf and never NaN */
-    for (int c = k; c < k + n; ++c) {
-        const float x = cv[c];
-        const int32_t xi = ci[c];
-        if (!(x > cv[k - 1])) continue;
-        int pos = k - 1;
-        while (pos > 0 && x > cv[pos - 1]) { cv[pos] = cv[pos - 1]; ci[pos] = ci[pos - 1]; --pos; }
-        cv[pos] = x;
-        ci[pos] = xi;
+/* the lanes set in bits (lowest first) of scores s (keys j0..) */
+static inline void topk_lanes(float *cv, int32_t *ci, int k, const float *s, unsigned bits, int64_t j0) {
+    for (; bits; bits &= bits - 1) {
+        const int l = __builtin_ctz(bits);
+        topk_insert(cv, ci, k, s[l], (int32_t)(j0 + l));
     }
 }
 
-/* the candidates of one tile row s (raw scores, keys j0..) above the k-th largest so far */
-static inline void topk_add(float *cv, int32_t *ci, int *cnt, int k, const float *s, int64_t j0) {
-    if (*cnt >= 64) { topk_merge(cv, ci, k, *cnt); *cnt = 0; }
-    const vf thr = vset(cv[k - 1]);
-    int n = *cnt;
-    for (int v = 0; v < NVK; ++v) {
-        vf x = vld(s + 16 * v);
-        n += vcompress(cv + k + n, ci + k + n, vgt(x, thr), x, j0 + 16 * v);
+/* one tile row s (raw scores, keys j0..) into the row's list */
+#if !FUSED_AVX512 && defined(__AVX2__)
+/* On AVX2 the list is ceil(k/8) registers long (slots past k hold smaller scores and are never read) and x goes in
+ * without a branch: lanes holding a score strictly smaller than x (a suffix of the sorted list) take their left
+ * neighbour's, the first of them x — the same list as topk_insert, whose data-dependent loop mispredicts. An x no
+ * larger than every slot changes nothing. */
+static inline void topk_insert8(float *cv, int32_t *ci, int nb, float x, int32_t j) {
+    const __m256 vx = _mm256_set1_ps(x);
+    const __m256i right = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6); /* lane l takes lane l - 1 (lane 0: the carry) */
+    const __m256 lane0 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, 0, 0, 0, 0, 0, 0));
+    __m256 carry = vx, carry_lt = _mm256_setzero_ps(); /* before the list: x, "not moved" */
+    __m256i carry_i = _mm256_set1_epi32(j);
+    for (int b = 0; b < nb; ++b) {
+        const __m256 c = _mm256_loadu_ps(cv + 8 * b);
+        const __m256i ii = _mm256_loadu_si256((const __m256i *)(ci + 8 * b));
+        const __m256 lt = _mm256_cmp_ps(c, vx, _CMP_LT_OQ);
+        const __m256 left = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c, right), carry, lane0);
+        const __m256i left_i = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ii, right)), _mm256_castsi256_ps(carry_i), lane0));
+        const __m256 left_lt = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lt, right), carry_lt, lane0);
+        /* a moving lane takes its left neighbour when that one moves too, else x */
+        const __m256 nv = _mm256_blendv_ps(vx, left, left_lt);
+        const __m256i ni = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(j)),
+                                                                _mm256_castsi256_ps(left_i), left_lt));
+        _mm256_storeu_ps(cv + 8 * b, _mm256_blendv_ps(c, nv, lt));
+        _mm256_storeu_si256((__m256i *)(ci + 8 * b), _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(ii),
+                                                                                           _mm256_castsi256_ps(ni), lt)));
+        carry = _mm256_permutevar8x32_ps(c, _mm256_set1_epi32(7));
+        carry_i = _mm256_permutevar8x32_epi32(ii, _mm256_set1_epi32(7));
+        carry_lt = _mm256_permutevar8x32_ps(lt, _mm256_set1_epi32(7));
     }
-    *cnt = n;
 }
+
+/* For k <= 8 a key below the tile's own k-th largest cannot be in the top-k; the smallest of the 8 lane-wise maxima
+ * (maxima of 8 disjoint sets of keys) is a lower bound of it, so keys below it are skipped too (keys equal to it
+ * may be in: the bound is not strict). It spares most insertions of a row's first tile. */
+static inline void topk_add(float *cv, int32_t *ci, int k, const float *s, int64_t j0) {
+    const int nb = (k + 7) / 8;
+    __m256 floor_ = _mm256_set1_ps(-INFINITY);
+    if (k <= 8) {
+        __m256 mx = _mm256_loadu_ps(s);
+        for (int c = 8; c < BK; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + c));
+        __m128 h = _mm_min_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        h = _mm_min_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
+        floor_ = _mm256_broadcastss_ps(h);
+    }
+    for (int c = 0; c < BK; c += 8) {
+        const __m256 x = _mm256_loadu_ps(s + c);
+        unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(cv[k - 1]), _CMP_GT_OQ),
+                                                                   _mm256_cmp_ps(x, floor_, _CMP_GE_OQ)));
+        for (; bits; bits &= bits - 1) {
+            const int l = __builtin_ctz(bits);
+            topk_insert8(cv, ci, nb, s[c + l], (int32_t)(j0 + c + l));
+        }
+    }
+}
+#define TOPK_SLOTS(k) (((k) + 7) / 8 * 8)
+#else
+static inline void topk_add(float *cv, int32_t *ci, int k, const float *s, int64_t j0) {
+    for (int v = 0; v < NVK; ++v) topk_lanes(cv, ci, k, s + 16 * v, (unsigned)vgt(vld(s + 16 * v), vset(cv[k - 1])), j0 + 16 * v);
+}
+#define TOPK_SLOTS(k) (k)
+#endif
 
 /* ---------------------------------------------------------------------------------------------------------
  * forward */
@@ -850,9 +890,9 @@ typedef struct {
     float *S, *O;
     float m[RMAX], alpha[RMAX];
     uint8_t bad[RMAX];
-    float *tv;      /* top-k lists and candidates: RMAX rows of (MAXK + TKCAP) */
+    float *tv;      /* top-k lists: RMAX rows of MAXK */
     int32_t *ti;
-    int cnt[RMAX];
+    float mk[RMAX], rl[RMAX]; /* finished rows: the key weights are exp(s - mk) · rl */
 } Fwd;
 
 /* a score may exceed the row's reference max m by this much before m moves (and l, t, O are rescaled): e <= e^8 */
@@ -921,11 +961,11 @@ static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t
     _mm256_storeu_ps(mvp, _mm256_max_ps(_mm256_loadu_ps(mvp), mx0));
     _mm256_storeu_ps(mvp + 8, _mm256_max_ps(_mm256_loadu_ps(mvp + 8), mx1));
     f->alpha[r] = al;
-    float *cv = f->tv + r * (MAXK + TKCAP);
+    float *cv = f->tv + r * MAXK;
     if (k) {
         const __m256 thr = _mm256_set1_ps(cv[k - 1]);
         if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(mx0, thr, _CMP_GT_OQ), _mm256_cmp_ps(mx1, thr, _CMP_GT_OQ))))
-            topk_add(cv, f->ti + r * (MAXK + TKCAP), &f->cnt[r], k, s, j0);
+            topk_add(cv, f->ti + r * MAXK, k, s, j0);
     }
     const __m256 vm_ = _mm256_set1_ps(m), lo = _mm256_set1_ps(EXP_LO);
     __m256 ls0 = _mm256_loadu_ps(lvp), ls1 = _mm256_loadu_ps(lvp + 8);
@@ -982,8 +1022,8 @@ static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t
     }
     f->mv[r] = vmax(f->mv[r], mx);
     f->alpha[r] = al;
-    float *cv = f->tv + r * (MAXK + TKCAP);
-    if (k && vgt(mx, vset(cv[k - 1]))) topk_add(cv, f->ti + r * (MAXK + TKCAP), &f->cnt[r], k, s, j0);
+    float *cv = f->tv + r * MAXK;
+    if (k && vgt(mx, vset(cv[k - 1]))) topk_add(cv, f->ti + r * MAXK, k, s, j0);
     vf vm_ = vset(m), ls = f->lv[r], ts = f->tv_[r], lo = vset(EXP_LO);
     for (int v = 0; v < NVK; ++v) {
         vf d = vsub(x[v], vm_);
@@ -999,12 +1039,12 @@ static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t
 #endif
 
 /* value rows with NaN/inf in this tile: added only where their weight is > 0 */
-static void add_bad_values(const Args *a, const Pack *p, Fwd *f, int64_t R, int64_t bh, int64_t j0) {
+static void add_bad_values(const Args *a, const Pack *p, Fwd *f, const float *S, int64_t R, int64_t bh, int64_t j0) {
     for (int64_t j = j0; j < imin(a->Nk, j0 + BK); ++j) {
         if (!p->vbad[bh * a->Nk + j]) continue;
         int64_t b = bh / a->Hkv, h = bh % a->Hkv, base = b * a->sv[0] + h * a->sv[1] + j * a->sv[2];
         for (int64_t r = 0; r < R; ++r) {
-            float w = f->S[r * BK + (j - j0)];
+            float w = S[r * BK + (j - j0)];
             if (!(w > 0.0f)) continue;
             for (int64_t c = 0; c < a->Dv; ++c) f->orow[r][c] += w * ld1(a->v, base + c * a->sv[3], a->dtype);
         }
@@ -1042,6 +1082,8 @@ static void finish_row(const Args *a, Fwd *f, int r, int64_t b) {
     }
     const float nan = NAN;
     const float inv = l > 0.0f ? 1.0f / l : 0.0f, rl = a_keys * inv;
+    f->mk[r] = mk;
+    f->rl[r] = bad ? 0.0f : rl;
     const float lse = bad ? nan : l > 0.0f ? m + logf(l) : -INFINITY;
     float *out = a->out + o * a->Dv;
     for (int64_t c = 0; c < a->Dv; ++c) out[c] = bad ? nan : O[c] * rl;
@@ -1054,9 +1096,8 @@ static void finish_row(const Args *a, Fwd *f, int r, int64_t b) {
     }
     if (a->sinkw) a->sinkw[o] = bad ? nan : es * inv;
     if (k) {
-        float *tv = f->tv + r * (MAXK + TKCAP);
-        int32_t *ti = f->ti + r * (MAXK + TKCAP);
-        if (f->cnt[r]) topk_merge(tv, ti, (int)k, f->cnt[r]);
+        const float *tv = f->tv + r * MAXK;
+        const int32_t *ti = f->ti + r * MAXK;
         for (int64_t x = 0; x < k; ++x) {
             float w = bad ? nan : (rl > 0.0f && tv[x] > -INFINITY ? expf(tv[x] - mk) * rl : 0.0f);
             a->topk_w[o * k + x] = w;
@@ -1065,76 +1106,221 @@ static void finish_row(const Args *a, Fwd *f, int r, int64_t b) {
     }
 }
 
+/* acc[0:n) += Σ_{r < R} c[r] · E[r][0:n) (E rows BK apart; each column summed over the rows in row order) */
+#if !FUSED_AVX512 && defined(__AVX2__) && defined(__FMA__)
+static inline void col_wsum(float *acc, const float *E, const float *c, int64_t R, int64_t n) {
+    __m256 s[BK / 8];
+    for (int v = 0; v < BK / 8; ++v) s[v] = _mm256_setzero_ps();
+    for (int64_t r = 0; r < R; ++r) {
+        if (c[r] == 0.0f) continue; /* a row that gives this tile no weight */
+        const __m256 cr = _mm256_set1_ps(c[r]);
+        for (int v = 0; v < BK / 8; ++v) s[v] = _mm256_fmadd_ps(cr, _mm256_loadu_ps(E + r * BK + 8 * v), s[v]);
+    }
+    float t[BK];
+    for (int v = 0; v < BK / 8; ++v) _mm256_storeu_ps(t + 8 * v, s[v]);
+    for (int64_t j = 0; j < n; ++j) acc[j] += t[j];
+}
+#else
+static inline void col_wsum(float *acc, const float *E, const float *c, int64_t R, int64_t n) {
+    float t[BK];
+    for (int v = 0; v < NVK; ++v) {
+        vf x = vzero();
+        for (int64_t r = 0; r < R; ++r)
+            if (c[r] != 0.0f) x = vfma(vset(c[r]), vld(E + r * BK + 16 * v), x);
+        vst(t + 16 * v, x);
+    }
+    for (int64_t j = 0; j < n; ++j) acc[j] += t[j];
+}
+#endif
+
+/* The geometry of forward work item x: query heads [g0, g1) of key/value head hk of batch b (a head group, gt of
+ * ngh), positions [i0, i1). Items run in order of x with positions fastest, so a range of items covers consecutive
+ * head groups. */
+typedef struct {
+    int64_t gh, bq, ngh, nqt, nitems;
+} FwdGrid;
+
+static FwdGrid fwd_grid(const Args *a) {
+    FwdGrid g;
+    const int64_t G = a->Hq / a->Hkv;
+    g.gh = imin(G, RT);          /* query heads per tile */
+    g.bq = imax(1, RT / g.gh);   /* positions per tile */
+    g.ngh = (G + g.gh - 1) / g.gh;
+    g.nqt = (a->Nq + g.bq - 1) / g.bq;
+    g.nitems = a->B * a->Hkv * g.ngh * g.nqt;
+    return g;
+}
+
+/* received in the pass: each thread's share of the column sums. Thread t runs items [x0, x1) (contiguous, of about
+ * equal work: whole head groups but at its ends) and adds its rows' column sums into buf, rows of Nkp floats for
+ * the query heads of groups grp0 .. grp1 (grp = x / nqt); the buffers are added in thread order at the end, so the
+ * sums do not depend on timing. */
+typedef struct {
+    int64_t x0, x1, grp0, grp1;
+    float *buf;
+} RecShare;
+
+/* the work of item x for splitting items among threads: padded rows × key tiles seen (+ one tile of setup) */
+static int64_t fwd_cost(const Args *a, const FwdGrid *g, int64_t x) {
+    const int64_t G = a->Hq / a->Hkv, qt = x % g->nqt, gt = x / g->nqt % g->ngh;
+    const int64_t i0 = qt * g->bq, i1 = imin(a->Nq, i0 + g->bq), ng = imin(G, gt * g->gh + g->gh) - gt * g->gh;
+    int64_t lo0, hi0, lo1, hi1;
+    band(a, i0, &lo0, &hi0);
+    band(a, i1 - 1, &lo1, &hi1);
+    const int64_t lo = imin(lo0, lo1), hi = imax(hi0, hi1);
+    const int64_t tiles = hi > lo ? (hi + BK - 1) / BK - lo / BK : 0;
+    return ((ng * (i1 - i0) + 11) / 12 * 12) * (tiles + 1);
+}
+
+/* One forward work item. E (in-pass received) or NULL: the item's weights are kept there tile after tile (rows
+ * RMAX·BK apart per tile) with the reference max each row's tile used in mt, and folded into share->buf once the
+ * rows are finished: received_j += Σ_r exp(m_r(tile) − m_r) · rl_r · e_rj, the rows' own weights. */
+static void fwd_item(const Args *a, const Pack *p, Fwd *f, const FwdGrid *gr, int64_t x, float *E, float *mt,
+                     const RecShare *share) {
+    const int64_t Hkv = a->Hkv, G = a->Hq / Hkv, Nq = a->Nq, Dvp = p->Dvp, D = a->D, Nkp = p->nt * BK;
+    const int k = a->topk, want_t = a->ent != NULL;
+    const int64_t qt = x % gr->nqt, gt = x / gr->nqt % gr->ngh, bh = x / (gr->nqt * gr->ngh), b = bh / Hkv, hk = bh % Hkv;
+    const int64_t i0 = qt * gr->bq, i1 = imin(Nq, i0 + gr->bq), g0 = gt * gr->gh, g1 = imin(G, g0 + gr->gh);
+    float *tv = f->tv, *O = f->O;
+    int32_t *ti = f->ti;
+    int64_t R = 0, klo = a->Nk, khi = 0;
+    for (int64_t g = g0; g < g1; ++g)
+        for (int64_t i = i0; i < i1; ++i) {
+            Row *rw = &f->rows[R++];
+            row_init(a, p, rw, b, hk * G + g, i);
+            if (rw->hi > rw->lo) { klo = imin(klo, rw->lo); khi = imax(khi, rw->hi); }
+        }
+    const int64_t Rreal = R;
+    while (R % 12) row_init(a, p, &f->rows[R++], b, -1, 0);
+    for (int64_t r = 0; r < R; ++r) {
+        f->qrow[r] = f->rows[r].q;
+        f->orow[r] = O + r * Dvp;
+        f->m[r] = -INFINITY; f->bad[r] = 0;
+        f->lv[r] = f->tv_[r] = vzero();
+        f->mv[r] = vset(-INFINITY);
+        memset(O + r * Dvp, 0, (size_t)Dvp * 4);
+        if (k) for (int x2 = 0; x2 < TOPK_SLOTS(k); ++x2) { tv[r * MAXK + x2] = -INFINITY; ti[r * MAXK + x2] = -1; }
+    }
+    const float *ktb = p->kt + bh * p->nt * D * BK;
+    const float *vb = p->vp + bh * a->Nk * Dvp;
+    const int64_t tfirst = klo / BK, tend = khi > klo ? (khi + BK - 1) / BK : tfirst;
+    for (int64_t tt = tfirst; tt < tend; ++tt) {
+        const int64_t j0 = tt * BK, nk = imin(BK, a->Nk - j0);
+        float *S = E ? E + (tt - tfirst) * RMAX * BK : f->S;
+        qk(R, f->qrow, D, ktb + tt * D * BK, S);
+        int moved = 0;
+        for (int64_t r = 0; r < R; ++r) {
+            float *s = S + r * BK;
+            if (r < Rreal) f->bad[r] |= (uint8_t)prep_row(a, &f->rows[r], s, NULL, j0);
+            else for (int v = 0; v < NVK; ++v) vst(s + 16 * v, vset(-INFINITY));
+            moved |= online_row(f, (int)r, s, want_t, r < Rreal ? k : 0, j0);
+        }
+        if (E) memcpy(mt + (tt - tfirst) * RMAX, f->m, (size_t)R * 4);
+        pv(R, Dvp, f->orow, moved ? f->alpha : NULL, S, BK, vb + j0 * Dvp, Dvp, nk);
+        if (p->tbad[bh * p->nt + tt]) add_bad_values(a, p, f, S, R, bh, j0);
+    }
+    for (int64_t r = 0; r < Rreal; ++r) finish_row(a, f, (int)r, b);
+    if (!E) return;
+    const int64_t ni = i1 - i0, grp = x / gr->nqt;
+    for (int64_t tt = tfirst; tt < tend; ++tt) {
+        const int64_t j0 = tt * BK, nk = imin(BK, a->Nk - j0);
+        const float *Et = E + (tt - tfirst) * RMAX * BK, *m = mt + (tt - tfirst) * RMAX;
+        for (int64_t g = g0; g < g1; ++g) {
+            const int64_t r0 = (g - g0) * ni;
+            float c[RT];
+            for (int64_t r = 0; r < ni; ++r) {
+                const float rl = f->rl[r0 + r], mr = m[r0 + r];
+                c[r] = rl > 0.0f && mr > -INFINITY ? expf(mr - f->mk[r0 + r]) * rl : 0.0f;
+            }
+            col_wsum(share->buf + ((grp - share->grp0) * gr->gh + (g - g0)) * Nkp + j0, Et + r0 * BK, c, ni, nk);
+        }
+    }
+}
+
+/* bytes each thread holds for `received` in the forward pass over Nk keys (fused.py's budget) */
+int64_t attnlens_fused_inpass_bytes(int64_t Nk) {
+    const int64_t nt = (Nk + BK - 1) / BK;
+    return (int64_t)RMAX * nt * (BK + 1) * 4;
+}
+
 int attnlens_fused_forward(const Args *a) {
-    const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, Nq = a->Nq, G = Hq / Hkv;
+    const int64_t B = a->B, Hq = a->Hq, Hkv = a->Hkv, Nk = a->Nk, G = Hq / Hkv;
     Pack p;
     if (pack_alloc(a, &p, PACK_FWD)) { pack_free(&p); return -1; }
-    const int64_t gh = imin(G, RT);               /* query heads per tile */
-    const int64_t bq = imax(1, RT / gh);         /* positions per tile */
-    const int64_t ngh = (G + gh - 1) / gh, nqt = (Nq + bq - 1) / bq;
-    const int64_t nitems = B * Hkv * ngh * nqt, Dvp = p.Dvp, D = a->D;
-    const int k = a->topk;
-    const int want_t = a->ent != NULL;
-    int err = 0;
+    const FwdGrid gr = fwd_grid(a);
+    const int64_t nitems = gr.nitems, Dvp = p.Dvp, Nkp = p.nt * BK;
+    const int inpass = a->received != NULL;
+    RecShare *shares = inpass ? calloc((size_t)imax(1, a->nthreads), sizeof(RecShare)) : NULL;
+    int err = inpass && !shares ? -1 : 0, nth = 1;
+    if (!err) {
 #pragma omp parallel num_threads(a->nthreads)
     {
         pack_fill(a, &p, PACK_FWD);
         Fwd *f = amalloc(sizeof(Fwd));
         float *S = amalloc((size_t)RMAX * BK * 4), *O = amalloc((size_t)RMAX * Dvp * 4);
-        float *tv = amalloc((size_t)RMAX * (MAXK + TKCAP) * 4);
-        int32_t *ti = amalloc((size_t)RMAX * (MAXK + TKCAP) * 4);
-        if (!f || !S || !O || !tv || !ti) {
+        float *tv = amalloc((size_t)RMAX * MAXK * 4);
+        int32_t *ti = amalloc((size_t)RMAX * MAXK * 4);
+        float *E = inpass ? amalloc((size_t)RMAX * Nkp * 4) : NULL, *mt = inpass ? amalloc((size_t)RMAX * p.nt * 4) : NULL;
+        if (!f || !S || !O || !tv || !ti || (inpass && (!E || !mt))) {
 #pragma omp atomic write
             err = -1;
         } else {
             f->S = S; f->O = O; f->tv = tv; f->ti = ti;
         }
-#pragma omp barrier
-        if (!err) {
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < nitems; ++it) {
-                int64_t x = nitems - 1 - it; /* the last query tiles first: they see the most keys when causal */
-                const int64_t qt = x % nqt, gt = x / nqt % ngh, bh = x / (nqt * ngh), b = bh / Hkv, hk = bh % Hkv;
-                const int64_t i0 = qt * bq, i1 = imin(Nq, i0 + bq), g0 = gt * gh, g1 = imin(G, g0 + gh);
-                int64_t R = 0, klo = a->Nk, khi = 0;
-                for (int64_t g = g0; g < g1; ++g)
-                    for (int64_t i = i0; i < i1; ++i) {
-                        Row *rw = &f->rows[R++];
-                        row_init(a, &p, rw, b, hk * G + g, i);
-                        if (rw->hi > rw->lo) { klo = imin(klo, rw->lo); khi = imax(khi, rw->hi); }
-                    }
-                const int64_t Rreal = R;
-                while (R % 12) row_init(a, &p, &f->rows[R++], b, -1, 0);
-                for (int64_t r = 0; r < R; ++r) {
-                    f->qrow[r] = f->rows[r].q;
-                    f->orow[r] = O + r * Dvp;
-                    f->m[r] = -INFINITY; f->bad[r] = 0;
-                    f->lv[r] = f->tv_[r] = vzero();
-                    f->mv[r] = vset(-INFINITY);
-                    memset(O + r * Dvp, 0, (size_t)Dvp * 4);
-                    f->cnt[r] = 0;
-                    if (k) for (int x2 = 0; x2 < k; ++x2) { tv[r * (MAXK + TKCAP) + x2] = -INFINITY; ti[r * (MAXK + TKCAP) + x2] = -1; }
+        if (inpass) {
+#pragma omp single
+            { /* contiguous ranges of items of about equal work, one per thread */
+                nth = omp_get_num_threads();
+                int64_t total = 0, acc = 0, t = 0;
+                for (int64_t x = 0; x < nitems; ++x) total += fwd_cost(a, &gr, x);
+                shares[0].x0 = 0;
+                for (int64_t x = 0; x < nitems; ++x) {
+                    acc += fwd_cost(a, &gr, x);
+                    while (t + 1 < nth && acc * nth >= total * (t + 1)) { shares[t].x1 = x + 1; shares[++t].x0 = x + 1; }
                 }
-                const float *ktb = p.kt + bh * p.nt * D * BK;
-                const float *vb = p.vp + bh * a->Nk * Dvp;
-                for (int64_t tt = klo / BK; khi > klo && tt * BK < khi; ++tt) {
-                    const int64_t j0 = tt * BK, nk = imin(BK, a->Nk - j0);
-                    qk(R, f->qrow, D, ktb + tt * D * BK, S);
-                    int moved = 0;
-                    for (int64_t r = 0; r < R; ++r) {
-                        float *s = S + r * BK;
-                        if (r < Rreal) f->bad[r] |= (uint8_t)prep_row(a, &f->rows[r], s, NULL, j0);
-                        else for (int v = 0; v < NVK; ++v) vst(s + 16 * v, vset(-INFINITY));
-                        moved |= online_row(f, (int)r, s, want_t, r < Rreal ? k : 0, j0);
-                    }
-                    pv(R, Dvp, f->orow, moved ? f->alpha : NULL, S, BK, vb + j0 * Dvp, Dvp, nk);
-                    if (p.tbad[bh * p.nt + tt]) add_bad_values(a, &p, f, R, bh, j0);
+                for (; t < nth; ++t) { shares[t].x1 = nitems; if (t + 1 < nth) shares[t + 1].x0 = nitems; }
+            }
+            RecShare *sh = &shares[omp_get_thread_num()];
+            if (sh->x1 > sh->x0) {
+                sh->grp0 = sh->x0 / gr.nqt;
+                sh->grp1 = (sh->x1 - 1) / gr.nqt;
+                sh->buf = calloc((size_t)((sh->grp1 - sh->grp0 + 1) * gr.gh * Nkp), 4);
+                if (!sh->buf) {
+#pragma omp atomic write
+                    err = -1;
                 }
-                for (int64_t r = 0; r < Rreal; ++r) finish_row(a, f, (int)r, b);
             }
         }
-        free(f); free(S); free(O); free(tv); free(ti);
+#pragma omp barrier
+        if (!err && inpass) {
+            const RecShare *sh = &shares[omp_get_thread_num()];
+            for (int64_t x = sh->x1 - 1; x >= sh->x0; --x) fwd_item(a, &p, f, &gr, x, E, mt, sh);
+        } else if (!err) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < nitems; ++it) /* the last query tiles first: they see the most keys when causal */
+                fwd_item(a, &p, f, &gr, nitems - 1 - it, NULL, NULL, NULL);
+        }
+        if (inpass) {
+#pragma omp barrier
+            if (!err) { /* the threads' shares, added in thread order */
+#pragma omp for schedule(static)
+                for (int64_t bhq = 0; bhq < B * Hq; ++bhq) {
+                    const int64_t b = bhq / Hq, h = bhq % Hq, grp = (b * Hkv + h / G) * gr.ngh + h % G / gr.gh;
+                    float *dst = a->received + bhq * Nk;
+                    for (int t = 0; t < nth; ++t) {
+                        const RecShare *sh = &shares[t];
+                        if (sh->x1 <= sh->x0 || grp < sh->grp0 || grp > sh->grp1) continue;
+                        const float *src = sh->buf + ((grp - sh->grp0) * gr.gh + h % G % gr.gh) * Nkp;
+                        for (int64_t j = 0; j < Nk; ++j) dst[j] += src[j];
+                    }
+                }
+            }
+        }
+        free(f); free(S); free(O); free(tv); free(ti); free(E); free(mt);
     }
+    }
+    if (shares) for (int t = 0; t < imax(1, a->nthreads); ++t) free(shares[t].buf);
+    free(shares);
     pack_free(&p);
     return err;
 }

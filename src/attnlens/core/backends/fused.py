@@ -13,7 +13,13 @@ FlashAttention's structure, done for CPUs: the work stays in tiles that fit the 
 
   then ``out = O/l``, ``lse = m + log l``, ``max_weight = 1/l``, top-k (a sorted list per row; a key vector is only
   scanned when it holds a score above the k-th), and the sink folded in last (as the torch backend does).
-- **column pass** (``received``, ``received_from = Pᵀ W``, ``pooled``, weight ``rows``) — with the lse known, key tile
+  ``received`` is summed in the same pass: each thread keeps its item's weights ``e = exp(s − m_tile)`` (rows × keys
+  seen; at most `IN_PASS_BYTES` for all threads) and, once the rows are finished, adds
+  ``Σ_i exp(m_tile − m_i)·e_ij / l_i`` into its own share of the column sums; threads run contiguous ranges of items
+  of equal work and their shares are added in thread order, so the sums are the same bits on every run. Where a
+  score may be non-finite (the NaN rule) or the buffers would not fit, the column pass computes it.
+- **column pass** (``received_from = Pᵀ W``, ``pooled``, weight ``rows``; ``received`` where not in the pass) — with
+  the lse known, key tile
   by key tile: each work item owns a range of keys and runs every query row that sees it, so the column
   accumulators stay in cache and no thread shares one (pooled blocks straddling two items are added atomically).
 - **backward** — flash-style from the lse: per key tile, every query row that sees it recomputes ``P``;
@@ -60,6 +66,9 @@ SOURCE = Path(__file__).with_name("fused.c")
 MAX_TOPK = 64
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ENTRY = ("attnlens_fused_forward", "attnlens_fused_columns", "attnlens_fused_backward")
+#: the most memory the forward's threads may hold together to compute ``received`` in the pass (each keeps its
+#: item's weights, rows × visible keys); above it ``received`` comes from the column pass (one more Q·Kᵀ)
+IN_PASS_BYTES = 256 << 20
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
@@ -90,6 +99,8 @@ def library():
             fn = getattr(lib, name)
             fn.argtypes = [ctypes.POINTER(_Args)]
             fn.restype = ctypes.c_int
+        lib.attnlens_fused_inpass_bytes.argtypes = [ctypes.c_int64]
+        lib.attnlens_fused_inpass_bytes.restype = ctypes.c_int64
     return lib, reason
 
 
@@ -251,8 +262,14 @@ def forward(inp: AttnInputs, delta: bool = False):
     f32 = dict(dtype=torch.float32)
     out, lse = torch.empty(B, Hq, Nq, Dv, **f32), torch.empty(B, Hq, Nq, **f32)
     a.out, a.lse = out.data_ptr(), lse.data_ptr()
-    cols = lens is not None and (lens.received or inp.received_from is not None or lens.pool is not None
-                                 or inp.rows is not None or inp.at is not None)
+    # received in the pass: where no score can be non-finite (else the column pass's NaN rule) and the threads'
+    # buffers fit IN_PASS_BYTES
+    inpass = (lens is not None and lens.received and not a.check
+              and library()[0].attnlens_fused_inpass_bytes(Nk) * a.nthreads <= IN_PASS_BYTES)
+    rec = torch.zeros(B, Hq, Nk, **f32) if inpass else None
+    a.received = _ptr(rec)
+    cols = lens is not None and ((lens.received and not inpass) or inp.received_from is not None
+                                 or lens.pool is not None or inp.rows is not None or inp.at is not None)
     lse_delta = torch.empty(B, Hq, Nq, **f32) if cols or delta else None
     a.lse_delta = _ptr(lse_delta)
     maxw = ent = sinkw = tk_w = tk_i = None
@@ -269,11 +286,14 @@ def forward(inp: AttnInputs, delta: bool = False):
     if lens is not None:
         res = LensResult(lse=lse if lens.lse else None, max_weight=maxw, entropy=ent, topk_weights=tk_w,
                          topk_indices=tk_i, sink_weight=sinkw)
+        res.received = rec
         if cols:
-            if lens.received or inp.received_from is not None or lens.pool is not None or inp.rows is not None:
-                res.received, res.received_from, res.pooled, res.weights = columns(
-                    inp, lse, received=lens.received, weights=inp.received_from, pool=lens.pool, rows=inp.rows,
-                    rowd=lse_delta)
+            if (lens.received and not inpass) or inp.received_from is not None or lens.pool is not None \
+                    or inp.rows is not None:
+                rec2, res.received_from, res.pooled, res.weights = columns(
+                    inp, lse, received=lens.received and not inpass, weights=inp.received_from, pool=lens.pool,
+                    rows=inp.rows, rowd=lse_delta)
+                res.received = rec if inpass else rec2
                 res.rows = inp.rows
             if inp.at is not None:  # P[i, at] = exp(s - lse) · exp(-delta): the row's own weights
                 res.weights_at = pair_weights(inp, inp.at, lse) * torch.exp(-lse_delta)[..., None]

@@ -817,36 +817,49 @@ static inline void topk_lanes(float *cv, int32_t *ci, int k, const float *s, uns
  * without a branch: lanes holding a score strictly smaller than x (a suffix of the sorted list) take their left
  * neighbour's, the first of them x — the same list as topk_insert, whose data-dependent loop mispredicts. An x no
  * larger than every slot changes nothing. */
-static inline void topk_insert8(float *cv, int32_t *ci, int nb, float x, int32_t j) {
-    const __m256 vx = _mm256_set1_ps(x);
+typedef struct { __m256 v; __m256i i; } TopReg; /* 8 slots of a list in registers */
+
+/* x (key j) into the 8 slots c, returning the slots after and, in carry/carry_i/carry_lt, the slot pushed out of
+ * lane 7 (and whether it moved): the next register of the list takes it in lane 0 */
+static inline TopReg topk_insert_reg(TopReg c, __m256 vx, __m256i vj, __m256 *carry, __m256i *carry_i, __m256 *carry_lt) {
     const __m256i right = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6); /* lane l takes lane l - 1 (lane 0: the carry) */
     const __m256 lane0 = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, 0, 0, 0, 0, 0, 0));
+    const __m256 lt = _mm256_cmp_ps(c.v, vx, _CMP_LT_OQ);
+    const __m256 left = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c.v, right), *carry, lane0);
+    const __m256 left_i = _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_permutevar8x32_epi32(c.i, right)),
+                                           _mm256_castsi256_ps(*carry_i), lane0);
+    const __m256 left_lt = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lt, right), *carry_lt, lane0);
+    /* a moving lane takes its left neighbour when that one moves too, else x */
+    const __m256 nv = _mm256_blendv_ps(vx, left, left_lt);
+    const __m256 ni = _mm256_blendv_ps(_mm256_castsi256_ps(vj), left_i, left_lt);
+    const __m256i seven = _mm256_set1_epi32(7);
+    *carry = _mm256_permutevar8x32_ps(c.v, seven);
+    *carry_i = _mm256_permutevar8x32_epi32(c.i, seven);
+    *carry_lt = _mm256_permutevar8x32_ps(lt, seven);
+    TopReg r;
+    r.v = _mm256_blendv_ps(c.v, nv, lt);
+    r.i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(c.i), ni, lt));
+    return r;
+}
+
+static inline void topk_insert8(float *cv, int32_t *ci, int nb, float x, int32_t j) {
+    const __m256 vx = _mm256_set1_ps(x);
+    const __m256i vj = _mm256_set1_epi32(j);
     __m256 carry = vx, carry_lt = _mm256_setzero_ps(); /* before the list: x, "not moved" */
-    __m256i carry_i = _mm256_set1_epi32(j);
+    __m256i carry_i = vj;
     for (int b = 0; b < nb; ++b) {
-        const __m256 c = _mm256_loadu_ps(cv + 8 * b);
-        const __m256i ii = _mm256_loadu_si256((const __m256i *)(ci + 8 * b));
-        const __m256 lt = _mm256_cmp_ps(c, vx, _CMP_LT_OQ);
-        const __m256 left = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c, right), carry, lane0);
-        const __m256i left_i = _mm256_castps_si256(_mm256_blendv_ps(
-            _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ii, right)), _mm256_castsi256_ps(carry_i), lane0));
-        const __m256 left_lt = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lt, right), carry_lt, lane0);
-        /* a moving lane takes its left neighbour when that one moves too, else x */
-        const __m256 nv = _mm256_blendv_ps(vx, left, left_lt);
-        const __m256i ni = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(j)),
-                                                                _mm256_castsi256_ps(left_i), left_lt));
-        _mm256_storeu_ps(cv + 8 * b, _mm256_blendv_ps(c, nv, lt));
-        _mm256_storeu_si256((__m256i *)(ci + 8 * b), _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(ii),
-                                                                                           _mm256_castsi256_ps(ni), lt)));
-        carry = _mm256_permutevar8x32_ps(c, _mm256_set1_epi32(7));
-        carry_i = _mm256_permutevar8x32_epi32(ii, _mm256_set1_epi32(7));
-        carry_lt = _mm256_permutevar8x32_ps(lt, _mm256_set1_epi32(7));
+        TopReg c = {_mm256_loadu_ps(cv + 8 * b), _mm256_loadu_si256((const __m256i *)(ci + 8 * b))};
+        c = topk_insert_reg(c, vx, vj, &carry, &carry_i, &carry_lt);
+        _mm256_storeu_ps(cv + 8 * b, c.v);
+        _mm256_storeu_si256((__m256i *)(ci + 8 * b), c.i);
     }
 }
 
-/* For k <= 8 a key below the tile's own k-th largest cannot be in the top-k; the smallest of the 8 lane-wise maxima
- * (maxima of 8 disjoint sets of keys) is a lower bound of it, so keys below it are skipped too (keys equal to it
- * may be in: the bound is not strict). It spares most insertions of a row's first tile. */
+/* The candidates of a tile row are the keys above the list's k-th at the start of the tile, gathered in one 64-bit
+ * mask (a branch per key vector mispredicts), then inserted in key order. For k <= 8 a key below the tile's own k-th
+ * largest cannot be in the top-k either; the smallest of the 8 lane-wise maxima (maxima of 8 disjoint sets of
+ * keys) is a lower bound of it, so keys below it are skipped too (keys equal to it may be in: the bound is not
+ * strict), which spares most insertions of a row's first tile; and the list stays in one register. */
 static inline void topk_add(float *cv, int32_t *ci, int k, const float *s, int64_t j0) {
     const int nb = (k + 7) / 8;
     __m256 floor_ = _mm256_set1_ps(-INFINITY);
@@ -857,15 +870,34 @@ static inline void topk_add(float *cv, int32_t *ci, int k, const float *s, int64
         h = _mm_min_ps(h, _mm_movehl_ps(h, h));
         h = _mm_min_ss(h, _mm_shuffle_ps(h, h, 1));
         floor_ = _mm256_broadcastss_ps(h);
-    }
-    for (int c = 0; c < BK; c += 8) {
-        const __m256 x = _mm256_loadu_ps(s + c);
-        unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(cv[k - 1]), _CMP_GT_OQ),
-                                                                   _mm256_cmp_ps(x, floor_, _CMP_GE_OQ)));
-        for (; bits; bits &= bits - 1) {
-            const int l = __builtin_ctz(bits);
-            topk_insert8(cv, ci, nb, s[c + l], (int32_t)(j0 + c + l));
+        /* k <= 8: the list is one register, kept there for the whole tile row */
+        TopReg c = {_mm256_loadu_ps(cv), _mm256_loadu_si256((const __m256i *)ci)};
+        /* the candidates of the whole tile row in one 64-bit mask (no branch per key vector; the filter is the k-th
+         * at the start of the tile: a candidate that no longer passes it changes nothing) */
+        const __m256 thr = _mm256_broadcastss_ps(_mm_load_ss(cv + k - 1));
+        uint64_t bits = 0;
+        for (int g = 0; g < BK; g += 8) {
+            const __m256 x = _mm256_loadu_ps(s + g);
+            bits |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, thr, _CMP_GT_OQ),
+                                                                          _mm256_cmp_ps(x, floor_, _CMP_GE_OQ))) << g;
         }
+        for (; bits; bits &= bits - 1) {
+            const int l = __builtin_ctzll(bits);
+            __m256 carry = _mm256_set1_ps(s[l]), carry_lt = _mm256_setzero_ps();
+            __m256i carry_i = _mm256_set1_epi32((int32_t)(j0 + l));
+            c = topk_insert_reg(c, carry, carry_i, &carry, &carry_i, &carry_lt);
+        }
+        _mm256_storeu_ps(cv, c.v);
+        _mm256_storeu_si256((__m256i *)ci, c.i);
+        return;
+    }
+    const __m256 thr = _mm256_set1_ps(cv[k - 1]);
+    uint64_t bits = 0;
+    for (int g = 0; g < BK; g += 8)
+        bits |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + g), thr, _CMP_GT_OQ)) << g;
+    for (; bits; bits &= bits - 1) {
+        const int l = __builtin_ctzll(bits);
+        if (s[l] > cv[k - 1]) topk_insert8(cv, ci, nb, s[l], (int32_t)(j0 + l));
     }
 }
 #define TOPK_SLOTS(k) (((k) + 7) / 8 * 8)

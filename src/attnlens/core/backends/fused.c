@@ -38,7 +38,7 @@
 
 #define BK 64               /* keys per tile (a multiple of 16) */
 #define NVK (BK / 16)       /* vectors per tile row */
-#define RQ 6                /* query rows per S = Q Kᵀ call of mk_qk (a multiple of 3: the blocks without AVX-512) */
+#define RQ 6                /* query rows per S = Q Kᵀ call of mk_qk (the register blocks without AVX-512 are 6 rows) */
 #define RT 48               /* target rows of a forward query tile (a multiple of 12) */
 #define MAXK 64             /* largest top-k */
 #define EXP_LO (-87.0f)     /* exp(x) for x below is 0 (below FLT_MIN), as rowsoftmax.c */
@@ -684,104 +684,110 @@ static inline v8 ld8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; 
 static inline void st8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
 static inline v8 splat8(float x) { v8 r = {x, x, x, x, x, x, x, x}; return r; }
 
-/* C[r][0:BK) = Σ_d A_r[d] · BT[d][0:BK) for RQ rows (a multiple of 3); BT packed (K, BK) */
+/* Register blocks of 6 rows × 16 columns: 12 accumulators, 2 registers of B and 1 broadcast of A (15 of the 16
+ * registers), so each B vector is loaded once per k for 6 FMAs. (Blocks of 3 × 32 need 19 registers: the compiler
+ * then folds the 4 B loads into each of the 12 FMAs, 15 loads per 12 FMAs, and the loads, not the FMAs, set the
+ * pace.) */
+
+/* C[r][0:BK) = Σ_d A_r[d] · BT[d][0:BK) for RQ rows (a multiple of 6); BT packed (K, BK) */
 static void mk_qk(const float *const *arow, int64_t K, const float *bt, float *c, int64_t ldc) {
-    for (int r0 = 0; r0 < RQ; r0 += 3)
-        for (int c0 = 0; c0 < BK; c0 += 32) {
-            const float *a0 = arow[r0], *a1 = arow[r0 + 1], *a2 = arow[r0 + 2];
-            v8 acc[3][4];
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; ++v) acc[0][v] = acc[1][v] = acc[2][v] = splat8(0.0f);
+    for (int r0 = 0; r0 < RQ; r0 += 6)
+        for (int c0 = 0; c0 < BK; c0 += 16) {
+            const float *a[6];
+#pragma GCC unroll 6
+            for (int r = 0; r < 6; ++r) a[r] = arow[r0 + r];
+            v8 acc[6][2];
+#pragma GCC unroll 6
+            for (int r = 0; r < 6; ++r) acc[r][0] = acc[r][1] = splat8(0.0f);
             for (int64_t d = 0; d < K; ++d) {
-                const float *b = bt + d * BK + c0;
-                const v8 x0 = splat8(a0[d]), x1 = splat8(a1[d]), x2 = splat8(a2[d]);
-#pragma GCC unroll 4
-                for (int v = 0; v < 4; ++v) {
-                    const v8 bv = ld8(b + 8 * v);
-                    acc[0][v] += x0 * bv;
-                    acc[1][v] += x1 * bv;
-                    acc[2][v] += x2 * bv;
+                const v8 b0 = ld8(bt + d * BK + c0), b1 = ld8(bt + d * BK + c0 + 8);
+#pragma GCC unroll 6
+                for (int r = 0; r < 6; ++r) {
+                    const v8 x = splat8(a[r][d]);
+                    acc[r][0] += x * b0;
+                    acc[r][1] += x * b1;
                 }
             }
-#pragma GCC unroll 3
-            for (int r = 0; r < 3; ++r)
-#pragma GCC unroll 4
-                for (int v = 0; v < 4; ++v) st8(c + (r0 + r) * ldc + c0 + 8 * v, acc[r][v]);
+#pragma GCC unroll 6
+            for (int r = 0; r < 6; ++r) {
+                st8(c + (r0 + r) * ldc + c0, acc[r][0]);
+                st8(c + (r0 + r) * ldc + c0 + 8, acc[r][1]);
+            }
         }
 }
 
-/* C_r[c0 : c0 + 8·CB) = alpha_r · C_r + Σ_{j < nk} P[r][j] · Bm[j][c0 ...] for 3 rows */
-static inline __attribute__((always_inline)) void mk_pv8_t(const int CB, float *const *crow, const float *alpha,
-                                                           const float *P, int64_t ldp, const float *bm, int64_t ldb,
-                                                           int64_t nk, int64_t c0) {
-    v8 acc[3][4];
-#pragma GCC unroll 3
-    for (int r = 0; r < 3; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < CB; ++v) {
-            const v8 cv = ld8(crow[r] + c0 + 8 * v);
-            acc[r][v] = alpha ? cv * splat8(alpha[r]) : cv;
-        }
+/* C_r[c0 : c0 + 16) = alpha_r · C_r + Σ_{j < nk} P[r][j] · Bm[j][c0 ...] for 6 rows */
+static void mk_pv6(float *const *crow, const float *alpha, const float *P, int64_t ldp, const float *bm, int64_t ldb,
+                   int64_t nk, int64_t c0) {
+    v8 acc[6][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+        const v8 c0v = ld8(crow[r] + c0), c1v = ld8(crow[r] + c0 + 8);
+        const v8 al = splat8(alpha ? alpha[r] : 1.0f);
+        acc[r][0] = alpha ? c0v * al : c0v;
+        acc[r][1] = alpha ? c1v * al : c1v;
+    }
     for (int64_t j = 0; j < nk; ++j) {
-        const v8 x0 = splat8(P[j]), x1 = splat8(P[ldp + j]), x2 = splat8(P[2 * ldp + j]);
-#pragma GCC unroll 4
-        for (int v = 0; v < CB; ++v) {
-            const v8 bv = ld8(bm + j * ldb + c0 + 8 * v);
-            acc[0][v] += x0 * bv;
-            acc[1][v] += x1 * bv;
-            acc[2][v] += x2 * bv;
+        const v8 b0 = ld8(bm + j * ldb + c0), b1 = ld8(bm + j * ldb + c0 + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; ++r) {
+            const v8 x = splat8(P[r * ldp + j]);
+            acc[r][0] += x * b0;
+            acc[r][1] += x * b1;
         }
     }
-#pragma GCC unroll 3
-    for (int r = 0; r < 3; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < CB; ++v) st8(crow[r] + c0 + 8 * v, acc[r][v]);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; ++r) {
+        st8(crow[r] + c0, acc[r][0]);
+        st8(crow[r] + c0 + 8, acc[r][1]);
+    }
 }
-static void mk_pv8_4(float *const *c, const float *al, const float *P, int64_t ldp, const float *bm, int64_t ldb,
-                     int64_t nk, int64_t c0) { mk_pv8_t(4, c, al, P, ldp, bm, ldb, nk, c0); }
-static void mk_pv8_2(float *const *c, const float *al, const float *P, int64_t ldp, const float *bm, int64_t ldb,
-                     int64_t nk, int64_t c0) { mk_pv8_t(2, c, al, P, ldp, bm, ldb, nk, c0); }
 
-/* C rows (R rows, a multiple of 3; width Xp, a multiple of 16) = alpha ∘ C + P · Bm over nk keys */
+/* C rows (R rows, a multiple of 6; width Xp, a multiple of 16) = alpha ∘ C + P · Bm over nk keys */
 static void pv(int64_t R, int64_t Xp, float *const *crow, const float *alpha, const float *P, int64_t ldp,
                const float *bm, int64_t ldb, int64_t nk) {
-    for (int64_t c0 = 0; c0 < Xp;) {
-        const int wide = Xp - c0 >= 32;
-        for (int64_t r = 0; r < R; r += 3) {
-            const float *al = alpha ? alpha + r : NULL;
-            if (wide) mk_pv8_4(crow + r, al, P + r * ldp, ldp, bm, ldb, nk, c0);
-            else mk_pv8_2(crow + r, al, P + r * ldp, ldp, bm, ldb, nk, c0);
-        }
-        c0 += wide ? 32 : 16;
-    }
+    for (int64_t c0 = 0; c0 < Xp; c0 += 16)
+        for (int64_t r = 0; r < R; r += 6) mk_pv6(crow + r, alpha ? alpha + r : NULL, P + r * ldp, ldp, bm, ldb, nk, c0);
 }
 
-/* Acc (BK × Xp) += Pᵀ A: P (R × BK), A rows (R rows of Xp floats); blocks of 4 keys × 16 columns */
-static void outer(float *acc, int64_t Xp, const float *P, int64_t ldp, const float *const *arow, int64_t R) {
-    for (int64_t c0 = 0; c0 < Xp; c0 += 16)
-        for (int64_t j0 = 0; j0 < BK; j0 += 4) {
-            v8 a[4][2];
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-                a[j][0] = ld8(acc + (j0 + j) * Xp + c0);
-                a[j][1] = ld8(acc + (j0 + j) * Xp + c0 + 8);
-            }
-            for (int64_t r = 0; r < R; ++r) {
-                const v8 av0 = ld8(arow[r] + c0), av1 = ld8(arow[r] + c0 + 8);
-                const float *pr = P + r * ldp + j0;
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; ++j) {
-                    const v8 x = splat8(pr[j]);
-                    a[j][0] += x * av0;
-                    a[j][1] += x * av1;
-                }
-            }
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) {
-                st8(acc + (j0 + j) * Xp + c0, a[j][0]);
-                st8(acc + (j0 + j) * Xp + c0 + 8, a[j][1]);
-            }
+/* Acc[j0 + j][c0 ...16) += Σ_{r < R} P[r][j0 + j] · A_r[c0 ...16) for JB keys (6: 12 accumulators, as above) */
+static inline __attribute__((always_inline)) void mk_outer_t(const int JB, float *acc, int64_t Xp, const float *P,
+                                                             int64_t ldp, int64_t j0, const float *const *arow,
+                                                             int64_t R, int64_t c0) {
+    v8 a[6][2];
+#pragma GCC unroll 6
+    for (int j = 0; j < JB; ++j) {
+        a[j][0] = ld8(acc + (j0 + j) * Xp + c0);
+        a[j][1] = ld8(acc + (j0 + j) * Xp + c0 + 8);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+        const v8 av0 = ld8(arow[r] + c0), av1 = ld8(arow[r] + c0 + 8);
+        const float *pr = P + r * ldp + j0;
+#pragma GCC unroll 6
+        for (int j = 0; j < JB; ++j) {
+            const v8 x = splat8(pr[j]);
+            a[j][0] += x * av0;
+            a[j][1] += x * av1;
         }
+    }
+#pragma GCC unroll 6
+    for (int j = 0; j < JB; ++j) {
+        st8(acc + (j0 + j) * Xp + c0, a[j][0]);
+        st8(acc + (j0 + j) * Xp + c0 + 8, a[j][1]);
+    }
+}
+static void mk_outer6(float *acc, int64_t Xp, const float *P, int64_t ldp, int64_t j0, const float *const *arow,
+                      int64_t R, int64_t c0) { mk_outer_t(6, acc, Xp, P, ldp, j0, arow, R, c0); }
+static void mk_outer4(float *acc, int64_t Xp, const float *P, int64_t ldp, int64_t j0, const float *const *arow,
+                      int64_t R, int64_t c0) { mk_outer_t(4, acc, Xp, P, ldp, j0, arow, R, c0); }
+
+/* Acc (BK × Xp) += Pᵀ A: P (R × BK), A rows (R rows of Xp floats); blocks of 6 keys × 16 columns (BK = 10·6 + 4) */
+static void outer(float *acc, int64_t Xp, const float *P, int64_t ldp, const float *const *arow, int64_t R) {
+    for (int64_t c0 = 0; c0 < Xp; c0 += 16) {
+        int64_t j0 = 0;
+        for (; j0 + 6 <= BK; j0 += 6) mk_outer6(acc, Xp, P, ldp, j0, arow, R, c0);
+        for (; j0 < BK; j0 += 4) mk_outer4(acc, Xp, P, ldp, j0, arow, R, c0);
+    }
 }
 #endif
 

@@ -577,14 +577,14 @@ def test_chunk_rows_respects_chunk_bytes(rng):
 def test_backends_listed_in_priority_order():
     rows = al.backends()
     names = [r.name for r in rows]
-    assert names == ["triton", "fused", "sdpa", "torch", "reference"]
+    assert names == ["triton", "sdpa", "fused", "torch", "reference"]
     assert names == dispatch.names() == [b.name for b in dispatch.PRIORITY]
     for r in rows:
         shown = r.describe()
         for key in ("description", "lens", "grad", "dropout", "dtypes", "devices", "memory"):
             assert key in shown, (r.name, key)
     caps = {r.name: r.capabilities for r in rows}
-    assert not caps["sdpa"].lens and not caps["sdpa"].block and rows[2].describe()["lens"] == "no"
+    assert not caps["sdpa"].lens and not caps["sdpa"].block and rows[1].describe()["lens"] == "no"
     assert caps["fused"].block and caps["fused"].max_topk == 64 and caps["fused"].devices == frozenset({"cpu"})
     assert caps["torch"].block and LensField.TOPK in caps["torch"].lens and caps["torch"].dropout
     assert caps["triton"].max_topk == 16 and caps["triton"].devices == frozenset({"cuda"})

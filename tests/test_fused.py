@@ -414,21 +414,26 @@ def test_received_in_the_pass_matches_the_column_pass(case, threads, rng, monkey
 # dispatch
 
 
-def test_auto_takes_the_kernel_only_where_it_measured_faster(rng, monkeypatch):
+def test_auto_takes_the_kernel_for_lens_and_block_calls_and_sdpa_for_plain_ones(rng):
     q, k, v = make_inputs(1, 2, 2, 20, 20, 16, 16, rng=rng)
     inp = validate(q, k, v, lens=True)
-    assert BE.not_supported_reasons(inp) == []
-    assert dispatch.select(inp).name == "torch" and dispatch.select(inp, "fused").name == "fused"
-    assert "measured slower" in BE.auto_reasons(inp)[0]
-    monkeypatch.setattr(_fused, "measured_faster", lambda inp: True)  # where the rule says faster: auto takes it
+    assert BE.not_supported_reasons(inp) == [] and BE.auto_reasons(inp) == []
     assert dispatch.select(inp).name == "fused"
     assert dispatch.select(validate(q, k, v, causal=True, lens=al.Lens(topk=64))).name == "fused"
+    assert dispatch.select(validate(q, k, v)).name == "sdpa"  # plain, not causal: SDPA
+    assert dispatch.select(validate(q, k, v, causal=True)).name == "fused"  # plain causal float32: measured faster
+    assert dispatch.select(validate(q.half(), k.half(), v.half(), causal=True)).name == "sdpa"  # not measured
+    assert dispatch.select(validate(q, k, v), primitives=True).name == "fused"
+    assert dispatch.select(validate(q, k, v, causal=True), primitives=True).name == "fused"  # lse, backward, columns
+    assert dispatch.select(validate(q, k, v, window=(4, 0))).name == "fused"  # SDPA would need a dense mask
     q2, k2, v2 = make_inputs(1, 2, 2, 20, 80, 16, 16, rng=rng)
     assert dispatch.select(validate(q2, k2, v2, lens=al.Lens(topk=65))).name == "torch"  # more than MAX_TOPK
     assert dispatch.select(validate(q.double(), k.double(), v.double(), lens=True)).name == "torch"  # float64
     assert dispatch.select(validate(q, k, v, lens=True, dropout_p=0.1)).name == "torch"  # dropout
+    assert dispatch.select(validate(q, k, v, lens=True, seqlens_q=torch.tensor([20]), seqlens_k=torch.tensor([13]))
+                           ).name == "torch"  # per-sequence lengths
     text = al.info()
-    assert "fused" in text and "fused: kernel built (" in text
+    assert "fused" in text and "fused: kernel built (" in text and "a lens, or the block primitives" in text
 
 
 # --------------------------------------------------------------------------------------------

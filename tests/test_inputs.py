@@ -226,7 +226,7 @@ def test_numpy_scalar_scale_and_dropout_are_fine(qkv):
 
 
 @pytest.mark.parametrize("backend,exc,msg", [
-    ("flash", ValueError, r"unknown backend 'flash'.*expected one of \['auto', 'triton', 'fused', 'sdpa', 'torch', 'reference'\]"),
+    ("flash", ValueError, r"unknown backend 'flash'.*expected one of \['auto', 'triton', 'sdpa', 'fused', 'torch', 'reference'\]"),
     ("Torch", ValueError, r"unknown backend 'Torch'"),
     (None, TypeError, r"backend must be a string"),
     (3, TypeError, r"backend must be a string"),

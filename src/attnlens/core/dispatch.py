@@ -28,7 +28,10 @@ from .inputs import AttnInputs
 from .version import __version__
 
 #: priority order for backend="auto"
-PRIORITY: list[Backend] = [TritonBackend(), FusedCpuBackend(), SdpaBackend(), TorchChunkedBackend(), ReferenceBackend()]
+#: — on the CPU a plain call (no lens, no block primitives) goes to PyTorch's SDPA; a lens call, or one that needs the
+#: block primitives, to the fused kernel (`attnlens.core.backends.fused.AUTO_RULE`, from benchmarks/cpu.py), then the
+#: torch backend where the kernel cannot serve it
+PRIORITY: list[Backend] = [TritonBackend(), SdpaBackend(), FusedCpuBackend(), TorchChunkedBackend(), ReferenceBackend()]
 _BY_NAME = {b.name: b for b in PRIORITY}
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("attnlens_backend", default=None)
 #: the reason a backend without block primitives gives when a caller needs them (`select(primitives=True)`)

@@ -39,10 +39,8 @@ when the pass itself runs the column pass), so rows of scores near -1e30 keep th
 
 The library is built on first use by `attnlens.core.backends.native` (private verified cache, atomic builds under
 a lock, compile timeout); where it cannot be built this backend gives that as its reason and ``auto`` takes another
-(``attnlens info`` says which and why). ``auto`` takes this backend only where it measured faster than what auto
-takes otherwise (`measured_faster`, `AUTO_RULE`): on the build measured so far (GCC vector extensions with AVX2
-intrinsics for the per-score work, 2-core AVX2 CPU) it is not faster in every cell of the grid — with the default lens
-(entropy, received) slower than the torch backend in every cell — so it serves calls that name it.
+(``attnlens info`` says which and why). ``auto`` takes it for every CPU call it serves that SDPA does not — a lens,
+or the block primitives (`AUTO_RULE`) — where it measured faster than the torch backend in every cell of the grid.
 """
 from __future__ import annotations
 
@@ -104,20 +102,21 @@ def library():
     return lib, reason
 
 
-#: where ``backend="auto"`` takes the kernel: where it measured faster than what auto takes otherwise (SDPA for a plain
-#: call, the torch backend for a lens call). benchmarks/results/cpu-2026-12-03.md, section "After" (2-core AMD EPYC,
-#: AVX2; N = 1024, D = 16-128, causal and not): no lens 0.94-1.40x SDPA's time; lens (entropy, max weight) faster than
-#: the torch backend in 6 of 8 cells, lens (entropy, received) in 3 (1.50-2.10x SDPA against the torch backend's
-#: 1.26-2.54x), + top-8 in 3; forward + backward 0.73-1.22x SDPA's. Not faster than auto's choice in every cell of a
-#: kind of call, so auto does not take it yet; name it (``backend="fused"``) to use it.
-AUTO_RULE = ("nowhere yet: it measured slower than what auto takes otherwise (SDPA; the torch backend with a lens) in "
-             "some cells of the grid on this build (benchmarks/cpu.py)")
+#: where ``backend="auto"`` takes the kernel. It comes after SDPA in auto's order (`dispatch.PRIORITY`), so a plain CPU
+#: call that SDPA serves goes there; every other CPU call it serves is the kernel's — a lens call, or one that needs the
+#: block primitives (lse, column sums, a backward into buffers). benchmarks/results/cpu-2026-12-03.md, "Third pass"
+#: (2-core AMD EPYC, AVX2): with a lens it measured faster than the torch backend in every cell of the grid.
+AUTO_RULE = ("for every CPU call it serves that SDPA does not (a lens, or the block primitives) and for plain causal "
+             "float32 calls: measured faster than the torch backend, and than SDPA on causal calls (benchmarks/cpu.py); "
+             "other plain calls go to SDPA")
+#: plain calls: causal float32 CPU calls measured 0.78-1.00x SDPA's time in the 8 causal cells of the grid (forward +
+#: backward 0.80-0.90x); non-causal ones 0.95-1.19x, so those stay with SDPA (`SdpaBackend.auto_reasons`)
+PLAIN_RULE = "causal float32 CPU calls: 0.78-1.00x SDPA's time (benchmarks/results/cpu-2026-12-03.md)"
 
 
-def measured_faster(inp: AttnInputs) -> bool:
-    """Whether the kernel measured faster than the backend ``auto`` takes otherwise for a call like ``inp`` (the rule
-    from benchmarks/cpu.py, `AUTO_RULE`): never on the builds measured so far."""
-    return False
+def takes_plain(inp: AttnInputs) -> bool:
+    """Whether ``auto`` gives a plain call (no lens) that SDPA could serve to this kernel instead (`PLAIN_RULE`)."""
+    return inp.q.device.type == "cpu" and inp.q.dtype == torch.float32 and inp.causal
 
 
 def _absmax(x) -> float:
@@ -370,12 +369,6 @@ class FusedCpuBackend(Backend):
             return []
         lib, why = library()
         return [] if lib is not None else [why]
-
-    def auto_reasons(self, inp: AttnInputs) -> list[str]:
-        """``auto`` takes this kernel only where `measured_faster` says it beats the backend auto takes otherwise."""
-        if measured_faster(inp):
-            return []
-        return [f"auto takes it {AUTO_RULE}; name backend='fused' to use it"]
 
     def status(self) -> str:
         lib, why = library()

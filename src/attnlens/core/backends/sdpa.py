@@ -17,8 +17,9 @@ from ..capabilities import Capabilities, Memory
 from ..inputs import AttnInputs
 from ..lens import MAX_BYTES
 from ..masks import band_keep
-from . import Backend
+from . import Backend, fused
 
+_FUSED = fused.FusedCpuBackend()
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 
 
@@ -80,6 +81,13 @@ class SdpaBackend(Backend):
             out.append("q, k or v holds NaN/inf: the fused kernel may zero such rows or spread them to rows "
                        "that give them weight 0")
         return out
+
+    def auto_reasons(self, inp: AttnInputs) -> list[str]:
+        """``auto`` passes over SDPA for a plain causal float32 CPU call that the fused kernel serves: the kernel measured
+        faster there (`fused.takes_plain`, `fused.PLAIN_RULE`)."""
+        if fused.takes_plain(inp) and not _FUSED.not_supported_reasons(inp):
+            return [f"the fused CPU kernel serves it and measured faster ({fused.PLAIN_RULE})"]
+        return []
 
     def memory(self, inp: AttnInputs) -> Memory:
         return Memory.DENSE if _dense_band(inp) else Memory.LINEAR

@@ -423,6 +423,9 @@ def test_auto_takes_the_kernel_for_lens_and_block_calls_and_sdpa_for_plain_ones(
     assert dispatch.select(validate(q, k, v)).name == "sdpa"  # plain, not causal: SDPA
     assert dispatch.select(validate(q, k, v, causal=True)).name == "fused"  # plain causal float32: measured faster
     assert dispatch.select(validate(q.half(), k.half(), v.half(), causal=True)).name == "sdpa"  # not measured
+    qg = q.clone().requires_grad_()
+    assert dispatch.select(validate(qg, k, v, causal=True)).name == "sdpa"  # gradients: SDPA holds less memory
+    assert dispatch.select(validate(qg, k, v, causal=True, lens=True)).name == "fused"
     assert dispatch.select(validate(q, k, v), primitives=True).name == "fused"
     assert dispatch.select(validate(q, k, v, causal=True), primitives=True).name == "fused"  # lse, backward, columns
     assert dispatch.select(validate(q, k, v, window=(4, 0))).name == "fused"  # SDPA would need a dense mask

@@ -107,16 +107,18 @@ def library():
 #: block primitives (lse, column sums, a backward into buffers). benchmarks/results/cpu-2026-12-03.md, "Third pass"
 #: (2-core AMD EPYC, AVX2): with a lens it measured faster than the torch backend in every cell of the grid.
 AUTO_RULE = ("for every CPU call it serves that SDPA does not (a lens, or the block primitives) and for plain causal "
-             "float32 calls: measured faster than the torch backend, and than SDPA on causal calls (benchmarks/cpu.py); "
-             "other plain calls go to SDPA")
-#: plain calls: causal float32 CPU calls measured 0.78-1.00x SDPA's time in the 8 causal cells of the grid (forward +
-#: backward 0.80-0.90x); non-causal ones 0.95-1.19x, so those stay with SDPA (`SdpaBackend.auto_reasons`)
-PLAIN_RULE = "causal float32 CPU calls: 0.78-1.00x SDPA's time (benchmarks/results/cpu-2026-12-03.md)"
+             "float32 forwards: measured faster than the torch backend, and than SDPA on causal forwards "
+             "(benchmarks/cpu.py); other plain calls go to SDPA")
+#: plain calls: causal float32 CPU forwards measured 0.78-1.00x SDPA's time in the 8 causal cells of the grid;
+#: non-causal ones 0.95-1.19x, so those stay with SDPA (`SdpaBackend.auto_reasons`). Calls that need gradients stay
+#: with SDPA too: the kernel's forward + backward is faster (0.80-0.90x) but holds more memory (its packed copies of
+#: q, k, v, dO: 0.078 against 0.051 GiB at 16k tokens, one head, D = 64).
+PLAIN_RULE = "causal float32 CPU forwards: 0.78-1.00x SDPA's time (benchmarks/results/cpu-2026-12-03.md)"
 
 
 def takes_plain(inp: AttnInputs) -> bool:
     """Whether ``auto`` gives a plain call (no lens) that SDPA could serve to this kernel instead (`PLAIN_RULE`)."""
-    return inp.q.device.type == "cpu" and inp.q.dtype == torch.float32 and inp.causal
+    return inp.q.device.type == "cpu" and inp.q.dtype == torch.float32 and inp.causal and not inp.requires_grad
 
 
 def _absmax(x) -> float:

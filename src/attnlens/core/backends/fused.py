@@ -104,7 +104,7 @@ def library():
 
 #: where ``backend="auto"`` takes the kernel. It comes after SDPA in auto's order (`dispatch.PRIORITY`), so a plain CPU
 #: call that SDPA serves goes there; every other CPU call it serves is the kernel's — a lens call, or one that needs the
-#: block primitives (lse, column sums, a backward into buffers). benchmarks/results/cpu-2026-12-03.md, "Third pass"
+#: block primitives (lse, column sums, a backward into buffers). benchmarks/results/fused-auto-2026-12-03.md
 #: (2-core AMD EPYC, AVX2): with a lens it measured faster than the torch backend in every cell of the grid.
 AUTO_RULE = ("for every CPU call it serves that SDPA does not (a lens, or the block primitives) and for plain causal "
              "float32 forwards: measured faster than the torch backend, and than SDPA on causal forwards "
@@ -113,7 +113,7 @@ AUTO_RULE = ("for every CPU call it serves that SDPA does not (a lens, or the bl
 #: non-causal ones 0.95-1.19x, so those stay with SDPA (`SdpaBackend.auto_reasons`). Calls that need gradients stay
 #: with SDPA too: the kernel's forward + backward is faster (0.80-0.90x) but holds more memory (its packed copies of
 #: q, k, v, dO: 0.078 against 0.051 GiB at 16k tokens, one head, D = 64).
-PLAIN_RULE = "causal float32 CPU forwards: 0.78-1.00x SDPA's time (benchmarks/results/cpu-2026-12-03.md)"
+PLAIN_RULE = "causal float32 CPU forwards: 0.78-1.00x SDPA's time (benchmarks/results/fused-auto-2026-12-03.md)"
 
 
 def takes_plain(inp: AttnInputs) -> bool:

@@ -398,6 +398,7 @@ def test_received_in_the_pass_matches_the_column_pass(case, threads, rng, monkey
     lens = al.Lens(entropy=True, received=True, topk=3)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernel's thread count (a.nthreads)
     (_, _, res), inp = run_forward(q, k, v, lens, **kw)
+    assert not _fused.scores_may_be_nonfinite(inp)  # so the pass computes received itself
     (_, _, again), _ = run_forward(q, k, v, lens, **kw)
     assert torch.equal(res.received, again.received), "the same sums in the same order on every run"
     _, w, _, ref = ref_all(inp, lens)
@@ -556,6 +557,19 @@ def test_an_empty_key_set(rng):
     assert (out == 0).all() and (res.topk_indices == -1).all()
     (out.sum() + res.lse[0, 0].sum()).backward()
     assert (q.grad == 0).all() and k.grad.shape == k.shape and torch.equal(sinks.grad, torch.tensor([3.0, 0.0]))
+
+
+@pytest.mark.parametrize("dv", [5, 16])
+def test_an_empty_key_set_through_auto(dv, rng):
+    """Nk = 0 through ``auto`` (SDPA refuses it; the kernel serves it), with a value width V could be read in place
+    at (16) and one it could not (5): out 0, lse -inf."""
+    q = torch.tensor(rng.standard_normal((1, 2, 3, 16)), dtype=torch.float32)
+    k, v = torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, dv)
+    for kw in ({}, {"causal": True}, {"lens": al.Lens(topk=2)}):
+        out = al.attention(q, k, v, **kw)
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape == (1, 2, 3, dv) and (out == 0).all()
+    assert al.Block.build(q, k, v, lens=True).backend.name == "fused"
 
 
 def test_padded_batches_are_not_served(rng):

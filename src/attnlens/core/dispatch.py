@@ -28,9 +28,10 @@ from .inputs import AttnInputs
 from .version import __version__
 
 #: priority order for backend="auto"
-#: — on the CPU a plain call (no lens, no block primitives) goes to PyTorch's SDPA; a lens call, or one that needs the
-#: block primitives, to the fused kernel (`attnlens.core.backends.fused.AUTO_RULE`, from benchmarks/cpu.py), then the
-#: torch backend where the kernel cannot serve it
+#: — on the CPU a plain call (no lens, no block primitives) goes to PyTorch's SDPA, but a plain causal float32 forward
+#: to the fused kernel (`SdpaBackend.auto_reasons`); a lens call, or one that needs the block primitives, to the fused
+#: kernel (`attnlens.core.backends.fused.AUTO_RULE`, from benchmarks/cpu.py), then the torch backend where the kernel
+#: cannot serve it
 PRIORITY: list[Backend] = [TritonBackend(), SdpaBackend(), FusedCpuBackend(), TorchChunkedBackend(), ReferenceBackend()]
 _BY_NAME = {b.name: b for b in PRIORITY}
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("attnlens_backend", default=None)

@@ -372,6 +372,7 @@ static int v_borrowable(const Args *a) {
         return 0;
     const float *v = (const float *)a->v;
     const int64_t n = B * H * N * Dv;
+    if (n == 0 || !v) return 0; /* no keys: an empty V may have no storage at all; the copy path handles it */
     int bad = 0;
 #pragma omp parallel for reduction(| : bad) num_threads(a->nthreads) schedule(static)
     for (int64_t x = 0; x < n; ++x) bad |= !isfinite(v[x]);
@@ -697,8 +698,9 @@ static void outer(float *acc, int64_t Xp, const float *P, int64_t ldp, const flo
     }
 }
 
-#else /* 16 registers of 8 floats (AVX2; SSE2 and NEON as pairs): blocks of 3 rows × 32 columns, whose 12 accumulators
-     * fit (the 16-float blocks above need 48 and spill: benchmarks/results/cpu-2026-12-03.md) */
+#else /* 16 registers of 8 floats (AVX2; SSE2 and NEON as pairs): blocks of 6 rows × 16 columns, whose 12 accumulators
+     * fit with the B vectors and a broadcast (the 16-float blocks above need 48 and spill:
+     * benchmarks/results/cpu-2026-12-03.md; 3 × 32 blocks need 19: benchmarks/results/fused-auto-2026-12-03.md) */
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld8(const float *p) { v8 r; memcpy(&r, p, sizeof r); return r; }
 static inline void st8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
@@ -1295,10 +1297,15 @@ static void fwd_item(const Args *a, const Pack *p, Fwd *f, const FwdGrid *gr, in
     }
 }
 
-/* bytes each thread holds for `received` in the forward pass over Nk keys (fused.py's budget) */
-int64_t attnlens_fused_inpass_bytes(int64_t Nk) {
-    const int64_t nt = (Nk + BK - 1) / BK;
-    return (int64_t)RMAX * nt * (BK + 1) * 4;
+/* bytes the forward holds, at most, to compute `received` in the pass with a->nthreads threads (fused.py's budget):
+ * each thread's weights buffer (rows × keys) and per-tile maxima, and the threads' shares of the column sums (every
+ * head group once, plus one group at each end of a thread's range) */
+int64_t attnlens_fused_inpass_bytes(const Args *a) {
+    const FwdGrid g = fwd_grid(a);
+    const int64_t nt = (a->Nk + BK - 1) / BK, nth = imax(1, a->nthreads);
+    const int64_t per_thread = (int64_t)RMAX * nt * (BK + 1) * 4;
+    const int64_t shares = (a->B * a->Hkv * g.ngh + nth) * g.gh * nt * BK * 4;
+    return nth * per_thread + shares;
 }
 
 int attnlens_fused_forward(const Args *a) {

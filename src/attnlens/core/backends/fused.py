@@ -14,10 +14,11 @@ FlashAttention's structure, done for CPUs: the work stays in tiles that fit the 
   then ``out = O/l``, ``lse = m + log l``, ``max_weight = 1/l``, top-k (a sorted list per row; a key vector is only
   scanned when it holds a score above the k-th), and the sink folded in last (as the torch backend does).
   ``received`` is summed in the same pass: each thread keeps its item's weights ``e = exp(s − m_tile)`` (rows × keys
-  seen; at most `IN_PASS_BYTES` for all threads) and, once the rows are finished, adds
-  ``Σ_i exp(m_tile − m_i)·e_ij / l_i`` into its own share of the column sums; threads run contiguous ranges of items
-  of equal work and their shares are added in thread order, so the sums are the same bits on every run. Where a
-  score may be non-finite (the NaN rule) or the buffers would not fit, the column pass computes it.
+  seen) and, once the rows are finished, adds ``Σ_i exp(m_tile − m_i)·e_ij · a_i / l_i`` (``a_i`` the keys' share
+  next to a sink, else 1) into its own share of the column sums; threads run contiguous ranges of items of equal
+  work and their shares are added in thread order, so for a given thread count the sums are the same bits on every
+  run. Where a score may be non-finite (the NaN rule) or these buffers and shares would pass `IN_PASS_BYTES` for all
+  threads, the column pass computes it.
 - **column pass** (``received_from = Pᵀ W``, ``pooled``, weight ``rows``; ``received`` where not in the pass) — with
   the lse known, key tile
   by key tile: each work item owns a range of keys and runs every query row that sees it, so the column
@@ -40,7 +41,8 @@ when the pass itself runs the column pass), so rows of scores near -1e30 keep th
 The library is built on first use by `attnlens.core.backends.native` (private verified cache, atomic builds under
 a lock, compile timeout); where it cannot be built this backend gives that as its reason and ``auto`` takes another
 (``attnlens info`` says which and why). ``auto`` takes it for every CPU call it serves that SDPA does not — a lens,
-or the block primitives (`AUTO_RULE`) — where it measured faster than the torch backend in every cell of the grid.
+or the block primitives — where it measured faster than the torch backend in every cell of the grid, and for plain
+causal float32 forwards, where it measured faster than SDPA (`AUTO_RULE`, `takes_plain`).
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def library():
             fn = getattr(lib, name)
             fn.argtypes = [ctypes.POINTER(_Args)]
             fn.restype = ctypes.c_int
-        lib.attnlens_fused_inpass_bytes.argtypes = [ctypes.c_int64]
+        lib.attnlens_fused_inpass_bytes.argtypes = [ctypes.POINTER(_Args)]
         lib.attnlens_fused_inpass_bytes.restype = ctypes.c_int64
     return lib, reason
 
@@ -266,7 +268,7 @@ def forward(inp: AttnInputs, delta: bool = False):
     # received in the pass: where no score can be non-finite (else the column pass's NaN rule) and the threads'
     # buffers fit IN_PASS_BYTES
     inpass = (lens is not None and lens.received and not a.check
-              and library()[0].attnlens_fused_inpass_bytes(Nk) * a.nthreads <= IN_PASS_BYTES)
+              and library()[0].attnlens_fused_inpass_bytes(ctypes.byref(a)) <= IN_PASS_BYTES)
     rec = torch.zeros(B, Hq, Nk, **f32) if inpass else None
     a.received = _ptr(rec)
     cols = lens is not None and ((lens.received and not inpass) or inp.received_from is not None

@@ -285,3 +285,27 @@ def test_a_trained_next_token_head_and_offset_head_are_named():
         toks = [f"t{i}" for i in range(N)]
         assert analysis.informative_links(idx, w, toks, [kinds]) == []
         assert analysis.informative_links(idx, w, toks, None)  # without the kinds, the offset links show
+
+
+def test_visible_counts_of_a_band_in_closed_form_equal_the_band_mask():
+    """Without a mask, how many keys each query sees and whether it sees given keys come from each row's key range
+    [lo, hi) in closed form; they equal the dense band mask's (offsets before, inside and beyond the keys; windows on
+    either side; causal or not)."""
+    import types
+
+    from attnlens.analysis import heads
+    from attnlens.core import masks
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        nq, nk, off = int(rng.integers(1, 40)), int(rng.integers(1, 50)), int(rng.integers(-10, 60))
+        causal = bool(rng.integers(2))
+        w = None if rng.integers(3) == 0 else tuple(None if rng.integers(2) else int(rng.integers(0, 9)) for _ in "lr")
+        window = masks.normalize_window(None if w == (None, None) else w)
+        pos, idx = np.arange(nq) + off, rng.integers(-1, nk, (nq, 3))
+        keep = masks.band_keep(torch.arange(nq), torch.arange(nk), off, causal, window)
+        keep = np.ones((nq, nk), bool) if keep is None else keep.numpy()
+        rec = types.SimpleNamespace(call=types.SimpleNamespace(window=window, mask=None, causal=causal))
+        count, seen = heads._visible_counts(rec, None, 0, pos, nk, idx)
+        assert (count == keep.sum(-1)).all()
+        assert (seen == (np.take_along_axis(keep, np.clip(idx, 0, nk - 1), -1) & (idx >= 0))).all()

@@ -146,6 +146,13 @@ def _visible_counts(rec, res, batch: int, pos: np.ndarray, nk: int, idx: np.ndar
         m = mask[batch] if mask.shape[0] > 1 else mask[0]  # (H|1, Nq|1, Nk|1)
         m = m if m.dtype == torch.bool else (m > torch.finfo(m.dtype).min / 2)
         m = m.any(0)  # (Nq|1, Nk|1): visible to some head
+    if mask is None:  # the band alone: each row sees the keys [lo, hi), in closed form (no (Nq, Nk) pass)
+        left, right = masks.band(call.causal, window)
+        p = pos.astype(np.int64)
+        lo = np.zeros(nq, dtype=np.int64) if left is None else np.clip(p - left, 0, nk)
+        hi = np.full(nq, nk, dtype=np.int64) if right is None else np.clip(p + right + 1, 0, nk)
+        hi = np.maximum(lo, hi)
+        return hi - lo, (idx >= lo[:, None]) & (idx < hi[:, None]) & (idx >= 0)
     count = np.zeros(nq, dtype=np.int64)
     seen = np.zeros(idx.shape, dtype=bool)
     step = max(1, (1 << 22) // max(nk, 1))

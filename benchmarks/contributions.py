@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import attnlens as al  # noqa: E402
 from attnlens import analysis, hf  # noqa: E402
-from analysis import rss_bytes  # noqa: E402  (benchmarks/analysis.py: this process's resident set)
+from analysis import plain_forward_seconds, rss_bytes  # noqa: E402  (benchmarks/analysis.py)
 
 GIB = float(1 << 30)
 CHILD_TIMEOUT = 420
@@ -96,12 +96,7 @@ def child_llama(n: int, method: str, repeats: int) -> dict:
     with torch.no_grad():
         model(input_ids=ids[:, :8])
     rss0 = rss_bytes()
-    plain = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(input_ids=ids)
-        plain.append(time.perf_counter() - t0)
+    plain = [plain_forward_seconds(model, ids) for _ in range(repeats)]
     t0 = time.perf_counter()
     recs = capture(model, ids)
     t1 = time.perf_counter()

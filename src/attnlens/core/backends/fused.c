@@ -27,7 +27,7 @@
  * q, k, v are read through their strides in float32, float16 or bfloat16 and packed once per call in float32:
  * q scaled, K transposed per key tile of BK keys (the inner loop runs over keys), V with rows padded to 16.
  * SIMD: GCC vector extensions of 16 floats (any x86-64, ARM); AVX-512 intrinsics only when asked (see below); on
- * AVX2 + FMA without them, the per-score work (online_row, col_exp, col_sum) on 8-float AVX2 registers, lane for lane
+ * AVX2 + FMA without them, the per-score work (online_row, col_exp, col_wsum) on 8-float AVX2 registers, lane for lane
  * what the generic path computes (benchmarks/results/cpu-2026-12-03.md, "After").
  * OpenMP shares PyTorch's runtime and thread count. Built on first use by fused.py through native.py. */
 #include <math.h>
@@ -961,6 +961,26 @@ typedef struct {
 /* One row's share of a key tile, online: s (BK prepared scores) becomes e = exp(s - m) with the row's reference
  * max m, which moves (rescaling l, t and O by alpha = exp(m - m')) only when a score exceeds it by more than LAZY
  * — after the first tiles almost never. Returns 1 when the row was rescaled (alpha != 1). */
+/* The row's reference max moves to the tile's max mt: l and t are rescaled by alpha = exp(m - mt) (kept in
+ * f->alpha for O) and m becomes mt. Returns 1 instead when nothing in the tile is visible yet (mt = -inf; NaN: the
+ * row is marked bad): the tile row becomes zeros and nothing is rescaled. Both SIMD paths of online_row use it. */
+static inline int move_max(Fwd *f, int r, float *s, float mt) {
+    const float m = f->m[r];
+    if (!(mt > -INFINITY)) {
+        if (mt != mt) f->m[r] = mt;
+        for (int v = 0; v < NVK; ++v) vst(s + 16 * v, vzero());
+        f->alpha[r] = 1.0f;
+        return 1;
+    }
+    const float al = m == -INFINITY ? 0.0f : expf(m - mt);
+    const vf va = vset(al);
+    f->tv_[r] = vmul(va, vfma(f->lv[r], vset(m == -INFINITY ? 0.0f : m - mt), f->tv_[r]));
+    f->lv[r] = vmul(va, f->lv[r]);
+    f->m[r] = mt;
+    f->alpha[r] = al;
+    return 0;
+}
+
 #if !FUSED_AVX512 && defined(__AVX2__) && defined(__FMA__)
 /* AVX2 (16 registers of 8 floats): the per-score work of online_row on 8-float registers. The generic 16-float
  * vectors went through the stack and per-lane scalar code (mask bits, selects); here every 16-float vector of the
@@ -1003,18 +1023,9 @@ static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t
         vf mxv;
         memcpy(&mxv, &mx0, 32);
         memcpy((char *)&mxv + 32, &mx1, 32);
-        float mt = vhmax(mxv);
-        if (!(mt > -INFINITY)) { /* nothing visible in this tile yet (NaN: the row is marked bad) */
-            if (mt != mt) f->m[r] = mt;
-            for (int v = 0; v < NVK; ++v) vst(s + 16 * v, vzero());
-            f->alpha[r] = 1.0f;
-            return 0;
-        }
-        al = m == -INFINITY ? 0.0f : expf(m - mt);
-        vf va = vset(al);
-        f->tv_[r] = vmul(va, vfma(f->lv[r], vset(m == -INFINITY ? 0.0f : m - mt), f->tv_[r]));
-        f->lv[r] = vmul(va, f->lv[r]);
-        m = f->m[r] = mt;
+        if (move_max(f, r, s, vhmax(mxv))) return 0;
+        m = f->m[r];
+        al = f->alpha[r];
         moved = 1;
     }
     float *mvp = (float *)&f->mv[r], *lvp = (float *)&f->lv[r], *tvp = (float *)&f->tv_[r];
@@ -1066,18 +1077,9 @@ static inline int online_row(Fwd *f, int r, float *s, int want_t, int k, int64_t
     float m = f->m[r], al = 1.0f;
     int moved = 0;
     if (m == -INFINITY || vgt(mx, vset(m + LAZY))) {
-        float mt = vhmax(mx);
-        if (!(mt > -INFINITY)) { /* nothing visible in this tile yet (NaN: the row is marked bad) */
-            if (mt != mt) f->m[r] = mt;
-            for (int v = 0; v < NVK; ++v) vst(s + 16 * v, vzero());
-            f->alpha[r] = 1.0f;
-            return 0;
-        }
-        al = m == -INFINITY ? 0.0f : expf(m - mt);
-        vf va = vset(al);
-        f->tv_[r] = vmul(va, vfma(f->lv[r], vset(m == -INFINITY ? 0.0f : m - mt), f->tv_[r]));
-        f->lv[r] = vmul(va, f->lv[r]);
-        m = f->m[r] = mt;
+        if (move_max(f, r, s, vhmax(mx))) return 0;
+        m = f->m[r];
+        al = f->alpha[r];
         moved = 1;
     }
     f->mv[r] = vmax(f->mv[r], mx);
@@ -1166,12 +1168,17 @@ static void finish_row(const Args *a, Fwd *f, int r, int64_t b) {
     }
 }
 
-/* acc[0:n) += Σ_{r < R} c[r] · E[r][0:n) (E rows BK apart; each column summed over the rows in row order) */
+/* acc[0:n) += Σ_{r < R} c[r] · E[r][0:n) (E rows BK apart; each column summed over the rows in row order, then
+ * added to acc); c = NULL: every weight 1 (the column pass's plain column sums). All BK sums stay in registers. */
 #if !FUSED_AVX512 && defined(__AVX2__) && defined(__FMA__)
 static inline void col_wsum(float *acc, const float *E, const float *c, int64_t R, int64_t n) {
     __m256 s[BK / 8];
     for (int v = 0; v < BK / 8; ++v) s[v] = _mm256_setzero_ps();
     for (int64_t r = 0; r < R; ++r) {
+        if (!c) {
+            for (int v = 0; v < BK / 8; ++v) s[v] = _mm256_add_ps(s[v], _mm256_loadu_ps(E + r * BK + 8 * v));
+            continue;
+        }
         if (c[r] == 0.0f) continue; /* a row that gives this tile no weight */
         const __m256 cr = _mm256_set1_ps(c[r]);
         for (int v = 0; v < BK / 8; ++v) s[v] = _mm256_fmadd_ps(cr, _mm256_loadu_ps(E + r * BK + 8 * v), s[v]);
@@ -1186,7 +1193,8 @@ static inline void col_wsum(float *acc, const float *E, const float *c, int64_t 
     for (int v = 0; v < NVK; ++v) {
         vf x = vzero();
         for (int64_t r = 0; r < R; ++r)
-            if (c[r] != 0.0f) x = vfma(vset(c[r]), vld(E + r * BK + 16 * v), x);
+            if (!c) x = vadd(x, vld(E + r * BK + 16 * v));
+            else if (c[r] != 0.0f) x = vfma(vset(c[r]), vld(E + r * BK + 16 * v), x);
         vst(t + 16 * v, x);
     }
     for (int64_t j = 0; j < n; ++j) acc[j] += t[j];
@@ -1451,25 +1459,6 @@ static inline void col_exp(float *s, float lse, float rd, int check) {
 }
 #endif
 
-/* acc[0:BK) += Σ_{r < n} S[r][0:BK) (each column summed over the rows in row order) */
-#if !FUSED_AVX512 && defined(__AVX2__)
-static inline void col_sum(float *acc, const float *S, int64_t n) { /* all BK sums in 8 registers */
-    __m256 c[BK / 8];
-    for (int v = 0; v < BK / 8; ++v) c[v] = _mm256_loadu_ps(acc + 8 * v);
-    for (int64_t r = 0; r < n; ++r)
-        for (int v = 0; v < BK / 8; ++v) c[v] = _mm256_add_ps(c[v], _mm256_loadu_ps(S + r * BK + 8 * v));
-    for (int v = 0; v < BK / 8; ++v) _mm256_storeu_ps(acc + 8 * v, c[v]);
-}
-#else
-static inline void col_sum(float *acc, const float *S, int64_t n) {
-    for (int v = 0; v < NVK; ++v) {
-        vf x = vld(acc + 16 * v);
-        for (int64_t r = 0; r < n; ++r) x = vadd(x, vld(S + r * BK + 16 * v));
-        vst(acc + 16 * v, x);
-    }
-}
-#endif
-
 /* The column pass. A work item owns CT key tiles of one (batch, kv head) — its columns of received, Pᵀ W and the
  * weight rows are its own — and runs, per query head of the group, the query rows that see them in blocks of CR:
  * a block's rows are set up once and meet the item's tiles one after another (the block's q rows stay in L1). */
@@ -1549,7 +1538,7 @@ int attnlens_fused_columns(const Args *a) {
                                         vst(pacc + tl * BK + 16 * v, vadd(vld(pacc + tl * BK + 16 * v), vld(s + 16 * v)));
                                 }
                             }
-                            if (a->received) col_sum(rec + tl * BK, S, n); /* column sums of the block's weights */
+                            if (a->received) col_wsum(rec + tl * BK, S, NULL, n, BK); /* column sums of the block's weights */
                             if (a->rf)
                                 for (int64_t t = 0; t < T; ++t)
                                     for (int v = 0; v < NVK; ++v) {

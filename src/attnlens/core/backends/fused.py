@@ -291,11 +291,11 @@ def forward(inp: AttnInputs, delta: bool = False):
                          topk_indices=tk_i, sink_weight=sinkw)
         res.received = rec
         if cols:
-            if (lens.received and not inpass) or inp.received_from is not None or lens.pool is not None \
-                    or inp.rows is not None:
+            col_received = lens.received and not inpass
+            if col_received or inp.received_from is not None or lens.pool is not None or inp.rows is not None:
                 rec2, res.received_from, res.pooled, res.weights = columns(
-                    inp, lse, received=lens.received and not inpass, weights=inp.received_from, pool=lens.pool,
-                    rows=inp.rows, rowd=lse_delta)
+                    inp, lse, received=col_received, weights=inp.received_from, pool=lens.pool, rows=inp.rows,
+                    rowd=lse_delta)
                 res.received = rec if inpass else rec2
                 res.rows = inp.rows
             if inp.at is not None:  # P[i, at] = exp(s - lse) · exp(-delta): the row's own weights

@@ -101,11 +101,14 @@ def attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, offs
             (pass 0.0 at evaluation). The lens describes the weights before dropout.
         backend: ``"auto"`` (first that can serve, see ``attnlens.backends()``), ``"triton"``
             (fused GPU kernels with the lens; CUDA), ``"sdpa"`` (PyTorch's fused kernel, no lens),
+            ``"fused"`` (the tiled C kernel with the lens on the CPU, built at first use),
             ``"torch"`` (chunked, lens, autograd, any device) or ``"reference"`` (NumPy float64,
             dense); or a backend object with per-call settings, e.g.
             ``attnlens.TorchChunkedBackend(chunk_bytes=1 << 20)``. A named backend that cannot serve
             the call raises ``ValueError`` describing the input and the reasons; ``auto`` never takes
-            a dense ``O(Nq·Nk)``-memory path when a linear-memory backend serves the call.
+            a dense ``O(Nq·Nk)``-memory path when a linear-memory backend serves the call. On the
+            CPU ``auto`` gives a lens call to ``"fused"`` and a plain call to ``"sdpa"``, except
+            causal float32 forwards, which go to ``"fused"`` (measured faster; ``attnlens info``).
             ``attnlens.use_backend`` sets it for a block.
         lens: ``None`` → return the output only. ``True`` → ``Lens()`` (the defaults); an
             ``attnlens.Lens`` → return ``(out, LensResult)``.

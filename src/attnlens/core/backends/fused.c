@@ -823,22 +823,6 @@ static void qk(int64_t R, const float *const *arow, int64_t K, const float *bt, 
  * first). A tile row's scores above the k-th are inserted at once, in key order, so the k-th — the filter of the
  * next scores — rises with every insertion (few scores of a row ever pass it: about k·ln(N/k) on random scores).
  * An insertion moves a score only past strictly smaller ones, so among equal scores the lower key stays first. */
-static inline void topk_insert(float *cv, int32_t *ci, int k, float x, int32_t j) {
-    if (!(x > cv[k - 1])) return; /* NaN and -inf never enter */
-    int pos = k - 1;
-    while (pos > 0 && x > cv[pos - 1]) { cv[pos] = cv[pos - 1]; ci[pos] = ci[pos - 1]; --pos; }
-    cv[pos] = x;
-    ci[pos] = j;
-}
-
-/* the lanes set in bits (lowest first) of scores s (keys j0..) */
-static inline void topk_lanes(float *cv, int32_t *ci, int k, const float *s, unsigned bits, int64_t j0) {
-    for (; bits; bits &= bits - 1) {
-        const int l = __builtin_ctz(bits);
-        topk_insert(cv, ci, k, s[l], (int32_t)(j0 + l));
-    }
-}
-
 /* one tile row s (raw scores, keys j0..) into the row's list */
 #if !FUSED_AVX512 && defined(__AVX2__)
 /* On AVX2 the list is ceil(k/8) registers long (slots past k hold smaller scores and are never read) and x goes in
@@ -930,6 +914,22 @@ static inline void topk_add(float *cv, int32_t *ci, int k, const float *s, int64
 }
 #define TOPK_SLOTS(k) (((k) + 7) / 8 * 8)
 #else
+static inline void topk_insert(float *cv, int32_t *ci, int k, float x, int32_t j) {
+    if (!(x > cv[k - 1])) return; /* NaN and -inf never enter */
+    int pos = k - 1;
+    while (pos > 0 && x > cv[pos - 1]) { cv[pos] = cv[pos - 1]; ci[pos] = ci[pos - 1]; --pos; }
+    cv[pos] = x;
+    ci[pos] = j;
+}
+
+/* the lanes set in bits (lowest first) of scores s (keys j0..) */
+static inline void topk_lanes(float *cv, int32_t *ci, int k, const float *s, unsigned bits, int64_t j0) {
+    for (; bits; bits &= bits - 1) {
+        const int l = __builtin_ctz(bits);
+        topk_insert(cv, ci, k, s[l], (int32_t)(j0 + l));
+    }
+}
+
 static inline void topk_add(float *cv, int32_t *ci, int k, const float *s, int64_t j0) {
     for (int v = 0; v < NVK; ++v) topk_lanes(cv, ci, k, s + 16 * v, (unsigned)vgt(vld(s + 16 * v), vset(cv[k - 1])), j0 + 16 * v);
 }
